@@ -1,0 +1,45 @@
+"""The ``deer-pipeline`` command. Each subcommand lives in the module of its area and exposes
+``main(argv) -> int``; this file only dispatches, so areas stay independent."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module, one-line help)
+    "db": ("deer_pipeline.db_cli", "database: 'db migrate' applies migrations, 'db url' prints the URL"),
+    "ingest": ("deer_pipeline.ingest", "ingest MegaDetector JSON, a detections CSV or an image folder"),
+    "sample": ("deer_pipeline.sample", "write the deterministic trail-camera sample (images + detections + truth)"),
+    "demo": ("deer_pipeline.demo", "start the embedded database, ingest the sample, materialise every asset"),
+    "embed": ("deer_pipeline.embedders_cli", "embed images with one model and write an .npy file"),
+    "status": ("deer_pipeline.status", "counts, assignment rate, thresholds, versions, last checks"),
+    "evaluate": ("deer_pipeline.evaluation_cli", "evaluate re-identification on labelled photos"),
+    "ui": ("deer_pipeline.ui", "start the Dagster UI (dagster dev) on the embedded database"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: deer-pipeline COMMAND [ARGS]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"deer-pipeline: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The Dagster layer: thin definitions over the plain logic in ``deer_pipeline``."""

@@ -1,0 +1,34 @@
+"""Camera x day partitions. Camera ids come and go (a dynamic partition named ``camera``);
+days are calendar days of capture time (UTC)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import dagster as dg
+
+CAMERA_PARTITIONS_NAME = "camera"
+START_DATE = os.environ.get("DEER_START_DATE", "2024-01-01")
+
+camera_partitions = dg.DynamicPartitionsDefinition(name=CAMERA_PARTITIONS_NAME)
+day_partitions = dg.DailyPartitionsDefinition(start_date=START_DATE)
+camera_day_partitions = dg.MultiPartitionsDefinition(
+    {"camera": camera_partitions, "day": day_partitions}
+)
+
+CAMERA_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def partition_key(camera_id: str, day: str) -> dg.MultiPartitionKey:
+    return dg.MultiPartitionKey({"camera": camera_id, "day": day})
+
+
+def camera_and_day(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> tuple[str, str]:
+    key = context.partition_key
+    if isinstance(key, dg.MultiPartitionKey):
+        dims = key.keys_by_dimension
+    else:  # a plain string "camera|day" (multi-partition keys sort dimensions by name)
+        camera, day = str(key).split("|")
+        dims = {"camera": camera, "day": day}
+    return dims["camera"], dims["day"]
