@@ -1,0 +1,53 @@
+"""The code location: every asset, check, job, sensor, schedule and resource of deer_pipeline.
+
+Loaded by ``workspace.yaml`` (``dagster dev``), the code server in docker-compose, and the tests.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from deer_pipeline.defs import (
+    alerts,
+    checks,
+    crops,
+    embeddings,
+    identity,
+    jobs,
+    reports,
+    schedules,
+    sensors,
+)
+from deer_pipeline.defs.inference import InferenceResource
+from deer_pipeline.defs.identity import IdentitySettings
+from deer_pipeline.defs.resources import CropStore, DeerDatabase
+
+ASSET_MODULES = [crops, embeddings, identity, reports]
+
+
+def _of_type(modules, kind) -> list:
+    found = []
+    for module in modules:
+        for value in vars(module).values():
+            if isinstance(value, kind) and value not in found:
+                found.append(value)
+    return found
+
+
+def resources() -> dict:
+    return {
+        "database": DeerDatabase(),
+        "crop_store": CropStore(),
+        "inference": InferenceResource(),
+        "identity": IdentitySettings(),
+    }
+
+
+defs = dg.Definitions(
+    assets=dg.load_assets_from_modules(ASSET_MODULES),
+    asset_checks=dg.load_asset_checks_from_modules([checks]),
+    jobs=[jobs.identification_job, jobs.report_job],
+    sensors=_of_type([sensors, alerts], dg.SensorDefinition),
+    schedules=[schedules.nightly_identification_schedule, schedules.nightly_report_schedule],
+    resources=resources(),
+)

@@ -1,0 +1,42 @@
+"""The sensor that turns newly ingested detections into camera x day runs."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from deer_pipeline import detection_feed
+from deer_pipeline.defs.jobs import identification_job
+from deer_pipeline.defs.partitions import CAMERA_PARTITIONS_NAME, camera_partitions, partition_key
+from deer_pipeline.defs.resources import DeerDatabase
+
+
+@dg.sensor(
+    job=identification_job,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Adds unseen cameras as partitions and requests one run per camera x day "
+                "that received new detections (cursor: the highest detections.seq handled).",
+)
+def new_detections_sensor(context: dg.SensorEvaluationContext, database: DeerDatabase) -> dg.SensorResult:
+    cursor = int(context.cursor or 0)
+    work = detection_feed.new_detections_since(database.engine(), cursor)
+    if not work:
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"no new detections after seq {cursor}"))
+
+    known = set(context.instance.get_dynamic_partitions(CAMERA_PARTITIONS_NAME))
+    new_cameras = sorted({w.camera_id for w in work} - known)
+    run_requests = [
+        dg.RunRequest(
+            # The key names the partition and the newest detection it covers: the same work is
+            # never requested twice, and later detections of the same day get a new run.
+            run_key=f"{w.camera_id}|{w.day}|seq{w.max_seq}",
+            partition_key=partition_key(w.camera_id, w.day),
+            tags={"deer/new_detections": str(w.n_detections)},
+        )
+        for w in work
+    ]
+    return dg.SensorResult(
+        run_requests=run_requests,
+        dynamic_partitions_requests=[camera_partitions.build_add_request(new_cameras)] if new_cameras else [],
+        cursor=str(max(w.max_seq for w in work)),
+    )

@@ -1,0 +1,50 @@
+"""What the sensor needs to know about newly ingested detections (plain SQL, no Dagster)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+
+@dataclass(frozen=True)
+class NewWork:
+    camera_id: str
+    day: str            # YYYY-MM-DD
+    max_seq: int        # highest detections.seq of this partition seen in this batch
+    n_detections: int
+
+
+def new_detections_since(engine: Engine, cursor_seq: int, limit_partitions: int = 1000) -> list[NewWork]:
+    """Partitions (camera, day) that received detections with ``seq > cursor_seq``, oldest first.
+
+    Rejected detections are not work: they never reach a crop. At most ``limit_partitions`` are
+    returned; the caller advances its cursor only to the highest ``max_seq`` it returns, so the
+    rest comes on the next tick.
+    """
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            """
+            SELECT camera_id, day::text AS day, max(seq) AS max_seq, count(*) AS n
+            FROM detections
+            WHERE seq > :cursor AND status = 'ok' AND camera_id IS NOT NULL AND day IS NOT NULL
+            GROUP BY camera_id, day
+            ORDER BY max(seq)
+            LIMIT :limit
+            """), {"cursor": cursor_seq, "limit": limit_partitions}).all()
+    return [NewWork(r.camera_id, r.day, int(r.max_seq), int(r.n)) for r in rows]
+
+
+def known_cameras(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return [r[0] for r in conn.execute(sa.text("SELECT camera_id FROM cameras ORDER BY 1"))]
+
+
+def partitions_with_detections(engine: Engine) -> list[tuple[str, str]]:
+    """Every (camera, day) that has detections to process, in time order."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT DISTINCT camera_id, day::text FROM detections "
+            "WHERE status = 'ok' AND camera_id IS NOT NULL AND day IS NOT NULL ORDER BY 2, 1")).all()
+    return [(r[0], r[1]) for r in rows]

@@ -1,0 +1,89 @@
+"""The new-detections sensor and the nightly schedule, against the real embedded PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import dagster as dg
+import sqlalchemy as sa
+
+from deer_pipeline.defs.partitions import CAMERA_PARTITIONS_NAME
+from deer_pipeline.defs.resources import DeerDatabase
+
+
+def _add_detections(engine, camera: str, day: str, n: int, status: str = "ok", start: int = 0) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO cameras (camera_id) VALUES (:c) ON CONFLICT DO NOTHING"), {"c": camera})
+        for i in range(start, start + n):
+            image_id = conn.execute(sa.text(
+                "INSERT INTO images (path, camera_id, captured_at, captured_at_source, width, height) "
+                "VALUES (:p, :c, :t, 'input', 640, 480) RETURNING image_id"),
+                {"p": f"/x/{camera}/{day}/{i}.jpg", "c": camera, "t": f"{day}T12:00:{i:02d}+00:00"}).scalar_one()
+            conn.execute(sa.text(
+                "INSERT INTO detections (detection_id, image_id, camera_id, captured_at, day, bbox_x, bbox_y,"
+                " bbox_w, bbox_h, classification, sex, status) VALUES (:d, :i, :c, :t, :day, 10, 10, 100, 100,"
+                " 'doe', 'female', :s)"),
+                {"d": f"{camera}-{day}-{i}", "i": image_id, "c": camera, "t": f"{day}T12:00:{i:02d}+00:00",
+                 "day": day, "s": status})
+
+
+def _evaluate(instance, cursor=None) -> dg.SensorResult:
+    from deer_pipeline.defs.sensors import new_detections_sensor
+
+    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"database": DeerDatabase()})
+    return new_detections_sensor(ctx)
+
+
+def test_sensor_adds_cameras_and_requests_each_partition_once(engine):
+    _add_detections(engine, "cam-a", "2025-10-01", 3)
+    _add_detections(engine, "cam-a", "2025-10-02", 2)
+    _add_detections(engine, "cam-b", "2025-10-01", 1)
+    _add_detections(engine, "cam-c", "2025-10-01", 2, status="rejected")  # rejected: no work
+
+    with dg.instance_for_test() as instance:
+        result = _evaluate(instance)
+        keys = sorted(str(r.partition_key) for r in result.run_requests)
+        assert keys == ["cam-a|2025-10-01", "cam-a|2025-10-02", "cam-b|2025-10-01"]
+        assert len({r.run_key for r in result.run_requests}) == 3
+        (add,) = result.dynamic_partitions_requests
+        assert add.partitions_def_name == CAMERA_PARTITIONS_NAME
+        assert sorted(add.partition_keys) == ["cam-a", "cam-b"]
+
+        # The next tick with the returned cursor has nothing to do.
+        instance.add_dynamic_partitions(CAMERA_PARTITIONS_NAME, list(add.partition_keys))
+        again = _evaluate(instance, cursor=result.cursor)
+        assert not again.run_requests
+        assert again.skip_reason is not None
+
+        # New detections on a known day give one new run with a new run key, no new camera.
+        _add_detections(engine, "cam-a", "2025-10-02", 1, start=50)
+        later = _evaluate(instance, cursor=result.cursor)
+        assert [str(r.partition_key) for r in later.run_requests] == ["cam-a|2025-10-02"]
+        assert later.run_requests[0].run_key not in {r.run_key for r in result.run_requests}
+        assert not later.dynamic_partitions_requests
+        assert int(later.cursor) > int(result.cursor)
+
+
+def test_nightly_schedule_targets_yesterday_for_each_camera():
+    from deer_pipeline.definitions import defs
+
+    schedule = defs.get_schedule_def("nightly_identification_schedule")
+    assert schedule.cron_schedule == "0 2 * * *"
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(CAMERA_PARTITIONS_NAME, ["cam-a", "cam-b"])
+        ctx = dg.build_schedule_context(
+            instance=instance,
+            scheduled_execution_time=dt.datetime(2025, 10, 5, 2, 0, tzinfo=dt.timezone.utc))
+        data = schedule.evaluate_tick(ctx)
+        keys = sorted(str(r.partition_key) for r in data.run_requests)
+        assert keys == ["cam-a|2025-10-04", "cam-b|2025-10-04"]
+
+
+def test_definitions_load():
+    from deer_pipeline.definitions import defs
+
+    repo = defs.get_repository_def()
+    names = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
+    assert {"crops", "embeddings", "deer_profiles", "similarity_scores", "threshold_report"} <= names
+    assert defs.get_sensor_def("new_detections_sensor") is not None
+    assert defs.get_job_def("identification_job") is not None
