@@ -2,7 +2,7 @@
 # System packages the deployment tests need, installed with apt-get only when missing.
 #   docker-compose  validates docker-compose.yml (`docker-compose config`; no engine needed)
 #   redis-server    broker for the celery scale-out test
-#   chromium        headless screenshots of the Dagster UI
+#   chromium        headless screenshots of the Dagster UI (with fonts-liberation for its text)
 # Idempotent and quiet: a machine that already has them does nothing (no apt-get update).
 # Run as root on Debian (CI does); otherwise it uses sudo when available.
 set -euo pipefail
@@ -17,6 +17,9 @@ missing=()
 for pkg in docker-compose redis-server chromium; do
   if ! command -v "${COMMAND_OF[$pkg]}" >/dev/null 2>&1; then
     missing+=("$pkg")
+    if [ "$pkg" = chromium ]; then
+      missing+=(fonts-liberation)
+    fi
   fi
 done
 
@@ -39,16 +42,16 @@ if [ "$(id -u)" -ne 0 ]; then
   fi
 fi
 
-export DEBIAN_FRONTEND=noninteractive
 echo "system-deps: installing ${missing[*]}"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-if ! { $SUDO apt-get update -qq && \
-       $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+apt=($SUDO env DEBIAN_FRONTEND=noninteractive apt-get)
+if ! { "${apt[@]}" update -qq && \
+       "${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
   cat "$log" >&2
   echo "system-deps: apt-get failed installing ${missing[*]}" >&2
   exit 1
 fi
-# Debian's redis-server package starts a system service on install where an init system runs;
-# the tests start their own on a free port, so that one is not needed (harmless if absent).
+# Debian's redis-server package starts a system service where an init system runs; the tests
+# start their own redis-server on a free port and do not use it.
 exit 0
