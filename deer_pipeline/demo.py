@@ -31,12 +31,12 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
     if images is None:
         out_dir = Path(out_dir or db.data_dir() / "sample").resolve()
         info = sample.write_sample(out_dir, seed=seed)
-        report = ingest.ingest_path(engine, info.detections_path)
+        report = ingest.ingest(engine, info.detections_json)
         sample.load_truth(engine, out_dir)
         truth_loaded = True
     else:
-        report = ingest.ingest_path(engine, detections or images)
-    print(f"ingested: {report}")
+        report = ingest.ingest(engine, detections or images)
+    print(f"ingested: {report.summary()}")
 
     instance = get_instance()
     partitions = detection_feed.partitions_with_detections(engine)
@@ -45,15 +45,18 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
     if set(cameras) - known:
         instance.add_dynamic_partitions(CAMERA_PARTITIONS_NAME, sorted(set(cameras) - known))
 
-    job = defs.get_job_def("identification_job")
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    job = defs.resolve_job_def("identification_job")
     failed = []
     for camera, day in partitions:  # capture-time order: identity decisions follow time
         key = partition_key(camera, day)
-        result = job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False)
+        result = job.execute_in_process(instance=instance, partition_key=key, run_config=quiet,
+                                        raise_on_error=False)
         print(f"  {str(key):<28} {'ok' if result.success else 'FAILED'}")
         if not result.success:
             failed.append(str(key))
-    report_result = defs.get_job_def("report_job").execute_in_process(instance=instance, raise_on_error=False)
+    report_result = defs.resolve_job_def("report_job").execute_in_process(
+        instance=instance, run_config=quiet, raise_on_error=False)
     if not report_result.success:
         failed.append("threshold_report")
 

@@ -735,7 +735,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("path", help="input file or folder")
     parser.add_argument("--format", choices=FORMATS, help="default: from the name (.json, .csv, folder)")
     parser.add_argument("--camera", help="camera id for records without one (default: the photo's folder name)")
-    parser.add_argument("--image-root", action="append", default=[], metavar="DIR",
+    parser.add_argument("--image-root", action="extend", nargs="+", default=[], metavar="DIR",
                         help="where relative photo paths are found; photos outside every root are rejected "
                              "(repeatable)")
     parser.add_argument("--burst-window-s", type=float, default=IngestSettings.burst_window_s,

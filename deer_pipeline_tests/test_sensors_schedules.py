@@ -86,4 +86,4 @@ def test_definitions_load():
     names = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
     assert {"crops", "embeddings", "deer_profiles", "similarity_scores", "threshold_report"} <= names
     assert defs.get_sensor_def("new_detections_sensor") is not None
-    assert defs.get_job_def("identification_job") is not None
+    assert defs.resolve_job_def("identification_job") is not None
