@@ -8,12 +8,12 @@ against exact search at the largest gallery.
 
 Synthetic clustered unit vectors (two models, 512-d: one random centre per deer and model, each
 sighting = centre + noise, re-normalised; same-deer cosine ~0.8, different deer ~0). Galleries
-are stored as decided sightings (deer + sightings + embeddings rows, COPY), grown in place from
-one size to the next; the HNSW index is dropped before each bulk load and rebuilt after (much
-faster than maintaining it row by row). The database lives in DEER_DATA_DIR and is reused by the
-next run (sizes already there are not rebuilt). Each measured partition is the newest one, so
-deciding it again withdraws only its own earlier decision (no replay). 70% of a partition's
-sightings are deer of the gallery, 30% new animals.
+are stored as decided sightings (deer + sightings + embeddings rows, COPY); the HNSW index is
+dropped before the bulk load and rebuilt after (much faster than maintaining it row by row).
+Each gallery size has its own database (``bench_g<size>``) in the embedded server in
+DEER_DATA_DIR, reused by the next run (nothing is rebuilt). Each measured partition is the
+newest one, so deciding it again withdraws only its own earlier decision (no replay). 70% of a
+partition's sightings are deer of the gallery, 30% new animals.
 
 The 'old loop' column is one SQL nearest-neighbour query per detection (primary model, HNSW,
 LIMIT 1) and nothing else: a lower bound for the old system's per-detection cost, which also
@@ -69,6 +69,16 @@ def noisy(c: np.ndarray, seed: int) -> np.ndarray:
 
 def vec_text(v: np.ndarray) -> str:
     return "[" + ",".join(f"{x:.6g}" for x in v) + "]"
+
+
+def engine_for(gallery: int):
+    """One database per gallery size in the embedded server (cached between runs)."""
+    if os.environ.get("DEER_DATABASE_URL"):
+        raise SystemExit("bench/matching.py uses the embedded server: unset DEER_DATABASE_URL")
+    server = db.embedded_server()
+    name = f"bench_g{gallery}"
+    db._ensure_database(server, name)
+    return db.get_engine(db._sqlalchemy_url(server.get_uri(name)))
 
 
 def setup(engine) -> None:
@@ -281,47 +291,50 @@ def main() -> int:
     partitions = args.partitions or ([1000] if args.quick else [1000, 10000])
 
     started = time.perf_counter()
-    engine = db.get_engine()
-    setup(engine)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# bench/matching.py {'--quick ' if args.quick else ''}on {platform.node()} "
           f"({platform.processor() or platform.machine()}, {os.cpu_count()} cpu, load average {load:.1f}), "
           f"{dt.datetime.now().isoformat(timespec='minutes')}, data dir {db.data_dir()}", flush=True)
     results = []
     for g in sorted(galleries):
+        engine = engine_for(g)
+        setup(engine)
         grow_gallery(engine, g)
         withdraw_partitions(engine)
         for n in partitions:
             camera, day = ensure_partition(engine, n, g)
             row = {"gallery": g, "partition": n}
-            for mode in ("exact", "hnsw"):
+            for mode, search, ef in (("exact", "exact", 200), ("hnsw", "hnsw", 200), ("hnsw40", "hnsw", 40)):
                 withdraw_partitions(engine)
                 cpu = time.process_time()
-                s = decide_partition(engine, camera, day, MatchingSettings(search=mode),
+                s = decide_partition(engine, camera, day,
+                                     MatchingSettings(search=search, hnsw_ef_search=ef),
                                      versions=VERSIONS)
                 row[f"{mode}_cpu"] = time.process_time() - cpu
                 row[mode] = s.decided / s.seconds
                 row[f"{mode}_matched"] = s.matched / max(s.decided, 1)
                 row[f"{mode}_s"] = s.seconds
-                if mode == "hnsw":
-                    row["requeries"] = s.hnsw_requeries
-                    row["fallbacks"] = s.hnsw_exact_fallbacks
+                if mode.startswith("hnsw"):
+                    row[f"{mode}_requeries"] = s.hnsw_requeries
+                    row[f"{mode}_fallbacks"] = s.hnsw_exact_fallbacks
             row["old_loop"] = old_loop(engine, camera, day)
             withdraw_partitions(engine)
             results.append(row)
             print(f"  gallery {g:>7} partition {n:>6}: exact {row['exact']:8.0f}/s ({row['exact_s']:.1f} s) "
-                  f"hnsw {row['hnsw']:8.0f}/s ({row['hnsw_s']:.1f} s) old loop {row['old_loop']:6.0f}/s",
-                  flush=True)
+                  f"hnsw {row['hnsw']:8.0f}/s ({row['hnsw_s']:.1f} s) hnsw ef40 {row['hnsw40']:8.0f}/s "
+                  f"old loop {row['old_loop']:6.0f}/s", flush=True)
     recall = recall_at_10(engine)
     print()
     print("| gallery sightings | partition sightings | exact assign/s (wall s, client cpu s) | "
-          "hnsw assign/s (wall s, client cpu s) | old 1-query loop det/s (query only) | "
-          "matched share exact / hnsw | hnsw re-queries / exact fallbacks |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+          "hnsw ef_search 200 assign/s (wall s, client cpu s) | hnsw ef_search 40 assign/s (wall s) | "
+          "old 1-query loop det/s (query only) | matched share exact / hnsw / hnsw40 | "
+          "re-queries / exact fallbacks (ef 200; ef 40) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['gallery']:,} | {r['partition']:,} | {r['exact']:,.0f} ({r['exact_s']:.1f}, {r['exact_cpu']:.1f}) | "
-              f"{r['hnsw']:,.0f} ({r['hnsw_s']:.1f}, {r['hnsw_cpu']:.1f}) | {r['old_loop']:,.0f} | "
-              f"{r['exact_matched']:.3f} / {r['hnsw_matched']:.3f} | {r['requeries']} / {r['fallbacks']} |")
+              f"{r['hnsw']:,.0f} ({r['hnsw_s']:.1f}, {r['hnsw_cpu']:.1f}) | {r['hnsw40']:,.0f} ({r['hnsw40_s']:.1f}) | "
+              f"{r['old_loop']:,.0f} | {r['exact_matched']:.3f} / {r['hnsw_matched']:.3f} / {r['hnsw40_matched']:.3f} | "
+              f"{r['hnsw_requeries']} / {r['hnsw_fallbacks']}; {r['hnsw40_requeries']} / {r['hnsw40_fallbacks']} |")
     g = max(galleries)
     print(f"\nHNSW recall@10 vs exact at {g:,} gallery sightings (+ partition rows; primary model, "
           f"planner uses the index: {uses_index(engine)}): "

@@ -17,10 +17,11 @@ from deer_pipeline import db
 
 
 def run_demo(images: Path | None = None, detections: Path | None = None, seed: int = 7,
-             out_dir: Path | None = None) -> dict:
+             out_dir: Path | None = None, calibrate: bool = True) -> dict:
     import dagster as dg
 
-    from deer_pipeline import detection_feed, ingest, sample
+    from deer_pipeline import detection_feed, ingest, sample, status
+    from deer_pipeline.defs.identity import IdentitySettings
     from deer_pipeline.definitions import defs
     from deer_pipeline.defs.partitions import CAMERA_PARTITIONS_NAME, partition_key
     from deer_pipeline.instance import get_instance
@@ -28,12 +29,12 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
     started = time.perf_counter()
     engine = db.get_engine()
     truth_loaded = False
+    truth_dir: Path | None = None
     if images is None:
         out_dir = Path(out_dir or db.data_dir() / "sample").resolve()
         info = sample.write_sample(out_dir, seed=seed)
         report = ingest.ingest(engine, info.detections_json)
-        sample.load_truth(engine, out_dir)
-        truth_loaded = True
+        truth_dir = out_dir   # loaded after calibration, so the threshold never sees the truth
     else:
         report = ingest.ingest(engine, detections or images)
     print(f"ingested: {report.summary()}")
@@ -47,28 +48,80 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
 
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     job = defs.resolve_job_def("identification_job")
-    failed = []
-    for camera, day in partitions:  # capture-time order: identity decisions follow time
-        key = partition_key(camera, day)
-        result = job.execute_in_process(instance=instance, partition_key=key, run_config=quiet,
-                                        raise_on_error=False)
-        print(f"  {str(key):<28} {'ok' if result.success else 'FAILED'}")
-        if not result.success:
-            failed.append(str(key))
-    report_result = defs.resolve_job_def("report_job").execute_in_process(
-        instance=instance, run_config=quiet, raise_on_error=False)
-    if not report_result.success:
-        failed.append("threshold_report")
+    report_job = defs.resolve_job_def("report_job")
+    failed: list[str] = []
 
-    from deer_pipeline import status
+    def run_all(label: str, run_config: dict, assets=None) -> None:
+        print(f"{label}: {len(partitions)} camera x day partitions")
+        for camera, day in partitions:  # capture-time order: identity decisions follow time
+            key = partition_key(camera, day)
+            result = job.execute_in_process(instance=instance, partition_key=key, run_config=run_config,
+                                            asset_selection=assets, raise_on_error=False)
+            print(f"  {str(key):<28} {'ok' if result.success else 'FAILED'}")
+            if not result.success:
+                failed.append(f"{label}:{key}")
+
+    def run_report() -> dict:
+        result = report_job.execute_in_process(instance=instance, run_config=quiet, raise_on_error=False)
+        if not result.success:
+            failed.append("threshold_report")
+            return {}
+        return json.loads((db.data_dir() / "reports" / "threshold_report.json").read_text())
+
+    configured = IdentitySettings().reid_threshold
+    run_all(f"pass 1, configured threshold {configured:.2f}", quiet)
+    deer_at_configured = status.collect(engine)["deer"]["total"]
+    calibration = run_report().get("recommended") or {}
+    threshold = calibration.get("threshold")
+    if calibrate and threshold is not None and abs(threshold - configured) > 1e-9:
+        print(f"threshold report recommends {threshold:.2f} ({calibration.get('rule')}, truth: "
+              f"{calibration.get('truth_source')}, {calibration.get('pairs')} pairs); deciding again")
+        run_all(f"pass 2, calibrated threshold {threshold:.2f}",
+                {**quiet, "resources": {"identity": {"config": {"reid_threshold": threshold}}}},
+                assets=[dg.AssetKey("deer_profiles"), dg.AssetKey("similarity_scores")])
+    if truth_dir is not None:
+        sample.load_truth(engine, truth_dir)
+        truth_loaded = True
+    final_report = run_report()
 
     summary = status.collect(engine)
     summary["partitions"] = len(partitions)
+    summary["deer_at_configured_threshold"] = {"threshold": configured, "deer": deer_at_configured}
+    summary["calibration"] = calibration
+    summary["recommended_threshold_with_truth"] = (final_report.get("recommended") or {}).get("threshold")
     summary["failed"] = failed
     summary["seconds"] = round(time.perf_counter() - started, 1)
     if truth_loaded:
         summary["true_deer"] = status.true_identity_count(engine)
     return summary
+
+
+def render_summary(s: dict) -> str:
+    deer = s["deer"]["total"]
+    lines = ["deer_pipeline demo summary",
+             f"  detections            {s['detections']['total']} ({s['detections']['by_status']})",
+             f"  crops                 {s['crops']['total']} ({s['crops']['by_status']})",
+             f"  embedded detections   {s['embedded']['detections']}",
+             f"  sightings assigned    {s['assigned']} (matched {s['decisions'].get('matched', 0)}, "
+             f"new deer {s['decisions'].get('new', 0)})"]
+    if "true_deer" in s:
+        true = s["true_deer"]
+        err = (deer - true) / true if true else float("nan")
+        lines.append(f"  deer found            {deer}   true number in the sample: {true} "
+                     f"(error {err:+.0%})")
+    else:
+        lines.append(f"  deer found            {deer}")
+    at = s["deer_at_configured_threshold"]
+    lines.append(f"  configured threshold  {at['threshold']:.2f} -> {at['deer']} deer")
+    cal = s.get("calibration") or {}
+    if cal:
+        lines.append(f"  threshold in use      {s['threshold']['in_use']} (recommended by the threshold "
+                     f"report from {cal.get('truth_source')}, {cal.get('pairs')} pairs, {cal.get('rule')})")
+    lines.append(f"  recommended threshold {s.get('recommended_threshold_with_truth')} "
+                 "(threshold report after loading the sample's true identities)")
+    lines.append(f"  partitions            {s['partitions']}, failed: {s['failed'] or 'none'}")
+    lines.append(f"  seconds               {s['seconds']}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
@@ -77,15 +130,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--detections", type=Path, help="MegaDetector JSON or CSV for --images")
     parser.add_argument("--seed", type=int, default=7, help="sample generator seed")
     parser.add_argument("--out-dir", type=Path, help="where the sample is written (default .deer/sample)")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="keep the configured threshold instead of deciding again at the one the "
+                             "threshold report recommends from the data's own constraints")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
 
-    summary = run_demo(args.images, args.detections, args.seed, args.out_dir)
+    summary = run_demo(args.images, args.detections, args.seed, args.out_dir, calibrate=not args.no_calibrate)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print()
-        print("deer_pipeline demo summary")
-        for key, value in summary.items():
-            print(f"  {key:<28} {value}")
+        print(render_summary(summary))
     return 1 if summary["failed"] else 0

@@ -18,7 +18,6 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import sqlalchemy as sa
 
-from deer_pipeline import db
 
 
 class MatchingError(RuntimeError):
@@ -53,7 +52,10 @@ def vector_cursor(conn: sa.Connection):
             # pgvector binary: int16 dim, int16 unused, dim x float32 (big endian)
             return np.frombuffer(bytes(data), dtype=">f4", offset=4).astype(np.float32)
 
-    oid = conn.execute(sa.text("SELECT 'vector'::regtype::oid")).scalar_one()
+    info = conn.connection.info            # per DBAPI connection: look the type up once
+    oid = info.get("deer_vector_oid")
+    if oid is None:
+        oid = info["deer_vector_oid"] = conn.execute(sa.text("SELECT 'vector'::regtype::oid")).scalar_one()
 
     class _VectorDumper(Dumper):
         format = Format.BINARY
@@ -551,7 +553,8 @@ def check_zero_matches(conn: sa.Connection, camera_id: str, day: str | date, min
 def check_new_deer_spike(conn: sa.Connection, camera_id: str, day: str | date, factor: float = 2.0,
                          min_sightings: int = 10, window_days: int = 7) -> CheckOutcome:
     """Share of the partition's sightings that founded a new deer vs the trailing average of the
-    previous ``window_days`` days (all cameras)."""
+    previous ``window_days`` days (all cameras): a spike is a rate above ``factor`` times the
+    trailing rate and at least 0.1 above it, with ``min_sightings`` on both sides."""
     key = partition_key_text(camera_id, day)
     d = _as_date(day)
     part = partition_decisions(conn, key)

@@ -320,10 +320,7 @@ def decide_partition(engine: Engine, camera_id: str, day: str | date,
     summary = DecisionSummary(partition_key=pkey, threshold=settings.reid_threshold,
                               thresholds_by_sex=dict(settings.thresholds_by_sex))
 
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=BLAS_THREADS, user_api="blas"), engine.begin() as conn, \
-            db.advisory_lock(conn, db.IDENTITY_LOCK_KEY):
+    with _blas_threads(BLAS_THREADS), engine.begin() as conn, db.advisory_lock(conn, db.IDENTITY_LOCK_KEY):
         comps = store.resolve_versions(conn, models, versions)
         vers = [comps[m] for m in models]
         vkey = ensemble_version(comps, weights)
@@ -514,6 +511,17 @@ def decide_partition(engine: Engine, camera_id: str, day: str | date,
              pkey, summary.decided, summary.matched, summary.new_deer, summary.unassigned,
              summary.replayed, summary.search, summary.seconds)
     return summary
+
+
+def _blas_threads(n: int):
+    """Limit BLAS threads (threadpoolctl ships with scikit-learn); a no-op without it."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        from contextlib import nullcontext
+
+        return nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
 
 
 def _eligible(deer_id: int, settings: MatchingSettings, sexes: _SexBook, enc_sex: str,

@@ -537,3 +537,19 @@ def test_filtered_hnsw_query_still_finds_the_true_best(engine):
             "ORDER BY similarity DESC"), {"d": q_det}).all()
     # exact check: the true best female deer by ensemble similarity
     assert best[0][0] == target_deer[first_doe] and len(best) == 3
+
+
+def test_ensemble_similarity_is_the_weighted_sum_of_per_model_cosines():
+    rng = np.random.default_rng(0)
+    unit = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)  # noqa: E731
+    q = {m: unit(rng.standard_normal((3, DIM))).astype(np.float32) for m in MODELS}
+    g = {m: unit(rng.standard_normal((5, DIM))).astype(np.float32) for m in MODELS}
+    w = {"multiscale": 0.6, "efficientnet_b0": 0.4}
+    got = matching.ensemble_similarity(q, g, w)
+    want = 0.6 * q["multiscale"] @ g["multiscale"].T + 0.4 * q["efficientnet_b0"] @ g["efficientnet_b0"].T
+    assert np.allclose(got, want, atol=1e-6)
+    embedders = pytest.importorskip("deer_pipeline.embedders")
+    if hasattr(embedders, "ensemble_similarity"):   # the embeddings code computes the same number
+        theirs = embedders.ensemble_similarity(q, g, w)
+        theirs = theirs[0] if isinstance(theirs, tuple) else theirs
+        assert np.allclose(got, theirs, atol=1e-5)

@@ -173,6 +173,7 @@ def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
         "replayed": dg.MetadataValue.int(summary.replayed),
         "search": dg.MetadataValue.text(summary.search),
         "seconds": dg.MetadataValue.float(round(summary.seconds, 3)),
+        "phase_seconds": dg.MetadataValue.json(summary.phase_seconds),
         "summary": dg.MetadataValue.md(_summary_markdown(summary)),
     })
 
@@ -180,6 +181,7 @@ def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
 @dg.asset(
     partitions_def=camera_day_partitions,
     deps=[deer_profiles],
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
     group_name="identification",
     kinds={"postgres"},
     description="Every score the partition's decisions looked at (one row per sighting x candidate deer in "
