@@ -103,7 +103,7 @@ def render_summary(s: dict) -> str:
              f"  crops                 {s['crops']['total']} ({s['crops']['by_status']})",
              f"  embedded detections   {s['embedded']['detections']}",
              f"  sightings assigned    {s['assigned']} (matched {s['decisions'].get('matched', 0)}, "
-             f"new deer {s['decisions'].get('new', 0)})"]
+             f"founding a new deer {s['decisions'].get('new', 0)})"]
     if "true_deer" in s:
         true = s["true_deer"]
         err = (deer - true) / true if true else float("nan")

@@ -282,9 +282,11 @@ def resolve_weights(model: str, weights: str = "auto") -> ResolvedWeights:
                 f"ImageNet weights for {model} ({native}) are not available offline. torchvision "
                 f"wants the file {os.path.basename(url)} from {url} in {cached.parent}/ "
                 f"(that is $TORCH_HOME/hub/checkpoints/; TORCH_HOME defaults to ~/.cache/torch). "
-                f"Download it on a machine with network access and copy it to {cached}, or pass "
-                f"weights_path=/path/to/{native}_state_dict.pth (CLI: --weights PATH), or use "
-                f"weights='auto' to let the offline EfficientNet-Lite0 backbone substitute.")
+                f"Download it on a machine with network access and copy it to {cached}, or pass a "
+                f"torchvision-format state-dict file as the weights path: weights='/path/to/"
+                f"{native}.pth' (CLI: --weights PATH; Dagster: InferenceResource weights or "
+                f"weights_files), or use weights='auto' to let the offline EfficientNet-Lite0 "
+                f"backbone substitute.")
         path = lite0_weights_path()
         if (model, str(cached)) not in _warned:
             _warned.add((model, str(cached)))
@@ -622,7 +624,7 @@ def clear_cache() -> None:
         _net_cache.clear()
 
 
-def project(spec: EmbedderSpec, pooled: Mapping, device=None):
+def project(spec: EmbedderSpec, pooled: Mapping):
     """Pooled backbone features -> L2-normalised float32 (n, 512) torch tensor for ``spec``."""
     import torch
     import torch.nn.functional as F

@@ -315,11 +315,25 @@ def threshold_grid(lo: float = 0.0, hi: float = 1.0, step: float = 0.01) -> list
     return [round(lo + i * step, 6) for i in range(n + 1)]
 
 
+def _count_key(r: dict, n_true: int) -> tuple:
+    return (abs(r["n_pred"] - n_true), -r["f1"], -r["threshold"])
+
+
 def calibrate_threshold(similarity: np.ndarray, identities: Sequence, encounters: Sequence[Sequence[int]],
                         cannot_link: Mapping[int, set[int]] | None = None) -> dict:
-    """The threshold that maximises open-set pairwise F1 of the replayed decisions on a labelled
-    (calibration) set: a 0.01 grid on [0, 1], refined on a 0.001 grid around the best. Returns
-    ``{"threshold", "f1", "precision", "recall", "rule", "sweep": [...]}``."""
+    """Thresholds chosen on a labelled (calibration) set by replaying the pipeline's decisions
+    (:func:`simulate_open_set`) over a 0.01 grid on [0, 1], refined on a 0.001 grid around each
+    optimum. Two rules:
+
+    * ``threshold`` (the main one): the highest open-set pairwise F1 (``metrics.pairwise_prf``,
+      picked by ``metrics.recommend_threshold``: ties to the higher threshold);
+    * ``count_rule["threshold"]``: the number of deer found closest to the true number (ties:
+      higher F1, then the higher threshold) - the operating point for population counts.
+
+    Returns ``{"threshold", "f1", "precision", "recall", "rule", "n_pred", "n_true",
+    "count_rule": {...}, "sweep": [coarse grid rows]}``."""
+    n_true = len(set(map(str, identities)))
+
     def run(ts):
         rows = []
         for t in ts:
@@ -329,16 +343,22 @@ def calibrate_threshold(similarity: np.ndarray, identities: Sequence, encounters
                          "predicted_same": m.tp + m.fp, "n_pred": int(len(set(pred.tolist())))})
         return rows
 
+    def around(t):
+        return threshold_grid(max(0.0, round(t - 0.01, 6)), min(1.0, round(t + 0.01, 6)), 0.001)
+
     coarse = run(threshold_grid())
     best = metrics.recommend_threshold(coarse)
-    t0 = best["threshold"] if best["threshold"] is not None else 1.0
-    fine = run([t for t in threshold_grid(max(0.0, t0 - 0.01), min(1.0, t0 + 0.01), 0.001)])
+    t_f1 = best["threshold"] if best["threshold"] is not None else 1.0
+    t_count = min(coarse, key=lambda r: _count_key(r, n_true))["threshold"]
+    fine = run(sorted(set(around(t_f1)) | set(around(t_count))))
     sweep = sorted({r["threshold"]: r for r in coarse + fine}.values(), key=lambda r: r["threshold"])
     rec = metrics.recommend_threshold(sweep)
-    rec["sweep"] = coarse
-    rec["n_true"] = len(set(map(str, identities)))
     chosen = next(r for r in sweep if r["threshold"] == rec["threshold"])
-    rec["n_pred"] = chosen["n_pred"]
+    rec.update(n_pred=chosen["n_pred"], n_true=n_true, sweep=coarse)
+    c = min(sweep, key=lambda r: _count_key(r, n_true))
+    rec["count_rule"] = {"threshold": c["threshold"], "f1": c["f1"], "precision": c["precision"],
+                         "recall": c["recall"], "n_pred": c["n_pred"], "n_true": n_true,
+                         "rule": "number of deer closest to the true number (ties: higher F1)"}
     return rec
 
 
@@ -347,18 +367,19 @@ def calibrate_threshold(similarity: np.ndarray, identities: Sequence, encounters
 # --------------------------------------------------------------------------------------------
 
 @contextmanager
-def isolated_database(prefix: str = "deer_eval") -> Iterator[Engine]:
+def isolated_database(prefix: str = "deer_eval", base_url: str | None = None) -> Iterator[Engine]:
     """A fresh, migrated database for one evaluation, dropped afterwards.
 
     Embedded server (no ``DEER_DATABASE_URL``): ``CREATE DATABASE <prefix>_<random>`` on it.
     With ``DEER_DATABASE_URL``: a new database on that server when the role may create one,
     otherwise a new schema ``<prefix>_<random>`` in that database (search_path set to it, then
-    public for the vector type), dropped with CASCADE afterwards."""
+    public for the vector type), dropped with CASCADE afterwards. ``base_url`` overrides
+    ``DEER_DATABASE_URL``."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.pool import NullPool
 
     name = f"{prefix}_{secrets.token_hex(5)}"
-    url = os.environ.get("DEER_DATABASE_URL")
+    url = base_url or os.environ.get("DEER_DATABASE_URL")
     cleanup = None
     if url:
         base = make_url(db._sqlalchemy_url(url))
@@ -535,9 +556,15 @@ def crop_items(engine: Engine, ps: PreparedSet, store_dir: str) -> list:
 
 def embed_sets(engine: Engine, sets: Sequence[PreparedSet], methods: Sequence[rm.Method], store_dir: str,
                weights: str = "auto", device: str = "auto", batch_size: int = 32) -> dict:
-    """Embed every ok crop of the sets with the pipeline's models (and the extra pass for the
-    legacy and feature methods); vectors are written to the store and kept in memory."""
+    """Embed every ok crop of the sets with the pipeline's models; vectors are written to the
+    store and kept in memory.
+
+    The legacy method's input (the backbone's average-pooled last feature map) and the feature
+    methods' vectors are taken from the SAME forward pass, by a forward hook on the pipeline's
+    own backbone (:class:`reid_methods.FeatureSink`), when the pipeline runs that backbone;
+    otherwise (or if the rows do not line up) a separate pass over the same crops computes them."""
     from deer_pipeline import embedding_store
+    from deer_pipeline import embedders
     from deer_pipeline.inference import InferenceEngine, resolve_device
 
     t0 = time.perf_counter()
@@ -547,9 +574,34 @@ def embed_sets(engine: Engine, sets: Sequence[PreparedSet], methods: Sequence[rm
     items = [it for ps in sets for it in crop_items(engine, ps, store_dir)]
     info: dict = {"versions": {}, "weights_used": {}, "failures": [], "seconds": {}}
     vecs: dict[str, dict[str, np.ndarray]] = defaultdict(dict)     # model -> detection id -> vector
+    sinks = rm.backbone_sinks(extractors, "resnet50" if want_legacy else None, weights) \
+        if (extractors or want_legacy) else []
+    hooked: list = []
+    sink_ids: list[str] | None = None
     if pipeline_models:
         eng = InferenceEngine(pipeline_models, weights=weights, device=device, batch_size=batch_size)
-        res = eng.embed(items)
+        eng.load()
+        nets = {}
+        for spec in eng.specs.values():       # the engine's own (cached) backbone networks
+            nets[(spec.weights.backbone, spec.weights.sha256, spec.weights.source)] = embedders.load_backbone(
+                spec.weights, spec.pooling, eng.device, eng.channels_last)
+        handles = []
+        for sink in sinks:
+            net = nets.get((sink.rw.backbone, sink.rw.sha256, sink.rw.source))
+            if net is not None:
+                handles.append(sink.hook_on(net))
+                hooked.append(sink)
+        try:
+            res = eng.embed(items)
+        finally:
+            for h in handles:
+                h.remove()
+        if any(s.rows != len(res.detection_ids) for s in hooked):   # e.g. a non-finite row was dropped
+            log.warning("feature hook rows do not line up with the embedded crops; using a separate pass")
+            sinks = rm.backbone_sinks(extractors, "resnet50" if want_legacy else None, weights)
+            hooked = []
+        else:
+            sink_ids = list(res.detection_ids)
         info["device"] = eng.device
         info["backbone_passes_per_crop"] = eng.n_backbone_passes
         for m, spec in res.specs.items():
@@ -563,32 +615,39 @@ def embed_sets(engine: Engine, sets: Sequence[PreparedSet], methods: Sequence[rm
         info["failures"] += [list(f) for f in res.failures]
         info["seconds"]["pipeline_embedding"] = round(res.seconds, 2)
     legacy_feats: dict[str, np.ndarray] = {}
-    if extractors or want_legacy:
-        dev = resolve_device(device)
-        out = rm.backbone_features(items, extractors, legacy_model="resnet50" if want_legacy else None,
-                                   weights=weights, device=dev, batch_size=batch_size)
+    rest = [s for s in sinks if s not in hooked]
+    if rest:
+        t1 = time.perf_counter()
+        ids, failures = rm.run_sinks(items, rest, resolve_device(device), batch_size)
+        info["seconds"]["extra_backbone_pass"] = round(time.perf_counter() - t1, 2)
+        if sink_ids is not None and hooked and ids != sink_ids:
+            raise EvaluationError("the extra backbone pass and the pipeline embedded different crops")
+        sink_ids = ids
+        info["failures"] += [list(f) for f in failures if list(f) not in info["failures"]]
+    info["feature_source"] = {"hooked_on_pipeline_pass": [s.rw.backbone for s in hooked],
+                              "separate_pass": [s.rw.backbone for s in rest]}
+    if sinks:
+        out = rm.sink_outputs(sinks)
         for ex in extractors:
             v = out["versions"][ex.name]
             rw = out["feature_backbones"][ex.name]
             embedding_store.register_version(engine, rm.feature_version_info(ex, rw, v))
-            embedding_store.write_embeddings(engine, v, [(d, x, "ok", None) for d, x in zip(out["ids"], out["features"][ex.name])]
-                                             + [(d, None, "failed", r) for d, r in out["failures"]])
+            embedding_store.write_embeddings(engine, v, [(d, x, "ok", None) for d, x in zip(sink_ids, out["features"][ex.name])])
             info["versions"][ex.name] = v
             info["weights_used"][ex.name] = f"{ex.name}: {rw.description}"
-            vecs[ex.name] = dict(zip(out["ids"], out["features"][ex.name]))
+            vecs[ex.name] = dict(zip(sink_ids, out["features"][ex.name]))
         if want_legacy:
-            legacy_feats = dict(zip(out["ids"], out["legacy"]))
+            legacy_feats = dict(zip(sink_ids, out["legacy"]))
             info["weights_used"]["legacy"] = f"legacy: {out['legacy_backbone'].description}"
             info["legacy_d_in"] = int(out["legacy"].shape[1])
-        info["failures"] += [list(f) for f in out["failures"] if list(f) not in info["failures"]]
-        info["seconds"]["extra_backbone_pass"] = round(out["seconds"], 2)
     models = list(vecs)
     for ps in sets:
         ps.ok = [i for i, d in enumerate(ps.detection_ids)
                  if d not in ps.skipped and all(d in vecs[m] for m in models)
                  and (not want_legacy or d in legacy_feats)]
+        ok_set = set(ps.ok)
         for i, d in enumerate(ps.detection_ids):
-            if d not in ps.skipped and i not in ps.ok:
+            if d not in ps.skipped and i not in ok_set:
                 ps.skipped[d] = "no crop or no vector (crop too small, undecodable or failed to embed)"
         ids = ps.ok_ids
         ps.vectors = {m: np.asarray([vecs[m][d] for d in ids], np.float32).reshape(len(ids), -1) for m in models}
@@ -695,7 +754,7 @@ class EvaluationOptions:
     device: str = "auto"
     batch_size: int = 32
     order_seed: int = 0
-    split_seed: int | None = None
+    database_url: str | None = None      # None: DEER_DATABASE_URL, else the embedded server
 
 
 def evaluate(labels_csv, images_root=None, calibration_labels_csv=None, calibration_images_root=None,
@@ -751,7 +810,8 @@ def evaluate(labels_csv, images_root=None, calibration_labels_csv=None, calibrat
         },
     }
     timings: dict = {}
-    with tempfile.TemporaryDirectory(prefix="deer-eval-") as tmp, isolated_database() as engine:
+    with tempfile.TemporaryDirectory(prefix="deer-eval-") as tmp, \
+            isolated_database(base_url=options.database_url) as engine:
         workdir = Path(tmp)
         crop_settings = CropSettings(store_dir=str(workdir / "crops"))
         t0 = time.perf_counter()
@@ -803,6 +863,7 @@ def evaluate(labels_csv, images_root=None, calibration_labels_csv=None, calibrat
                                                  f"{len(set(cal.identities()))} individuals): {rec['rule']} of "
                                                  "the replayed open set")
                     entry["calibration"] = {k: rec[k] for k in ("f1", "precision", "recall", "n_pred", "n_true")}
+                    count_rule = rec["count_rule"]
                     curves.setdefault("calibration_f1", {})[method.name] = rec["sweep"]
                 else:
                     threshold = rm.default_threshold()
@@ -813,6 +874,13 @@ def evaluate(labels_csv, images_root=None, calibration_labels_csv=None, calibrat
                 entry["open_set_seconds"] = round(secs, 2)
                 sim_deer, _ = simulate_open_set(S, ev_feed, threshold, ev_cl)
                 entry["replay_agreement_ari"] = metrics.adjusted_rand_index(deer, sim_deer)
+                if cal_feed:
+                    d2, f2, _ = run_pipeline_open_set(engine, ev, method, count_rule["threshold"], emb["versions"])
+                    entry["count_operating_point"] = {
+                        "threshold": count_rule["threshold"],
+                        "threshold_source": "calibration labels: " + count_rule["rule"],
+                        "calibration": {k: count_rule[k] for k in ("f1", "precision", "recall", "n_pred", "n_true")},
+                        "open_set": open_set_metrics(ev.identities(), d2, f2)}
                 entry["embedding_versions"] = {m: emb["versions"][m] for m in method.models}
                 entry["backbone"] = [emb["weights_used"][m] for m in method.models]
                 if method.name == rm.DEFAULT_METHOD and cal_feed:
@@ -826,7 +894,7 @@ def evaluate(labels_csv, images_root=None, calibration_labels_csv=None, calibrat
         reset_identities(engine)
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
     report["timings"] = timings
-    report["embedding"] = {k: emb[k] for k in ("versions", "weights_used") if k in emb}
+    report["embedding"] = {k: emb[k] for k in ("versions", "weights_used", "feature_source", "backbone_passes_per_crop") if k in emb}
     report["embedding"]["device"] = emb.get("device")
     report["embedding"]["failures"] = emb["failures"][:20]
     report["environment"] = _environment()
@@ -874,16 +942,22 @@ def _environment() -> dict:
 
 def verdict(report: dict) -> dict:
     """Does the pipeline's default beat legacy on open-set pairwise F1 and on the error of the
-    estimated number of deer?"""
+    estimated number of deer? At the main (F1-calibrated) threshold, and - when calibration
+    labels were given - at the count operating point."""
     ms = report.get("methods", {})
     d, l = ms.get(rm.DEFAULT_METHOD), ms.get("legacy")
     if not d or not l:
         return {"compared": False}
-    df1, lf1 = d["open_set"]["pairwise_f1"], l["open_set"]["pairwise_f1"]
-    dce, lce = d["open_set"]["count_error_abs"], l["open_set"]["count_error_abs"]
-    return {"compared": True, "default_beats_legacy_f1": df1 > lf1,
-            "default_beats_legacy_count_error": dce < lce,
-            "default_f1": df1, "legacy_f1": lf1, "default_count_error": dce, "legacy_count_error": lce}
+    lf1, lce = l["open_set"]["pairwise_f1"], l["open_set"]["count_error_abs"]
+    df1, dce = d["open_set"]["pairwise_f1"], d["open_set"]["count_error_abs"]
+    out = {"compared": True, "default_beats_legacy_f1": df1 > lf1, "default_beats_legacy_count_error": dce < lce,
+           "default_f1": df1, "legacy_f1": lf1, "default_count_error": dce, "legacy_count_error": lce}
+    cop = d.get("count_operating_point")
+    if cop:
+        cf1, cce = cop["open_set"]["pairwise_f1"], cop["open_set"]["count_error_abs"]
+        out["count_operating_point"] = {"threshold": cop["threshold"], "default_f1": cf1, "default_count_error": cce,
+                                        "beats_legacy_f1": cf1 > lf1, "beats_legacy_count_error": cce < lce}
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -895,31 +969,51 @@ TABLE_COLUMNS = (("method", None), ("top1", "closed_set"), ("top5", "closed_set"
                  ("deer", "n_pred"), ("true", "n_true"), ("BAKS", "baks"), ("BAUS", "baus"), ("thr", "threshold"))
 
 
-def table_rows(report: dict) -> list[list[str]]:
+def _row(label: str, closed: dict, o: dict, threshold: float) -> list[str]:
+    return [label, f"{closed['top1']:.3f}", f"{closed['top5']:.3f}", f"{closed['mAP']:.3f}",
+            f"{o['pairwise_precision']:.3f}", f"{o['pairwise_recall']:.3f}", f"{o['pairwise_f1']:.3f}",
+            f"{o['ari']:.3f}", str(o["n_pred"]), str(o["n_true"]), f"{o['baks']:.3f}", f"{o['baus']:.3f}",
+            f"{threshold:.3f}"]
+
+
+def table_rows(report: dict, point: str = "main") -> list[list[str]]:
+    """``main``: each method at its threshold (calibrated for F1, legacy fixed). ``other``: the
+    count operating point of each calibrated method and the default as configured."""
     rows = []
     for name, e in report["methods"].items():
-        c, o = e["closed_set"], e["open_set"]
-        rows.append([name + (" *" if name == report.get("default_method") else ""),
-                     f"{c['top1']:.3f}", f"{c['top5']:.3f}", f"{c['mAP']:.3f}",
-                     f"{o['pairwise_precision']:.3f}", f"{o['pairwise_recall']:.3f}", f"{o['pairwise_f1']:.3f}",
-                     f"{o['ari']:.3f}", str(o["n_pred"]), str(o["n_true"]), f"{o['baks']:.3f}",
-                     f"{o['baus']:.3f}", f"{e['threshold']:.3f}"])
+        if point == "main":
+            rows.append(_row(name + (" *" if name == report.get("default_method") else ""),
+                             e["closed_set"], e["open_set"], e["threshold"]))
+            continue
+        if e.get("count_operating_point"):
+            c = e["count_operating_point"]
+            rows.append(_row(f"{name}@count", e["closed_set"], c["open_set"], c["threshold"]))
+        if e.get("as_configured"):
+            c = e["as_configured"]
+            rows.append(_row(f"{name}@configured", e["closed_set"], c["open_set"], c["threshold"]))
     return rows
 
 
-def format_table(report: dict) -> str:
+def _text_table(rows: list[list[str]]) -> str:
     head = [c for c, _ in TABLE_COLUMNS]
-    rows = table_rows(report)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     line = lambda r: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
-    out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
-    return "\n".join(out)
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def markdown_table(report: dict) -> str:
+def format_table(report: dict) -> str:
+    out = _text_table(table_rows(report))
+    other = table_rows(report, "other")
+    if other:
+        out += ("\n\nOther operating points (@count: threshold whose number of deer on the calibration labels "
+                "is closest to the truth; @configured: the pipeline's configured threshold):\n" + _text_table(other))
+    return out
+
+
+def markdown_table(report: dict, point: str = "main") -> str:
     head = [c for c, _ in TABLE_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(report, point)]
     return "\n".join(lines)
 
 
@@ -999,6 +1093,8 @@ def write_html(report: dict, path) -> Path:
     imgs = plots(report)
     head = [c for c, _ in TABLE_COLUMNS]
     rows = "".join("<tr>" + "".join(f"<td>{h.escape(v)}</td>" for v in r) + "</tr>" for r in table_rows(report))
+    rows2 = "".join("<tr>" + "".join(f"<td>{h.escape(v)}</td>" for v in r) + "</tr>"
+                    for r in table_rows(report, "other"))
     thr = "".join(f"<li><b>{h.escape(n)}</b>: {e['threshold']:.3f} &mdash; {h.escape(e['threshold_source'])}</li>"
                   for n, e in report["methods"].items())
     v = report.get("verdict", {})
@@ -1008,6 +1104,12 @@ def write_html(report: dict, path) -> Path:
                         f"({'better' if v['default_beats_legacy_f1'] else 'NOT better'}); error of the number "
                         f"of deer {v['default_count_error']} vs {v['legacy_count_error']} "
                         f"({'better' if v['default_beats_legacy_count_error'] else 'NOT better'}).</p>")
+        c = v.get("count_operating_point")
+        if c:
+            verdict_text += (f"<p>At the count operating point (threshold {c['threshold']:.3f}): F1 "
+                             f"{c['default_f1']:.3f} ({'better' if c['beats_legacy_f1'] else 'NOT better'}), "
+                             f"error of the number of deer {c['default_count_error']} "
+                             f"({'better' if c['beats_legacy_count_error'] else 'NOT better'}).</p>")
     note = f"<p><i>{h.escape(report['substitution_note'])}</i></p>" if report.get("substitution_note") else ""
     figs = "".join(f'<figure><img src="data:image/png;base64,{b}" alt="{k}"><figcaption>{k}</figcaption></figure>'
                    for k, b in imgs.items())
@@ -1017,6 +1119,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{t
 <h1>Re-identification evaluation</h1>
 <p>{h.escape(json.dumps(report['dataset'].get('evaluation', {}), default=str))}</p>
 <table><tr>{''.join(f'<th>{c}</th>' for c in head)}</tr>{rows}</table>
+<h3>Other operating points</h3><table><tr>{''.join(f'<th>{c}</th>' for c in head)}</tr>{rows2}</table>
 <p>* the pipeline's default. Closed set: top-1/top-5/mAP leave-one-out, own encounter excluded. Open set: pairwise
 precision/recall/F1 and ARI of the deer the pipeline created; deer found vs true; BAKS/BAUS.</p>
 {verdict_text}{note}<h2>Thresholds</h2><ul>{thr}</ul>{figs}

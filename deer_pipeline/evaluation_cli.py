@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
               f"({'better' if v['default_beats_legacy_f1'] else 'NOT better'}); |deer found - true| "
               f"{v['default_count_error']} vs {v['legacy_count_error']} "
               f"({'better' if v['default_beats_legacy_count_error'] else 'NOT better'})")
+        c = v.get("count_operating_point")
+        if c:
+            print(f"default at the count operating point (threshold {c['threshold']:.3f}): F1 {c['default_f1']:.3f} "
+                  f"({'better' if c['beats_legacy_f1'] else 'NOT better'}); |deer found - true| "
+                  f"{c['default_count_error']} ({'better' if c['beats_legacy_count_error'] else 'NOT better'})")
     if report.get("substitution_note"):
         print("\nnote: " + report["substitution_note"])
     print(f"\nthresholds: " + "; ".join(f"{n} {e['threshold']:.3f} ({e['threshold_source']})"

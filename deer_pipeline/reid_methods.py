@@ -194,8 +194,8 @@ FEATURES: dict[str, FeatureExtractor] = {
 
 
 def iter_crop_batches(items, batch_size: int = 32):
-    """(detection ids, uint8 tensor batch) from pipeline crop items; undecodable crops are
-    skipped (yielded as failures with an empty batch)."""
+    """(detection ids, uint8 tensor batch, failures) from pipeline crop items, decoded and
+    resized by the pipeline's own ``inference.preprocess``; undecodable crops are failures."""
     import torch
 
     from deer_pipeline.inference import load_crop_image, preprocess
@@ -214,41 +214,59 @@ def iter_crop_batches(items, batch_size: int = 32):
         yield ids, (torch.stack(tensors) if tensors else None), failures
 
 
-def backbone_features(items, extractors: Sequence[FeatureExtractor], legacy_model: str | None = "resnet50",
-                      weights: str = "auto", device: str = "cpu",
-                      batch_size: int = 32) -> dict:
-    """One pass over the crops for the legacy input and every feature extractor.
+class FeatureSink:
+    """Collects, batch by batch, what the legacy method and the feature extractors need from
+    one backbone's last feature map: the average-pooled features (legacy input) and each
+    extractor's pooled features."""
 
-    Returns ``{"ids": [...], "legacy": (n, d) pooled features or None, "legacy_backbone":
-    ResolvedWeights, "features": {name: (n, 512) unit vectors}, "versions": {name: version},
-    "feature_backbones": {name: ResolvedWeights}, "failures": [...], "seconds": float}``.
-    Backbones are shared when they resolve to the same network."""
+    def __init__(self, rw: embedders.ResolvedWeights, legacy: bool, extractors: Sequence[FeatureExtractor]):
+        self.rw, self.legacy, self.extractors = rw, legacy, list(extractors)
+        self.legacy_parts: list[np.ndarray] = []
+        self.parts: dict[str, list[np.ndarray]] = {ex.name: [] for ex in self.extractors}
+        self.rows = 0
+
+    def add(self, fmap) -> None:
+        fmap = fmap.float()
+        if self.legacy:
+            self.legacy_parts.append(average_pool(fmap).cpu().numpy())
+        for ex in self.extractors:
+            self.parts[ex.name].append(ex.pool(fmap).cpu().numpy())
+        self.rows += int(fmap.shape[0])
+
+    def hook_on(self, net):
+        """Register a forward hook on the pipeline's own backbone ``net`` (as loaded by
+        ``embedders.load_backbone``) that feeds its last feature map here while the pipeline
+        embeds; returns the handle (call ``.remove()``)."""
+        m = net.body
+        if net.backbone == "efficientnet_lite0":
+            return m._bn1.register_forward_hook(lambda mod, inp, out: self.add(m._swish(out)))
+        if net.backbone == "resnet50":
+            return m.layer4.register_forward_hook(lambda mod, inp, out: self.add(out))
+        return m.features.register_forward_hook(lambda mod, inp, out: self.add(out))
+
+
+def backbone_sinks(extractors: Sequence[FeatureExtractor], legacy_model: str | None = "resnet50",
+                   weights: str = "auto") -> list[FeatureSink]:
+    """One sink per distinct backbone that the legacy method and the extractors need."""
+    groups: dict[tuple, dict] = {}
+
+    def _group(rw):
+        return groups.setdefault((rw.backbone, rw.sha256, rw.source), {"rw": rw, "legacy": False, "ex": []})
+
+    if legacy_model:
+        _group(backbone_for(legacy_model, weights))["legacy"] = True
+    for ex in extractors:
+        _group(backbone_for(ex.native_model, weights))["ex"].append(ex)
+    return [FeatureSink(g["rw"], g["legacy"], g["ex"]) for g in groups.values()]
+
+
+def run_sinks(items, sinks: Sequence[FeatureSink], device: str = "cpu", batch_size: int = 32) -> tuple[list[str], list]:
+    """A separate pass over the crops for sinks whose backbone the pipeline did not run."""
     import torch
 
-    t0 = time.perf_counter()
-    jobs: dict[tuple, dict] = {}
-
-    def _job(rw):
-        key = (rw.backbone, rw.sha256, rw.source)
-        if key not in jobs:
-            jobs[key] = {"rw": rw, "net": embedders.load_backbone(rw, "avg", device), "legacy": False,
-                         "extractors": []}
-        return jobs[key]
-
-    legacy_rw = None
-    if legacy_model:
-        legacy_rw = backbone_for(legacy_model, weights)
-        _job(legacy_rw)["legacy"] = True
-    feat_rw = {}
-    for ex in extractors:
-        rw = backbone_for(ex.native_model, weights)
-        feat_rw[ex.name] = rw
-        _job(rw)["extractors"].append(ex)
-
+    nets = [embedders.load_backbone(s.rw, "avg", device) for s in sinks]
     ids: list[str] = []
-    failures: list[tuple[str, str]] = []
-    legacy_parts: list[np.ndarray] = []
-    pooled_parts: dict[str, list[np.ndarray]] = {ex.name: [] for ex in extractors}
+    failures: list = []
     with torch.inference_mode():
         for batch_ids, x, failed in iter_crop_batches(items, batch_size):
             failures += failed
@@ -256,24 +274,28 @@ def backbone_features(items, extractors: Sequence[FeatureExtractor], legacy_mode
                 continue
             ids += batch_ids
             x = x.to(device)
-            for job in jobs.values():
-                fmap = feature_map(job["net"], x)
-                if job["legacy"]:
-                    legacy_parts.append(average_pool(fmap).cpu().numpy())
-                for ex in job["extractors"]:
-                    pooled_parts[ex.name].append(ex.pool(fmap).cpu().numpy())
-    out = {"ids": ids, "failures": failures, "legacy_backbone": legacy_rw, "feature_backbones": feat_rw,
-           "legacy": np.concatenate(legacy_parts) if legacy_parts else None, "features": {},
-           "versions": {}}
-    for ex in extractors:
-        pooled = np.concatenate(pooled_parts[ex.name]) if pooled_parts[ex.name] else np.zeros((0, 1))
-        d_in = pooled.shape[1]
-        proj, _ = embedders.projection_matrix(d_in, ex.projection_seed)
-        v = pooled.astype(np.float32) @ proj
-        v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-        out["features"][ex.name] = v.astype(np.float32)
-        out["versions"][ex.name] = ex.version(feat_rw[ex.name], d_in)
-    out["seconds"] = time.perf_counter() - t0
+            for sink, net in zip(sinks, nets):
+                sink.add(feature_map(net, x))
+    return ids, failures
+
+
+def sink_outputs(sinks: Sequence[FeatureSink]) -> dict:
+    """``{"legacy": (n, d) or None, "legacy_backbone", "features": {name: (n, 512) unit rows},
+    "versions": {name: version}, "feature_backbones": {name: ResolvedWeights}}``."""
+    out = {"legacy": None, "legacy_backbone": None, "features": {}, "versions": {}, "feature_backbones": {}}
+    for sink in sinks:
+        if sink.legacy:
+            out["legacy"] = np.concatenate(sink.legacy_parts) if sink.legacy_parts else None
+            out["legacy_backbone"] = sink.rw
+        for ex in sink.extractors:
+            pooled = np.concatenate(sink.parts[ex.name]).astype(np.float32)
+            d_in = pooled.shape[1]
+            proj, _ = embedders.projection_matrix(d_in, ex.projection_seed)
+            v = pooled @ proj
+            v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+            out["features"][ex.name] = v.astype(np.float32)
+            out["versions"][ex.name] = ex.version(sink.rw, d_in)
+            out["feature_backbones"][ex.name] = sink.rw
     return out
 
 

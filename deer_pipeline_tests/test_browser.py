@@ -1,8 +1,11 @@
-"""The Dagster UI in a real browser: headless Chromium opens the global asset lineage page of a
-running ``dagster-webserver`` (repository's workspace.yaml, embedded PostgreSQL) and
+"""The Dagster UI in a real browser: headless Chromium opens the asset graph (the lineage of the
+asset group that holds ``crops``; the global lineage page shows groups collapsed) of a running
+``dagster-webserver`` (repository's workspace.yaml, embedded PostgreSQL) and
 
 * takes a screenshot, which must be a real picture (not blank), and
 * dumps the rendered DOM, which must name every asset of the pipeline.
+
+docs/asset-graph.png is such a screenshot, taken after a few partitions were materialised.
 
 Skipped only when Chromium is not installed (scripts/system-deps.sh installs it).
 """
@@ -18,8 +21,10 @@ import pytest
 from PIL import Image
 
 from deer_pipeline_tests.test_ui_daemon_e2e import (
+    LOCATION,
     dagster_home,
     free_port,
+    graphql,
     service_env,
     start_webserver,
     wait_for_code_location,
@@ -31,7 +36,6 @@ pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="chromium is not installed (scripts/system-deps.sh installs it)")
 
 ASSETS = ("crops", "embeddings", "deer_profiles", "similarity_scores", "threshold_report")
-PAGE = "asset-groups"            # Dagster's global asset lineage (the asset graph)
 
 
 def chromium(profile: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -57,10 +61,19 @@ def webserver(tmp_path_factory):
         server.stop()
 
 
-def test_asset_graph_screenshot_is_a_real_picture(webserver, tmp_path):
+@pytest.fixture(scope="module")
+def asset_graph_url(webserver) -> str:
+    """The lineage page of the asset group of ``crops`` (its graph links on to the report)."""
+    nodes = graphql(webserver, "query { assetNodes { assetKey { path } groupName } }")["assetNodes"]
+    groups = {"/".join(n["assetKey"]["path"]): n["groupName"] for n in nodes}
+    assert set(ASSETS) <= set(groups), f"assets missing from the code location: {set(ASSETS) - set(groups)}"
+    return (f"http://127.0.0.1:{webserver}/locations/{LOCATION}/asset-groups/"
+            f"{groups['crops']}/lineage")
+
+
+def test_asset_graph_screenshot_is_a_real_picture(asset_graph_url, tmp_path):
     shot = tmp_path / "asset-graph.png"
-    url = f"http://127.0.0.1:{webserver}/{PAGE}"
-    proc = chromium(tmp_path / "profile", f"--screenshot={shot}", url)
+    proc = chromium(tmp_path / "profile", f"--screenshot={shot}", asset_graph_url)
     assert shot.exists() and shot.stat().st_size > 10_000, f"no screenshot:\n{proc.stderr[-2000:]}"
     with Image.open(shot) as image:
         assert image.size == (1400, 900)
@@ -74,11 +87,10 @@ def test_asset_graph_screenshot_is_a_real_picture(webserver, tmp_path):
     assert 0.001 < dark < 0.5, f"{dark:.1%} dark pixels: text is missing or the page is dark"
 
 
-def test_asset_graph_page_names_every_asset(webserver, tmp_path):
-    url = f"http://127.0.0.1:{webserver}/{PAGE}"
-    proc = chromium(tmp_path / "profile", "--dump-dom", url)
+def test_asset_graph_page_names_every_asset(asset_graph_url, tmp_path):
+    proc = chromium(tmp_path / "profile", "--dump-dom", asset_graph_url)
     dom = proc.stdout
     assert "<html" in dom.lower(), f"no DOM dumped:\n{proc.stderr[-2000:]}"
-    assert "Global asset lineage" in dom
+    assert "Lineage" in dom and LOCATION in dom
     missing = [name for name in ASSETS if name not in dom]
     assert not missing, f"assets not shown on the asset graph page: {missing}"

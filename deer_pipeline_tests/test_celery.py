@@ -150,6 +150,16 @@ def poison_job() -> dg.JobDefinition:
                                executor_def=executor_from_env())
 
 
+def identification_on_celery() -> dg.JobDefinition:
+    """The real identification job (every asset and check of the code location) on the
+    deployment's celery executor: what DEER_EXECUTOR=celery gives in production."""
+    from deer_pipeline.definitions import defs
+
+    on_celery = dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs,
+                               resources=defs.resources, executor=executor_from_env())
+    return on_celery.resolve_job_def("identification_job")
+
+
 # The run worker (orchestrator) runs in a subprocess so that a lost step cannot hang the test.
 ORCHESTRATOR = """
 import json, sys
@@ -352,7 +362,7 @@ def _celery_hosts_by_step(instance: dg.DagsterInstance, run_id: str) -> dict[str
 
 def test_steps_of_a_partitioned_run_spread_over_both_workers(celery_cluster, session_engine):
     partition = f"{PROBE_CAMERA}|2024-06-01"
-    ops = {f"crop_batch_{i}": {"config": {"seconds": 3.0}} for i in range(4)}
+    ops = {f"crop_batch_{i}": {"config": {"seconds": 2.0}} for i in range(4)}
     ops["embed_on_gpu"] = {"config": {"seconds": 1.0}}
     result = _result(_launch(celery_cluster, "spread_job", partition, {"ops": ops}), timeout=150)
     assert result["success"], result
@@ -372,6 +382,29 @@ def test_steps_of_a_partitioned_run_spread_over_both_workers(celery_cluster, ses
     run = celery_cluster["instance"].get_run_by_id(result["run_id"])
     assert run.tags["dagster/partition"] == partition
     assert _row_counts(session_engine, partition) == {s: (ROWS_PER_STEP, ROWS_PER_STEP) for s in worker_of}
+
+
+def test_real_identification_job_sends_embeddings_to_the_gpu_worker(celery_cluster, engine, tmp_path):
+    from deer_pipeline import ingest, sample
+
+    info = sample.write_sample(tmp_path / "sample", n_cameras=1, n_days=1, n_deer=3,
+                               encounters_per_day=(2, 2))
+    report = ingest.ingest(engine, info.detections_json)
+    camera, day = report.partitions[0]
+    celery_cluster["instance"].add_dynamic_partitions(CAMERA_PARTITIONS_NAME, [camera])
+
+    result = _result(_launch(celery_cluster, "identification_on_celery", f"{camera}|{day}"), timeout=240)
+    assert result["success"], result
+    hosts = _celery_hosts_by_step(celery_cluster["instance"], result["run_id"])
+    assert {"crops", "embeddings", "deer_profiles", "similarity_scores"} <= set(hosts)
+    # Only worker A listens to the gpu queue: the embeddings step (tag dagster-celery/queue=gpu)
+    # can have run nowhere else.
+    assert [h.split("@")[0] for h in hosts["embeddings"]] == ["A"]
+    with engine.connect() as conn:
+        counts = conn.execute(sa.text(
+            "SELECT (SELECT count(*) FROM crops), (SELECT count(DISTINCT detection_id) FROM embeddings"
+            " WHERE status = 'ok'), (SELECT count(*) FROM sightings)")).one()
+    assert all(n > 0 for n in counts), counts
 
 
 def _kill_during_slow_step(cluster, engine, partition: str, kill) -> tuple[dict, list]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deer_pipeline import embedders, inference
+from deer_pipeline import embedders
 from deer_pipeline.embedders import EmbedderError, UnknownModel, WeightsMismatch, WeightsUnavailable
 from deer_pipeline.inference import CropItem, InferenceEngine
 
@@ -121,7 +121,7 @@ def test_imagenet_weights_missing_says_what_to_do(empty_torch_home):
     assert "resnet50-11ad3fa6.pth" in msg
     assert "https://download.pytorch.org/models/resnet50-11ad3fa6.pth" in msg
     assert str(empty_torch_home / "hub" / "checkpoints") in msg
-    assert "weights_path" in msg and "auto" in msg
+    assert "--weights PATH" in msg and "weights='auto'" in msg
     with pytest.raises(WeightsUnavailable, match="efficientnet_b0_rwightman-7f5810bc.pth"):
         embedders.resolve_embedder("efficientnet_b0", "imagenet")
     # Lite0's ImageNet weights ship with the pip package: always there.

@@ -94,6 +94,7 @@ def test_embeddings_materialise_rematerialise_switch_version_and_roll_back(engin
     assert md["weights_used"].value.startswith("weights used: efficientnet_lite0: efficientnet_lite0 ImageNet weights")
     assert md["crops_per_s"].value > 0
     assert bad in md["failed_crops"].value
+    assert check.check_name == CHECK_NAME
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN   # one failure, nothing missing
     rows_a = _rows(engine, version_a)
     assert set(rows_a) == set(ids) | {bad}
