@@ -18,7 +18,7 @@ from deer_pipeline.defs import (
     schedules,
     sensors,
 )
-from deer_pipeline.defs.inference import InferenceResource
+from deer_pipeline.defs.inference import inference_resource_from_env
 from deer_pipeline.defs.identity import IdentitySettings
 from deer_pipeline.defs.resources import CropStore, DeerDatabase
 
@@ -38,7 +38,7 @@ def resources() -> dict:
     return {
         "database": DeerDatabase(),
         "crop_store": CropStore(),
-        "inference": InferenceResource(),
+        "inference": inference_resource_from_env(),
         "identity": IdentitySettings(),
     }
 
