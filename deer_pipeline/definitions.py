@@ -12,6 +12,7 @@ from deer_pipeline.defs import (
     checks,
     crops,
     embeddings,
+    executors,
     identity,
     jobs,
     reports,
@@ -50,4 +51,6 @@ defs = dg.Definitions(
     sensors=_of_type([sensors, alerts], dg.SensorDefinition),
     schedules=[schedules.nightly_identification_schedule, schedules.nightly_report_schedule],
     resources=resources(),
+    # DEER_EXECUTOR=celery runs steps on celery workers (gpu queue for inference); default: multiprocess
+    executor=executors.executor_from_env(),
 )
