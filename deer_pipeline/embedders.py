@@ -688,9 +688,25 @@ def _as_unit_rows(a) -> np.ndarray:
     return a / np.maximum(norms, 1e-12)
 
 
+def weighted_cosine(query: Mapping[str, np.ndarray], gallery: Mapping[str, np.ndarray],
+                    weights: Mapping[str, float], components: dict | None = None) -> np.ndarray:
+    """``sum_m weights[m] * query[m] @ gallery[m].T`` for rows that are already unit vectors.
+
+    The one place the ensemble score is computed: the matching calls it on every decision (no
+    checks, no copies), :func:`ensemble_similarity` after validating and normalising. The
+    per-model cosines are put into ``components`` when a dict is given."""
+    total = None
+    for model, w in weights.items():
+        cos = np.asarray(query[model], dtype=np.float32) @ np.asarray(gallery[model], dtype=np.float32).T
+        if components is not None:
+            components[model] = cos
+        total = cos * np.float32(w) if total is None else total + cos * np.float32(w)
+    return total
+
+
 def ensemble_similarity(query_vecs: Mapping[str, np.ndarray], gallery_vecs: Mapping[str, np.ndarray],
                         weights: Mapping[str, float] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Weighted sum of per-model cosine similarities.
+    """Weighted sum of per-model cosine similarities, with the inputs checked.
 
     ``query_vecs[model]`` is (n, 512), ``gallery_vecs[model]`` is (m, 512), rows aligned across
     models. Returns ``(similarity (n, m), {model: cosine (n, m)})``.
@@ -699,17 +715,16 @@ def ensemble_similarity(query_vecs: Mapping[str, np.ndarray], gallery_vecs: Mapp
 
     weights = dict(DEFAULT_ENSEMBLE_WEIGHTS if weights is None else weights)
     check_weights(weights)
-    components: dict[str, np.ndarray] = {}
-    total = None
-    for model, w in weights.items():
+    queries, galleries = {}, {}
+    for model in weights:
         if model not in query_vecs or model not in gallery_vecs:
             raise EmbedderError(f"ensemble_similarity: vectors for {model!r} missing "
                                 f"(query has {sorted(query_vecs)}, gallery has {sorted(gallery_vecs)})")
-        q, g = _as_unit_rows(query_vecs[model]), _as_unit_rows(gallery_vecs[model])
-        if q.shape[1] != g.shape[1]:
-            raise EmbedderError(f"ensemble_similarity: {model} query dim {q.shape[1]} != gallery dim {g.shape[1]}")
-        cos = q @ g.T
-        components[model] = cos
-        total = cos * np.float32(w) if total is None else total + cos * np.float32(w)
+        queries[model], galleries[model] = _as_unit_rows(query_vecs[model]), _as_unit_rows(gallery_vecs[model])
+        if queries[model].shape[1] != galleries[model].shape[1]:
+            raise EmbedderError(f"ensemble_similarity: {model} query dim {queries[model].shape[1]} "
+                                f"!= gallery dim {galleries[model].shape[1]}")
+    components: dict[str, np.ndarray] = {}
+    total = weighted_cosine(queries, galleries, weights, components)
     return total.astype(np.float32), components
 

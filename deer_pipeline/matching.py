@@ -52,8 +52,9 @@ from typing import Mapping, Sequence
 import numpy as np
 from sqlalchemy.engine import Engine
 
-from deer_pipeline import db
+from deer_pipeline import db, embedders
 from deer_pipeline import identity_store as store
+from deer_pipeline.embedders import weighted_cosine
 from deer_pipeline.encounters import (DetectionBox, Encounter, LinkSettings, build_encounters,
                                       cannot_link, order_key)
 from deer_pipeline.identity_store import MatchingError
@@ -78,32 +79,18 @@ __all__ = ["MatchingError", "DecisionSummary", "decide_partition", "ensemble_sim
 
 def ensemble_similarity(query: Mapping[str, np.ndarray], gallery: Mapping[str, np.ndarray],
                         weights: Mapping[str, float]) -> np.ndarray:
-    """Weighted sum of per-model cosine similarities.
-
-    ``query[m]`` is (k x d) and ``gallery[m]`` is (n x d), unit vectors of model m; returns the
-    (k x n) matrix sum_m weights[m] * query[m] @ gallery[m].T."""
-    out = None
-    for m, w in weights.items():
-        s = np.asarray(query[m], dtype=np.float32) @ np.asarray(gallery[m], dtype=np.float32).T
-        out = w * s if out is None else out + w * s
-    return out
+    """Weighted sum of per-model cosine similarities: ``query[m]`` is (k x d) and ``gallery[m]``
+    is (n x d), unit vectors of model m; returns the (k x n) matrix (``embedders.weighted_cosine``)."""
+    return weighted_cosine(query, gallery, weights)
 
 
 def ensemble_version(components: Mapping[str, str], weights: Mapping[str, float]) -> str:
     """The name stored with each decision for the set of component versions in use.
 
-    A single model is its own version. For an ensemble the embeddings code's
-    ``embedders.ensemble_version`` is used when present, else a deterministic
-    ``ensemble(model=version*weight+...)`` name."""
+    A single model is its own version; an ensemble is named by ``embedders.ensemble_version``."""
     if len(components) == 1:
         return next(iter(components.values()))
-    try:
-        from deer_pipeline.embedders import ensemble_version as _ev  # type: ignore
-
-        return str(_ev(dict(components), dict(weights)))
-    except (ImportError, AttributeError):
-        parts = "+".join(f"{m}={components[m]}*{weights[m]:g}" for m in sorted(components))
-        return f"ensemble({parts})"
+    return str(embedders.ensemble_version(dict(components), dict(weights)))
 
 
 def primary_model(weights: Mapping[str, float]) -> str:

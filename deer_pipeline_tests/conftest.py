@@ -49,13 +49,9 @@ def session_engine():
 @pytest.fixture
 def engine(session_engine):
     """The pipeline database, emptied before the test (schema kept)."""
-    with session_engine.begin() as conn:
-        tables = [r[0] for r in conn.execute(sa.text(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
-            "AND tablename <> 'schema_migrations'"))]
-        if tables:
-            conn.execute(sa.text("TRUNCATE " + ", ".join(f'"{t}"' for t in tables)
-                                 + " RESTART IDENTITY CASCADE"))
+    from deer_pipeline_tests.dbutil import empty_pipeline_tables
+
+    empty_pipeline_tables(session_engine)
     return session_engine
 
 

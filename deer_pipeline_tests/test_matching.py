@@ -548,8 +548,8 @@ def test_ensemble_similarity_is_the_weighted_sum_of_per_model_cosines():
     got = matching.ensemble_similarity(q, g, w)
     want = 0.6 * q["multiscale"] @ g["multiscale"].T + 0.4 * q["efficientnet_b0"] @ g["efficientnet_b0"].T
     assert np.allclose(got, want, atol=1e-6)
-    embedders = pytest.importorskip("deer_pipeline.embedders")
-    if hasattr(embedders, "ensemble_similarity"):   # the embeddings code computes the same number
-        theirs = embedders.ensemble_similarity(q, g, w)
-        theirs = theirs[0] if isinstance(theirs, tuple) else theirs
-        assert np.allclose(got, theirs, atol=1e-5)
+    from deer_pipeline import embedders
+
+    theirs, components = embedders.ensemble_similarity(q, g, w)   # the validated public function
+    assert np.allclose(got, theirs, atol=1e-5)
+    assert np.allclose(components["multiscale"], q["multiscale"] @ g["multiscale"].T, atol=1e-6)

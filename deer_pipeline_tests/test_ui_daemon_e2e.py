@@ -30,6 +30,8 @@ import pytest
 import requests
 import sqlalchemy as sa
 
+from deer_pipeline_tests.dbutil import empty_pipeline_tables
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKSPACE = REPO_ROOT / "workspace.yaml"
 LOCATION = "deer_pipeline"
@@ -208,16 +210,6 @@ def separate_dagster_database(engine: sa.Engine, name: str) -> str:
 def drop_database(engine: sa.Engine, name: str) -> None:
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-def empty_pipeline_tables(engine: sa.Engine) -> None:
-    with engine.begin() as conn:
-        tables = [r[0] for r in conn.execute(sa.text(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
-            "AND tablename <> 'schema_migrations'"))]
-        if tables:
-            conn.execute(sa.text("TRUNCATE " + ", ".join(f'"{t}"' for t in tables)
-                                 + " RESTART IDENTITY CASCADE"))
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ SKIPPED_TABLE_ROWS = 25
 @dg.asset(
     partitions_def=camera_day_partitions,
     group_name="identification",
-    pool="image_decoding",
     kinds={"python", "postgres"},
     description="Each good detection of the camera-day cut out of its photo (padded, clipped), "
                 "decoded once per photo at the smallest JPEG scale that keeps crops >= 224 px, stored "
