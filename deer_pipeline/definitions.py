@@ -12,6 +12,7 @@ from deer_pipeline.defs import (
     checks,
     crops,
     embeddings,
+    evaluation,
     executors,
     identity,
     jobs,
@@ -23,7 +24,7 @@ from deer_pipeline.defs.inference import inference_resource_from_env
 from deer_pipeline.defs.identity import IdentitySettings
 from deer_pipeline.defs.resources import CropStore, DeerDatabase
 
-ASSET_MODULES = [crops, embeddings, identity, reports]
+ASSET_MODULES = [crops, embeddings, identity, reports, evaluation]
 
 
 def _of_type(modules, kind) -> list:

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="auto", help="embedding weights: auto (default), imagenet or a path")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--legacy-redraws", type=int, default=10,
+                   help="extra legacy runs with new projections, to show its spread (default 10)")
     p.add_argument("--order-seed", type=int, default=0,
                    help="seed of the encounter order when the labels have no timestamps (default 0)")
     return p
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = reid_methods.resolve_methods(args.methods)
         options = ev.EvaluationOptions(methods=[m.name for m in methods], weights=args.weights,
                                        device=args.device, batch_size=args.batch_size,
-                                       order_seed=args.order_seed)
+                                       order_seed=args.order_seed, legacy_redraws=args.legacy_redraws)
         report = ev.evaluate(args.labels, args.images_root, args.calibration_labels,
                              args.calibration_images_root, args.split_by_identity, options)
     except (ev.EvaluationError, ValueError) as exc:
@@ -74,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"default at the count operating point (threshold {c['threshold']:.3f}): F1 {c['default_f1']:.3f} "
                   f"({'better' if c['beats_legacy_f1'] else 'NOT better'}); |deer found - true| "
                   f"{c['default_count_error']} ({'better' if c['beats_legacy_count_error'] else 'NOT better'})")
+    rd = report.get("methods", {}).get("legacy", {}).get("redraws", {})
+    if rd.get("n"):
+        print(f"legacy over {rd['n']} more projection draws: F1 {rd['pairwise_f1']['min']:.3f}-"
+              f"{rd['pairwise_f1']['max']:.3f} (mean {rd['pairwise_f1']['mean']:.3f}); |deer found - true| "
+              f"{rd['count_error_abs']['min']:.0f}-{rd['count_error_abs']['max']:.0f} "
+              f"(mean {rd['count_error_abs']['mean']:.1f})")
     if report.get("substitution_note"):
         print("\nnote: " + report["substitution_note"])
     print(f"\nthresholds: " + "; ".join(f"{n} {e['threshold']:.3f} ({e['threshold_source']})"

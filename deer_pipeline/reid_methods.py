@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -163,8 +161,6 @@ def activation_weighted_pool(fmap, power: float = 1.0):
     """Pool a feature map with per-position weights proportional to the activation norm at
     that position (``power`` sharpens it): positions where the backbone responds strongly - the
     animal - count more than the flat background."""
-    import torch
-
     w = fmap.norm(dim=1, keepdim=True).clamp_min(1e-12) ** power       # (n, 1, h, w)
     w = w / w.sum(dim=(2, 3), keepdim=True)
     return (fmap * w).sum(dim=(2, 3))
@@ -219,8 +215,13 @@ class FeatureSink:
     one backbone's last feature map: the average-pooled features (legacy input) and each
     extractor's pooled features."""
 
-    def __init__(self, rw: embedders.ResolvedWeights, legacy: bool, extractors: Sequence[FeatureExtractor]):
+    def __init__(self, rw: embedders.ResolvedWeights, legacy: bool, extractors: Sequence[FeatureExtractor],
+                 extractor_weights: Mapping[str, embedders.ResolvedWeights] | None = None,
+                 legacy_weights: embedders.ResolvedWeights | None = None):
         self.rw, self.legacy, self.extractors = rw, legacy, list(extractors)
+        self.legacy_rw = legacy_weights or rw
+        # how each extractor's own model resolved (same network; may differ in what it substitutes for)
+        self.extractor_weights = dict(extractor_weights or {})
         self.legacy_parts: list[np.ndarray] = []
         self.parts: dict[str, list[np.ndarray]] = {ex.name: [] for ex in self.extractors}
         self.rows = 0
@@ -251,13 +252,18 @@ def backbone_sinks(extractors: Sequence[FeatureExtractor], legacy_model: str | N
     groups: dict[tuple, dict] = {}
 
     def _group(rw):
-        return groups.setdefault((rw.backbone, rw.sha256, rw.source), {"rw": rw, "legacy": False, "ex": []})
+        return groups.setdefault((rw.backbone, rw.sha256, rw.source),
+                                 {"rw": rw, "legacy": False, "ex": [], "ex_rw": {}})
 
     if legacy_model:
-        _group(backbone_for(legacy_model, weights))["legacy"] = True
+        g = _group(backbone_for(legacy_model, weights))
+        g["legacy"], g["legacy_rw"] = True, backbone_for(legacy_model, weights)
     for ex in extractors:
-        _group(backbone_for(ex.native_model, weights))["ex"].append(ex)
-    return [FeatureSink(g["rw"], g["legacy"], g["ex"]) for g in groups.values()]
+        rw = backbone_for(ex.native_model, weights)
+        g = _group(rw)
+        g["ex"].append(ex)
+        g["ex_rw"][ex.name] = rw
+    return [FeatureSink(g["rw"], g["legacy"], g["ex"], g["ex_rw"], g.get("legacy_rw")) for g in groups.values()]
 
 
 def run_sinks(items, sinks: Sequence[FeatureSink], device: str = "cpu", batch_size: int = 32) -> tuple[list[str], list]:
@@ -286,7 +292,7 @@ def sink_outputs(sinks: Sequence[FeatureSink]) -> dict:
     for sink in sinks:
         if sink.legacy:
             out["legacy"] = np.concatenate(sink.legacy_parts) if sink.legacy_parts else None
-            out["legacy_backbone"] = sink.rw
+            out["legacy_backbone"] = sink.legacy_rw
         for ex in sink.extractors:
             pooled = np.concatenate(sink.parts[ex.name]).astype(np.float32)
             d_in = pooled.shape[1]
@@ -294,8 +300,9 @@ def sink_outputs(sinks: Sequence[FeatureSink]) -> dict:
             v = pooled @ proj
             v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
             out["features"][ex.name] = v.astype(np.float32)
-            out["versions"][ex.name] = ex.version(sink.rw, d_in)
-            out["feature_backbones"][ex.name] = sink.rw
+            rw = sink.extractor_weights.get(ex.name, sink.rw)
+            out["versions"][ex.name] = ex.version(rw, d_in)
+            out["feature_backbones"][ex.name] = rw
     return out
 
 
