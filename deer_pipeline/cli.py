@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import warnings
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("deer_pipeline").setLevel(logging.INFO)
+    # Dagster flags features we use on purpose (backfill policies, partitioned checks) as beta /
+    # preview on every import; the command line is for people, so keep those out of its output.
+    warnings.filterwarnings("ignore", message=r".*is currently in (beta|preview)")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
