@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     # Dagster flags features we use on purpose (backfill policies, partitioned checks) as beta /
     # preview on every import; the command line is for people, so keep those out of its output.
     warnings.filterwarnings("ignore", message=r".*is currently in (beta|preview)")
+    warnings.filterwarnings("ignore", message=r"XDG_RUNTIME_DIR is not set")  # pgserver, harmless
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
