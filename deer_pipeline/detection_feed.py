@@ -48,3 +48,37 @@ def partitions_with_detections(engine: Engine) -> list[tuple[str, str]]:
             "SELECT DISTINCT camera_id, day::text FROM detections "
             "WHERE status = 'ok' AND camera_id IS NOT NULL AND day IS NOT NULL ORDER BY 2, 1")).all()
     return [(r[0], r[1]) for r in rows]
+
+
+@dataclass(frozen=True)
+class UnassignedWork:
+    camera_id: str
+    day: str
+    n_unassigned: int
+    fingerprint: str    # changes whenever the set of unassigned detections changes
+
+
+def partitions_with_unassigned(engine: Engine, limit_partitions: int = 200) -> list[UnassignedWork]:
+    """Partitions holding good detections that no decision has assigned to a deer yet.
+
+    The system we start from could reprocess unassigned detections; here they are detections
+    whose embedding failed or was missing when their partition was decided, or partitions never
+    decided. Crops that are too small can never be assigned and are left out, so they are not
+    retried forever. Oldest days first.
+    """
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            """
+            SELECT d.camera_id, d.day::text AS day, count(*) AS n,
+                   md5(string_agg(d.detection_id, ',' ORDER BY d.detection_id)) AS fingerprint
+            FROM detections d
+            LEFT JOIN sightings s ON s.detection_id = d.detection_id
+            LEFT JOIN crops c ON c.detection_id = d.detection_id
+            WHERE d.status = 'ok' AND d.camera_id IS NOT NULL AND d.day IS NOT NULL
+              AND s.detection_id IS NULL
+              AND (c.status IS NULL OR c.status <> 'too_small')
+            GROUP BY d.camera_id, d.day
+            ORDER BY d.day, d.camera_id
+            LIMIT :limit
+            """), {"limit": limit_partitions}).all()
+    return [UnassignedWork(r.camera_id, r.day, int(r.n), r.fingerprint) for r in rows]

@@ -86,4 +86,40 @@ def test_definitions_load():
     names = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
     assert {"crops", "embeddings", "deer_profiles", "similarity_scores", "threshold_report"} <= names
     assert defs.get_sensor_def("new_detections_sensor") is not None
+    assert defs.get_sensor_def("unassigned_detections_sensor") is not None
     assert defs.resolve_job_def("identification_job") is not None
+
+
+def test_unassigned_sensor_requests_partitions_with_unassigned_detections_once_per_state(engine):
+    from deer_pipeline.defs.sensors import unassigned_detections_sensor
+
+    _add_detections(engine, "cam-a", "2025-10-01", 2)
+    _add_detections(engine, "cam-b", "2025-10-02", 1)
+    with engine.begin() as conn:
+        # cam-b's detection is assigned to a deer; one of cam-a's has a crop too small to ever match
+        conn.execute(sa.text(
+            "INSERT INTO deer (founding_detection_id, sex) VALUES ('cam-b-2025-10-02-0', 'female')"))
+        conn.execute(sa.text(
+            "INSERT INTO sightings (detection_id, deer_id, encounter_key, partition_key, decision,"
+            " embedding_version) VALUES ('cam-b-2025-10-02-0', 1, 'e', 'cam-b|2025-10-02', 'new', 'v')"))
+        conn.execute(sa.text(
+            "INSERT INTO crops (detection_id, status, reason) VALUES ('cam-a-2025-10-01-1', 'too_small', 'x')"))
+
+    with dg.instance_for_test() as instance:
+        ctx = dg.build_sensor_context(instance=instance, resources={"database": DeerDatabase()})
+        result = unassigned_detections_sensor(ctx)
+        assert [str(r.partition_key) for r in result.run_requests] == ["cam-a|2025-10-01"]
+        assert result.run_requests[0].tags["deer/unassigned_detections"] == "1"
+        first_key = result.run_requests[0].run_key
+        # Same state, same run key: Dagster never launches it twice.
+        again = unassigned_detections_sensor(dg.build_sensor_context(
+            instance=instance, resources={"database": DeerDatabase()}))
+        assert again.run_requests[0].run_key == first_key
+        # Once the detection is assigned there is nothing left to do.
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO sightings (detection_id, deer_id, encounter_key, partition_key, decision,"
+                " embedding_version) VALUES ('cam-a-2025-10-01-0', 1, 'e2', 'cam-a|2025-10-01', 'matched', 'v')"))
+        done = unassigned_detections_sensor(dg.build_sensor_context(
+            instance=instance, resources={"database": DeerDatabase()}))
+        assert not done.run_requests and done.skip_reason is not None

@@ -40,3 +40,31 @@ def new_detections_sensor(context: dg.SensorEvaluationContext, database: DeerDat
         dynamic_partitions_requests=[camera_partitions.build_add_request(new_cameras)] if new_cameras else [],
         cursor=str(max(w.max_seq for w in work)),
     )
+
+
+@dg.sensor(
+    job=identification_job,
+    minimum_interval_seconds=3600,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Reprocesses unassigned detections: requests a run for every camera x day that "
+                "still holds good detections without a deer (e.g. an embedding failed, or a run "
+                "failed). One run per distinct set of unassigned detections, so a detection that "
+                "stays unassignable is not retried in a loop.",
+)
+def unassigned_detections_sensor(context: dg.SensorEvaluationContext, database: DeerDatabase) -> dg.SensorResult:
+    work = detection_feed.partitions_with_unassigned(database.engine())
+    if not work:
+        return dg.SensorResult(skip_reason=dg.SkipReason("every good detection is assigned to a deer"))
+    known = set(context.instance.get_dynamic_partitions(CAMERA_PARTITIONS_NAME))
+    new_cameras = sorted({w.camera_id for w in work} - known)
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(
+                run_key=f"unassigned|{w.camera_id}|{w.day}|{w.fingerprint}",
+                partition_key=partition_key(w.camera_id, w.day),
+                tags={"deer/unassigned_detections": str(w.n_unassigned)},
+            )
+            for w in work
+        ],
+        dynamic_partitions_requests=[camera_partitions.build_add_request(new_cameras)] if new_cameras else [],
+    )
