@@ -83,6 +83,12 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
         sample.load_truth(engine, truth_dir)
         truth_loaded = True
     final_report = run_report()
+    # The evaluation asset measures re-identification on labelled photos when DEER_EVAL_LABELS
+    # (or its run config) names them; otherwise it records that no labels are configured.
+    evaluation = defs.resolve_job_def("evaluation_job").execute_in_process(
+        instance=instance, run_config=quiet, raise_on_error=False)
+    if not evaluation.success:
+        failed.append("reid_evaluation")
 
     summary = status.collect(engine)
     summary["partitions"] = len(partitions)

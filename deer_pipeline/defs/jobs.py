@@ -18,3 +18,9 @@ report_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("threshold_report"),
     description="Rebuild the threshold report from every similarity score.",
 )
+
+evaluation_job = dg.define_asset_job(
+    name="evaluation_job",
+    selection=dg.AssetSelection.assets("reid_evaluation"),
+    description="Measure re-identification on the configured labelled photos (DEER_EVAL_LABELS).",
+)
