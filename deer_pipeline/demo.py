@@ -23,12 +23,11 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
     from deer_pipeline import detection_feed, ingest, sample, status
     from deer_pipeline.defs.identity import IdentitySettings
     from deer_pipeline.definitions import defs
-    from deer_pipeline.defs.partitions import CAMERA_PARTITIONS_NAME, partition_key
+    from deer_pipeline.defs.partitions import CAMERA_PARTITIONS_NAME, partition_key, unseen_cameras
     from deer_pipeline.instance import get_instance
 
     started = time.perf_counter()
     engine = db.get_engine()
-    truth_loaded = False
     truth_dir: Path | None = None
     if images is None:
         out_dir = Path(out_dir or db.data_dir() / "sample").resolve()
@@ -41,10 +40,9 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
 
     instance = get_instance()
     partitions = detection_feed.partitions_with_detections(engine)
-    cameras = sorted({camera for camera, _ in partitions})
-    known = set(instance.get_dynamic_partitions(CAMERA_PARTITIONS_NAME))
-    if set(cameras) - known:
-        instance.add_dynamic_partitions(CAMERA_PARTITIONS_NAME, sorted(set(cameras) - known))
+    new_cameras = unseen_cameras(instance, {camera for camera, _ in partitions})
+    if new_cameras:
+        instance.add_dynamic_partitions(CAMERA_PARTITIONS_NAME, new_cameras)
 
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     job = defs.resolve_job_def("identification_job")
@@ -81,7 +79,6 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
                 assets=[dg.AssetKey("deer_profiles"), dg.AssetKey("similarity_scores")])
     if truth_dir is not None:
         sample.load_truth(engine, truth_dir)
-        truth_loaded = True
     final_report = run_report()
     # The evaluation asset measures re-identification on labelled photos when DEER_EVAL_LABELS
     # (or its run config) names them; otherwise it records that no labels are configured.
@@ -97,7 +94,7 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
     summary["recommended_threshold_with_truth"] = (final_report.get("recommended") or {}).get("threshold")
     summary["failed"] = failed
     summary["seconds"] = round(time.perf_counter() - started, 1)
-    if truth_loaded:
+    if truth_dir is not None:
         summary["true_deer"] = status.true_identity_count(engine)
     return summary
 

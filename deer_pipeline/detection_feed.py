@@ -36,11 +36,6 @@ def new_detections_since(engine: Engine, cursor_seq: int, limit_partitions: int 
     return [NewWork(r.camera_id, r.day, int(r.max_seq), int(r.n)) for r in rows]
 
 
-def known_cameras(engine: Engine) -> list[str]:
-    with engine.connect() as conn:
-        return [r[0] for r in conn.execute(sa.text("SELECT camera_id FROM cameras ORDER BY 1"))]
-
-
 def partitions_with_detections(engine: Engine) -> list[tuple[str, str]]:
     """Every (camera, day) that has detections to process, in time order."""
     with engine.connect() as conn:

@@ -24,6 +24,11 @@ def partition_key(camera_id: str, day: str) -> dg.MultiPartitionKey:
     return dg.MultiPartitionKey({"camera": camera_id, "day": day})
 
 
+def unseen_cameras(instance: dg.DagsterInstance, cameras) -> list[str]:
+    """The cameras of ``cameras`` that are not yet partitions of the ``camera`` dimension."""
+    return sorted(set(cameras) - set(instance.get_dynamic_partitions(CAMERA_PARTITIONS_NAME)))
+
+
 def camera_and_day(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> tuple[str, str]:
     key = context.partition_key
     if isinstance(key, dg.MultiPartitionKey):

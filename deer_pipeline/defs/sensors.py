@@ -6,8 +6,14 @@ import dagster as dg
 
 from deer_pipeline import detection_feed
 from deer_pipeline.defs.jobs import identification_job
-from deer_pipeline.defs.partitions import CAMERA_PARTITIONS_NAME, camera_partitions, partition_key
+from deer_pipeline.defs.partitions import camera_partitions, partition_key, unseen_cameras
 from deer_pipeline.defs.resources import DeerDatabase
+
+
+def _camera_requests(context: dg.SensorEvaluationContext, work) -> list:
+    """Add the cameras of ``work`` that are not partitions yet, so its run requests are valid."""
+    new_cameras = unseen_cameras(context.instance, {w.camera_id for w in work})
+    return [camera_partitions.build_add_request(new_cameras)] if new_cameras else []
 
 
 @dg.sensor(
@@ -23,8 +29,6 @@ def new_detections_sensor(context: dg.SensorEvaluationContext, database: DeerDat
     if not work:
         return dg.SensorResult(skip_reason=dg.SkipReason(f"no new detections after seq {cursor}"))
 
-    known = set(context.instance.get_dynamic_partitions(CAMERA_PARTITIONS_NAME))
-    new_cameras = sorted({w.camera_id for w in work} - known)
     run_requests = [
         dg.RunRequest(
             # The key names the partition and the newest detection it covers: the same work is
@@ -37,7 +41,7 @@ def new_detections_sensor(context: dg.SensorEvaluationContext, database: DeerDat
     ]
     return dg.SensorResult(
         run_requests=run_requests,
-        dynamic_partitions_requests=[camera_partitions.build_add_request(new_cameras)] if new_cameras else [],
+        dynamic_partitions_requests=_camera_requests(context, work),
         cursor=str(max(w.max_seq for w in work)),
     )
 
@@ -55,8 +59,6 @@ def unassigned_detections_sensor(context: dg.SensorEvaluationContext, database: 
     work = detection_feed.partitions_with_unassigned(database.engine())
     if not work:
         return dg.SensorResult(skip_reason=dg.SkipReason("every good detection is assigned to a deer"))
-    known = set(context.instance.get_dynamic_partitions(CAMERA_PARTITIONS_NAME))
-    new_cameras = sorted({w.camera_id for w in work} - known)
     return dg.SensorResult(
         run_requests=[
             dg.RunRequest(
@@ -66,5 +68,5 @@ def unassigned_detections_sensor(context: dg.SensorEvaluationContext, database: 
             )
             for w in work
         ],
-        dynamic_partitions_requests=[camera_partitions.build_add_request(new_cameras)] if new_cameras else [],
+        dynamic_partitions_requests=_camera_requests(context, work),
     )
