@@ -30,7 +30,7 @@ os.environ.setdefault("DEER_ALLOW_RANDOM_WEIGHTS", "1")   # timing only: see the
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from deer_pipeline.inference import CropItem, InferenceEngine  # noqa: E402
+from deer_pipeline.embedding.inference import CropItem, InferenceEngine  # noqa: E402
 
 NYALA = REPO.parent / "shared" / "data" / "nyala-dev" / "images"
 

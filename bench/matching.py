@@ -38,8 +38,9 @@ import numpy as np  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
 from deer_pipeline import db  # noqa: E402
-from deer_pipeline import identity_store as store  # noqa: E402
-from deer_pipeline.matching import decide_partition  # noqa: E402
+from deer_pipeline.embedding.models import unit_rows as unit  # noqa: E402
+from deer_pipeline.identity import store  # noqa: E402
+from deer_pipeline.identity.matching import decide_partition  # noqa: E402
 from deer_pipeline.settings import MatchingSettings  # noqa: E402
 
 DIM = 512
@@ -50,10 +51,6 @@ NOISE = 0.5
 T_GALLERY = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
 INDEX_SQL = ("CREATE INDEX IF NOT EXISTS embeddings_vector_hnsw ON embeddings "
              "USING hnsw (vector vector_cosine_ops) WITH (m = 16, ef_construction = 64)")
-
-
-def unit(m: np.ndarray) -> np.ndarray:
-    return (m / np.linalg.norm(m, axis=-1, keepdims=True)).astype(np.float32)
 
 
 def centres(n_deer: int) -> dict[str, np.ndarray]:

@@ -10,14 +10,14 @@ import warnings
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
-    "db": ("deer_pipeline.db_cli", "database: 'db migrate' applies migrations, 'db url' prints the URL"),
-    "ingest": ("deer_pipeline.ingest", "ingest MegaDetector JSON, a detections CSV or an image folder"),
+    "db": ("deer_pipeline.ops.db_cli", "database: 'db migrate' applies migrations, 'db url' prints the URL"),
+    "ingest": ("deer_pipeline.detections.ingest", "ingest MegaDetector JSON, a detections CSV or an image folder"),
     "sample": ("deer_pipeline.sample", "write the deterministic trail-camera sample (images + detections + truth)"),
     "demo": ("deer_pipeline.demo", "start the embedded database, ingest the sample, materialise every asset"),
-    "embed": ("deer_pipeline.embedders_cli", "embed images with one model and write an .npy file"),
-    "status": ("deer_pipeline.status", "counts, assignment rate, thresholds, versions, last checks"),
-    "evaluate": ("deer_pipeline.evaluation_cli", "evaluate re-identification on labelled photos"),
-    "ui": ("deer_pipeline.ui", "start the Dagster UI (dagster dev) on the embedded database"),
+    "embed": ("deer_pipeline.embedding.cli", "embed images with one model and write an .npy file"),
+    "status": ("deer_pipeline.ops.status", "counts, assignment rate, thresholds, versions, last checks"),
+    "evaluate": ("deer_pipeline.evaluation.cli", "evaluate re-identification on labelled photos"),
+    "ui": ("deer_pipeline.ops.ui", "start the Dagster UI (dagster dev) on the embedded database"),
 }
 
 

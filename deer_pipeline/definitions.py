@@ -20,8 +20,8 @@ from deer_pipeline.defs import (
     schedules,
     sensors,
 )
-from deer_pipeline.defs.inference import inference_resource_from_env
-from deer_pipeline.defs.identity import IdentitySettings
+from deer_pipeline.defs.resources import inference_resource_from_env
+from deer_pipeline.defs.resources import IdentitySettings
 from deer_pipeline.defs.resources import CropStore, DeerDatabase
 
 ASSET_MODULES = [crops, embeddings, identity, reports, evaluation]

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from deer_pipeline import images as imaging
-from deer_pipeline.ingest import detection_id_for
+from deer_pipeline.detections import images as imaging
+from deer_pipeline.detections.ingest import detection_id_for
 
 FRAME_W, FRAME_H = 640, 480
 CAMERA_NAMES = ("cam-north", "cam-creek", "cam-ridge", "cam-field", "cam-oak", "cam-bottom",

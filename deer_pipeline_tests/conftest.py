@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 # One short data directory per test session: pgserver puts its socket there (path < ~100 chars).
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="deer-", dir="/tmp"))

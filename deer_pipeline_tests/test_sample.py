@@ -8,7 +8,9 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 
-from deer_pipeline import images, ingest, sample
+from deer_pipeline import sample
+from deer_pipeline.detections import images
+from deer_pipeline.detections import ingest
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
 """The alert sensor: failed checks (rows of ``check_results`` with passed = false) become a log
 line and, when ``DEER_ALERT_WEBHOOK_URL`` is set, a POST to that webhook. Thin over
-``deer_pipeline.alerts``. The cursor is the last ``check_id`` handled, so each failure is
+``deer_pipeline.ops.alerts``. The cursor is the last ``check_id`` handled, so each failure is
 alerted once."""
 
 import dagster as dg
 
-from deer_pipeline import alerts
+from deer_pipeline.ops import alerts
 from deer_pipeline.defs.resources import DeerDatabase
 
 

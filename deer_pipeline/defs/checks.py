@@ -1,5 +1,5 @@
 """Asset checks on ``deer_profiles``, one evaluation per camera x day partition. Thin over the
-health checks in ``deer_pipeline.identity_store``; every result is also recorded in the
+health checks in ``deer_pipeline.identity.store``; every result is also recorded in the
 ``check_results`` table (which the alert sensor in ``defs/alerts.py`` reads).
 
 * ``assignment_rate_in_bounds`` (WARN): partition and trailing-window assignment rate.
@@ -13,15 +13,15 @@ health checks in ``deer_pipeline.identity_store``; every result is also recorded
 
 import dagster as dg
 
-from deer_pipeline import identity_store as store
-from deer_pipeline.defs.identity import IdentitySettings
+from deer_pipeline.identity import health, store
+from deer_pipeline.defs.resources import IdentitySettings
 from deer_pipeline.defs.partitions import camera_and_day, camera_day_partitions
 from deer_pipeline.defs.resources import DeerDatabase
 
 DEER_PROFILES = dg.AssetKey("deer_profiles")
 
 
-def _metadata(outcome: store.CheckOutcome) -> dict:
+def _metadata(outcome: health.CheckOutcome) -> dict:
     meta = {}
     for k, v in outcome.metadata.items():
         if v is None:
@@ -49,8 +49,8 @@ def evaluate(context, database: DeerDatabase, compute) -> dg.AssetCheckResult:
     camera, day = camera_and_day(context)
     key = store.partition_key_text(camera, day)
     with database.engine().begin() as conn:
-        outcome: store.CheckOutcome = compute(conn, camera, day)
-        store.record_check(conn, outcome.name, key, outcome.passed, outcome.severity,
+        outcome: health.CheckOutcome = compute(conn, camera, day)
+        health.record_check(conn, outcome.name, key, outcome.passed, outcome.severity,
                            {"description": outcome.description, **outcome.metadata,
                             **({"table": outcome.table} if outcome.table else {})})
     if not outcome.passed:
@@ -65,7 +65,7 @@ def evaluate(context, database: DeerDatabase, compute) -> dg.AssetCheckResult:
                             "trailing window, within the configured bounds (WARN).")
 def assignment_rate_in_bounds(context: dg.AssetCheckExecutionContext, database: DeerDatabase,
                               identity: IdentitySettings) -> dg.AssetCheckResult:
-    return evaluate(context, database, lambda conn, cam, day: store.check_assignment_rate(
+    return evaluate(context, database, lambda conn, cam, day: health.check_assignment_rate(
         conn, cam, day, identity.assignment_rate_min, identity.assignment_rate_max,
         identity.min_sightings_for_rate, identity.check_window_days))
 
@@ -75,7 +75,7 @@ def assignment_rate_in_bounds(context: dg.AssetCheckExecutionContext, database: 
                             "threshold: the threshold is above every score (ERROR, blocks downstream).")
 def matches_happen(context: dg.AssetCheckExecutionContext, database: DeerDatabase,
                    identity: IdentitySettings) -> dg.AssetCheckResult:
-    return evaluate(context, database, lambda conn, cam, day: store.check_zero_matches(
+    return evaluate(context, database, lambda conn, cam, day: health.check_zero_matches(
         conn, cam, day, identity.zero_match_min_sightings, identity.check_window_days))
 
 
@@ -83,7 +83,7 @@ def matches_happen(context: dg.AssetCheckExecutionContext, database: DeerDatabas
                 description="New-deer rate of the partition against the trailing average (WARN on a spike).")
 def new_deer_rate_normal(context: dg.AssetCheckExecutionContext, database: DeerDatabase,
                          identity: IdentitySettings) -> dg.AssetCheckResult:
-    return evaluate(context, database, lambda conn, cam, day: store.check_new_deer_spike(
+    return evaluate(context, database, lambda conn, cam, day: health.check_new_deer_spike(
         conn, cam, day, identity.new_deer_spike_factor, identity.min_sightings_for_rate,
         identity.check_window_days))
 
@@ -92,7 +92,7 @@ def new_deer_rate_normal(context: dg.AssetCheckExecutionContext, database: DeerD
                 description="Vectors behind the decisions have norm 1 and one embedding version was used (ERROR).")
 def embeddings_consistent(context: dg.AssetCheckExecutionContext, database: DeerDatabase,
                           identity: IdentitySettings) -> dg.AssetCheckResult:
-    return evaluate(context, database, lambda conn, cam, day: store.check_embeddings_consistent(
+    return evaluate(context, database, lambda conn, cam, day: health.check_embeddings_consistent(
         conn, cam, day, identity.norm_tolerance))
 
 
@@ -100,5 +100,5 @@ def embeddings_consistent(context: dg.AssetCheckExecutionContext, database: Deer
                 description="Pairs of deer whose profiles are closer than the threshold: merge candidates (WARN).")
 def no_merge_candidates(context: dg.AssetCheckExecutionContext, database: DeerDatabase,
                         identity: IdentitySettings) -> dg.AssetCheckResult:
-    return evaluate(context, database, lambda conn, cam, day: store.check_merge_candidates(
+    return evaluate(context, database, lambda conn, cam, day: health.check_merge_candidates(
         conn, cam, day, identity.ensemble_weights, identity.reid_threshold, identity.merge_candidates_limit))

@@ -1,9 +1,9 @@
 """The ``crops`` asset: one camera-day of detections cut out of their photos (thin layer over
-``deer_pipeline.cropping``)."""
+``deer_pipeline.detections.cropping``)."""
 
 import dagster as dg
 
-from deer_pipeline.cropping import crop_partition
+from deer_pipeline.detections.cropping import crop_partition
 from deer_pipeline.defs.partitions import camera_and_day, camera_day_partitions
 from deer_pipeline.defs.resources import CropStore, DeerDatabase
 

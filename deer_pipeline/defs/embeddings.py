@@ -1,7 +1,7 @@
 """The ``embeddings`` asset: every ok crop of a camera x day becomes one vector per model.
 
-Thin Dagster layer over ``deer_pipeline.inference`` (the models) and
-``deer_pipeline.embedding_store`` (the vectors). Vectors are keyed by detection and embedding
+Thin Dagster layer over ``deer_pipeline.embedding.inference`` (the models) and
+``deer_pipeline.embedding.store`` (the vectors). Vectors are keyed by detection and embedding
 version, written idempotently, so:
 
 * re-materialising a partition embeds nothing new;
@@ -24,16 +24,14 @@ from typing import Mapping, Sequence
 
 import dagster as dg
 
-from deer_pipeline import embedders, embedding_store
-from deer_pipeline.defs.inference import InferenceResource, configured_models, configured_weights
-from deer_pipeline.defs.partitions import camera_day_partitions
+from deer_pipeline.embedding import models as embedders
+from deer_pipeline.embedding import store as embedding_store
+from deer_pipeline.defs.resources import InferenceResource, configured_models, configured_weights
+from deer_pipeline.defs.partitions import camera_day_partitions, split_key
 from deer_pipeline.defs.resources import CropStore, DeerDatabase
-from deer_pipeline.inference import CropItem
+from deer_pipeline.embedding.inference import CropItem
 
-try:  # executor conventions (GPU pool, celery queue tag, retries) from the executors area
-    from deer_pipeline.defs.executors import GPU_POOL, GPU_STEP_TAGS, STEP_RETRY_POLICY
-except ImportError:  # pragma: no cover - executors module not there yet
-    GPU_POOL, GPU_STEP_TAGS, STEP_RETRY_POLICY = "gpu", {}, None
+from deer_pipeline.defs.executors import GPU_POOL, GPU_STEP_TAGS, STEP_RETRY_POLICY
 
 # Bump when the asset's own logic changes what it writes (not for model changes: those are in
 # the embedding versions, hashed into the code version below).
@@ -54,14 +52,6 @@ def embeddings_code_version(models: Sequence[str], weights: str | Mapping[str, s
         payload = {"logic": ASSET_LOGIC_VERSION, "unresolved": [list(models), str(weights), pooling],
                    "error": type(exc).__name__}
     return "emb-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _camera_day(key) -> tuple[str, str]:
-    if isinstance(key, dg.MultiPartitionKey):
-        dims = key.keys_by_dimension
-        return dims["camera"], dims["day"]
-    camera, day = str(key).split("|")   # dimensions sorted by name: camera|day
-    return camera, day
 
 
 def _failure_table(failures: list[tuple[str, str, str]], limit: int = 20) -> str:
@@ -99,7 +89,7 @@ def embed_partitions(context, database: DeerDatabase, crop_store: CropStore,
     infer_seconds = 0.0
     run_engine = None
     for key in partition_keys:
-        camera, day = _camera_day(key)
+        camera, day = split_key(key)
         crops = embedding_store.partition_crops(engine, camera, day)
         n_crops += len(crops)
         needed = {m: {c.detection_id for c in embedding_store.crops_to_embed(engine, camera, day, v)}
@@ -124,7 +114,7 @@ def embed_partitions(context, database: DeerDatabase, crop_store: CropStore,
 
     summary = {m: {"crops": 0, "ok": 0, "failed": 0, "missing": 0} for m in specs}
     for key in partition_keys:
-        camera, day = _camera_day(key)
+        camera, day = split_key(key)
         per_version = embedding_store.partition_embedding_counts(engine, camera, day, list(versions.values()))
         for m, v in versions.items():
             for k, n in per_version[v].items():

@@ -1,6 +1,6 @@
 """The ``reid_evaluation`` asset: re-identification measured on labelled photos, in the UI.
 
-Thin Dagster layer over :func:`deer_pipeline.evaluation.evaluate` (the same evaluation as
+Thin Dagster layer over :func:`deer_pipeline.evaluation.run.evaluate` (the same evaluation as
 ``deer-pipeline evaluate``). Unpartitioned. Which labels to use comes from the asset's run
 config, else the environment (``DEER_EVAL_LABELS``, ``DEER_EVAL_IMAGES_ROOT``,
 ``DEER_EVAL_CALIBRATION_LABELS``, ``DEER_EVAL_CALIBRATION_IMAGES_ROOT``,
@@ -24,10 +24,7 @@ from pydantic import Field
 
 from deer_pipeline.defs.resources import DeerDatabase
 
-try:  # the embedding-heavy step shares the GPU pool with the embeddings asset
-    from deer_pipeline.defs.executors import GPU_POOL, GPU_STEP_TAGS
-except ImportError:  # pragma: no cover - executors module not there
-    GPU_POOL, GPU_STEP_TAGS = "gpu", {}
+from deer_pipeline.defs.executors import GPU_POOL, GPU_STEP_TAGS
 
 ENV = {
     "labels_csv": "DEER_EVAL_LABELS",
@@ -84,10 +81,10 @@ def reports_dir() -> Path:
 
 def report_metadata(report: dict, json_path: Path | None = None, html_path: Path | None = None) -> dict:
     """Asset metadata for a report: table, per-method floats, verdict, paths."""
-    from deer_pipeline import evaluation as ev
+    from deer_pipeline.evaluation import report as eval_report
 
-    md = ev.markdown_table(report)
-    other = ev.markdown_table(report, "other")
+    md = eval_report.markdown_table(report)
+    other = eval_report.markdown_table(report, "other")
     if other.count("\n") > 1:
         md += "\n\nOther operating points (@count: number of deer matched on calibration labels; " \
               "@configured: the configured threshold)\n\n" + other
@@ -142,7 +139,8 @@ def reid_evaluation(context: dg.AssetExecutionContext, config: ReidEvaluationCon
                 "Set `labels_csv` (and `images_root`, optionally `calibration_labels_csv` or "
                 "`split_by_identity_seed`) in the run config, or the variables "
                 + ", ".join(f"`{v}`" for v in ENV.values()) + ".")})
-    from deer_pipeline import evaluation as ev
+    from deer_pipeline.evaluation import run as ev
+    from deer_pipeline.evaluation import report as eval_report
 
     options = ev.EvaluationOptions(methods=config.methods, weights=config.weights, device=config.device,
                                    database_url=database.url)
@@ -150,7 +148,7 @@ def reid_evaluation(context: dg.AssetExecutionContext, config: ReidEvaluationCon
                          cfg["calibration_images_root"], cfg["split_by_identity_seed"], options)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = reports_dir()
-    json_path = ev.write_json(report, out / f"reid_evaluation-{stamp}.json")
-    html_path = ev.write_html(report, out / f"reid_evaluation-{stamp}.html")
-    context.log.info("evaluation:\n%s", ev.format_table(report))
+    json_path = eval_report.write_json(report, out / f"reid_evaluation-{stamp}.json")
+    html_path = eval_report.write_html(report, out / f"reid_evaluation-{stamp}.html")
+    context.log.info("evaluation:\n%s", eval_report.format_table(report))
     return dg.MaterializeResult(metadata=report_metadata(report, json_path, html_path))

@@ -5,7 +5,7 @@
 ``multiprocess`` (default)  each step in its own process on the machine that runs the run
 ``in_process``              every step in the run worker (debugging)
 ``celery``                  each step is a Celery task; GPU steps go to the ``gpu`` queue, the
-                            others to ``dagster`` (see ``deer_pipeline.celery_app`` for the
+                            others to ``dagster`` (see ``deer_pipeline.ops.celery_app`` for the
                             workers and their environment)
 
 What an asset declares so that this works everywhere:
@@ -66,7 +66,7 @@ def apply_pool_limits(instance: dg.DagsterInstance, limits: Mapping[str, int] | 
 def _celery_executor() -> dg.ExecutorDefinition:
     from dagster_celery import celery_executor
 
-    from deer_pipeline import celery_app
+    from deer_pipeline.ops import celery_app
 
     return celery_executor.configured(
         {

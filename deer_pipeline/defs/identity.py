@@ -1,5 +1,5 @@
 """Identity assets: ``deer_profiles`` (match-or-create per camera x day) and
-``similarity_scores`` (what the decisions looked at). Thin over ``deer_pipeline.matching``.
+``similarity_scores`` (what the decisions looked at). Thin over ``deer_pipeline.identity.matching``.
 
 Decisions are made in capture-time order and never concurrently: the asset runs in the Dagster
 pool ``identity`` (limit 1, set by the operator: ``dagster instance concurrency set identity 1``)
@@ -8,115 +8,20 @@ parallel backfills (other code locations, manual runs) cannot create duplicate d
 """
 
 
-import os
-from typing import Optional
 
 import dagster as dg
-from pydantic import Field, model_validator
-from sqlalchemy.engine import Engine
 
-from deer_pipeline import identity_store, matching, metrics, threshold_report
+from deer_pipeline.identity import store as identity_store
+from deer_pipeline.identity import matching
+from deer_pipeline.identity import metrics
+from deer_pipeline.identity import threshold_report
 from deer_pipeline.defs.partitions import camera_and_day, camera_day_partitions
-from deer_pipeline.defs.resources import DeerDatabase
-from deer_pipeline.settings import MatchingSettings, SettingsError, check_threshold
+from deer_pipeline.defs.resources import DeerDatabase, IdentitySettings
 
-try:  # the pool name is shared with the executors area
-    from deer_pipeline.defs.executors import IDENTITY_POOL
-except ImportError:  # pragma: no cover
-    IDENTITY_POOL = "identity"
-
-VERSION_SOURCES = ("embedders", "latest")
+from deer_pipeline.defs.executors import IDENTITY_POOL
 
 
-class IdentitySettings(dg.ConfigurableResource):
-    """How sightings are matched to deer (mirrors ``settings.MatchingSettings``), which embedding
-    versions are used, and the bounds of the identity checks. Invalid values are rejected when
-    the resource is built, with a message naming the setting."""
 
-    reid_threshold: float = Field(default=0.60, description="ensemble similarity needed to join a known deer")
-    thresholds_by_sex: dict[str, float] = Field(default={}, description="per-sex thresholds (female/male/unknown)")
-    ensemble_weights: dict[str, float] = Field(
-        default={"multiscale": 0.6, "efficientnet_b0": 0.4}, description="model -> weight, summing to 1")
-    sex_filter: bool = Field(default=True, description="a female sighting never joins a male deer (and back)")
-    candidate_deer: int = Field(default=20, description="candidate deer re-scored and recorded per sighting")
-    search: str = Field(default="auto", description="auto | exact | hnsw")
-    hnsw_ef_search: int = Field(default=200, description="initial hnsw.ef_search (doubled when filters starve it)")
-    exact_search_max_gallery: int = Field(default=200_000, description="auto: exact below this many sightings")
-    embedding_versions: Optional[dict[str, str]] = Field(
-        default=None, description="model -> embedding version; None = ask `version_source`")
-    version_source: str = Field(
-        default="embedders", description="embedders: the versions the embedding code resolves now for "
-        "`embedding_weights`/`pooling` (what the embeddings asset writes); latest: newest stored version")
-    embedding_weights: Optional[str] = Field(
-        default=None, description="weights for version_source=embedders; None = DEER_EMBEDDING_WEIGHTS or auto")
-    pooling: str = Field(default="avg", description="pooling for version_source=embedders")
-    # checks
-    assignment_rate_min: float = Field(default=0.05, description="WARN below this share of sightings matched")
-    assignment_rate_max: float = Field(default=0.98, description="WARN above this share of sightings matched")
-    min_sightings_for_rate: int = Field(default=10, description="rate checks need at least this many sightings")
-    zero_match_min_sightings: int = Field(default=5, description="zero-match check needs this many sightings")
-    new_deer_spike_factor: float = Field(default=2.0, description="WARN when the new-deer rate exceeds "
-                                         "this multiple of the trailing average")
-    check_window_days: int = Field(default=7, description="trailing window of the rate checks")
-    norm_tolerance: float = Field(default=1e-3, description="|norm - 1| allowed for stored vectors")
-    merge_candidates_limit: int = Field(default=50, description="merge candidates listed at most")
-    report_min_precision: Optional[float] = Field(
-        default=None, description="threshold report: recommend the lowest threshold with this precision")
-
-    @model_validator(mode="after")
-    def _validate(self):
-        self.matching_settings()          # raises SettingsError naming the setting
-        if self.version_source not in VERSION_SOURCES:
-            raise SettingsError(f"version_source must be one of {VERSION_SOURCES}, not {self.version_source!r}")
-        if self.embedding_versions is not None:
-            missing = [m for m in self.ensemble_weights if m not in self.embedding_versions]
-            if missing:
-                raise SettingsError(f"embedding_versions names no version for ensemble model(s) {missing}")
-        for name in ("assignment_rate_min", "assignment_rate_max"):
-            check_threshold(name, getattr(self, name))
-        if self.assignment_rate_min > self.assignment_rate_max:
-            raise SettingsError("assignment_rate_min must not exceed assignment_rate_max")
-        if self.report_min_precision is not None:
-            check_threshold("report_min_precision", self.report_min_precision)
-        if self.new_deer_spike_factor <= 1:
-            raise SettingsError(f"new_deer_spike_factor must be > 1, got {self.new_deer_spike_factor!r}")
-        if self.check_window_days < 1:
-            raise SettingsError("check_window_days must be at least 1")
-        return self
-
-    def matching_settings(self) -> MatchingSettings:
-        return MatchingSettings(
-            reid_threshold=self.reid_threshold, thresholds_by_sex=dict(self.thresholds_by_sex),
-            ensemble_weights=dict(self.ensemble_weights), sex_filter=self.sex_filter,
-            candidate_deer=self.candidate_deer, search=self.search, hnsw_ef_search=self.hnsw_ef_search,
-            exact_search_max_gallery=self.exact_search_max_gallery)
-
-    def versions(self) -> Optional[dict[str, str]]:
-        """model -> embedding version to decide with; None = the newest stored (``latest``).
-
-        ``embedders``: the versions the embedding code resolves for the configured weights and
-        pooling, i.e. what the embeddings asset writes in this deployment. A failure to resolve
-        is reported as a ``MatchingError`` that says what to set."""
-        if self.embedding_versions:
-            return dict(self.embedding_versions)
-        if self.version_source == "latest":
-            return None
-        weights = self.embedding_weights or os.environ.get("DEER_EMBEDDING_WEIGHTS", "").strip() or "auto"
-        try:
-            from deer_pipeline import embedders
-
-            return {m: embedders.resolve_embedder(m, weights, pooling=self.pooling).version
-                    for m in self.ensemble_weights}
-        except Exception as exc:
-            raise identity_store.MatchingError(
-                f"could not resolve the embedding versions of {sorted(self.ensemble_weights)} "
-                f"(weights={weights!r}, pooling={self.pooling!r}): {exc}. Set identity.embedding_versions "
-                "explicitly or identity.version_source='latest'") from exc
-
-    def resolved_versions(self, engine: Engine) -> dict[str, str]:
-        """The versions actually used, checked against the store (clear failure when missing)."""
-        with engine.connect() as conn:
-            return identity_store.resolve_versions(conn, self.ensemble_weights, self.versions())
 
 
 def _summary_markdown(s: matching.DecisionSummary) -> str:

@@ -29,11 +29,15 @@ def unseen_cameras(instance: dg.DagsterInstance, cameras) -> list[str]:
     return sorted(set(cameras) - set(instance.get_dynamic_partitions(CAMERA_PARTITIONS_NAME)))
 
 
-def camera_and_day(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> tuple[str, str]:
-    key = context.partition_key
+def split_key(key) -> tuple[str, str]:
+    """(camera, day) of a camera x day partition key: a ``MultiPartitionKey`` or its text form
+    ``camera|day`` (multi-partition keys sort their dimensions by name). The one parser."""
     if isinstance(key, dg.MultiPartitionKey):
         dims = key.keys_by_dimension
-    else:  # a plain string "camera|day" (multi-partition keys sort dimensions by name)
-        camera, day = str(key).split("|")
-        dims = {"camera": camera, "day": day}
-    return dims["camera"], dims["day"]
+        return dims["camera"], dims["day"]
+    camera, day = str(key).split("|")
+    return camera, day
+
+
+def camera_and_day(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> tuple[str, str]:
+    return split_key(context.partition_key)

@@ -1,14 +1,14 @@
 """The ``threshold_report`` asset (unpartitioned): score distributions, would-match table,
 precision/recall per threshold and a recommended threshold. Thin over
-``deer_pipeline.threshold_report``; files go to ``<DEER_DATA_DIR>/reports/``."""
+``deer_pipeline.identity.threshold_report``; files go to ``<DEER_DATA_DIR>/reports/``."""
 
 
 import dagster as dg
 
-from deer_pipeline import threshold_report as report_lib
-from deer_pipeline.defs.identity import IdentitySettings
+from deer_pipeline.identity import threshold_report as report_lib
+from deer_pipeline.defs.resources import IdentitySettings
 from deer_pipeline.defs.resources import DeerDatabase
-from deer_pipeline.identity_store import MatchingError
+from deer_pipeline.identity.store import MatchingError
 
 
 @dg.asset(

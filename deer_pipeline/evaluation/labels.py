@@ -1,0 +1,111 @@
+"""Labelled photos: the labels CSV (image_path, identity and optional encounter, side, time, box), the split by identity into a calibration and an evaluation half, and a summary of a set."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+import numpy as np
+
+
+
+class EvaluationError(ValueError):
+    """The labels or the options cannot be evaluated; the message says why."""
+
+
+@dataclass(frozen=True)
+class LabelledPhoto:
+    """One labelled detection: a photo (or a box in it) of a known individual."""
+
+    image_path: str                       # absolute
+    identity: str
+    encounter: str                        # label encounter id; the photo itself when absent
+    camera: str | None = None
+    timestamp: datetime | None = None
+    side: str | None = None
+    box: tuple[float, float, float, float] | None = None   # x, y, w, h in pixels
+    classification: str | None = None
+    line: int = 0
+
+
+_BOX_COLUMNS = (("x", "y", "w", "h"), ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
+
+
+def read_labels(path, images_root=None) -> list[LabelledPhoto]:
+    """Read a labels CSV; relative image paths are resolved against ``images_root`` (default:
+    the CSV's folder). Raises :class:`EvaluationError` naming the file and line on bad input."""
+    from deer_pipeline.detections.formats import parse_time
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise EvaluationError(f"labels file {path} does not exist")
+    root = Path(images_root).expanduser() if images_root else path.parent
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+        if "image_path" not in cols or "identity" not in cols:
+            raise EvaluationError(f"{path}: needs the columns image_path and identity; has {', '.join(cols) or 'none'}")
+        box_cols = next((bc for bc in _BOX_COLUMNS if all(c in cols for c in bc)), None)
+        photos = []
+        for row in reader:
+            r = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+            line = reader.line_num
+            if not r.get("image_path"):
+                raise EvaluationError(f"{path}, line {line}: empty image_path")
+            if not r.get("identity"):
+                raise EvaluationError(f"{path}, line {line}: empty identity")
+            p = Path(os.path.expanduser(r["image_path"]))
+            p = p if p.is_absolute() else root / p
+            box = None
+            if box_cols and all(r.get(c) for c in box_cols):
+                try:
+                    box = tuple(float(r[c]) for c in box_cols)
+                except ValueError as exc:
+                    raise EvaluationError(f"{path}, line {line}: bad box value: {exc}") from exc
+            ts = None
+            if r.get("timestamp"):
+                ts = parse_time(r["timestamp"])
+                if ts is None:
+                    raise EvaluationError(f"{path}, line {line}: cannot read timestamp {r['timestamp']!r}")
+            photos.append(LabelledPhoto(
+                image_path=os.path.abspath(p), identity=r["identity"],
+                encounter=r.get("encounter_id") or f"photo:{line}",
+                camera=r.get("camera") or r.get("camera_id") or None, timestamp=ts,
+                side=r.get("side") or None, box=box, classification=r.get("classification") or None,
+                line=line))
+    if not photos:
+        raise EvaluationError(f"{path}: no labelled photos")
+    return photos
+
+
+def split_by_identity(photos: Sequence[LabelledPhoto], seed: int,
+                      fraction: float = 0.5) -> tuple[list[LabelledPhoto], list[LabelledPhoto]]:
+    """(calibration, evaluation): the individuals are shuffled with ``seed`` and the first
+    ``fraction`` of them (rounded down, at least one) go to calibration, the rest to evaluation."""
+    ids = sorted({p.identity for p in photos})
+    if len(ids) < 2:
+        raise EvaluationError("splitting by identity needs at least two individuals")
+    rng = np.random.default_rng(int(seed))
+    order = [ids[i] for i in rng.permutation(len(ids))]
+    n_cal = min(len(ids) - 1, max(1, int(len(ids) * fraction)))
+    cal = set(order[:n_cal])
+    return [p for p in photos if p.identity in cal], [p for p in photos if p.identity not in cal]
+
+
+def dataset_summary(photos: Sequence[LabelledPhoto]) -> dict:
+    per_id = Counter(p.identity for p in photos)
+    encs = {p.encounter for p in photos}
+    enc_per_id = Counter(pid for pid, _ in {(p.identity, p.encounter) for p in photos})
+    return {
+        "photos": len(photos), "individuals": len(per_id), "encounters": len(encs),
+        "photos_per_individual": round(len(photos) / max(1, len(per_id)), 2),
+        "individuals_seen_once": sum(1 for i in per_id if enc_per_id[i] == 1),
+        "has_timestamps": all(p.timestamp is not None for p in photos),
+        "has_boxes": any(p.box is not None for p in photos),
+        "has_cameras": any(p.camera for p in photos),
+        "sides": dict(Counter(p.side or "-" for p in photos)),
+    }

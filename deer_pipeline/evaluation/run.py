@@ -1,0 +1,353 @@
+"""Evaluation of re-identification on labelled photos, every method side by side.
+
+Plain logic, no Dagster. :func:`evaluate` takes a labels file (``image_path, identity`` and
+optionally ``encounter_id, camera, timestamp, side, classification`` and a box ``x, y, w, h``;
+without a box the whole photo is the crop) and runs the pipeline's OWN code on it, inside an
+isolated database that is created for the run and dropped afterwards:
+
+1. ingestion (``ingest.ingest`` of a detections CSV written from the labels),
+2. cropping (``cropping.crop_partition``),
+3. embedding (``inference.InferenceEngine`` + ``embedding_store``), plus one extra backbone pass
+   for the legacy method and the feature methods of :mod:`deer_pipeline.evaluation.methods`,
+4. match-or-create (``matching.decide_partition``) at the method's threshold.
+
+Per method it reports
+
+* closed set: top-1, top-5 and mAP, leave-one-out over the evaluated photos, where the other
+  photos of the query's own encounter are removed from the gallery (they are neither counted as
+  matches nor as misses);
+* open set, the way the pipeline runs: sightings in capture-time order (the labels' timestamps,
+  or a fixed seeded order of encounters when there are none) through match-or-create; pairwise
+  precision / recall / F1 and the adjusted Rand index of the resulting deer, number of deer found
+  vs the true number, and BAKS / BAUS (below);
+* the threshold, where it came from, and the fusion weights.
+
+BAKS / BAUS (balanced accuracy on known / unknown samples), on encounters (the unit the
+pipeline decides) in feed order:
+
+* an encounter whose individual was seen in an earlier encounter is *known*; it is right when it
+  joined an existing deer whose earlier sightings are mostly (strict plurality) that individual;
+  BAKS = mean over individuals of the share of their known encounters that were right;
+* the first encounter of an individual is *unknown*; it is right when it founded a new deer;
+  BAUS = the share of first encounters that founded a new deer (one per individual, so the
+  per-individual average is the plain share).
+
+Threshold. With calibration labels, each calibrated method's threshold is the one that maximises
+open-set pairwise F1 on the calibration set (``metrics.pairwise_prf`` +
+``metrics.recommend_threshold``, ties to the higher threshold), found by replaying the pipeline's
+decision rule in memory (:func:`simulate_open_set`) over a threshold grid; the evaluated set's
+labels are used only for scoring. Without calibration labels the pipeline's configured threshold
+is used. The legacy method's threshold is fixed at 0.60, as it was. The in-memory replay is
+checked against the database run at the chosen threshold (``replay_agreement_ari``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Mapping, Sequence
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from deer_pipeline.identity import metrics
+from deer_pipeline.evaluation import methods as rm
+from deer_pipeline.evaluation.isolated import isolated_database
+from deer_pipeline.evaluation.labels import EvaluationError, LabelledPhoto, dataset_summary, read_labels, split_by_identity
+from deer_pipeline.evaluation.prepare import PreparedSet, embed_sets, prepare_set
+from deer_pipeline.evaluation.report import verdict
+from deer_pipeline.evaluation.scoring import _pair_curve, calibrate_threshold, closed_set_metrics, open_set_metrics, simulate_open_set
+
+
+log = logging.getLogger(__name__)
+
+
+def method_similarity(ps: PreparedSet, method: rm.Method, legacy: rm.LegacyMatcher | None = None) -> np.ndarray:
+    """(n x n) similarity of the set's ok photos under ``method`` (ensemble cosine; legacy: the
+    cosine of its projected vectors)."""
+    if method.kind == "legacy":
+        v = legacy.embed(ps.legacy_features)
+        return v @ v.T
+    from deer_pipeline.embedding.models import unit_rows, weighted_cosine
+
+    vs = {m: unit_rows(ps.vectors[m]) for m in method.models}
+    return np.asarray(weighted_cosine(vs, vs, dict(method.ensemble_weights)), np.float64)
+
+
+def reset_identities(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE sightings, similarity_scores, deer_profile_vectors, deer "
+                             "RESTART IDENTITY CASCADE"))
+
+
+def run_pipeline_open_set(engine: Engine, ps: PreparedSet, method: rm.Method, threshold: float,
+                          versions: Mapping[str, str]) -> tuple[list[int], list[tuple[str, object, bool]], float]:
+    """Decide the set's partitions in time order with ``matching.decide_partition`` at
+    ``threshold`` (from an empty identity store); returns (deer per ok photo, feed, seconds)."""
+    from deer_pipeline.identity.matching import decide_partition
+    from deer_pipeline.settings import MatchingSettings
+
+    t0 = time.perf_counter()
+    reset_identities(engine)
+    settings = MatchingSettings(reid_threshold=float(min(1.0, max(0.0, threshold))),
+                                ensemble_weights=dict(method.ensemble_weights), search="exact")
+    vers = {m: versions[m] for m in method.models}
+    for cam, day in ps.partitions:
+        decide_partition(engine, cam, day, settings, vers)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT detection_id, deer_id, decision FROM sightings WHERE detection_id = ANY(:ids)"),
+            {"ids": ps.ok_ids}).all()
+    got = {r.detection_id: (int(r.deer_id), r.decision) for r in rows}
+    missing = [d for d in ps.ok_ids if d not in got]
+    if missing:
+        raise EvaluationError(f"the pipeline left {len(missing)} embedded photo(s) without a deer "
+                              f"(e.g. {missing[:3]})")
+    ids = ps.ok_ids
+    deer = [got[d][0] for d in ids]
+    feed = []
+    truth = ps.identities()
+    for rows_ in ps.feed_encounters():
+        d = Counter(deer[r] for r in rows_).most_common(1)[0][0]
+        new = any(got[ids[r]][1] == "new" for r in rows_)
+        feed.append((Counter(truth[r] for r in rows_).most_common(1)[0][0], d, new))
+    return deer, feed, time.perf_counter() - t0
+
+
+def run_legacy_open_set(ps: PreparedSet, legacy: rm.LegacyMatcher) -> tuple[list[int], list[tuple[str, object, bool]]]:
+    """The legacy method sighting by sighting in capture-time order (it had no encounters)."""
+    legacy.frozen.clear()
+    order = [r for rows in ps.feed_encounters() for r in rows]
+    vecs = legacy.embed(ps.legacy_features)
+    deer = [0] * len(order)
+    new_row = {}
+    for r in order:
+        d, matched, _ = legacy.decide(vecs[r])
+        deer[r] = d
+        new_row[r] = not matched
+    truth = ps.identities()
+    feed = []
+    for rows_ in ps.feed_encounters():
+        d = Counter(deer[r] for r in rows_).most_common(1)[0][0]
+        feed.append((Counter(truth[r] for r in rows_).most_common(1)[0][0], d, new_row[rows_[0]]))
+    return deer, feed
+
+
+def legacy_redraws(ps: PreparedSet, d_in: int, n: int) -> dict:
+    """The legacy method's result depends on its projection, drawn anew in every process: run it
+    ``n`` more times, each with a fresh projection, and report the spread of its open-set F1 and
+    of the error of its number of deer (the headline legacy row is one such draw)."""
+    if n <= 0:
+        return {"n": 0}
+    f1, err, npred = [], [], []
+    truth = ps.identities()
+    for _ in range(n):
+        deer, feed = run_legacy_open_set(ps, rm.LegacyMatcher(d_in))
+        m = open_set_metrics(truth, deer, feed)
+        f1.append(m["pairwise_f1"])
+        err.append(m["count_error_abs"])
+        npred.append(m["n_pred"])
+
+    def spread(v):
+        return {"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
+
+    return {"n": n, "pairwise_f1": spread(f1), "count_error_abs": spread(err), "n_pred": spread(npred)}
+
+
+def _cannot_link(ps: PreparedSet, feed: Sequence[Sequence[int]]) -> dict[int, set[int]]:
+    """Encounters (by feed position) that share a photo: two animals at once."""
+    by_image: dict[str, set[int]] = defaultdict(set)
+    for e, rows in enumerate(feed):
+        for r in rows:
+            by_image[ps.photos[ps.ok[r]].image_path].add(e)
+    out: dict[int, set[int]] = defaultdict(set)
+    for es in by_image.values():
+        if len(es) > 1:
+            for e in es:
+                out[e] |= es - {e}
+    return dict(out)
+
+
+@dataclass
+class EvaluationOptions:
+    methods: Sequence[str] | None = None
+    weights: str = "auto"
+    device: str = "auto"
+    batch_size: int = 32
+    order_seed: int = 0
+    database_url: str | None = None      # None: DEER_DATABASE_URL, else the embedded server
+    legacy_redraws: int = 10             # extra legacy runs, each with a new projection (its spread)
+
+
+def evaluate(labels_csv, images_root=None, calibration_labels_csv=None, calibration_images_root=None,
+             split_by_identity_seed: int | None = None, options: EvaluationOptions | None = None,
+             photos: Sequence[LabelledPhoto] | None = None,
+             calibration_photos: Sequence[LabelledPhoto] | None = None) -> dict:
+    """Run every method on the labelled photos and return the report (a JSON-able dict).
+
+    ``split_by_identity_seed``: split ``labels_csv`` by identity into a calibration half and an
+    evaluation half (only when no calibration labels are given). ``photos`` /
+    ``calibration_photos`` may be passed instead of files (tests, subsets)."""
+    options = options or EvaluationOptions()
+    t_start = time.perf_counter()
+    methods = rm.resolve_methods(options.methods)
+    if photos is None:
+        photos = read_labels(labels_csv, images_root)
+    cal_photos = None
+    split_note = None
+    if calibration_photos is not None:
+        cal_photos = list(calibration_photos)
+    elif calibration_labels_csv:
+        cal_photos = read_labels(calibration_labels_csv, calibration_images_root)
+    elif split_by_identity_seed is not None:
+        cal_photos, photos = split_by_identity(photos, split_by_identity_seed)
+        split_note = f"labels split by identity with seed {split_by_identity_seed}: first half calibration"
+    if cal_photos is not None:
+        overlap = {p.identity for p in cal_photos} & {p.identity for p in photos}
+        if overlap and split_by_identity_seed is None:
+            log.warning("%d individual(s) appear in both the calibration and the evaluated labels", len(overlap))
+    from deer_pipeline.settings import CropSettings
+
+    report: dict = {
+        "default_method": rm.DEFAULT_METHOD,
+        "methods": {},
+        "dataset": {
+            "labels": str(labels_csv) if labels_csv else None,
+            "images_root": str(images_root) if images_root else None,
+            "calibration_labels": str(calibration_labels_csv) if calibration_labels_csv else None,
+            "split": split_note,
+            "evaluation": dataset_summary(photos),
+            "calibration": dataset_summary(cal_photos) if cal_photos else None,
+        },
+        "definitions": {
+            "closed_set": "leave-one-out over the evaluated photos; photos of the query's own encounter "
+                          "are removed from its gallery; ties ranked pessimistically",
+            "open_set": "pipeline match-or-create (matching.decide_partition) in capture-time order, "
+                        "encounters decided together; pairwise metrics over photos",
+            "baks": "per individual, share of its non-first encounters that joined the deer holding "
+                    "most of its earlier sightings; averaged over individuals",
+            "baus": "share of individuals' first encounters that founded a new deer",
+            "threshold": "calibrated: max open-set pairwise F1 on the calibration labels (in-memory "
+                         "replay of the pipeline rule, 0.01 then 0.001 grid, ties to the higher threshold)",
+        },
+    }
+    timings: dict = {}
+    with tempfile.TemporaryDirectory(prefix="deer-eval-") as tmp, \
+            isolated_database(base_url=options.database_url) as engine:
+        workdir = Path(tmp)
+        crop_settings = CropSettings(store_dir=str(workdir / "crops"))
+        t0 = time.perf_counter()
+        ev = prepare_set(engine, photos, "evaluation", workdir, crop_settings, options.order_seed)
+        sets = [ev]
+        cal = None
+        if cal_photos:
+            cal = prepare_set(engine, cal_photos, "calibration", workdir, crop_settings, options.order_seed)
+            sets.append(cal)
+        timings["ingest_and_crop_s"] = round(time.perf_counter() - t0, 2)
+        emb = embed_sets(engine, sets, methods, crop_settings.store_dir, options.weights, options.device,
+                         options.batch_size)
+        timings.update({f"{k}_s": v for k, v in emb["seconds"].items()})
+        report["dataset"]["evaluation"]["order"] = ev.order_source
+        report["dataset"]["evaluation"]["evaluated_photos"] = len(ev.ok)
+        report["dataset"]["evaluation"]["skipped"] = dict(list(ev.skipped.items())[:50])
+        report["dataset"]["evaluation"]["skipped_count"] = len(ev.skipped)
+        if cal is not None:
+            report["dataset"]["calibration"]["evaluated_photos"] = len(cal.ok)
+            report["dataset"]["calibration"]["skipped_count"] = len(cal.skipped)
+        if len(ev.ok) < 2:
+            raise EvaluationError(f"only {len(ev.ok)} evaluated photo(s) could be embedded; "
+                                  f"skipped: {dict(list(ev.skipped.items())[:5])}")
+        legacy = rm.LegacyMatcher(emb["legacy_d_in"]) if "legacy_d_in" in emb else None
+        ev_feed = ev.feed_encounters()
+        ev_cl = _cannot_link(ev, ev_feed)
+        cal_feed = cal.feed_encounters() if cal is not None and cal.ok else None
+        curves: dict = {}
+        for method in methods:
+            tm = time.perf_counter()
+            entry: dict = {"kind": method.kind, "description": method.description,
+                           "weights": dict(method.ensemble_weights) or None}
+            S = method_similarity(ev, method, legacy)
+            entry["closed_set"] = closed_set_metrics(S, ev.identities(), ev.label_encounters())
+            if method.kind == "legacy":
+                entry["threshold"] = rm.LEGACY_THRESHOLD
+                entry["threshold_source"] = "fixed at 0.60 in the legacy code (not calibrated)"
+                deer, feed = run_legacy_open_set(ev, legacy)
+                entry["open_set"] = open_set_metrics(ev.identities(), deer, feed)
+                entry["backbone"] = emb["weights_used"].get("legacy")
+                entry["projection"] = {"kind": "torch.nn.Linear default init, unseeded, drawn per process",
+                                       "d_in": legacy.d_in, "sha256": legacy.projection_sha256}
+                entry["redraws"] = legacy_redraws(ev, legacy.d_in, options.legacy_redraws)
+            else:
+                if cal_feed:
+                    Sc = method_similarity(cal, method, legacy)
+                    rec = calibrate_threshold(Sc, cal.identities(), cal_feed, _cannot_link(cal, cal_feed))
+                    threshold = float(rec["threshold"])
+                    entry["threshold_source"] = (f"calibration labels ({len(cal.ok)} photos, "
+                                                 f"{len(set(cal.identities()))} individuals): {rec['rule']} of "
+                                                 "the replayed open set")
+                    entry["calibration"] = {k: rec[k] for k in ("f1", "precision", "recall", "n_pred", "n_true")}
+                    count_rule = rec["count_rule"]
+                    curves.setdefault("calibration_f1", {})[method.name] = rec["sweep"]
+                else:
+                    threshold = rm.default_threshold()
+                    entry["threshold_source"] = "the pipeline's configured reid_threshold (no calibration labels)"
+                entry["threshold"] = threshold
+                deer, feed, secs = run_pipeline_open_set(engine, ev, method, threshold, emb["versions"])
+                entry["open_set"] = open_set_metrics(ev.identities(), deer, feed)
+                entry["open_set_seconds"] = round(secs, 2)
+                sim_deer, _ = simulate_open_set(S, ev_feed, threshold, ev_cl)
+                entry["replay_agreement_ari"] = metrics.adjusted_rand_index(deer, sim_deer)
+                if cal_feed:
+                    d2, f2, _ = run_pipeline_open_set(engine, ev, method, count_rule["threshold"], emb["versions"])
+                    entry["count_operating_point"] = {
+                        "threshold": count_rule["threshold"],
+                        "threshold_source": "calibration labels: " + count_rule["rule"],
+                        "calibration": {k: count_rule[k] for k in ("f1", "precision", "recall", "n_pred", "n_true")},
+                        "open_set": open_set_metrics(ev.identities(), d2, f2)}
+                entry["embedding_versions"] = {m: emb["versions"][m] for m in method.models}
+                entry["backbone"] = [emb["weights_used"][m] for m in method.models]
+                if method.name == rm.DEFAULT_METHOD and cal_feed:
+                    t_conf = rm.default_threshold()
+                    d2, f2, _ = run_pipeline_open_set(engine, ev, method, t_conf, emb["versions"])
+                    entry["as_configured"] = {"threshold": t_conf,
+                                              "open_set": open_set_metrics(ev.identities(), d2, f2)}
+            curves.setdefault("pairs", {})[method.name] = _pair_curve(S, ev.identities(), ev.label_encounters())
+            entry["seconds"] = round(time.perf_counter() - tm, 2)
+            report["methods"][method.name] = entry
+        reset_identities(engine)
+    timings["total_s"] = round(time.perf_counter() - t_start, 2)
+    report["timings"] = timings
+    report["embedding"] = {k: emb[k] for k in ("versions", "weights_used", "feature_source", "backbone_passes_per_crop") if k in emb}
+    report["embedding"]["device"] = emb.get("device")
+    report["embedding"]["failures"] = emb["failures"][:20]
+    report["environment"] = _environment()
+    report["curves"] = curves
+    report["substitution_note"] = _substitution_note(emb)
+    report["verdict"] = verdict(report)
+    return report
+
+
+def _substitution_note(emb: dict) -> str | None:
+    subs = [w for w in emb.get("weights_used", {}).values() if "substitutes for" in w]
+    if not subs:
+        return None
+    return ("No ImageNet ResNet50 / EfficientNet-B0 weights exist on this machine: with weights='auto' "
+            "the offline EfficientNet-Lite0 backbone substitutes for them (v1_resnet50, efficientnet_b0 and "
+            "legacy run on the Lite0 head, multiscale pools three Lite0 stages); the version strings say "
+            "'-for-<backbone>'.")
+
+
+def _environment() -> dict:
+    import torch
+
+    from deer_pipeline import __version__ as pkg_version  # type: ignore[attr-defined]
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "machine": platform.machine(), "cpus": os.cpu_count(), "deer_pipeline": pkg_version,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -1,0 +1,400 @@
+"""SQL access for identities: partition detections, vectors, the gallery of decided sightings,
+withdrawal for replay, deer and their profile vectors, similarity scores, check results.
+
+Plain SQLAlchemy/psycopg, no Dagster. Vectors are read through a psycopg cursor with a binary
+loader registered on that cursor only (it returns numpy float32 arrays; other code sharing the
+pooled connection still gets pgvector's text form).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Iterable, Mapping, Sequence
+import numpy as np
+import sqlalchemy as sa
+
+
+class MatchingError(RuntimeError):
+    """The decision cannot be made (missing vectors, unknown version, ...); nothing is written."""
+
+
+def partition_key_text(camera_id: str, day: str | date) -> str:
+    """The text form of a camera x day partition key, as Dagster prints it: ``camera|day``."""
+    return f"{camera_id}|{day}"
+
+
+def vector_cursor(conn: sa.Connection):
+    """A binary psycopg cursor on ``conn``'s connection (same transaction) that loads
+    ``vector`` columns as numpy float32 arrays and sends numpy arrays passed with ``%b`` as
+    binary ``vector`` parameters (no text formatting of 512 floats per query)."""
+    from psycopg.adapt import Dumper, Loader
+    from psycopg.pq import Format
+
+    class _VectorLoader(Loader):
+        format = Format.BINARY
+
+        def load(self, data):
+            # pgvector binary: int16 dim, int16 unused, dim x float32 (big endian)
+            return np.frombuffer(bytes(data), dtype=">f4", offset=4).astype(np.float32)
+
+    info = conn.connection.info            # per DBAPI connection: look the type up once
+    oid = info.get("deer_vector_oid")
+    if oid is None:
+        oid = info["deer_vector_oid"] = conn.execute(sa.text("SELECT 'vector'::regtype::oid")).scalar_one()
+
+    class _VectorDumper(Dumper):
+        format = Format.BINARY
+
+        def dump(self, obj):
+            a = np.asarray(obj, dtype=">f4").ravel()
+            return struct.pack(">HH", a.shape[0], 0) + a.tobytes()
+
+    _VectorDumper.oid = oid
+    raw = conn.connection.driver_connection
+    cur = raw.cursor(binary=True)
+    cur.adapters.register_loader(oid, _VectorLoader)
+    cur.adapters.register_dumper(np.ndarray, _VectorDumper)
+    return cur
+
+
+def resolve_versions(conn: sa.Connection, models: Iterable[str],
+                     explicit: Mapping[str, str] | None = None) -> dict[str, str]:
+    """model -> embedding version to use.
+
+    Explicit versions are checked against ``embedding_versions``; otherwise the most recent
+    version of each model that has at least one stored vector is used. A model with no version
+    is a clear failure, never a silent fallback."""
+    models = list(models)
+    out: dict[str, str] = {}
+    if explicit:
+        missing_models = [m for m in models if m not in explicit]
+        if missing_models:
+            raise MatchingError(f"embedding_versions names no version for model(s) {missing_models}; "
+                                f"given: {dict(explicit)}")
+        rows = {r.embedding_version: r.model for r in conn.execute(sa.text(
+            "SELECT embedding_version, model FROM embedding_versions "
+            "WHERE embedding_version = ANY(:v)"), {"v": [explicit[m] for m in models]})}
+        for m in models:
+            v = explicit[m]
+            if v not in rows:
+                raise MatchingError(f"embedding version {v!r} (model {m!r}) is not in embedding_versions; "
+                                    "run the embeddings asset for it or fix the configured version")
+            if rows[v] != m:
+                raise MatchingError(f"embedding version {v!r} belongs to model {rows[v]!r}, not {m!r}")
+            out[m] = v
+        return out
+    for m in models:
+        v = conn.execute(sa.text(
+            "SELECT ev.embedding_version FROM embedding_versions ev "
+            "WHERE ev.model = :m AND EXISTS (SELECT 1 FROM embeddings e "
+            "  WHERE e.embedding_version = ev.embedding_version AND e.status = 'ok') "
+            "ORDER BY ev.created_at DESC, ev.embedding_version DESC LIMIT 1"), {"m": m}).scalar()
+        if v is None:
+            known = [r[0] for r in conn.execute(sa.text(
+                "SELECT DISTINCT model FROM embedding_versions ORDER BY 1"))]
+            raise MatchingError(
+                f"no stored embeddings for model {m!r} (ensemble_weights names it); models with "
+                f"versions: {known or 'none'}. Materialise the embeddings for {m!r} or change "
+                "ensemble_weights / embedding_versions")
+        out[m] = v
+    return out
+
+
+@dataclass
+class DetectionRow:
+    detection_id: str
+    image_id: int
+    captured_at: datetime | None
+    burst_id: str | None
+    x: float
+    y: float
+    w: float
+    h: float
+    sex: str
+    crop_status: str | None
+
+
+def partition_detections(conn: sa.Connection, camera_id: str, day: str | date) -> list[DetectionRow]:
+    """Detections of one camera x day partition that the detector accepted (status ok)."""
+    rows = conn.execute(sa.text(
+        "SELECT d.detection_id, d.image_id, d.captured_at, d.encounter_id, "
+        "       coalesce(d.bbox_x, 0) x, coalesce(d.bbox_y, 0) y, coalesce(d.bbox_w, 0) w, "
+        "       coalesce(d.bbox_h, 0) h, coalesce(d.sex, 'unknown') sex, c.status crop_status "
+        "FROM detections d LEFT JOIN crops c ON c.detection_id = d.detection_id "
+        "WHERE d.camera_id = :c AND d.day = :d AND d.status = 'ok' "
+        "ORDER BY d.captured_at NULLS LAST, d.detection_id"),
+        {"c": camera_id, "d": as_date(day)})
+    return [DetectionRow(r.detection_id, r.image_id, r.captured_at, r.encounter_id,
+                         r.x, r.y, r.w, r.h, r.sex, r.crop_status) for r in rows]
+
+
+def detections_by_id(conn: sa.Connection, ids: Sequence[str]) -> dict[str, DetectionRow]:
+    if not ids:
+        return {}
+    rows = conn.execute(sa.text(
+        "SELECT d.detection_id, d.image_id, d.captured_at, d.encounter_id, "
+        "       coalesce(d.bbox_x, 0) x, coalesce(d.bbox_y, 0) y, coalesce(d.bbox_w, 0) w, "
+        "       coalesce(d.bbox_h, 0) h, coalesce(d.sex, 'unknown') sex, c.status crop_status "
+        "FROM detections d LEFT JOIN crops c ON c.detection_id = d.detection_id "
+        "WHERE d.detection_id = ANY(:ids)"), {"ids": list(ids)})
+    return {r.detection_id: DetectionRow(r.detection_id, r.image_id, r.captured_at, r.encounter_id,
+                                         r.x, r.y, r.w, r.h, r.sex, r.crop_status) for r in rows}
+
+
+def embedding_states(conn: sa.Connection, ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    """detection_id -> {embedding_version: status} for every stored embedding row."""
+    out: dict[str, dict[str, str]] = defaultdict(dict)
+    if not ids:
+        return out
+    for r in conn.execute(sa.text(
+            "SELECT detection_id, embedding_version, "
+            "  CASE WHEN status = 'ok' AND vector IS NOT NULL THEN 'ok' ELSE status END st "
+            "FROM embeddings WHERE detection_id = ANY(:ids)"), {"ids": list(ids)}):
+        out[r.detection_id][r.embedding_version] = r.st
+    return out
+
+
+def load_vectors(conn: sa.Connection, ids: Sequence[str], version: str) -> dict[str, np.ndarray]:
+    """detection_id -> vector for one embedding version (ok rows only)."""
+    if not ids:
+        return {}
+    cur = vector_cursor(conn)
+    cur.execute("SELECT detection_id, vector FROM embeddings WHERE embedding_version = %s "
+                "AND status = 'ok' AND vector IS NOT NULL AND detection_id = ANY(%s)",
+                (version, list(ids)))
+    return {d: v for d, v in cur.fetchall()}
+
+
+@dataclass
+class Withdrawn:
+    detection_id: str
+    encounter_key: str
+    deer_id: int
+    partition_key: str
+    captured_at: datetime | None
+
+
+def earliest_decided_time(conn: sa.Connection, partition_key: str) -> datetime | None:
+    return conn.execute(sa.text("SELECT min(captured_at) FROM sightings WHERE partition_key = :p"),
+                        {"p": partition_key}).scalar()
+
+
+def withdraw(conn: sa.Connection, partition_key: str, since: datetime | None) -> list[Withdrawn]:
+    """Withdraw the partition's decisions and every decided encounter that started at or after
+    ``since`` (those are replayed). Their similarity scores go with them. Returns what was
+    withdrawn; deer left without sightings are removed later (see ``finish_deer``)."""
+    params = {"p": partition_key, "t": since}
+    later = ("OR encounter_key IN (SELECT encounter_key FROM sightings GROUP BY encounter_key "
+             "HAVING min(captured_at) >= :t)") if since is not None else ""
+    rows = conn.execute(sa.text(
+        f"DELETE FROM sightings WHERE partition_key = :p {later} "
+        "RETURNING detection_id, encounter_key, deer_id, partition_key, captured_at"), params).all()
+    out = [Withdrawn(*r) for r in rows]
+    conn.execute(sa.text("DELETE FROM similarity_scores WHERE partition_key = :p "
+                         "OR detection_id = ANY(:ids)"),
+                 {"p": partition_key, "ids": [w.detection_id for w in out]})
+    return out
+
+
+def gallery_size(conn: sa.Connection) -> int:
+    return conn.execute(sa.text("SELECT count(*) FROM sightings")).scalar_one()
+
+
+def check_gallery_vectors(conn: sa.Connection, versions: Iterable[str]) -> None:
+    """Every stored sighting must have an ok vector for every configured version."""
+    for v in versions:
+        n = conn.execute(sa.text(
+            "SELECT count(*) FROM sightings s WHERE NOT EXISTS (SELECT 1 FROM embeddings e "
+            "WHERE e.detection_id = s.detection_id AND e.embedding_version = :v "
+            "AND e.status = 'ok' AND e.vector IS NOT NULL)"), {"v": v}).scalar_one()
+        if n:
+            raise MatchingError(
+                f"{n} decided sighting(s) have no vector for embedding version {v!r}: the gallery "
+                "was built with another model version. Embed those detections with the configured "
+                "version (or configure the version the gallery uses) before deciding more")
+
+
+def gallery_vectors(conn: sa.Connection, versions: Sequence[str],
+                    deer_ids: Sequence[int] | None = None) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+    """(deer ids per row, [matrix per version], detection ids) for the stored sightings, rows
+    sorted by deer then detection; optionally only some deer."""
+    cur = vector_cursor(conn)
+    where = "AND s.deer_id = ANY(%s)" if deer_ids is not None else ""
+    mats: list[np.ndarray] = []
+    ref_ids: list[str] | None = None
+    ref_deer = None
+    for v in versions:
+        params: tuple = (v,) if deer_ids is None else (v, list(deer_ids))
+        cur.execute("SELECT s.deer_id, s.detection_id, e.vector FROM sightings s "
+                    "JOIN embeddings e ON e.detection_id = s.detection_id "
+                    "AND e.embedding_version = %s AND e.status = 'ok' AND e.vector IS NOT NULL "
+                    f"WHERE true {where} ORDER BY s.deer_id, s.detection_id", params)
+        rows = cur.fetchall()
+        ids = [r[1] for r in rows]
+        if ref_ids is None:
+            ref_ids = ids
+            ref_deer = np.array([r[0] for r in rows], dtype=np.int64)
+        elif ids != ref_ids:
+            raise MatchingError(f"gallery sightings lack vectors for version {v!r} "
+                                f"({len(ids)} vs {len(ref_ids)} rows)")
+        mats.append(np.vstack([r[2] for r in rows]).astype(np.float32) if rows
+                    else np.zeros((0, 0), np.float32))
+    return ref_deer if ref_deer is not None else np.zeros(0, np.int64), mats, ref_ids or []
+
+
+def gallery_deer_sex_counts(conn: sa.Connection) -> dict[int, tuple[int, int, int]]:
+    """deer_id -> (female sightings, male sightings, all sightings) over the stored gallery."""
+    return {r.deer_id: (r.f, r.m, r.n) for r in conn.execute(sa.text(
+        "SELECT s.deer_id, count(*) FILTER (WHERE d.sex = 'female') f, "
+        "       count(*) FILTER (WHERE d.sex = 'male') m, count(*) n "
+        "FROM sightings s JOIN detections d ON d.detection_id = s.detection_id GROUP BY s.deer_id"))}
+
+
+def embedding_row_count(conn: sa.Connection) -> int:
+    """Rows in the HNSW index (every version)."""
+    return conn.execute(sa.text("SELECT count(*) FROM embeddings WHERE vector IS NOT NULL")).scalar_one()
+
+
+class NearestSightings:
+    """Nearest stored sightings by the HNSW index, one query per vector, on one cursor.
+
+    pgvector 0.6 applies WHERE filters after the index scan and returns at most
+    ``hnsw.ef_search`` rows, so the version filter and the gallery join (sightings) can leave
+    fewer rows than asked: callers re-query with a larger ``ef`` (``query(..., ef=...)``) or fall
+    back to an exact scan (``exact``)."""
+
+    def __init__(self, conn: sa.Connection, version: str):
+        self.cur = vector_cursor(conn)
+        self.version = version
+        self._ef = None
+
+    def query(self, vector: np.ndarray, ef: int) -> list[tuple[int, float]]:
+        """(deer_id, cosine similarity) of the stored sightings among the ``ef`` nearest index
+        rows (every version) that are of this version and decided (in ``sightings``)."""
+        if ef != self._ef:
+            self.cur.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(int(ef)),))
+            self._ef = ef
+        self.cur.execute(
+            "WITH nn AS MATERIALIZED (SELECT detection_id, vector <=> %(q)b AS dist FROM embeddings "
+            "  WHERE embedding_version = %(v)s ORDER BY vector <=> %(q)b LIMIT %(ef)s) "
+            "SELECT s.deer_id, nn.dist FROM nn JOIN sightings s ON s.detection_id = nn.detection_id",
+            {"q": np.asarray(vector, np.float32), "v": self.version, "ef": int(ef)})
+        return [(d, 1.0 - float(dist)) for d, dist in self.cur.fetchall()]
+
+    def exact(self, vector: np.ndarray) -> list[tuple[int, float]]:
+        """Best cosine per stored deer by a sequential scan (no index)."""
+        self.cur.execute(
+            "SELECT s.deer_id, min(e.vector <=> %(q)b) FROM sightings s JOIN embeddings e "
+            "ON e.detection_id = s.detection_id AND e.embedding_version = %(v)s GROUP BY s.deer_id",
+            {"q": np.asarray(vector, np.float32), "v": self.version})
+        return [(d, 1.0 - float(dist)) for d, dist in self.cur.fetchall()]
+
+
+def hnsw_nearest_deer(conn: sa.Connection, query: np.ndarray, version: str, ef: int) -> dict[int, float]:
+    """deer_id -> best cosine among the stored sightings an ``ef``-wide HNSW scan finds."""
+    best: dict[int, float] = {}
+    for d, sim in NearestSightings(conn, version).query(query, ef):
+        best[d] = max(sim, best.get(d, -np.inf))
+    return best
+
+
+def create_deer(conn: sa.Connection, founders: Mapping[int, tuple[str, str]]) -> dict[int, int]:
+    """Insert new deer, keyed by founding detection; provisional id -> deer_id.
+
+    A deer withdrawn for replay that is founded again by the same detection keeps its id."""
+    if not founders:
+        return {}
+    prov = list(founders)
+    rows = conn.execute(sa.text(
+        "INSERT INTO deer (founding_detection_id, sex) "
+        "SELECT * FROM unnest(CAST(:f AS text[]), CAST(:s AS text[])) "
+        "ON CONFLICT (founding_detection_id) DO UPDATE SET sex = EXCLUDED.sex "
+        "RETURNING founding_detection_id, deer_id"),
+        {"f": [founders[p][0] for p in prov], "s": [founders[p][1] for p in prov]}).all()
+    by_founder = {r.founding_detection_id: r.deer_id for r in rows}
+    return {p: by_founder[founders[p][0]] for p in prov}
+
+
+SIGHTING_COLUMNS = ("detection_id", "deer_id", "encounter_key", "partition_key", "decision",
+                    "score", "threshold", "embedding_version", "captured_at")
+
+
+SCORE_COLUMNS = ("detection_id", "encounter_key", "candidate_deer_id", "similarity", "components",
+                 "sex_match", "matched", "threshold", "embedding_version", "partition_key")
+
+
+def copy_rows(conn: sa.Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence]) -> int:
+    """COPY rows into a table inside the current transaction."""
+    raw = conn.connection.driver_connection
+    n = 0
+    with raw.cursor() as cur:
+        with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as cp:
+            for row in rows:
+                cp.write_row(row)
+                n += 1
+    return n
+
+
+def finish_deer(conn: sa.Connection, affected: Iterable[int], versions: Sequence[str]) -> int:
+    """Bring affected deer up to date (sex, first/last seen, sighting count, profile vectors)
+    and delete those left with no sightings. Returns how many were deleted."""
+    ids = sorted(set(int(a) for a in affected))
+    if not ids:
+        return 0
+    conn.execute(sa.text(
+        "UPDATE deer k SET sighting_count = x.n, first_seen = x.f, last_seen = x.l, "
+        "  sex = CASE WHEN x.fem > x.mal THEN 'female' WHEN x.mal > x.fem THEN 'male' "
+        "             ELSE 'unknown' END "
+        "FROM (SELECT s.deer_id, count(*) n, min(s.captured_at) f, max(s.captured_at) l, "
+        "        count(*) FILTER (WHERE d.sex = 'female') fem, "
+        "        count(*) FILTER (WHERE d.sex = 'male') mal "
+        "      FROM sightings s JOIN detections d ON d.detection_id = s.detection_id "
+        "      WHERE s.deer_id = ANY(:ids) GROUP BY s.deer_id) x "
+        "WHERE k.deer_id = x.deer_id"), {"ids": ids})
+    deleted = conn.execute(sa.text(
+        "DELETE FROM deer k WHERE k.deer_id = ANY(:ids) AND NOT EXISTS "
+        "(SELECT 1 FROM sightings s WHERE s.deer_id = k.deer_id) RETURNING deer_id"), {"ids": ids}).all()
+    conn.execute(sa.text("DELETE FROM deer_profile_vectors WHERE deer_id = ANY(:ids)"), {"ids": ids})
+    cur = vector_cursor(conn)
+    cur.execute("SELECT s.deer_id, e.embedding_version, avg(e.vector), count(*) FROM sightings s "
+                "JOIN embeddings e ON e.detection_id = s.detection_id AND e.status = 'ok' "
+                "AND e.embedding_version = ANY(%s) WHERE s.deer_id = ANY(%s) GROUP BY 1, 2",
+                (list(versions), ids))
+    rows = []
+    for deer_id, version, mean, n in cur.fetchall():
+        norm = float(np.linalg.norm(mean))
+        rows.append((deer_id, version, mean / norm if norm > 0 else mean, n))
+    if rows:
+        cur.executemany("INSERT INTO deer_profile_vectors (deer_id, embedding_version, vector, n_sightings) "
+                        "VALUES (%s, %s, %b, %s)", rows)
+    return len(deleted)
+
+
+def deer_total(conn: sa.Connection) -> int:
+    return conn.execute(sa.text("SELECT count(*) FROM deer")).scalar_one()
+
+
+def partition_scores(conn: sa.Connection, partition_key: str):
+    import pandas as pd
+
+    return pd.read_sql(sa.text(
+        "SELECT detection_id, encounter_key, candidate_deer_id, similarity, components, sex_match, "
+        "matched, threshold, embedding_version FROM similarity_scores WHERE partition_key = :p"),
+        conn, params={"p": partition_key})
+
+
+def partition_decisions(conn: sa.Connection, partition_key: str) -> dict:
+    r = conn.execute(sa.text(
+        "SELECT count(*) n, count(*) FILTER (WHERE decision = 'matched') matched, "
+        "count(*) FILTER (WHERE decision = 'new') new, count(DISTINCT embedding_version) n_versions, "
+        "max(score) max_score, min(threshold) min_threshold, max(threshold) max_threshold "
+        "FROM sightings WHERE partition_key = :p"), {"p": partition_key}).one()
+    return dict(r._mapping)
+
+
+def as_date(day: str | date) -> date:
+    return day if isinstance(day, date) else date.fromisoformat(str(day))
+

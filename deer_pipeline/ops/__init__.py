@@ -1,0 +1,1 @@
+"""Operating the pipeline: Dagster instance helpers, the celery app, the ``ui``, ``status`` and ``db`` commands, and alerts."""

@@ -1,0 +1,334 @@
+"""Embedders, weights and inference: reproducible, versioned, unit-norm vectors.
+
+CPU only, no network. Real architectures run with seeded random weights saved to state-dict
+files (so the path-loading code is what runs) or with the offline EfficientNet-Lite0 weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deer_pipeline.embedding import models as embedders
+from deer_pipeline.embedding import networks
+from deer_pipeline.embedding.models import EmbedderError, UnknownModel, WeightsMismatch, WeightsUnavailable
+from deer_pipeline.embedding.inference import CropItem, InferenceEngine
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _synthetic_jpeg(path: Path, seed: int, size=(160, 120)) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = np.linspace(0, 255, size[0] * size[1] * 3).reshape(size[1], size[0], 3)
+    arr = np.clip(base * rng.uniform(0.3, 1.0, 3) + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(path, quality=90)
+    return path
+
+
+@pytest.fixture(scope="module")
+def random_weight_files(tmp_path_factory):
+    """Seeded random ResNet50 / EfficientNet-B0 state dicts saved as files (torchvision format)."""
+    import torch
+
+    old = os.environ.get(embedders.ALLOW_RANDOM_ENV)
+    os.environ[embedders.ALLOW_RANDOM_ENV] = "1"
+    try:
+        d = tmp_path_factory.mktemp("weights")
+        files = {}
+        for backbone, seed in (("resnet50", 0), ("efficientnet_b0", 0), ("efficientnet_b0", 1)):
+            path = d / f"{backbone}_seed{seed}.pth"
+            torch.save(networks.random_test_state_dict(backbone, seed=seed), path)
+            files[(backbone, seed)] = path
+        return files
+    finally:
+        if old is None:
+            os.environ.pop(embedders.ALLOW_RANDOM_ENV, None)
+        else:
+            os.environ[embedders.ALLOW_RANDOM_ENV] = old
+
+
+@pytest.fixture
+def empty_torch_home(tmp_path, monkeypatch):
+    home = tmp_path / "torch-home"
+    home.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def sample_image(tmp_path) -> Path:
+    nyala = REPO.parent / "shared" / "data" / "nyala-dev" / "images" / "60" / "630_leftphoto.jpg"
+    if nyala.exists():
+        return nyala
+    return _synthetic_jpeg(tmp_path / "sample.jpg", 7)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_projection_is_deterministic_float32_and_hashed():
+    a, ha = embedders.projection_matrix(3584, 123)
+    embedders._proj_cache.clear()
+    b, hb = embedders.projection_matrix(3584, 123)
+    assert a.dtype == np.float32 and a.shape == (3584, 512)
+    assert np.array_equal(a, b) and ha == hb
+    # The documented recipe, recomputed here independently.
+    ref = (np.random.Generator(np.random.PCG64(123)).standard_normal((3584, 512), dtype=np.float64)
+           / np.sqrt(512)).astype(np.float32)
+    assert np.array_equal(a, ref)
+    assert embedders.projection_matrix(3584, 124)[1] != ha
+
+
+def test_multiscale_uses_three_scales_once_each(random_weight_files, monkeypatch):
+    monkeypatch.setenv(embedders.ALLOW_RANDOM_ENV, "1")
+    native = embedders.resolve_embedder("multiscale", str(random_weight_files[("resnet50", 0)]))
+    assert native.features == ("layer2", "layer3", "layer4")   # no avgpool: it *is* pooled layer4
+    assert native.d_in == 512 + 1024 + 2048
+    sub = embedders.resolve_embedder("multiscale", "auto") if not embedders.torchvision_cache_path(
+        "resnet50")[1].exists() else None
+    if sub is not None:
+        assert sub.backbone == "efficientnet_lite0" and sub.d_in == 112 + 320 + 1280
+        assert "-for-resnet50" in sub.version
+
+
+def test_unknown_model_fails_at_load_with_the_choices():
+    with pytest.raises(UnknownModel, match="vgg16.*resnet50, multiscale, efficientnet_b0, efficientnet_lite0"):
+        embedders.resolve_embedder("vgg16")
+    with pytest.raises(UnknownModel):
+        InferenceEngine(["multiscale", "vgg16"])
+
+
+def test_random_weights_refused_without_the_test_flag(monkeypatch):
+    monkeypatch.delenv(embedders.ALLOW_RANDOM_ENV, raising=False)
+    with pytest.raises(EmbedderError, match=embedders.ALLOW_RANDOM_ENV):
+        embedders.resolve_embedder("resnet50", embedders.RANDOM_WEIGHTS)
+    with pytest.raises(EmbedderError, match="tests only"):
+        networks.random_test_state_dict("efficientnet_b0")
+
+
+def test_imagenet_weights_missing_says_what_to_do(empty_torch_home):
+    with pytest.raises(WeightsUnavailable) as err:
+        embedders.resolve_embedder("resnet50", "imagenet")
+    msg = str(err.value)
+    assert "resnet50-11ad3fa6.pth" in msg
+    assert "https://download.pytorch.org/models/resnet50-11ad3fa6.pth" in msg
+    assert str(empty_torch_home / "hub" / "checkpoints") in msg
+    assert "--weights PATH" in msg and "weights='auto'" in msg
+    with pytest.raises(WeightsUnavailable, match="efficientnet_b0_rwightman-7f5810bc.pth"):
+        embedders.resolve_embedder("efficientnet_b0", "imagenet")
+    # Lite0's ImageNet weights ship with the pip package: always there.
+    assert embedders.resolve_embedder("efficientnet_lite0", "imagenet").weights.source == "imagenet"
+
+
+def test_auto_substitutes_lite0_loudly(empty_torch_home, caplog):
+    embedders._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="deer_pipeline.embedding.models"):
+        spec = embedders.resolve_embedder("efficientnet_b0", "auto")
+    assert spec.backbone == "efficientnet_lite0"
+    assert spec.weights.substituted_for == "efficientnet_b0"
+    assert spec.version.startswith("efficientnet_b0:efficientnet_lite0-for-efficientnet_b0@imagenet-")
+    assert "substitutes for efficientnet_b0" in spec.weights_used
+    assert any("substitutes" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    assert spec.version_info()["details"]["substituted_for"] == "efficientnet_b0"
+    assert embedders.resolve_embedder("resnet50", "auto").version.startswith("v1_resnet50:")
+
+
+def test_auto_uses_cached_imagenet_weights_through_torchvision(empty_torch_home, random_weight_files):
+    # A file where torchvision caches ImageNet weights is used as such, without any download.
+    url, cached = embedders.torchvision_cache_path("efficientnet_b0")
+    assert cached.parent == empty_torch_home / "hub" / "checkpoints"
+    cached.parent.mkdir(parents=True)
+    shutil.copy(random_weight_files[("efficientnet_b0", 0)], cached)
+    spec = embedders.resolve_embedder("efficientnet_b0", "auto")
+    assert spec.backbone == "efficientnet_b0" and spec.weights.source == "imagenet"
+    assert spec.weights.substituted_for is None
+    net = networks.load_backbone(spec.weights, device="cpu")
+    assert not net.training
+
+
+def test_versions_change_with_weights_and_reduction(random_weight_files, tmp_path):
+    f0, f1 = random_weight_files[("efficientnet_b0", 0)], random_weight_files[("efficientnet_b0", 1)]
+    v0 = embedders.resolve_embedder("efficientnet_b0", str(f0)).version
+    assert embedders.resolve_embedder("efficientnet_b0", str(f1)).version != v0       # weights
+    assert embedders.resolve_embedder("efficientnet_b0", str(f0), projection_seed=1).version != v0  # reduction
+    assert embedders.resolve_embedder("efficientnet_b0", str(f0), pooling="gem").version != v0      # pooling
+    copy = tmp_path / "same_bytes.pth"
+    shutil.copy(f0, copy)
+    assert embedders.resolve_embedder("efficientnet_b0", str(copy)).version == v0  # content, not path
+    sha12 = embedders.file_sha256(f0)[:12]
+    assert v0.startswith(f"efficientnet_b0:efficientnet_b0@file-{sha12}:proj-") and v0.endswith(":224sq-imagenet-norm")
+
+
+def test_weights_file_with_wrong_shapes_fails_naming_file_and_keys(random_weight_files, tmp_path):
+    import torch
+
+    sd = torch.load(random_weight_files[("efficientnet_b0", 0)], weights_only=True)
+    sd["features.0.0.weight"] = torch.zeros(16, 3, 3, 3)   # B0 stem has 32 output channels
+    bad = tmp_path / "b0_bad_stem.pth"
+    torch.save(sd, bad)
+    engine = InferenceEngine(["efficientnet_b0"], weights=str(bad), device="cpu")
+    with pytest.raises(WeightsMismatch) as err:
+        engine.load()
+    msg = str(err.value)
+    assert str(bad) in msg and "features.0.0.weight" in msg and "(16, 3, 3, 3)" in msg and "(32, 3, 3, 3)" in msg
+    # A file for another architecture: every key is named as missing / unexpected.
+    lite0 = embedders.lite0_weights_path()
+    with pytest.raises(WeightsMismatch, match=r"missing keys: features\.0\.0\.weight.*unexpected keys: _conv_stem"):
+        InferenceEngine(["efficientnet_b0"], weights=str(lite0), device="cpu").load()
+
+
+_TWO_PROCESS_SCRIPT = r"""
+import json, sys
+import numpy as np
+from deer_pipeline.embedding.inference import InferenceEngine
+cfg = json.loads(sys.argv[1])
+engine = InferenceEngine(cfg["models"], weights=cfg["weights"], device="cpu", batch_size=2, num_workers=0)
+res = engine.embed_images([cfg["image"]])
+assert not res.failures, res.failures
+np.savez(cfg["out"], **res.vectors)
+print(json.dumps({"versions": res.versions, "passes": engine.n_backbone_passes}))
+"""
+
+
+def test_same_image_in_two_processes_gives_identical_vectors(random_weight_files, sample_image, tmp_path):
+    r50 = str(random_weight_files[("resnet50", 0)])
+    cfg = {"models": list(embedders.MODELS), "image": str(sample_image),
+           "weights": {"resnet50": r50, "multiscale": r50,
+                       "efficientnet_b0": str(random_weight_files[("efficientnet_b0", 0)]),
+                       "efficientnet_lite0": "auto"}}
+    env = {k: v for k, v in os.environ.items() if k != embedders.ALLOW_RANDOM_ENV}
+    env["PYTHONPATH"] = str(REPO)
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_SCRIPT,
+                               json.dumps({**cfg, "out": str(tmp_path / f"run{run}.npz")})],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+             for run in range(2)]   # two independent processes, run side by side
+    outs, infos = [], []
+    for run, proc in enumerate(procs):
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        infos.append(json.loads(stdout.strip().splitlines()[-1]))
+        outs.append(np.load(tmp_path / f"run{run}.npz"))
+    assert infos[0] == infos[1]
+    assert infos[0]["passes"] == 3          # resnet50 and multiscale share one ResNet50 pass
+    for model in embedders.MODELS:
+        a, b = outs[0][model], outs[1][model]
+        assert a.shape == (1, 512) and a.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+        assert abs(float(np.linalg.norm(a)) - 1.0) < 1e-5
+    assert len({v for v in infos[0]["versions"].values()}) == 4
+
+
+def test_engine_keeps_going_past_a_bad_crop_and_vectors_are_unit_norm(tmp_path):
+    good = [_synthetic_jpeg(tmp_path / f"c{i}.jpg", i) for i in range(5)]
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    items = [CropItem(f"d{i}", p.name, str(tmp_path)) for i, p in enumerate(good)]
+    items.insert(2, CropItem("d-broken", "broken.jpg", str(tmp_path)))
+    items.append(CropItem("d-missing", "nowhere.jpg", str(tmp_path)))
+    engine = InferenceEngine(["efficientnet_lite0"], device="cpu", batch_size=3, num_workers=1)
+    res = engine.embed(items)
+    assert res.detection_ids == [f"d{i}" for i in range(5)]
+    assert [d for d, _ in res.failures] == ["d-broken", "d-missing"]
+    assert all(reason for _, reason in res.failures)
+    v = res.vectors["efficientnet_lite0"]
+    assert v.shape == (5, 512) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    # Same crops, one at a time, without workers: the same vectors (order and batching do not matter).
+    single = InferenceEngine(["efficientnet_lite0"], device="cpu", batch_size=1, num_workers=0).embed(items[:2])
+    np.testing.assert_allclose(single.vectors["efficientnet_lite0"], v[:2], atol=1e-5)
+
+
+def test_cuda_out_of_memory_retries_with_half_the_batch(tmp_path, monkeypatch):
+    import torch
+
+    paths = [_synthetic_jpeg(tmp_path / f"c{i}.jpg", i) for i in range(4)]
+    reference = InferenceEngine(["efficientnet_lite0"], device="cpu", batch_size=4, num_workers=0).embed_images(paths)
+    engine = InferenceEngine(["efficientnet_lite0"], device="cpu", batch_size=4, num_workers=0)
+    real_forward = engine._forward
+    sizes = []
+
+    def forward_with_small_memory(x):
+        sizes.append(int(x.shape[0]))
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(x)
+
+    monkeypatch.setattr(engine, "_forward", forward_with_small_memory)
+    res = engine.embed_images(paths)
+    assert sizes == [4, 2, 2] and engine._effective_batch == 2
+    assert res.detection_ids == [str(p) for p in paths]
+    np.testing.assert_allclose(res.vectors["efficientnet_lite0"], reference.vectors["efficientnet_lite0"], atol=1e-5)
+
+
+def test_shared_backbone_runs_once_for_auto_ensemble(empty_torch_home):
+    engine = InferenceEngine(["multiscale", "efficientnet_b0"], device="cpu")
+    assert engine.n_backbone_passes == 1   # both substituted by the one Lite0 pass
+    assert engine.versions["multiscale"] != engine.versions["efficientnet_b0"]
+
+
+def test_ensemble_similarity_and_version():
+    rng = np.random.default_rng(0)
+    q = {m: rng.normal(size=(3, 512)).astype(np.float32) for m in ("multiscale", "efficientnet_b0")}
+    g = {m: rng.normal(size=(4, 512)).astype(np.float32) for m in ("multiscale", "efficientnet_b0")}
+    uq = {m: embedders.unit_rows(v) for m, v in q.items()}
+    ug = {m: embedders.unit_rows(v) for m, v in g.items()}
+    np.testing.assert_allclose(np.linalg.norm(uq["multiscale"], axis=1), 1.0, atol=1e-6)
+    assert not embedders.unit_rows(np.zeros((2, 512))).any()          # zero rows stay zero
+    comps = {}
+    sim = embedders.weighted_cosine(uq, ug, embedders.DEFAULT_ENSEMBLE_WEIGHTS, comps)
+    unit = {k: {m: v / np.linalg.norm(v, axis=1, keepdims=True) for m, v in d.items()} for k, d in (("q", q), ("g", g))}
+    expect = {m: unit["q"][m] @ unit["g"][m].T for m in q}
+    np.testing.assert_allclose(comps["multiscale"], expect["multiscale"], atol=1e-5)
+    np.testing.assert_allclose(sim, 0.6 * expect["multiscale"] + 0.4 * expect["efficientnet_b0"], atol=1e-5)
+    assert sim.shape == (3, 4)
+    sim2 = embedders.weighted_cosine(uq, ug, {"multiscale": 0.5, "efficientnet_b0": 0.5})
+    np.testing.assert_allclose(sim2, 0.5 * expect["multiscale"] + 0.5 * expect["efficientnet_b0"], atol=1e-5)
+
+    from deer_pipeline.settings import SettingsError
+
+    from deer_pipeline.settings import MatchingSettings, check_weights
+
+    with pytest.raises(SettingsError):   # weights are validated where they are configured
+        check_weights({"multiscale": 0.7, "efficientnet_b0": 0.4})
+    with pytest.raises(SettingsError):
+        MatchingSettings(ensemble_weights={"multiscale": 0.7, "efficientnet_b0": 0.4})
+    with pytest.raises(KeyError, match="resnet50"):   # a model without vectors is never scored silently
+        embedders.weighted_cosine(uq, ug, {"resnet50": 1.0})
+
+    comps_v = {"multiscale": "multiscale:a", "efficientnet_b0": "efficientnet_b0:b"}
+    v = embedders.ensemble_version(comps_v)
+    assert v.startswith("v3_ensemble:multiscale=0.6+efficientnet_b0=0.4:")
+    assert embedders.ensemble_version(comps_v) == v
+    assert embedders.ensemble_version(comps_v, {"multiscale": 0.5, "efficientnet_b0": 0.5}) != v
+    assert embedders.ensemble_version({**comps_v, "multiscale": "multiscale:c"}) != v
+
+
+def test_embed_cli_on_a_nyala_photo(nyala_dir, tmp_path, capsys):
+    from deer_pipeline.embedding import cli as embedders_cli
+
+    photos = sorted((nyala_dir / "images").glob("*/*.jpg"))[:3]
+    out = tmp_path / "vectors.npy"
+    assert embedders_cli.main([*map(str, photos), "--model", "efficientnet_lite0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    vecs = np.load(out)
+    assert vecs.shape == (3, 512) and vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    spec = embedders.resolve_embedder("efficientnet_lite0", "auto")
+    assert f"embedding version: {spec.version}" in printed
+    assert "weights used: efficientnet_lite0 ImageNet weights" in printed
+    # Same photos through the engine directly: the same rows, in order.
+    direct = InferenceEngine(["efficientnet_lite0"], device="cpu", num_workers=0).embed_images(photos)
+    np.testing.assert_allclose(vecs, direct.vectors["efficientnet_lite0"], atol=1e-6)
+    # An unreadable image fails the command and names the file.
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    assert embedders_cli.main([str(photos[0]), str(bad), "--model", "efficientnet_lite0", "--out", str(out)]) == 1
+    assert "bad.jpg" in capsys.readouterr().err

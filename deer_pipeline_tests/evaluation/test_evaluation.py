@@ -1,0 +1,306 @@
+"""Evaluation: metrics on hand-computed cases, the legacy method's behaviour, the isolated
+database, and a small end-to-end evaluation on real labelled nyala photos."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from deer_pipeline.evaluation import isolated as eval_isolated
+from deer_pipeline.evaluation import labels as eval_labels
+from deer_pipeline.evaluation import scoring as eval_scoring
+from deer_pipeline.evaluation import methods as rm
+
+
+# --------------------------------------------------------------------------------------------
+# Closed set
+# --------------------------------------------------------------------------------------------
+
+def _closed_case():
+    # photo: identity, encounter
+    ids = ["A", "A", "A", "B", "B", "C", "D", "D"]
+    encs = ["e1", "e1", "e2", "e3", "e4", "e5", "e6", "e6"]
+    S = np.zeros((8, 8))
+    pairs = {(0, 1): 0.95,          # same encounter: must be ignored
+             (0, 2): 0.5, (0, 3): 0.9, (0, 4): 0.1,
+             (1, 2): 0.8, (1, 3): 0.2, (1, 4): 0.3,
+             (2, 3): 0.6, (2, 4): 0.7,
+             (3, 4): 0.3,
+             (6, 7): 0.99}
+    for (i, j), s in pairs.items():
+        S[i, j] = S[j, i] = s
+    np.fill_diagonal(S, 1.0)
+    return S, ids, encs
+
+
+def test_closed_set_excludes_same_encounter_and_matches_hand_computation():
+    S, ids, encs = _closed_case()
+    got = eval_scoring.closed_set_metrics(S, ids, encs)
+    # q0: 3(B) .9, 2(A) .5 -> miss, AP 1/2 (its encounter mate 1 at .95 is not a match)
+    # q1: 2(A) .8 first -> hit, AP 1
+    # q2: 1(A) .8, 4 .7, 3 .6, 0(A) .5 -> hit, AP (1 + 2/4) / 2
+    # q3: 0 .9, 2 .6, 4(B) .3 -> miss, AP 1/3
+    # q4: 2 .7, then a tie at .3 between 1 (wrong) and 3 (right): ties rank against the query -> AP 1/3
+    # q5 (C alone), q6 and q7 (D only in their own encounter) have nothing to find: skipped
+    assert got["queries"] == 5 and got["skipped_queries"] == 3
+    assert got["top1"] == pytest.approx(2 / 5)
+    assert got["top5"] == pytest.approx(1.0)
+    assert got["mAP"] == pytest.approx((0.5 + 1 + 0.75 + 1 / 3 + 1 / 3) / 5)
+
+
+def test_closed_set_counts_same_encounter_when_encounters_differ():
+    """The same scores with every photo its own encounter: photo 1 becomes q0's first match."""
+    S, ids, _ = _closed_case()
+    got = eval_scoring.closed_set_metrics(S, ids, [str(i) for i in range(8)])
+    assert got["skipped_queries"] == 1           # only C has no other photo
+    assert got["top1"] > 2 / 5
+
+
+def test_closed_set_constant_scores_earn_nothing():
+    ids = ["A", "A", "B", "B"]
+    got = eval_scoring.closed_set_metrics(np.ones((4, 4)), ids, ["1", "2", "3", "4"])
+    assert got["top1"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Open set: BAKS / BAUS, pairwise, the replayed decision rule
+# --------------------------------------------------------------------------------------------
+
+def test_known_unknown_accuracy_hand_computed():
+    feed = [("A", 1, True),    # first A founds a deer: right
+            ("B", 1, False),   # first B joins A's deer: wrong (should be new)
+            ("A", 1, False),   # known A joins deer 1 = {A:1, B:1}: a tie is not "A's deer": wrong
+            ("A", 1, False),   # deer 1 = {A:2, B:1}: right
+            ("B", 2, True),    # known B founds a new deer: wrong
+            ("C", 3, True)]    # first C: right
+    got = eval_scoring.known_unknown_accuracy(feed)
+    assert got["baks"] == pytest.approx((0.5 + 0.0) / 2)     # A: 1 of 2, B: 0 of 1
+    assert got["baus"] == pytest.approx(2 / 3)
+    assert got["known_encounters"] == 3 and got["unknown_encounters"] == 3
+    assert got["known_accuracy_pooled"] == pytest.approx(1 / 3)
+    assert got["balanced_accuracy"] == pytest.approx((0.25 + 2 / 3) / 2)
+
+
+def test_open_set_metrics_pairwise_and_counts():
+    got = eval_scoring.open_set_metrics(["A", "A", "B", "B"], [1, 1, 1, 2],
+                              [("A", 1, True), ("B", 1, False), ("B", 2, True)])
+    assert got["pairwise_precision"] == pytest.approx(1 / 3)   # pairs 01, 02, 12; only 01 right
+    assert got["pairwise_recall"] == pytest.approx(1 / 2)      # 01 found, 23 missed
+    assert got["pairwise_f1"] == pytest.approx(0.4)
+    assert got["n_pred"] == 2 and got["n_true"] == 2 and got["count_error"] == 0
+
+
+def test_simulated_open_set_follows_the_pipeline_rule():
+    S = np.eye(4, dtype=np.float32)
+    S[2, 0] = S[0, 2] = 0.7
+    S[2, 1] = S[1, 2] = 0.4
+    S[3, 0] = S[0, 3] = 0.5
+    S[3, 1] = S[1, 3] = 0.65
+    S[3, 2] = S[2, 3] = 0.2
+    encounters = [[0, 1], [2], [3]]
+    deer, new = eval_scoring.simulate_open_set(S, encounters, 0.6)
+    assert deer.tolist() == [0, 0, 0, 0] and new == [True, False, False]
+    deer, new = eval_scoring.simulate_open_set(S, encounters, 0.68)       # 0.65 (max over pairs) < 0.68
+    assert deer.tolist() == [0, 0, 0, 1] and new == [True, False, True]
+    deer, _ = eval_scoring.simulate_open_set(S, encounters, 0.6, cannot_link={2: {0}, 0: {2}})
+    assert deer.tolist() == [0, 0, 0, 1]                        # e2 may not join e0's deer
+
+
+def test_calibrated_threshold_separates_two_clear_individuals():
+    # two individuals, two encounters each; same-individual photos at 0.8, others at 0.3
+    ids = ["A", "A", "B", "B"]
+    S = np.full((4, 4), 0.3)
+    S[0, 1] = S[1, 0] = S[2, 3] = S[3, 2] = 0.8
+    np.fill_diagonal(S, 1.0)
+    rec = eval_scoring.calibrate_threshold(S, ids, [[0], [2], [1], [3]])
+    assert 0.3 < rec["threshold"] <= 0.8
+    assert rec["f1"] == pytest.approx(1.0) and rec["n_pred"] == 2
+    assert rec["count_rule"]["n_pred"] == 2 and rec["count_rule"]["f1"] == pytest.approx(1.0)
+
+
+def test_count_rule_finds_the_closest_number_of_deer():
+    rng = np.random.default_rng(5)
+    ids = [f"i{k % 7}" for k in range(40)]
+    S = rng.uniform(0, 1, (40, 40))
+    S = (S + S.T) / 2
+    for a in range(40):
+        for b in range(40):
+            if ids[a] == ids[b]:
+                S[a, b] += 0.15
+    encounters = [[k] for k in range(40)]
+    rec = eval_scoring.calibrate_threshold(S, ids, encounters)
+    best = min(abs(r["n_pred"] - 7) for r in rec["sweep"])
+    assert abs(rec["count_rule"]["n_pred"] - 7) <= best
+    # the F1 rule is the maximum of the sweep
+    assert rec["f1"] >= max(r["f1"] for r in rec["sweep"]) - 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# Labels and split
+# --------------------------------------------------------------------------------------------
+
+def test_read_labels_and_split_by_identity(tmp_path):
+    p = tmp_path / "labels.csv"
+    p.write_text("image_path,identity,encounter_id,side\n"
+                 + "".join(f"img/{i}.jpg,ind{i % 6},{i // 2},left\n" for i in range(24)))
+    photos = eval_labels.read_labels(p, tmp_path / "root")
+    assert len(photos) == 24 and photos[0].image_path == str(tmp_path / "root" / "img" / "0.jpg")
+    assert photos[0].box is None and photos[0].timestamp is None
+    cal, rest = eval_labels.split_by_identity(photos, 7)
+    assert {x.identity for x in cal}.isdisjoint({x.identity for x in rest})
+    assert len({x.identity for x in cal}) == 3 and len(cal) + len(rest) == 24
+    again, _ = eval_labels.split_by_identity(photos, 7)
+    assert [x.image_path for x in again] == [x.image_path for x in cal]
+
+
+def test_read_labels_rejects_missing_columns(tmp_path):
+    p = tmp_path / "bad.csv"
+    p.write_text("path,who\na.jpg,x\n")
+    with pytest.raises(eval_labels.EvaluationError, match="image_path and identity"):
+        eval_labels.read_labels(p)
+
+
+# --------------------------------------------------------------------------------------------
+# Legacy method
+# --------------------------------------------------------------------------------------------
+
+def _unit(cos_to_e1: float, dim: int = 512, axis: int = 1) -> np.ndarray:
+    v = np.zeros(dim, np.float32)
+    v[0] = cos_to_e1
+    v[axis] = np.sqrt(1 - cos_to_e1 ** 2)
+    return v
+
+
+def test_legacy_keeps_the_first_vector_and_a_fixed_threshold():
+    lm = rm.LegacyMatcher(8)
+    assert lm.threshold == 0.60
+    e1 = _unit(1.0)
+    assert lm.decide(e1)[:2] == (0, False)                     # founds deer 0
+    d, matched, score = lm.decide(_unit(0.601))                # just above 0.60: joins deer 0
+    assert (d, matched) == (0, True) and score == pytest.approx(0.601, abs=1e-6)
+    np.testing.assert_array_equal(lm.frozen[0], e1)            # the profile did not move
+    # close to the second sighting (cos ~0.96) but 0.599 to the frozen first one: a new deer
+    d, matched, _ = lm.decide(_unit(0.599))
+    assert (d, matched) == (1, False) and len(lm.frozen) == 2
+
+
+def test_legacy_projection_is_drawn_anew_with_default_init_and_leaves_global_rng():
+    import torch
+
+    state = torch.get_rng_state()
+    a, b = rm.LegacyMatcher(64), rm.LegacyMatcher(64)
+    assert torch.equal(state, torch.get_rng_state())
+    assert a.projection_sha256 != b.projection_sha256
+    bound = 1 / np.sqrt(64)                                     # nn.Linear default init bound
+    w = a.projection.weight.detach().numpy()
+    assert w.shape == (512, 64) and np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound
+    assert np.abs(a.projection.bias.detach().numpy()).max() <= bound
+    v = a.embed(np.random.default_rng(0).random((3, 64)))
+    assert v.shape == (3, 512) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+
+
+def test_legacy_projection_differs_between_processes():
+    code = "from deer_pipeline.evaluation.methods import LegacyMatcher; print(LegacyMatcher(32).projection_sha256)"
+    out = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          timeout=120).stdout.strip() for _ in range(2)]
+    assert len(out[0]) == 64 and out[0] != out[1]
+
+
+def test_method_registry_has_every_method():
+    names = set(rm.ALL_METHODS)
+    assert {"v1_resnet50", "multiscale", "efficientnet_b0", "v3_ensemble", "default", "legacy"} <= names
+    assert rm.method_registry()["legacy"].fixed_threshold == 0.60
+    with pytest.raises(ValueError, match="unknown method"):
+        rm.resolve_methods(["nope"])
+    assert [m.name for m in rm.resolve_methods(["legacy,default"])] == ["legacy", "default"]
+
+
+# --------------------------------------------------------------------------------------------
+# Isolated database
+# --------------------------------------------------------------------------------------------
+
+def test_isolated_database_is_migrated_and_dropped(session_engine):
+    with eval_isolated.isolated_database(prefix="deer_evaltest") as engine:
+        with engine.connect() as conn:
+            name = conn.execute(sa.text("SELECT current_database()")).scalar_one()
+            assert name.startswith("deer_evaltest_")
+            assert conn.execute(sa.text("SELECT count(*) FROM deer")).scalar_one() == 0
+            assert conn.execute(sa.text("SELECT max(version) FROM schema_migrations")).scalar_one() >= 3
+    with session_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM pg_database WHERE datname = :n"),
+                            {"n": name}).scalar_one() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# End to end on real labelled photos
+# --------------------------------------------------------------------------------------------
+
+def _nyala_subset(nyala_dir: Path, tmp_path: Path, n_individuals: int = 10) -> Path:
+    with open(nyala_dir / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    by_id: dict[str, list] = {}
+    for r in rows:
+        by_id.setdefault(r["identity"], []).append(r)
+    chosen = [i for i in sorted(by_id) if len({r["encounter_id"] for r in by_id[i]}) >= 2][:n_individuals]
+    out = tmp_path / "labels.csv"
+    with open(out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["image_path", "identity", "encounter_id", "side"])
+        w.writeheader()
+        for i in chosen:
+            for r in by_id[i][:4]:
+                w.writerow({k: r[k] for k in ("image_path", "identity", "encounter_id", "side")})
+    return out
+
+
+def test_evaluate_command_on_real_photos_writes_a_valid_report(nyala_dir, tmp_path, session_engine, capsys):
+    from deer_pipeline.evaluation import cli as evaluation_cli
+
+    labels = _nyala_subset(nyala_dir, tmp_path)
+    out = tmp_path / "report.json"
+    rc = evaluation_cli.main(["--labels", str(labels), "--images-root", str(nyala_dir),
+                              "--split-by-identity", "3", "--out", str(out), "--batch-size", "16"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["default_method"] == "default"
+    assert set(report["methods"]) == set(rm.ALL_METHODS)
+    for name, e in report["methods"].items():
+        assert name in printed
+        assert set(e["closed_set"]) >= {"top1", "top5", "mAP"}
+        assert set(e["open_set"]) >= {"pairwise_precision", "pairwise_recall", "pairwise_f1", "ari",
+                                      "n_pred", "n_true", "baks", "baus"}
+        assert 0 <= e["closed_set"]["top1"] <= e["closed_set"]["top5"] <= 1
+        assert e["open_set"]["n_true"] == 5 and 1 <= e["open_set"]["n_pred"] <= 20
+        assert isinstance(e["threshold"], float) and e["threshold_source"]
+        if name != "legacy":
+            assert "calibration" in e["threshold_source"]
+            assert e["replay_agreement_ari"] == pytest.approx(1.0)   # in-memory replay == pipeline run
+    assert report["methods"]["legacy"]["threshold"] == 0.60
+    assert "count_operating_point" not in report["methods"]["legacy"]
+    rd = report["methods"]["legacy"]["redraws"]
+    assert rd["n"] == 10 and rd["pairwise_f1"]["min"] <= rd["pairwise_f1"]["max"]
+    for name in ("default", "v3_ensemble", "animal_weighted"):
+        cop = report["methods"][name]["count_operating_point"]
+        assert cop["open_set"]["n_true"] == 5 and "calibration" in cop["threshold_source"]
+    assert report["methods"]["default"]["as_configured"]["threshold"] == 0.60
+    assert "default@count" in printed and "default@configured" in printed
+    assert report["verdict"]["compared"] and "count_operating_point" in report["verdict"]
+    # legacy and the feature method came from the pipeline's own forward pass (a hook), not a second pass
+    assert report["embedding"]["feature_source"]["separate_pass"] == []
+    assert report["methods"]["default"]["weights"] == {"multiscale": 0.6, "efficientnet_b0": 0.4}
+    ds = report["dataset"]
+    assert ds["evaluation"]["individuals"] == 5 and ds["calibration"]["individuals"] == 5
+    assert ds["evaluation"]["evaluated_photos"] == ds["evaluation"]["photos"] == 20
+    assert "substitutes" in " ".join(report["methods"]["v1_resnet50"]["backbone"]) or report["substitution_note"] is None
+    html = out.with_suffix(".html").read_text()
+    assert "data:image/png;base64," in html and "legacy" in html
+    # the temporary database is gone
+    with session_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM pg_database WHERE datname LIKE 'deer_eval_%'")).scalar_one() == 0
