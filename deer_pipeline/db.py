@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import threading
 from contextlib import contextmanager
@@ -20,10 +19,12 @@ from typing import Iterator
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from deer_pipeline import settings
+
 log = logging.getLogger(__name__)
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
-DEFAULT_DATA_DIR = ".deer"
+DEFAULT_DATA_DIR = settings.DATA_DIR
 DEER_DATABASE = "deer"
 DAGSTER_DATABASE = "dagster"
 
@@ -37,7 +38,7 @@ class DatabaseError(RuntimeError):
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("DEER_DATA_DIR", DEFAULT_DATA_DIR)).resolve()
+    return Path(settings.data_dir_setting()).resolve()
 
 
 def _sqlalchemy_url(url: str, driver: str = "psycopg") -> str:
@@ -73,7 +74,7 @@ def _ensure_database(server, name: str) -> None:
 
 def database_url(driver: str = "psycopg") -> str:
     """SQLAlchemy URL of the pipeline's database (starting the embedded server if needed)."""
-    url = os.environ.get("DEER_DATABASE_URL")
+    url = settings.env("DEER_DATABASE_URL")
     if url:
         return _sqlalchemy_url(url, driver)
     server = embedded_server()
@@ -83,10 +84,10 @@ def database_url(driver: str = "psycopg") -> str:
 
 def dagster_storage_url() -> str:
     """URL for Dagster's own instance storage (dagster-postgres needs psycopg2)."""
-    url = os.environ.get("DAGSTER_POSTGRES_URL")
+    url = settings.env("DAGSTER_POSTGRES_URL")
     if url:
         return _sqlalchemy_url(url, "psycopg2")
-    if os.environ.get("DEER_DATABASE_URL"):
+    if settings.env("DEER_DATABASE_URL"):
         raise DatabaseError(
             "DEER_DATABASE_URL is set but DAGSTER_POSTGRES_URL is not: set DAGSTER_POSTGRES_URL "
             "to a postgresql+psycopg2:// URL for Dagster's run/event storage"

@@ -20,9 +20,12 @@ from deer_pipeline.defs import (
     schedules,
     sensors,
 )
-from deer_pipeline.defs.resources import inference_resource_from_env
-from deer_pipeline.defs.resources import IdentitySettings
-from deer_pipeline.defs.resources import CropStore, DeerDatabase
+from deer_pipeline.defs.resources import (
+    CropStore,
+    DeerDatabase,
+    IdentitySettings,
+    inference_resource_from_env,
+)
 
 ASSET_MODULES = [crops, embeddings, identity, reports, evaluation]
 

@@ -21,12 +21,16 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
     import dagster as dg
 
     from deer_pipeline import sample
+    from deer_pipeline.definitions import defs
+    from deer_pipeline.defs.partitions import (
+        CAMERA_PARTITIONS_NAME,
+        partition_key,
+        unseen_cameras,
+    )
+    from deer_pipeline.defs.resources import IdentitySettings
     from deer_pipeline.detections import feed as detection_feed
     from deer_pipeline.detections import ingest
     from deer_pipeline.ops import status
-    from deer_pipeline.defs.resources import IdentitySettings
-    from deer_pipeline.definitions import defs
-    from deer_pipeline.defs.partitions import CAMERA_PARTITIONS_NAME, partition_key, unseen_cameras
     from deer_pipeline.ops.instance import get_instance
 
     started = time.perf_counter()

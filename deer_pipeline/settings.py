@@ -1,8 +1,10 @@
-"""Settings shared by the plain logic and the Dagster resources, validated at load.
+"""Every default of the pipeline, the one place environment variables are read, and the
+settings shared by the plain logic and the Dagster resources, validated at load.
 
 Every value that the system we start from had is kept with its old default: ensemble weights
-0.6/0.4, a re-identification threshold, the sex filter, a 5 s burst window and a 50 px minimum
-crop size. Bad values are rejected here, with a message naming the setting.
+0.6/0.4, a re-identification threshold of 0.60, the sex filter, a 5 s burst window and a 50 px
+minimum crop size. Bad values are rejected here, with a message naming the setting. The Dagster
+resources (``defs/resources.py``) take their defaults from the constants below.
 """
 
 from __future__ import annotations
@@ -10,6 +12,122 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+
+# --------------------------------------------------------------------------------------------
+# Defaults, written once
+# --------------------------------------------------------------------------------------------
+
+DATA_DIR = ".deer"                         # embedded database, crops, reports (DEER_DATA_DIR)
+START_DATE = "2024-01-01"                  # first day partition (DEER_START_DATE)
+# ingestion and crops
+BURST_WINDOW_S = 5.0                       # frames of one camera this close form one burst
+MIN_CROP_PX = 50                           # smaller crops are skipped with the reason stored
+PAD_FRACTION = 0.05                        # box padding on each side, as a share of its size
+# embeddings
+EMBEDDING_MODELS = ("multiscale", "efficientnet_b0")   # the ensemble's components
+EMBEDDING_WEIGHTS = "auto"                 # auto | imagenet | path to a state-dict file
+POOLING = "avg"                            # avg | gem
+DEVICE = "auto"                            # auto | cpu | cuda | cuda:N
+BATCH_SIZE = 32                            # crops per forward pass (halved on CUDA OOM)
+AMP = True                                 # float16 autocast on CUDA
+CHANNELS_LAST = True
+# matching
+REID_THRESHOLD = 0.60                      # ensemble similarity needed to join a known deer
+ENSEMBLE_WEIGHTS = {"multiscale": 0.6, "efficientnet_b0": 0.4}
+SEX_FILTER = True                          # a female sighting never joins a male deer
+CANDIDATE_DEER = 20                        # candidate deer re-scored and recorded per sighting
+SEARCH = "auto"                            # auto | exact | hnsw
+HNSW_EF_SEARCH = 200
+EXACT_SEARCH_MAX_GALLERY = 200_000         # auto: exact scoring below this many sightings
+# identity checks
+ASSIGNMENT_RATE_MIN = 0.05
+ASSIGNMENT_RATE_MAX = 0.98
+MIN_SIGHTINGS_FOR_RATE = 10
+ZERO_MATCH_MIN_SIGHTINGS = 5
+NEW_DEER_SPIKE_FACTOR = 2.0
+CHECK_WINDOW_DAYS = 7
+NORM_TOLERANCE = 1e-3
+MERGE_CANDIDATES_LIMIT = 50
+# executors
+EXECUTOR = "multiprocess"                  # multiprocess | in_process | celery
+GPU_SLOTS = 1
+
+# --------------------------------------------------------------------------------------------
+# The environment: read here and nowhere else (never at import time of a Dagster module)
+# --------------------------------------------------------------------------------------------
+
+ENVIRONMENT = {
+    "DEER_DATA_DIR": "data directory (embedded database, crops, reports); default .deer",
+    "DEER_DATABASE_URL": "postgresql:// URL of the pipeline's database; unset = embedded server",
+    "DAGSTER_POSTGRES_URL": "postgresql+psycopg2:// URL of Dagster's own storage",
+    "DAGSTER_HOME": "Dagster instance directory; default <data dir>/dagster_home",
+    "DEER_CROP_STORE": "crop store directory; default <data dir>/crops",
+    "DEER_START_DATE": "first day partition (YYYY-MM-DD)",
+    "DEER_EMBEDDING_MODELS": "comma list of embedding models",
+    "DEER_EMBEDDING_WEIGHTS": "auto | imagenet | path to a state-dict file",
+    "DEER_DEVICE": "auto | cpu | cuda | cuda:N",
+    "DEER_GPU_INDEX": "pin inference to GPU N",
+    "DEER_BATCH_SIZE": "crops per forward pass",
+    "DEER_NUM_WORKERS": "decode workers",
+    "DEER_AMP": "0/1: float16 autocast on CUDA",
+    "DEER_ALLOW_RANDOM_WEIGHTS": "1 allows random weights (unit tests only)",
+    "DEER_EXECUTOR": "multiprocess | in_process | celery",
+    "DEER_GPU_SLOTS": "concurrent inference steps (pool gpu)",
+    "DEER_CELERY_BROKER_URL": "celery broker",
+    "DEER_CELERY_BACKEND_URL": "celery result backend; default the broker",
+    "DEER_ALERT_WEBHOOK_URL": "failed checks are POSTed here",
+    "DEER_EVAL_LABELS": "labels CSV of the reid_evaluation asset",
+    "DEER_EVAL_IMAGES_ROOT": "images root of the reid_evaluation asset",
+    "DEER_EVAL_SPLIT_SEED": "split the reid_evaluation labels by identity with this seed",
+    "DEER_EVAL_CALIBRATION_LABELS": "calibration labels CSV of the reid_evaluation asset",
+    "DEER_EVAL_CALIBRATION_IMAGES_ROOT": "calibration images root of the reid_evaluation asset",
+}
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """The value of environment variable ``name`` (stripped; empty counts as unset)."""
+    raw = os.environ.get(name, "")
+    raw = raw.strip() if raw else ""
+    return raw if raw else default
+
+
+def env_int(name: str, default: int | None = None) -> int | None:
+    raw = env(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = (env(name) or "").lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be 0 or 1, got {raw!r}")
+
+
+def env_list(name: str, default: tuple[str, ...]) -> list[str]:
+    raw = env(name)
+    return [p.strip() for p in raw.split(",") if p.strip()] if raw else list(default)
+
+
+def data_dir_setting() -> str:
+    return env("DEER_DATA_DIR", DATA_DIR)
+
+
+def crop_store_dir() -> str:
+    return env("DEER_CROP_STORE") or os.path.join(data_dir_setting(), "crops")
+
+
+def start_date() -> str:
+    return env("DEER_START_DATE", START_DATE)
+
 
 # Detector classes and the sex they imply. 'unknown' sightings are matched against every sex.
 CLASS_TO_SEX = {
@@ -56,15 +174,14 @@ def sex_of(classification: str) -> str:
 class MatchingSettings:
     """How sightings are matched to known deer."""
 
-    reid_threshold: float = 0.60
+    reid_threshold: float = REID_THRESHOLD
     thresholds_by_sex: dict[str, float] = field(default_factory=dict)
-    ensemble_weights: dict[str, float] = field(
-        default_factory=lambda: {"multiscale": 0.6, "efficientnet_b0": 0.4})
-    sex_filter: bool = True
-    candidate_deer: int = 20          # candidates re-scored exactly per encounter
-    search: str = "auto"              # auto | exact | hnsw
-    hnsw_ef_search: int = 200
-    exact_search_max_gallery: int = 200_000
+    ensemble_weights: dict[str, float] = field(default_factory=lambda: dict(ENSEMBLE_WEIGHTS))
+    sex_filter: bool = SEX_FILTER
+    candidate_deer: int = CANDIDATE_DEER   # candidates re-scored exactly per encounter
+    search: str = SEARCH                   # auto | exact | hnsw
+    hnsw_ef_search: int = HNSW_EF_SEARCH
+    exact_search_max_gallery: int = EXACT_SEARCH_MAX_GALLERY
 
     def __post_init__(self) -> None:
         check_threshold("reid_threshold", self.reid_threshold)
@@ -100,7 +217,7 @@ def check_weights(weights: dict[str, float]) -> None:
 
 @dataclass(frozen=True)
 class IngestSettings:
-    burst_window_s: float = 5.0
+    burst_window_s: float = BURST_WINDOW_S
     image_roots: tuple[str, ...] = ()   # empty = any path is accepted
 
     def __post_init__(self) -> None:
@@ -110,13 +227,59 @@ class IngestSettings:
 
 @dataclass(frozen=True)
 class CropSettings:
-    min_crop_px: int = 50
-    pad_fraction: float = 0.05
-    store_dir: str = field(default_factory=lambda: os.environ.get(
-        "DEER_CROP_STORE", os.path.join(os.environ.get("DEER_DATA_DIR", ".deer"), "crops")))
+    min_crop_px: int = MIN_CROP_PX
+    pad_fraction: float = PAD_FRACTION
+    store_dir: str = field(default_factory=crop_store_dir)
 
     def __post_init__(self) -> None:
         if self.min_crop_px < 1:
             raise SettingsError(f"min_crop_px must be >= 1, got {self.min_crop_px!r}")
         if not 0 <= self.pad_fraction <= 1:
             raise SettingsError(f"pad_fraction must be in [0, 1], got {self.pad_fraction!r}")
+
+
+@dataclass(frozen=True)
+class EmbeddingSettings:
+    """How crops become vectors: the one embedding configuration (models, weights, per-model
+    weights files, pooling, device, batch size). Built once (:meth:`from_environment` or the
+    inference resource) and used by the inference resource, the identity settings, the
+    ``embeddings`` asset's code version and the evaluation (see ``embedding.config``)."""
+
+    models: tuple[str, ...] = EMBEDDING_MODELS
+    weights: str = EMBEDDING_WEIGHTS
+    weights_files: tuple[tuple[str, str], ...] = ()     # (model, state-dict file) overrides
+    pooling: str = POOLING
+    device: str = DEVICE
+    gpu_index: int | None = None
+    batch_size: int = BATCH_SIZE
+    amp: bool = AMP
+    channels_last: bool = CHANNELS_LAST
+    num_workers: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(dict.fromkeys(self.models)))
+        object.__setattr__(self, "weights_files", tuple(sorted(dict(self.weights_files).items())))
+        if not self.models:
+            raise SettingsError("embedding models: name at least one model")
+        if self.pooling not in ("avg", "gem"):
+            raise SettingsError(f"pooling must be avg or gem, not {self.pooling!r}")
+        if self.batch_size < 1:
+            raise SettingsError(f"batch_size must be >= 1, got {self.batch_size!r}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise SettingsError(f"num_workers must be >= 0, got {self.num_workers!r}")
+
+    def weights_for(self, model: str) -> str:
+        return dict(self.weights_files).get(model, self.weights)
+
+    def weights_by_model(self) -> dict[str, str]:
+        return {m: self.weights_for(m) for m in self.models}
+
+    @classmethod
+    def from_environment(cls) -> "EmbeddingSettings":
+        """The deployment's configuration: DEER_EMBEDDING_MODELS, DEER_EMBEDDING_WEIGHTS,
+        DEER_DEVICE, DEER_GPU_INDEX, DEER_BATCH_SIZE, DEER_NUM_WORKERS, DEER_AMP."""
+        return cls(models=tuple(env_list("DEER_EMBEDDING_MODELS", EMBEDDING_MODELS)),
+                   weights=env("DEER_EMBEDDING_WEIGHTS", EMBEDDING_WEIGHTS),
+                   device=env("DEER_DEVICE", DEVICE), gpu_index=env_int("DEER_GPU_INDEX"),
+                   batch_size=env_int("DEER_BATCH_SIZE", BATCH_SIZE),
+                   num_workers=env_int("DEER_NUM_WORKERS"), amp=env_bool("DEER_AMP", AMP))

@@ -9,8 +9,7 @@ import sqlalchemy as sa
 from PIL import Image
 
 from deer_pipeline import sample
-from deer_pipeline.detections import images
-from deer_pipeline.detections import ingest
+from deer_pipeline.detections import images, ingest
 
 
 @pytest.fixture(scope="module")

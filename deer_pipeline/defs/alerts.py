@@ -5,8 +5,8 @@ alerted once."""
 
 import dagster as dg
 
-from deer_pipeline.ops import alerts
 from deer_pipeline.defs.resources import DeerDatabase
+from deer_pipeline.ops import alerts
 
 
 @dg.sensor(

@@ -13,10 +13,9 @@ health checks in ``deer_pipeline.identity.store``; every result is also recorded
 
 import dagster as dg
 
-from deer_pipeline.identity import health, store
-from deer_pipeline.defs.resources import IdentitySettings
 from deer_pipeline.defs.partitions import camera_and_day, camera_day_partitions
-from deer_pipeline.defs.resources import DeerDatabase
+from deer_pipeline.defs.resources import DeerDatabase, IdentitySettings
+from deer_pipeline.identity import health, store
 
 DEER_PROFILES = dg.AssetKey("deer_profiles")
 

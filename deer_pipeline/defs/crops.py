@@ -3,9 +3,9 @@
 
 import dagster as dg
 
-from deer_pipeline.detections.cropping import crop_partition
 from deer_pipeline.defs.partitions import camera_and_day, camera_day_partitions
 from deer_pipeline.defs.resources import CropStore, DeerDatabase
+from deer_pipeline.detections.cropping import crop_partition
 
 SKIPPED_TABLE_ROWS = 25
 

@@ -14,7 +14,6 @@ reports written under ``<data dir>/reports/evaluation/``.
 """
 
 
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -22,9 +21,10 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
-from deer_pipeline.defs.resources import DeerDatabase
-
+from deer_pipeline import settings
 from deer_pipeline.defs.executors import GPU_POOL, GPU_STEP_TAGS
+from deer_pipeline.defs.resources import DeerDatabase
+from deer_pipeline.settings import EmbeddingSettings
 
 ENV = {
     "labels_csv": "DEER_EVAL_LABELS",
@@ -65,8 +65,8 @@ class ReidEvaluationConfig(dg.Config):
         out = {}
         for name, env in ENV.items():
             value = getattr(self, name)
-            if value is None and os.environ.get(env):
-                value = os.environ[env]
+            if value is None and settings.env(env):
+                value = settings.env(env)
                 if name == "split_by_identity_seed":
                     value = int(value)
             out[name] = value
@@ -139,11 +139,11 @@ def reid_evaluation(context: dg.AssetExecutionContext, config: ReidEvaluationCon
                 "Set `labels_csv` (and `images_root`, optionally `calibration_labels_csv` or "
                 "`split_by_identity_seed`) in the run config, or the variables "
                 + ", ".join(f"`{v}`" for v in ENV.values()) + ".")})
-    from deer_pipeline.evaluation import run as ev
     from deer_pipeline.evaluation import report as eval_report
+    from deer_pipeline.evaluation import run as ev
 
-    options = ev.EvaluationOptions(methods=config.methods, weights=config.weights, device=config.device,
-                                   database_url=database.url)
+    embedding = EmbeddingSettings(weights=config.weights, device=config.device)
+    options = ev.EvaluationOptions(methods=config.methods, embedding=embedding, database_url=database.url)
     report = ev.evaluate(cfg["labels_csv"], cfg["images_root"], cfg["calibration_labels_csv"],
                          cfg["calibration_images_root"], cfg["split_by_identity_seed"], options)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -19,10 +19,11 @@ What an asset declares so that this works everywhere:
 
 from __future__ import annotations
 
-import os
 from typing import Mapping
 
 import dagster as dg
+
+from deer_pipeline import settings
 
 GPU_POOL = "gpu"
 IDENTITY_POOL = "identity"
@@ -43,7 +44,7 @@ EXECUTOR_CHOICES = ("multiprocess", "in_process", "celery")
 
 def pool_limits_from_env() -> dict[str, int]:
     """Pool limits this deployment wants: ``gpu`` from DEER_GPU_SLOTS (default 1), ``identity`` 1."""
-    raw = os.environ.get("DEER_GPU_SLOTS") or "1"
+    raw = settings.env("DEER_GPU_SLOTS") or "1"
     try:
         gpu = int(raw)
     except ValueError:
@@ -91,7 +92,7 @@ def executor_from_env() -> dg.ExecutorDefinition | None:
     ``None`` means Dagster's default (multiprocess). A name that is not known fails at load
     with the variable's name, so a misspelt deployment does not quietly run on one machine.
     """
-    choice = (os.environ.get("DEER_EXECUTOR") or "multiprocess").strip().lower()
+    choice = (settings.env("DEER_EXECUTOR") or "multiprocess").strip().lower()
     if choice == "multiprocess":
         return None
     if choice == "in_process":

@@ -8,20 +8,17 @@ parallel backfills (other code locations, manual runs) cannot create duplicate d
 """
 
 
-
 import dagster as dg
 
-from deer_pipeline.identity import store as identity_store
-from deer_pipeline.identity import matching
-from deer_pipeline.identity import metrics
-from deer_pipeline.identity import threshold_report
-from deer_pipeline.defs.partitions import camera_and_day, camera_day_partitions
-from deer_pipeline.defs.resources import DeerDatabase, IdentitySettings
-
 from deer_pipeline.defs.executors import IDENTITY_POOL
-
-
-
+from deer_pipeline.defs.partitions import camera_and_day, camera_day_partitions
+from deer_pipeline.defs.resources import (
+    DeerDatabase,
+    IdentitySettings,
+    InferenceResource,
+)
+from deer_pipeline.identity import matching, metrics, threshold_report
+from deer_pipeline.identity import store as identity_store
 
 
 def _summary_markdown(s: matching.DecisionSummary) -> str:
@@ -54,10 +51,11 @@ def _summary_markdown(s: matching.DecisionSummary) -> str:
                 "depend on the order partitions run in.",
 )
 def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
-                  identity: IdentitySettings) -> dg.MaterializeResult:
+                  identity: IdentitySettings, inference: InferenceResource) -> dg.MaterializeResult:
     camera, day = camera_and_day(context)
     engine = database.engine()
-    summary = matching.decide_partition(engine, camera, day, identity.matching_settings(), identity.versions())
+    versions = identity.versions(inference.embedding_settings())
+    summary = matching.decide_partition(engine, camera, day, identity.matching_settings(), versions)
     if summary.unassigned:
         context.log.warning(f"{summary.unassigned} detection(s) of {summary.partition_key} have no embedding "
                             f"and stay unassigned: {summary.unassigned_reasons}")

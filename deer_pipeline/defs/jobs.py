@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dagster as dg
 
-
 # Every camera x day asset, in dependency order: crops -> embeddings -> deer_profiles ->
 # similarity_scores. Their checks run with them.
 identification_job = dg.define_asset_job(

@@ -3,13 +3,14 @@ days are calendar days of capture time (UTC)."""
 
 from __future__ import annotations
 
-import os
 import re
 
 import dagster as dg
 
+from deer_pipeline import settings
+
 CAMERA_PARTITIONS_NAME = "camera"
-START_DATE = os.environ.get("DEER_START_DATE", "2024-01-01")
+START_DATE = settings.start_date()
 
 camera_partitions = dg.DynamicPartitionsDefinition(name=CAMERA_PARTITIONS_NAME)
 day_partitions = dg.DailyPartitionsDefinition(start_date=START_DATE)

@@ -5,9 +5,12 @@ precision/recall per threshold and a recommended threshold. Thin over
 
 import dagster as dg
 
+from deer_pipeline.defs.resources import (
+    DeerDatabase,
+    IdentitySettings,
+    InferenceResource,
+)
 from deer_pipeline.identity import threshold_report as report_lib
-from deer_pipeline.defs.resources import IdentitySettings
-from deer_pipeline.defs.resources import DeerDatabase
 from deer_pipeline.identity.store import MatchingError
 
 
@@ -20,10 +23,10 @@ from deer_pipeline.identity.store import MatchingError
                 "and a recommended threshold. Writes CSV, JSON and a PNG under <data dir>/reports/.",
 )
 def threshold_report(context: dg.AssetExecutionContext, database: DeerDatabase,
-                     identity: IdentitySettings) -> dg.MaterializeResult:
+                     identity: IdentitySettings, inference: InferenceResource) -> dg.MaterializeResult:
     engine = database.engine()
     try:
-        components = identity.resolved_versions(engine)
+        components = identity.resolved_versions(engine, inference.embedding_settings())
     except MatchingError as exc:      # no vectors at all yet: the distribution part still works
         context.log.warning(f"threshold report without pair truth: {exc}")
         components = None

@@ -3,16 +3,15 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import dagster as dg
 from pydantic import Field, model_validator
 from sqlalchemy.engine import Engine
 
-from deer_pipeline import db
+from deer_pipeline import db, settings
+from deer_pipeline.embedding import config as embedding_config
 from deer_pipeline.embedding import models as embedders
-from deer_pipeline.embedding.inference import DEFAULT_MODELS, InferenceEngine
 from deer_pipeline.identity import store as identity_store
 from deer_pipeline.settings import MatchingSettings, SettingsError, check_threshold
 
@@ -31,8 +30,8 @@ class CropStore(dg.ConfigurableResource):
     """Where crops are written (content-addressed) and the crop rules."""
 
     root: Optional[str] = Field(default=None, description="directory; None = DEER_CROP_STORE or <data dir>/crops")
-    min_crop_px: int = 50
-    pad_fraction: float = 0.05
+    min_crop_px: int = settings.MIN_CROP_PX
+    pad_fraction: float = settings.PAD_FRACTION
 
     def settings(self):
         from deer_pipeline.settings import CropSettings
@@ -43,74 +42,51 @@ class CropStore(dg.ConfigurableResource):
         return CropSettings(**kwargs)
 
 
-def configured_models() -> list[str]:
-    raw = os.environ.get("DEER_EMBEDDING_MODELS", "").strip()
-    models = [m.strip() for m in raw.split(",") if m.strip()] if raw else list(DEFAULT_MODELS)
-    for m in models:
-        if m not in embedders.MODELS:
-            raise embedders.UnknownModel(
-                f"DEER_EMBEDDING_MODELS names unknown model {m!r}; use {', '.join(embedders.MODELS)}")
-    return models
-
-
-def configured_weights() -> str:
-    return os.environ.get("DEER_EMBEDDING_WEIGHTS", "").strip() or "auto"
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
-
-
 class InferenceResource(dg.ConfigurableResource):
-    """Models, weights and device for embedding crops (see ``deer_pipeline.embedding.inference``)."""
+    """Models, weights and device for embedding crops: the Dagster face of the one embedding
+    configuration (``settings.EmbeddingSettings``, resolved in ``embedding.config``)."""
 
-    models: list[str] = Field(default=list(DEFAULT_MODELS),
+    models: list[str] = Field(default=list(settings.EMBEDDING_MODELS),
                               description="models to embed with; default = the ensemble's components")
-    weights: str = Field(default="auto", description="auto | imagenet | path to a state-dict file "
-                         "(auto: ImageNet when cached, else the offline EfficientNet-Lite0 substitutes)")
+    weights: str = Field(default=settings.EMBEDDING_WEIGHTS, description="auto | imagenet | path to a "
+                         "state-dict file (auto: ImageNet when cached, else the offline EfficientNet-Lite0 substitutes)")
     weights_files: dict[str, str] = Field(default={}, description="model -> state-dict file, overrides `weights`")
-    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field(default=settings.DEVICE, description="auto | cpu | cuda | cuda:N")
     gpu_index: Optional[int] = Field(default=None, description="pin the run to GPU N (device cuda:N)")
-    batch_size: int = Field(default=32, description="crops per forward pass (halved on CUDA OOM)")
-    amp: bool = Field(default=True, description="float16 autocast on CUDA")
-    channels_last: bool = True
+    batch_size: int = Field(default=settings.BATCH_SIZE, description="crops per forward pass (halved on CUDA OOM)")
+    amp: bool = Field(default=settings.AMP, description="float16 autocast on CUDA")
+    channels_last: bool = settings.CHANNELS_LAST
     num_workers: Optional[int] = Field(default=None, description="DataLoader decode workers; None = auto")
-    pooling: str = Field(default="avg", description="avg | gem (GeM, p=3); part of the version")
+    pooling: str = Field(default=settings.POOLING, description="avg | gem (GeM, p=3); part of the version")
 
-    def weights_by_model(self) -> dict[str, str]:
-        return {m: self.weights_files.get(m, self.weights) for m in self.models}
+    def embedding_settings(self) -> settings.EmbeddingSettings:
+        """The one embedding configuration this resource stands for."""
+        return embedding_config.check_models(settings.EmbeddingSettings(
+            models=tuple(self.models), weights=self.weights, weights_files=tuple(self.weights_files.items()),
+            pooling=self.pooling, device=self.device, gpu_index=self.gpu_index, batch_size=self.batch_size,
+            amp=self.amp, channels_last=self.channels_last, num_workers=self.num_workers))
 
-    def engine(self, models: Optional[list[str]] = None) -> InferenceEngine:
+    def engine(self, models: Optional[list[str]] = None):
         """An engine for ``models`` (default: all configured). Networks are cached per process."""
-        models = list(models or self.models)
-        return InferenceEngine(
-            models, weights={m: self.weights_files.get(m, self.weights) for m in models},
-            device=self.device, gpu_index=self.gpu_index, batch_size=self.batch_size, amp=self.amp,
-            channels_last=self.channels_last, num_workers=self.num_workers, pooling=self.pooling)
+        return embedding_config.engine(self.embedding_settings(), models)
 
     def specs(self) -> dict[str, embedders.EmbedderSpec]:
         """model -> resolved spec (version, weights used) without building any network."""
-        weights = self.weights_by_model()
-        return {m: embedders.resolve_embedder(m, weights[m], pooling=self.pooling) for m in self.models}
+        return embedding_config.specs(self.embedding_settings())
 
 
 def inference_resource_from_env() -> InferenceResource:
-    """The resource as this deployment's environment configures it (``dg.EnvVar`` for scalar
-    settings, so the UI shows where a value came from)."""
-    kwargs: dict = {"models": configured_models(), "amp": _env_bool("DEER_AMP", True)}
+    """The resource as this deployment's environment configures it (``settings.EmbeddingSettings.
+    from_environment``; ``dg.EnvVar`` for the scalar settings that are set, so the UI shows where
+    a value came from)."""
+    config = embedding_config.check_models(settings.EmbeddingSettings.from_environment())
+    kwargs: dict = {"models": list(config.models), "amp": config.amp}
     for field_name, var, is_int in (("weights", "DEER_EMBEDDING_WEIGHTS", False),
                                     ("device", "DEER_DEVICE", False),
                                     ("gpu_index", "DEER_GPU_INDEX", True),
                                     ("batch_size", "DEER_BATCH_SIZE", True),
                                     ("num_workers", "DEER_NUM_WORKERS", True)):
-        if os.environ.get(var, "").strip():
+        if settings.env(var) is not None:
             kwargs[field_name] = dg.EnvVar.int(var) if is_int else dg.EnvVar(var)
     return InferenceResource(**kwargs)
 
@@ -123,33 +99,30 @@ class IdentitySettings(dg.ConfigurableResource):
     versions are used, and the bounds of the identity checks. Invalid values are rejected when
     the resource is built, with a message naming the setting."""
 
-    reid_threshold: float = Field(default=0.60, description="ensemble similarity needed to join a known deer")
+    reid_threshold: float = Field(default=settings.REID_THRESHOLD, description="ensemble similarity needed to join a known deer")
     thresholds_by_sex: dict[str, float] = Field(default={}, description="per-sex thresholds (female/male/unknown)")
     ensemble_weights: dict[str, float] = Field(
-        default={"multiscale": 0.6, "efficientnet_b0": 0.4}, description="model -> weight, summing to 1")
-    sex_filter: bool = Field(default=True, description="a female sighting never joins a male deer (and back)")
-    candidate_deer: int = Field(default=20, description="candidate deer re-scored and recorded per sighting")
-    search: str = Field(default="auto", description="auto | exact | hnsw")
-    hnsw_ef_search: int = Field(default=200, description="initial hnsw.ef_search (doubled when filters starve it)")
-    exact_search_max_gallery: int = Field(default=200_000, description="auto: exact below this many sightings")
+        default=dict(settings.ENSEMBLE_WEIGHTS), description="model -> weight, summing to 1")
+    sex_filter: bool = Field(default=settings.SEX_FILTER, description="a female sighting never joins a male deer (and back)")
+    candidate_deer: int = Field(default=settings.CANDIDATE_DEER, description="candidate deer re-scored and recorded per sighting")
+    search: str = Field(default=settings.SEARCH, description="auto | exact | hnsw")
+    hnsw_ef_search: int = Field(default=settings.HNSW_EF_SEARCH, description="initial hnsw.ef_search (doubled when filters starve it)")
+    exact_search_max_gallery: int = Field(default=settings.EXACT_SEARCH_MAX_GALLERY, description="auto: exact below this many sightings")
     embedding_versions: Optional[dict[str, str]] = Field(
         default=None, description="model -> embedding version; None = ask `version_source`")
     version_source: str = Field(
-        default="embedders", description="embedders: the versions the embedding code resolves now for "
-        "`embedding_weights`/`pooling` (what the embeddings asset writes); latest: newest stored version")
-    embedding_weights: Optional[str] = Field(
-        default=None, description="weights for version_source=embedders; None = DEER_EMBEDDING_WEIGHTS or auto")
-    pooling: str = Field(default="avg", description="pooling for version_source=embedders")
+        default="embedders", description="embedders: the versions the embedding configuration (the "
+        "inference resource) writes; latest: newest stored version")
     # checks
-    assignment_rate_min: float = Field(default=0.05, description="WARN below this share of sightings matched")
-    assignment_rate_max: float = Field(default=0.98, description="WARN above this share of sightings matched")
-    min_sightings_for_rate: int = Field(default=10, description="rate checks need at least this many sightings")
-    zero_match_min_sightings: int = Field(default=5, description="zero-match check needs this many sightings")
-    new_deer_spike_factor: float = Field(default=2.0, description="WARN when the new-deer rate exceeds "
+    assignment_rate_min: float = Field(default=settings.ASSIGNMENT_RATE_MIN, description="WARN below this share of sightings matched")
+    assignment_rate_max: float = Field(default=settings.ASSIGNMENT_RATE_MAX, description="WARN above this share of sightings matched")
+    min_sightings_for_rate: int = Field(default=settings.MIN_SIGHTINGS_FOR_RATE, description="rate checks need at least this many sightings")
+    zero_match_min_sightings: int = Field(default=settings.ZERO_MATCH_MIN_SIGHTINGS, description="zero-match check needs this many sightings")
+    new_deer_spike_factor: float = Field(default=settings.NEW_DEER_SPIKE_FACTOR, description="WARN when the new-deer rate exceeds "
                                          "this multiple of the trailing average")
-    check_window_days: int = Field(default=7, description="trailing window of the rate checks")
-    norm_tolerance: float = Field(default=1e-3, description="|norm - 1| allowed for stored vectors")
-    merge_candidates_limit: int = Field(default=50, description="merge candidates listed at most")
+    check_window_days: int = Field(default=settings.CHECK_WINDOW_DAYS, description="trailing window of the rate checks")
+    norm_tolerance: float = Field(default=settings.NORM_TOLERANCE, description="|norm - 1| allowed for stored vectors")
+    merge_candidates_limit: int = Field(default=settings.MERGE_CANDIDATES_LIMIT, description="merge candidates listed at most")
     report_min_precision: Optional[float] = Field(
         default=None, description="threshold report: recommend the lowest threshold with this precision")
 
@@ -181,29 +154,27 @@ class IdentitySettings(dg.ConfigurableResource):
             candidate_deer=self.candidate_deer, search=self.search, hnsw_ef_search=self.hnsw_ef_search,
             exact_search_max_gallery=self.exact_search_max_gallery)
 
-    def versions(self) -> Optional[dict[str, str]]:
+    def versions(self, embedding: Optional[settings.EmbeddingSettings] = None) -> Optional[dict[str, str]]:
         """model -> embedding version to decide with; None = the newest stored (``latest``).
 
-        ``embedders``: the versions the embedding code resolves for the configured weights and
-        pooling, i.e. what the embeddings asset writes in this deployment. A failure to resolve
-        is reported as a ``MatchingError`` that says what to set."""
+        ``embedders``: the versions the embedding configuration ``embedding`` (the inference
+        resource's; default: the environment's) writes, i.e. what the embeddings asset writes.
+        A failure to resolve is reported as a ``MatchingError`` that says what to set."""
         if self.embedding_versions:
             return dict(self.embedding_versions)
         if self.version_source == "latest":
             return None
-        weights = self.embedding_weights or os.environ.get("DEER_EMBEDDING_WEIGHTS", "").strip() or "auto"
+        embedding = embedding or settings.EmbeddingSettings.from_environment()
         try:
-            from deer_pipeline.embedding import models as embedders
-
-            return {m: embedders.resolve_embedder(m, weights, pooling=self.pooling).version
-                    for m in self.ensemble_weights}
+            return embedding_config.versions(embedding, list(self.ensemble_weights))
         except Exception as exc:
             raise identity_store.MatchingError(
                 f"could not resolve the embedding versions of {sorted(self.ensemble_weights)} "
-                f"(weights={weights!r}, pooling={self.pooling!r}): {exc}. Set identity.embedding_versions "
+                f"(weights={embedding.weights!r}, weights files={dict(embedding.weights_files)}, "
+                f"pooling={embedding.pooling!r}): {exc}. Set identity.embedding_versions "
                 "explicitly or identity.version_source='latest'") from exc
 
-    def resolved_versions(self, engine: Engine) -> dict[str, str]:
+    def resolved_versions(self, engine: Engine, embedding: Optional[settings.EmbeddingSettings] = None) -> dict[str, str]:
         """The versions actually used, checked against the store (clear failure when missing)."""
         with engine.connect() as conn:
-            return identity_store.resolve_versions(conn, self.ensemble_weights, self.versions())
+            return identity_store.resolve_versions(conn, self.ensemble_weights, self.versions(embedding))

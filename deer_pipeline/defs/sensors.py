@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dagster as dg
 
-from deer_pipeline.detections import feed as detection_feed
 from deer_pipeline.defs.jobs import identification_job
-from deer_pipeline.defs.partitions import camera_partitions, partition_key, unseen_cameras
+from deer_pipeline.defs.partitions import (
+    camera_partitions,
+    partition_key,
+    unseen_cameras,
+)
 from deer_pipeline.defs.resources import DeerDatabase
+from deer_pipeline.detections import feed as detection_feed
 
 
 def _camera_requests(context: dg.SensorEvaluationContext, work) -> list:

@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Iterable, Sequence
 
 import numpy as np
+import sqlalchemy as sa
 
 SEX_ORDER = ("female", "male")
 
@@ -174,7 +175,9 @@ def track_burst(detections: Sequence[DetectionBox], settings: LinkSettings = Lin
             i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
             rows, cols = [i], [j]
         else:
-            from scipy.optimize import linear_sum_assignment   # slow import: only when needed
+            from scipy.optimize import (
+                linear_sum_assignment,  # slow import: only when needed
+            )
 
             rows, cols = linear_sum_assignment(cost)
         taken = set()
@@ -220,3 +223,43 @@ def cannot_link(encounters: Sequence[Encounter]) -> dict[str, set[str]]:
             for k in keys:
                 out[k] |= keys - {k}
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Bursts: encounter ids assigned at ingestion
+# --------------------------------------------------------------------------------------------
+
+ENCOUNTER_SQL = """
+WITH frames AS (
+    SELECT DISTINCT i.image_id, i.camera_id, i.captured_at
+    FROM images i JOIN detections d ON d.image_id = i.image_id
+    WHERE i.camera_id = ANY(:cams) AND i.captured_at IS NOT NULL AND i.status = 'ok'
+), marked AS (
+    SELECT image_id, camera_id, captured_at,
+           CASE WHEN lag(captured_at) OVER w IS NULL
+                  OR captured_at - lag(captured_at) OVER w > make_interval(secs => :win)
+                THEN 1 ELSE 0 END AS starts
+    FROM frames WINDOW w AS (PARTITION BY camera_id ORDER BY captured_at, image_id)
+), grouped AS (
+    SELECT image_id, camera_id, captured_at,
+           sum(starts) OVER (PARTITION BY camera_id ORDER BY captured_at, image_id) AS burst
+    FROM marked
+), named AS (
+    SELECT image_id,
+           camera_id || '-' || to_char(min(captured_at) OVER (PARTITION BY camera_id, burst) AT TIME ZONE 'UTC',
+                                       'YYYY-MM-DD"T"HH24:MI:SS') ||
+           CASE WHEN extract(microseconds FROM min(captured_at) OVER (PARTITION BY camera_id, burst))::bigint % 1000000 <> 0
+                THEN to_char(min(captured_at) OVER (PARTITION BY camera_id, burst) AT TIME ZONE 'UTC', '.US')
+                ELSE '' END || 'Z' AS encounter_id
+    FROM grouped
+)
+UPDATE detections d SET encounter_id = n.encounter_id
+FROM named n
+WHERE d.image_id = n.image_id AND d.encounter_id IS DISTINCT FROM n.encounter_id
+"""
+
+
+def recompute_encounters(conn: sa.Connection, cameras: list[str], burst_window_s: float) -> int:
+    """(Re)assign encounter ids for every frame of these cameras; returns rows changed."""
+    res = conn.execute(sa.text(ENCOUNTER_SQL), {"cams": list(cameras), "win": float(burst_window_s)})
+    return res.rowcount

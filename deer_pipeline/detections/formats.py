@@ -9,9 +9,8 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
 from deer_pipeline.detections import images as imaging
-
-
 
 FORMATS = ("megadetector", "csv", "folder")
 

@@ -29,13 +29,28 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.engine import Engine
-from deer_pipeline.detections import images as imaging
-from deer_pipeline.settings import IngestSettings, normalise_classification, sex_of
-from deer_pipeline.detections.formats import CAMERA_ID_RE, FORMATS, IngestFileError, MD_ANIMAL, _Record, _json_safe, detect_format, list_folder_images, parse_csv, parse_folder, parse_megadetector, sanitise_folder_camera
 
+from deer_pipeline.detections import images as imaging
+from deer_pipeline.detections.encounters import recompute_encounters
+from deer_pipeline.detections.formats import (
+    CAMERA_ID_RE,
+    FORMATS,
+    MD_ANIMAL,
+    IngestFileError,
+    _json_safe,
+    _Record,
+    detect_format,
+    list_folder_images,
+    parse_csv,
+    parse_folder,
+    parse_megadetector,
+    sanitise_folder_camera,
+)
+from deer_pipeline.settings import IngestSettings, normalise_classification, sex_of
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +192,39 @@ def ingest(
     ``reprocess`` (which is still idempotent). ``camera`` is used for records without their
     own camera id; otherwise the photo's parent folder name is the camera."""
     settings = settings or IngestSettings()
+    src, fmt = _check_input(path, format, camera)
+    roots = [Path(os.path.realpath(os.path.expanduser(r))) for r in settings.image_roots]
+    records, source_sha, base = _read_records(src, fmt)
+    report = IngestReport(source=str(src), format=fmt, records=len(records))
+    if _seen_before(engine, report, source_sha, fmt) and not reprocess:
+        report.duplicates_skipped = len(records)
+        return report
+    rejections: list[tuple[_Record, str]] = []
+    image_by_path, rec_paths = _photos_of(records, base, roots, camera, rejections)
+    _load_or_read_photos(engine, image_by_path, rec_paths, roots)    # outside any transaction
+    candidates = [(rec, _detection_row(rec, image_by_path[key], fmt, min_confidence))
+                  for rec, key in rec_paths if key is not None]
+    with engine.begin() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": INGEST_LOCK_KEY})
+        batch_id = _open_batch(conn, report, src, fmt, source_sha)
+        _write_cameras_and_photos(conn, image_by_path)
+        fresh = _first_of_each_id(candidates, image_by_path, report, rejections)
+        to_insert = _not_yet_stored(conn, fresh, report, rejections)
+        inserted, partitions = _insert_detections(conn, to_insert, batch_id, report)
+        _record_rejections(conn, rejections, batch_id, src, report)
+        touched = sorted({row["camera_id"] for row in to_insert if row["detection_id"] in inserted})
+        if touched:
+            recompute_encounters(conn, touched, settings.burst_window_s)
+        _close_batch(conn, report, batch_id)
+    report.cameras = touched
+    report.partitions = sorted(partitions)
+    log.info("ingest %s: %d records, %d new, %d duplicates, %d rejected", src, report.records,
+             report.new_detections, report.duplicates_skipped, report.rejected)
+    return report
+
+
+def _check_input(path, format: str | None, camera: str | None) -> tuple[Path, str]:
+    """The input's absolute path and format, or a clear error."""
     src = Path(path).expanduser()
     if not src.exists():
         raise IngestFileError(src, None, "no such file or folder")
@@ -187,35 +235,37 @@ def ingest(
     if camera is not None and not CAMERA_ID_RE.match(camera):
         raise ValueError(f"--camera {camera!r} is not a valid camera id (letters, digits, _ . -; "
                          "must start with a letter or digit; at most 64 characters)")
-    roots = [Path(os.path.realpath(os.path.expanduser(r))) for r in settings.image_roots]
+    return src, fmt
 
+
+def _read_records(src: Path, fmt: str) -> tuple[list[_Record], str, Path]:
+    """(records, the input's fingerprint, the folder relative photo paths start from)."""
     if fmt == "folder":
         if not src.is_dir():
             raise IngestFileError(src, None, "format folder needs a directory")
         files = list_folder_images(src)
-        records = parse_folder(src, files)
-        source_sha = _folder_fingerprint(src, files)
-        base = src
-    else:
-        if src.is_dir():
-            raise IngestFileError(src, None, f"format {fmt} needs a file, got a directory")
-        records = parse_megadetector(src) if fmt == "megadetector" else parse_csv(src)
-        source_sha = _file_sha(src)
-        base = src.parent
+        return parse_folder(src, files), _folder_fingerprint(src, files), src
+    if src.is_dir():
+        raise IngestFileError(src, None, f"format {fmt} needs a file, got a directory")
+    records = parse_megadetector(src) if fmt == "megadetector" else parse_csv(src)
+    return records, _file_sha(src), src.parent
 
-    report = IngestReport(source=str(src), format=fmt, records=len(records))
+
+def _seen_before(engine: Engine, report: IngestReport, source_sha: str, fmt: str) -> bool:
+    """Was this input ingested before? (then ``report`` names its batch)"""
     with engine.connect() as conn:
         prior = conn.execute(sa.text(
             "SELECT batch_id FROM ingest_batches WHERE source_sha256 = :s AND source_format = :f "
             "ORDER BY batch_id LIMIT 1"), {"s": source_sha, "f": fmt}).scalar()
-    if prior is not None:
-        report.batch_id, report.already_ingested = prior, True
-        if not reprocess:
-            report.duplicates_skipped = len(records)
-            return report
+    if prior is None:
+        return False
+    report.batch_id, report.already_ingested = prior, True
+    return True
 
-    # ---- photos: look up stored rows, read the new ones (outside any transaction) -----------
-    rejections: list[tuple[_Record, str]] = []
+
+def _photos_of(records, base: Path, roots: list[Path], camera: str | None,
+               rejections: list) -> tuple[dict[str, _Image], list[tuple[_Record, str | None]]]:
+    """Each record's photo (resolved path and camera); records that cannot have one are rejected."""
     image_by_path: dict[str, _Image] = {}
     rec_paths: list[tuple[_Record, str | None]] = []
     for rec in records:
@@ -242,7 +292,11 @@ def ingest(
         if key not in image_by_path:
             image_by_path[key] = _Image(path=key, camera_id=cam)
         rec_paths.append((rec, key))
+    return image_by_path, rec_paths
 
+
+def _load_or_read_photos(engine: Engine, image_by_path: dict[str, _Image], rec_paths, roots) -> None:
+    """Stored photos keep their stored rows; new ones are read (decode, EXIF time, hash)."""
     with engine.connect() as conn:
         stored = {r.path: r for r in conn.execute(sa.text(
             "SELECT image_id, path, camera_id, captured_at, captured_at_source, width, height, sha256, "
@@ -260,124 +314,132 @@ def ingest(
             continue
         _read_image(img, roots, first_time.get(key))
 
-    # ---- detections -----------------------------------------------------------------------
-    candidates: list[tuple[_Record, dict]] = []
-    for rec, key in rec_paths:
-        if key is None:
+
+def _open_batch(conn: sa.Connection, report: IngestReport, src: Path, fmt: str, source_sha: str) -> int:
+    if report.batch_id is None:
+        report.batch_id = conn.execute(sa.text(
+            "INSERT INTO ingest_batches (source_path, source_format, source_sha256) "
+            "VALUES (:p, :f, :s) RETURNING batch_id"), {"p": str(src), "f": fmt, "s": source_sha}).scalar_one()
+    return report.batch_id
+
+
+def _write_cameras_and_photos(conn: sa.Connection, image_by_path: dict[str, _Image]) -> None:
+    cams = sorted({img.camera_id for img in image_by_path.values()})
+    if cams:
+        conn.execute(pg.insert(sa.table("cameras", sa.column("camera_id")))
+                     .values([{"camera_id": c} for c in cams]).on_conflict_do_nothing())
+    new_imgs = [img for img in image_by_path.values() if not img.stored]
+    for chunk in _chunks(new_imgs):
+        conn.execute(pg.insert(_images).values([{
+            "path": i.path, "camera_id": i.camera_id, "captured_at": i.captured_at,
+            "captured_at_source": i.captured_at_source, "width": i.width, "height": i.height,
+            "sha256": i.sha256, "status": i.status, "reason": i.reason} for i in chunk])
+            .on_conflict_do_nothing(index_elements=["path"]))
+    if new_imgs:
+        ids = dict(conn.execute(sa.text("SELECT path, image_id FROM images WHERE path = ANY(:p)"),
+                                {"p": [i.path for i in new_imgs]}).all())
+        for i in new_imgs:
+            i.image_id = ids[i.path]
+
+
+def _first_of_each_id(candidates, image_by_path: dict[str, _Image], report: IngestReport,
+                      rejections: list) -> list[dict]:
+    """Duplicates within this input: the same content is skipped, other content rejected."""
+    seen: dict[str, tuple[tuple, _Record]] = {}
+    fresh: list[dict] = []
+    for rec, row in candidates:
+        img = image_by_path[_path_of(row)]
+        row["image_id"] = img.image_id
+        row["_image_key"] = img.sha256 if img.status == "ok" and img.sha256 else img.path
+        sig = _signature(row)
+        did = row["detection_id"]
+        if did in seen:
+            first_sig, first_rec = seen[did]
+            if first_sig == sig:
+                report.duplicates_skipped += 1
+            else:
+                rejections.append((rec, f"duplicate detection id {did!r} with different content "
+                                        f"(first at line {first_rec.line} of this input)"))
             continue
-        candidates.append((rec, _detection_row(rec, image_by_path[key], fmt, min_confidence)))
+        seen[did] = (sig, rec)
+        fresh.append(row)
+    return fresh
 
-    with engine.begin() as conn:
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": INGEST_LOCK_KEY})
-        if report.batch_id is None:
-            report.batch_id = conn.execute(sa.text(
-                "INSERT INTO ingest_batches (source_path, source_format, source_sha256) "
-                "VALUES (:p, :f, :s) RETURNING batch_id"), {"p": str(src), "f": fmt, "s": source_sha}).scalar_one()
-        batch_id = report.batch_id
 
-        cams = sorted({img.camera_id for img in image_by_path.values()})
-        if cams:
-            conn.execute(pg.insert(sa.table("cameras", sa.column("camera_id")))
-                         .values([{"camera_id": c} for c in cams]).on_conflict_do_nothing())
-        new_imgs = [img for img in image_by_path.values() if not img.stored]
-        for chunk in _chunks(new_imgs):
-            conn.execute(pg.insert(_images).values([{
-                "path": i.path, "camera_id": i.camera_id, "captured_at": i.captured_at,
-                "captured_at_source": i.captured_at_source, "width": i.width, "height": i.height,
-                "sha256": i.sha256, "status": i.status, "reason": i.reason} for i in chunk])
-                .on_conflict_do_nothing(index_elements=["path"]))
-        if new_imgs:
-            ids = dict(conn.execute(sa.text("SELECT path, image_id FROM images WHERE path = ANY(:p)"),
-                                    {"p": [i.path for i in new_imgs]}).all())
-            for i in new_imgs:
-                i.image_id = ids[i.path]
+def _not_yet_stored(conn: sa.Connection, fresh: list[dict], report: IngestReport, rejections: list) -> list[dict]:
+    """Duplicates against what is stored: the stored row is always kept."""
+    existing = {}
+    for chunk in _chunks([r["detection_id"] for r in fresh]):
+        for r in conn.execute(sa.text(
+                "SELECT d.detection_id, d.bbox_x, d.bbox_y, d.bbox_w, d.bbox_h, d.classification, d.status, "
+                "       d.batch_id, CASE WHEN i.status = 'ok' AND i.sha256 IS NOT NULL THEN i.sha256 "
+                "                        ELSE i.path END AS _image_key "
+                "FROM detections d JOIN images i ON i.image_id = d.image_id "
+                "WHERE d.detection_id = ANY(:ids)"), {"ids": chunk}):
+            existing[r.detection_id] = r
+    to_insert = []
+    for row in fresh:
+        old = existing.get(row["detection_id"])
+        if old is None:
+            to_insert.append(row)
+        elif _signature(old._mapping) == _signature(row):
+            report.duplicates_skipped += 1
+        else:
+            rejections.append((row["_rec"], f"duplicate detection id {row['detection_id']!r} with different "
+                                            f"content (stored from batch {old.batch_id}; stored row kept)"))
+    return to_insert
 
-        # duplicates within this input, then against what is stored
-        seen: dict[str, tuple[tuple, _Record]] = {}
-        fresh: list[dict] = []
-        for rec, row in candidates:
-            img = image_by_path[_path_of(row)]
-            row["image_id"] = img.image_id
-            row["_image_key"] = img.sha256 if img.status == "ok" and img.sha256 else img.path
-            sig = _signature(row)
-            did = row["detection_id"]
-            if did in seen:
-                first_sig, first_rec = seen[did]
-                if first_sig == sig:
-                    report.duplicates_skipped += 1
-                else:
-                    rejections.append((rec, f"duplicate detection id {did!r} with different content "
-                                            f"(first at line {first_rec.line} of this input)"))
-                continue
-            seen[did] = (sig, rec)
-            fresh.append(row)
-        existing = {}
-        for chunk in _chunks([r["detection_id"] for r in fresh]):
-            for r in conn.execute(sa.text(
-                    "SELECT d.detection_id, d.bbox_x, d.bbox_y, d.bbox_w, d.bbox_h, d.classification, d.status, "
-                    "       d.batch_id, CASE WHEN i.status = 'ok' AND i.sha256 IS NOT NULL THEN i.sha256 "
-                    "                        ELSE i.path END AS _image_key "
-                    "FROM detections d JOIN images i ON i.image_id = d.image_id "
-                    "WHERE d.detection_id = ANY(:ids)"), {"ids": chunk}):
-                existing[r.detection_id] = r
-        to_insert = []
-        for row in fresh:
-            old = existing.get(row["detection_id"])
-            if old is None:
-                to_insert.append(row)
-            elif _signature(old._mapping) == _signature(row):
-                report.duplicates_skipped += 1
-            else:
-                rejections.append((row["_rec"], f"duplicate detection id {row['detection_id']!r} with different "
-                                                f"content (stored from batch {old.batch_id}; stored row kept)"))
-        inserted: set[str] = set()
-        for chunk in _chunks(to_insert):
-            res = conn.execute(
-                pg.insert(_detections).values([{k: v for k, v in r.items() if not k.startswith("_")}
-                                               | {"batch_id": batch_id} for r in chunk])
-                .on_conflict_do_nothing(index_elements=["detection_id"])
-                .returning(_detections.c.detection_id))
-            inserted.update(x[0] for x in res)
-        partitions = set()
-        for row in to_insert:
-            if row["detection_id"] not in inserted:
-                report.duplicates_skipped += 1       # raced with another writer; theirs is kept
-                continue
-            report.new_detections += 1
-            if row["status"] == "rejected":
-                report.rejected_detections += 1
-                report.reasons[_reason_kind(row["reason"])] = report.reasons.get(_reason_kind(row["reason"]), 0) + 1
-            elif row["day"] is not None:
-                partitions.add((row["camera_id"], row["day"].isoformat()))
 
-        for rec, reason in rejections:
-            res = conn.execute(sa.text(
-                "INSERT INTO ingest_rejections (batch_id, source_path, line, record, reason) "
-                "SELECT CAST(:b AS bigint), CAST(:p AS text), CAST(:l AS integer), CAST(:r AS jsonb), "
-                "CAST(:why AS text) WHERE NOT EXISTS ("
-                " SELECT 1 FROM ingest_rejections WHERE source_path = CAST(:p AS text)"
-                " AND line IS NOT DISTINCT FROM CAST(:l AS integer)"
-                " AND reason = CAST(:why AS text) AND record = CAST(:r AS jsonb))"),
-                {"b": batch_id, "p": str(src), "l": rec.line, "r": json.dumps(_json_safe(rec.raw)), "why": reason})
-            if res.rowcount:
-                report.rejected_records += 1
-                report.reasons[_reason_kind(reason)] = report.reasons.get(_reason_kind(reason), 0) + 1
-            else:
-                report.duplicates_skipped += 1
-        report.rejected = report.rejected_detections + report.rejected_records
+def _insert_detections(conn: sa.Connection, to_insert: list[dict], batch_id: int,
+                       report: IngestReport) -> tuple[set[str], set[tuple[str, str]]]:
+    """Insert (ON CONFLICT DO NOTHING); returns (inserted ids, camera x day partitions touched)."""
+    inserted: set[str] = set()
+    for chunk in _chunks(to_insert):
+        res = conn.execute(
+            pg.insert(_detections).values([{k: v for k, v in r.items() if not k.startswith("_")}
+                                           | {"batch_id": batch_id} for r in chunk])
+            .on_conflict_do_nothing(index_elements=["detection_id"])
+            .returning(_detections.c.detection_id))
+        inserted.update(x[0] for x in res)
+    partitions = set()
+    for row in to_insert:
+        if row["detection_id"] not in inserted:
+            report.duplicates_skipped += 1       # raced with another writer; theirs is kept
+            continue
+        report.new_detections += 1
+        if row["status"] == "rejected":
+            report.rejected_detections += 1
+            report.reasons[_reason_kind(row["reason"])] = report.reasons.get(_reason_kind(row["reason"]), 0) + 1
+        elif row["day"] is not None:
+            partitions.add((row["camera_id"], row["day"].isoformat()))
+    return inserted, partitions
 
-        touched = sorted({row["camera_id"] for row in to_insert if row["detection_id"] in inserted})
-        if touched:
-            recompute_encounters(conn, touched, settings.burst_window_s)
-        if not report.already_ingested:
-            conn.execute(sa.text(
-                "UPDATE ingest_batches SET n_records = :r, n_new = :n, n_rejected = :j WHERE batch_id = :b"),
-                {"r": report.records, "n": report.new_detections, "j": report.rejected, "b": batch_id})
-    report.cameras = touched
-    report.partitions = sorted(partitions)
-    log.info("ingest %s: %d records, %d new, %d duplicates, %d rejected", src, report.records,
-             report.new_detections, report.duplicates_skipped, report.rejected)
-    return report
+
+def _record_rejections(conn: sa.Connection, rejections: list, batch_id: int, src: Path,
+                       report: IngestReport) -> None:
+    """Records that could not become detections, once each (``ingest_rejections``)."""
+    for rec, reason in rejections:
+        res = conn.execute(sa.text(
+            "INSERT INTO ingest_rejections (batch_id, source_path, line, record, reason) "
+            "SELECT CAST(:b AS bigint), CAST(:p AS text), CAST(:l AS integer), CAST(:r AS jsonb), "
+            "CAST(:why AS text) WHERE NOT EXISTS ("
+            " SELECT 1 FROM ingest_rejections WHERE source_path = CAST(:p AS text)"
+            " AND line IS NOT DISTINCT FROM CAST(:l AS integer)"
+            " AND reason = CAST(:why AS text) AND record = CAST(:r AS jsonb))"),
+            {"b": batch_id, "p": str(src), "l": rec.line, "r": json.dumps(_json_safe(rec.raw)), "why": reason})
+        if res.rowcount:
+            report.rejected_records += 1
+            report.reasons[_reason_kind(reason)] = report.reasons.get(_reason_kind(reason), 0) + 1
+        else:
+            report.duplicates_skipped += 1
+    report.rejected = report.rejected_detections + report.rejected_records
+
+
+def _close_batch(conn: sa.Connection, report: IngestReport, batch_id: int) -> None:
+    if not report.already_ingested:
+        conn.execute(sa.text(
+            "UPDATE ingest_batches SET n_records = :r, n_new = :n, n_rejected = :j WHERE batch_id = :b"),
+            {"r": report.records, "n": report.new_detections, "j": report.rejected, "b": batch_id})
 
 
 def _chunks(items: list, size: int = CHUNK) -> Iterable[list]:
@@ -480,42 +542,6 @@ def _detection_row(rec: _Record, img: _Image, fmt: str, min_confidence: float | 
         "status": "rejected" if reason else "ok", "reason": reason, "source_format": fmt,
         "_path": img.path, "_rec": rec,
     }
-
-
-ENCOUNTER_SQL = """
-WITH frames AS (
-    SELECT DISTINCT i.image_id, i.camera_id, i.captured_at
-    FROM images i JOIN detections d ON d.image_id = i.image_id
-    WHERE i.camera_id = ANY(:cams) AND i.captured_at IS NOT NULL AND i.status = 'ok'
-), marked AS (
-    SELECT image_id, camera_id, captured_at,
-           CASE WHEN lag(captured_at) OVER w IS NULL
-                  OR captured_at - lag(captured_at) OVER w > make_interval(secs => :win)
-                THEN 1 ELSE 0 END AS starts
-    FROM frames WINDOW w AS (PARTITION BY camera_id ORDER BY captured_at, image_id)
-), grouped AS (
-    SELECT image_id, camera_id, captured_at,
-           sum(starts) OVER (PARTITION BY camera_id ORDER BY captured_at, image_id) AS burst
-    FROM marked
-), named AS (
-    SELECT image_id,
-           camera_id || '-' || to_char(min(captured_at) OVER (PARTITION BY camera_id, burst) AT TIME ZONE 'UTC',
-                                       'YYYY-MM-DD"T"HH24:MI:SS') ||
-           CASE WHEN extract(microseconds FROM min(captured_at) OVER (PARTITION BY camera_id, burst))::bigint % 1000000 <> 0
-                THEN to_char(min(captured_at) OVER (PARTITION BY camera_id, burst) AT TIME ZONE 'UTC', '.US')
-                ELSE '' END || 'Z' AS encounter_id
-    FROM grouped
-)
-UPDATE detections d SET encounter_id = n.encounter_id
-FROM named n
-WHERE d.image_id = n.image_id AND d.encounter_id IS DISTINCT FROM n.encounter_id
-"""
-
-
-def recompute_encounters(conn: sa.Connection, cameras: list[str], burst_window_s: float) -> int:
-    """(Re)assign encounter ids for every frame of these cameras; returns rows changed."""
-    res = conn.execute(sa.text(ENCOUNTER_SQL), {"cams": list(cameras), "win": float(burst_window_s)})
-    return res.rowcount
 
 
 def main(argv: list[str]) -> int:

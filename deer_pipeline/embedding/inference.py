@@ -18,13 +18,14 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from deer_pipeline import settings
 from deer_pipeline.embedding import models as embedders
 from deer_pipeline.embedding import networks
 from deer_pipeline.embedding.models import EmbedderError, EmbedderSpec
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODELS = ("multiscale", "efficientnet_b0")
+DEFAULT_MODELS = settings.EMBEDDING_MODELS
 
 
 @dataclass(frozen=True)

@@ -49,9 +49,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
+
 import numpy as np
 
-
+from deer_pipeline import settings
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ MODELS = ("resnet50", "multiscale", "efficientnet_b0", "efficientnet_lite0")
 ENSEMBLE = "ensemble"
 
 
-DEFAULT_ENSEMBLE_WEIGHTS = {"multiscale": 0.6, "efficientnet_b0": 0.4}
+DEFAULT_ENSEMBLE_WEIGHTS = dict(settings.ENSEMBLE_WEIGHTS)
 
 
 RANDOM_WEIGHTS = "random-test-only"
@@ -239,7 +240,7 @@ def lite0_weights_path() -> Path:
 
 
 def random_weights_allowed() -> bool:
-    return os.environ.get(ALLOW_RANDOM_ENV, "") == "1"
+    return settings.env(ALLOW_RANDOM_ENV, "") == "1"
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,23 @@ from __future__ import annotations
 
 import threading
 from typing import Mapping, Sequence
-from deer_pipeline.embedding.models import ALLOW_RANDOM_ENV, BACKBONE_FEATURES, BACKBONE_PREPROCESSING, EmbedderError, EmbedderSpec, GEM_P, RANDOM_WEIGHTS, RANDOM_WEIGHTS_SEED, ResolvedWeights, UnknownModel, WeightsMismatch, _torchvision_weights_enum, projection_matrix, random_weights_allowed
+
+from deer_pipeline.embedding.models import (
+    ALLOW_RANDOM_ENV,
+    BACKBONE_FEATURES,
+    BACKBONE_PREPROCESSING,
+    GEM_P,
+    RANDOM_WEIGHTS,
+    RANDOM_WEIGHTS_SEED,
+    EmbedderError,
+    EmbedderSpec,
+    ResolvedWeights,
+    UnknownModel,
+    WeightsMismatch,
+    _torchvision_weights_enum,
+    projection_matrix,
+    random_weights_allowed,
+)
 
 
 def _build_module(backbone: str, empty: bool = False):

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from deer_pipeline.evaluation import methods as reid_methods
+from deer_pipeline.settings import EmbeddingSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from deer_pipeline.evaluation import run as ev
     from deer_pipeline.evaluation import labels as eval_labels
     from deer_pipeline.evaluation import report as eval_report
+    from deer_pipeline.evaluation import run as ev
 
     if args.calibration_labels and args.split_by_identity is not None:
         print("deer-pipeline evaluate: give either --calibration-labels or --split-by-identity, not both",
@@ -56,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         methods = reid_methods.resolve_methods(args.methods)
-        options = ev.EvaluationOptions(methods=[m.name for m in methods], weights=args.weights,
-                                       device=args.device, batch_size=args.batch_size,
+        embedding = EmbeddingSettings(weights=args.weights, device=args.device, batch_size=args.batch_size)
+        options = ev.EvaluationOptions(methods=[m.name for m in methods], embedding=embedding,
                                        order_seed=args.order_seed, legacy_redraws=args.legacy_redraws)
         report = ev.evaluate(args.labels, args.images_root, args.calibration_labels,
                              args.calibration_images_root, args.split_by_identity, options)

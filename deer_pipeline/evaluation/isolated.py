@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 from contextlib import contextmanager
 from typing import Iterator
+
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from deer_pipeline import db
+
+from deer_pipeline import db, settings
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def isolated_database(prefix: str = "deer_eval", base_url: str | None = None) ->
     from sqlalchemy.pool import NullPool
 
     name = f"{prefix}_{secrets.token_hex(5)}"
-    url = base_url or os.environ.get("DEER_DATABASE_URL")
+    url = base_url or settings.env("DEER_DATABASE_URL")
     cleanup = None
     if url:
         base = make_url(db._sqlalchemy_url(url))

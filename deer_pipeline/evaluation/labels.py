@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Sequence
-import numpy as np
 
+import numpy as np
 
 
 class EvaluationError(ValueError):

@@ -31,6 +31,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from deer_pipeline import settings
 from deer_pipeline.embedding import models as embedders
 from deer_pipeline.embedding import networks
 
@@ -86,7 +87,7 @@ def method_registry() -> dict[str, Method]:
                                   {"efficientnet_b0": 1.0}),
         "v3_ensemble": Method("v3_ensemble", "pipeline",
                               "0.6 x multiscale cosine + 0.4 x efficientnet_b0 cosine",
-                              {"multiscale": 0.6, "efficientnet_b0": 0.4}),
+                              dict(settings.ENSEMBLE_WEIGHTS)),
         DEFAULT_METHOD: Method(DEFAULT_METHOD, "pipeline",
                                "the pipeline's default configuration (settings.MatchingSettings "
                                "ensemble weights " + ", ".join(f"{m}={w:g}" for m, w in dw.items())

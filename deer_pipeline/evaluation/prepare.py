@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Sequence
+
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+
 from deer_pipeline.evaluation import methods as rm
 from deer_pipeline.evaluation.labels import EvaluationError, LabelledPhoto
+from deer_pipeline.settings import EmbeddingSettings
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +148,8 @@ def prepare_set(engine: Engine, photos: Sequence[LabelledPhoto], role: str, work
 
 
 def crop_items(engine: Engine, ps: PreparedSet, store_dir: str) -> list:
-    from deer_pipeline.embedding.store import partition_crops
     from deer_pipeline.embedding.inference import CropItem
+    from deer_pipeline.embedding.store import partition_crops
 
     wanted = set(ps.detection_ids)
     items = []
@@ -157,7 +160,7 @@ def crop_items(engine: Engine, ps: PreparedSet, store_dir: str) -> list:
 
 
 def embed_sets(engine: Engine, sets: Sequence[PreparedSet], methods: Sequence[rm.Method], store_dir: str,
-               weights: str = "auto", device: str = "auto", batch_size: int = 32) -> dict:
+               embedding: EmbeddingSettings | None = None) -> dict:
     """Embed every ok crop of the sets with the pipeline's models; vectors are written to the
     store and kept in memory.
 
@@ -165,9 +168,13 @@ def embed_sets(engine: Engine, sets: Sequence[PreparedSet], methods: Sequence[rm
     methods' vectors are taken from the SAME forward pass, by a forward hook on the pipeline's
     own backbone (:class:`reid_methods.FeatureSink`), when the pipeline runs that backbone;
     otherwise (or if the rows do not line up) a separate pass over the same crops computes them."""
-    from deer_pipeline.embedding import store as embedding_store
+    from deer_pipeline.embedding import config as embedding_config
     from deer_pipeline.embedding import networks
-    from deer_pipeline.embedding.inference import InferenceEngine, resolve_device
+    from deer_pipeline.embedding import store as embedding_store
+    from deer_pipeline.embedding.inference import resolve_device
+
+    embedding = embedding or EmbeddingSettings()
+    weights = embedding.weights
 
     t0 = time.perf_counter()
     pipeline_models = list(dict.fromkeys(m for meth in methods if meth.kind == "pipeline" for m in meth.models))
@@ -181,7 +188,7 @@ def embed_sets(engine: Engine, sets: Sequence[PreparedSet], methods: Sequence[rm
     hooked: list = []
     sink_ids: list[str] | None = None
     if pipeline_models:
-        eng = InferenceEngine(pipeline_models, weights=weights, device=device, batch_size=batch_size)
+        eng = embedding_config.engine(embedding, pipeline_models)
         eng.load()
         nets = {}
         for spec in eng.specs.values():       # the engine's own (cached) backbone networks
@@ -220,7 +227,7 @@ def embed_sets(engine: Engine, sets: Sequence[PreparedSet], methods: Sequence[rm
     rest = [s for s in sinks if s not in hooked]
     if rest:
         t1 = time.perf_counter()
-        ids, failures = rm.run_sinks(items, rest, resolve_device(device), batch_size)
+        ids, failures = rm.run_sinks(items, rest, resolve_device(embedding.device, embedding.gpu_index), embedding.batch_size)
         info["seconds"]["extra_backbone_pass"] = round(time.perf_counter() - t1, 2)
         if sink_ids is not None and hooked and ids != sink_ids:
             raise EvaluationError("the extra backbone pass and the pipeline embedded different crops")

@@ -7,10 +7,10 @@ import io
 import json
 from datetime import datetime
 from pathlib import Path
+
 import numpy as np
+
 from deer_pipeline.evaluation import methods as rm
-
-
 
 REPORT_METRICS = ("top1", "top5", "mAP", "pairwise_precision", "pairwise_recall", "pairwise_f1", "ari",
                   "n_pred", "n_true", "baks", "baus")

@@ -49,21 +49,35 @@ import platform
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping, Sequence
+
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from deer_pipeline.identity import metrics
+
 from deer_pipeline.evaluation import methods as rm
 from deer_pipeline.evaluation.isolated import isolated_database
-from deer_pipeline.evaluation.labels import EvaluationError, LabelledPhoto, dataset_summary, read_labels, split_by_identity
+from deer_pipeline.evaluation.labels import (
+    EvaluationError,
+    LabelledPhoto,
+    dataset_summary,
+    read_labels,
+    split_by_identity,
+)
 from deer_pipeline.evaluation.prepare import PreparedSet, embed_sets, prepare_set
 from deer_pipeline.evaluation.report import verdict
-from deer_pipeline.evaluation.scoring import _pair_curve, calibrate_threshold, closed_set_metrics, open_set_metrics, simulate_open_set
-
+from deer_pipeline.evaluation.scoring import (
+    _pair_curve,
+    calibrate_threshold,
+    closed_set_metrics,
+    open_set_metrics,
+    simulate_open_set,
+)
+from deer_pipeline.identity import metrics
+from deer_pipeline.settings import EmbeddingSettings
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +191,8 @@ def _cannot_link(ps: PreparedSet, feed: Sequence[Sequence[int]]) -> dict[int, se
 @dataclass
 class EvaluationOptions:
     methods: Sequence[str] | None = None
-    weights: str = "auto"
-    device: str = "auto"
-    batch_size: int = 32
+    # the one embedding configuration (weights, device, batch size ...), as the pipeline uses it
+    embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
     order_seed: int = 0
     database_url: str | None = None      # None: DEER_DATABASE_URL, else the embedded server
     legacy_redraws: int = 10             # extra legacy runs, each with a new projection (its spread)
@@ -197,6 +210,27 @@ def evaluate(labels_csv, images_root=None, calibration_labels_csv=None, calibrat
     options = options or EvaluationOptions()
     t_start = time.perf_counter()
     methods = rm.resolve_methods(options.methods)
+    photos, cal_photos, split_note = _labelled_sets(
+        labels_csv, images_root, calibration_labels_csv, calibration_images_root, split_by_identity_seed,
+        photos, calibration_photos)
+    report = _new_report(labels_csv, images_root, calibration_labels_csv, split_note, photos, cal_photos)
+    timings: dict = {}
+    curves: dict = {}
+    with tempfile.TemporaryDirectory(prefix="deer-eval-") as tmp, \
+            isolated_database(base_url=options.database_url) as engine:
+        ev, cal, emb = _prepare_and_embed(engine, photos, cal_photos, methods, options, Path(tmp), timings, report)
+        legacy = rm.LegacyMatcher(emb["legacy_d_in"]) if "legacy_d_in" in emb else None
+        for method in methods:
+            report["methods"][method.name] = _evaluate_method(engine, method, ev, cal, emb, legacy, options, curves)
+        reset_identities(engine)
+    timings["total_s"] = round(time.perf_counter() - t_start, 2)
+    _finish_report(report, emb, timings, curves)
+    return report
+
+
+def _labelled_sets(labels_csv, images_root, calibration_labels_csv, calibration_images_root,
+                   split_by_identity_seed, photos, calibration_photos):
+    """(evaluated photos, calibration photos or None, a note on how they were split)."""
     if photos is None:
         photos = read_labels(labels_csv, images_root)
     cal_photos = None
@@ -212,9 +246,11 @@ def evaluate(labels_csv, images_root=None, calibration_labels_csv=None, calibrat
         overlap = {p.identity for p in cal_photos} & {p.identity for p in photos}
         if overlap and split_by_identity_seed is None:
             log.warning("%d individual(s) appear in both the calibration and the evaluated labels", len(overlap))
-    from deer_pipeline.settings import CropSettings
+    return photos, cal_photos, split_note
 
-    report: dict = {
+
+def _new_report(labels_csv, images_root, calibration_labels_csv, split_note, photos, cal_photos) -> dict:
+    return {
         "default_method": rm.DEFAULT_METHOD,
         "methods": {},
         "dataset": {
@@ -237,100 +273,118 @@ def evaluate(labels_csv, images_root=None, calibration_labels_csv=None, calibrat
                          "replay of the pipeline rule, 0.01 then 0.001 grid, ties to the higher threshold)",
         },
     }
-    timings: dict = {}
-    with tempfile.TemporaryDirectory(prefix="deer-eval-") as tmp, \
-            isolated_database(base_url=options.database_url) as engine:
-        workdir = Path(tmp)
-        crop_settings = CropSettings(store_dir=str(workdir / "crops"))
-        t0 = time.perf_counter()
-        ev = prepare_set(engine, photos, "evaluation", workdir, crop_settings, options.order_seed)
-        sets = [ev]
-        cal = None
-        if cal_photos:
-            cal = prepare_set(engine, cal_photos, "calibration", workdir, crop_settings, options.order_seed)
-            sets.append(cal)
-        timings["ingest_and_crop_s"] = round(time.perf_counter() - t0, 2)
-        emb = embed_sets(engine, sets, methods, crop_settings.store_dir, options.weights, options.device,
-                         options.batch_size)
-        timings.update({f"{k}_s": v for k, v in emb["seconds"].items()})
-        report["dataset"]["evaluation"]["order"] = ev.order_source
-        report["dataset"]["evaluation"]["evaluated_photos"] = len(ev.ok)
-        report["dataset"]["evaluation"]["skipped"] = dict(list(ev.skipped.items())[:50])
-        report["dataset"]["evaluation"]["skipped_count"] = len(ev.skipped)
-        if cal is not None:
-            report["dataset"]["calibration"]["evaluated_photos"] = len(cal.ok)
-            report["dataset"]["calibration"]["skipped_count"] = len(cal.skipped)
-        if len(ev.ok) < 2:
-            raise EvaluationError(f"only {len(ev.ok)} evaluated photo(s) could be embedded; "
-                                  f"skipped: {dict(list(ev.skipped.items())[:5])}")
-        legacy = rm.LegacyMatcher(emb["legacy_d_in"]) if "legacy_d_in" in emb else None
-        ev_feed = ev.feed_encounters()
-        ev_cl = _cannot_link(ev, ev_feed)
-        cal_feed = cal.feed_encounters() if cal is not None and cal.ok else None
-        curves: dict = {}
-        for method in methods:
-            tm = time.perf_counter()
-            entry: dict = {"kind": method.kind, "description": method.description,
-                           "weights": dict(method.ensemble_weights) or None}
-            S = method_similarity(ev, method, legacy)
-            entry["closed_set"] = closed_set_metrics(S, ev.identities(), ev.label_encounters())
-            if method.kind == "legacy":
-                entry["threshold"] = rm.LEGACY_THRESHOLD
-                entry["threshold_source"] = "fixed at 0.60 in the legacy code (not calibrated)"
-                deer, feed = run_legacy_open_set(ev, legacy)
-                entry["open_set"] = open_set_metrics(ev.identities(), deer, feed)
-                entry["backbone"] = emb["weights_used"].get("legacy")
-                entry["projection"] = {"kind": "torch.nn.Linear default init, unseeded, drawn per process",
-                                       "d_in": legacy.d_in, "sha256": legacy.projection_sha256}
-                entry["redraws"] = legacy_redraws(ev, legacy.d_in, options.legacy_redraws)
-            else:
-                if cal_feed:
-                    Sc = method_similarity(cal, method, legacy)
-                    rec = calibrate_threshold(Sc, cal.identities(), cal_feed, _cannot_link(cal, cal_feed))
-                    threshold = float(rec["threshold"])
-                    entry["threshold_source"] = (f"calibration labels ({len(cal.ok)} photos, "
-                                                 f"{len(set(cal.identities()))} individuals): {rec['rule']} of "
-                                                 "the replayed open set")
-                    entry["calibration"] = {k: rec[k] for k in ("f1", "precision", "recall", "n_pred", "n_true")}
-                    count_rule = rec["count_rule"]
-                    curves.setdefault("calibration_f1", {})[method.name] = rec["sweep"]
-                else:
-                    threshold = rm.default_threshold()
-                    entry["threshold_source"] = "the pipeline's configured reid_threshold (no calibration labels)"
-                entry["threshold"] = threshold
-                deer, feed, secs = run_pipeline_open_set(engine, ev, method, threshold, emb["versions"])
-                entry["open_set"] = open_set_metrics(ev.identities(), deer, feed)
-                entry["open_set_seconds"] = round(secs, 2)
-                sim_deer, _ = simulate_open_set(S, ev_feed, threshold, ev_cl)
-                entry["replay_agreement_ari"] = metrics.adjusted_rand_index(deer, sim_deer)
-                if cal_feed:
-                    d2, f2, _ = run_pipeline_open_set(engine, ev, method, count_rule["threshold"], emb["versions"])
-                    entry["count_operating_point"] = {
-                        "threshold": count_rule["threshold"],
-                        "threshold_source": "calibration labels: " + count_rule["rule"],
-                        "calibration": {k: count_rule[k] for k in ("f1", "precision", "recall", "n_pred", "n_true")},
-                        "open_set": open_set_metrics(ev.identities(), d2, f2)}
-                entry["embedding_versions"] = {m: emb["versions"][m] for m in method.models}
-                entry["backbone"] = [emb["weights_used"][m] for m in method.models]
-                if method.name == rm.DEFAULT_METHOD and cal_feed:
-                    t_conf = rm.default_threshold()
-                    d2, f2, _ = run_pipeline_open_set(engine, ev, method, t_conf, emb["versions"])
-                    entry["as_configured"] = {"threshold": t_conf,
-                                              "open_set": open_set_metrics(ev.identities(), d2, f2)}
-            curves.setdefault("pairs", {})[method.name] = _pair_curve(S, ev.identities(), ev.label_encounters())
-            entry["seconds"] = round(time.perf_counter() - tm, 2)
-            report["methods"][method.name] = entry
-        reset_identities(engine)
-    timings["total_s"] = round(time.perf_counter() - t_start, 2)
+
+
+def _prepare_and_embed(engine: Engine, photos, cal_photos, methods, options: EvaluationOptions,
+                       workdir: Path, timings: dict, report: dict):
+    """Ingest, crop and embed both sets with the pipeline's code; returns (evaluated set,
+    calibration set or None, the embedding pass's vectors and notes)."""
+    from deer_pipeline.settings import CropSettings
+
+    crop_settings = CropSettings(store_dir=str(workdir / "crops"))
+    t0 = time.perf_counter()
+    ev = prepare_set(engine, photos, "evaluation", workdir, crop_settings, options.order_seed)
+    sets = [ev]
+    cal = None
+    if cal_photos:
+        cal = prepare_set(engine, cal_photos, "calibration", workdir, crop_settings, options.order_seed)
+        sets.append(cal)
+    timings["ingest_and_crop_s"] = round(time.perf_counter() - t0, 2)
+    emb = embed_sets(engine, sets, methods, crop_settings.store_dir, options.embedding)
+    timings.update({f"{k}_s": v for k, v in emb["seconds"].items()})
+    report["dataset"]["evaluation"]["order"] = ev.order_source
+    report["dataset"]["evaluation"]["evaluated_photos"] = len(ev.ok)
+    report["dataset"]["evaluation"]["skipped"] = dict(list(ev.skipped.items())[:50])
+    report["dataset"]["evaluation"]["skipped_count"] = len(ev.skipped)
+    if cal is not None:
+        report["dataset"]["calibration"]["evaluated_photos"] = len(cal.ok)
+        report["dataset"]["calibration"]["skipped_count"] = len(cal.skipped)
+    if len(ev.ok) < 2:
+        raise EvaluationError(f"only {len(ev.ok)} evaluated photo(s) could be embedded; "
+                              f"skipped: {dict(list(ev.skipped.items())[:5])}")
+    return ev, cal, emb
+
+
+def _evaluate_method(engine: Engine, method: rm.Method, ev: PreparedSet, cal: PreparedSet | None, emb: dict,
+                     legacy: rm.LegacyMatcher | None, options: EvaluationOptions, curves: dict) -> dict:
+    """One method's entry of the report: closed set, then the open set at its threshold."""
+    tm = time.perf_counter()
+    entry: dict = {"kind": method.kind, "description": method.description,
+                   "weights": dict(method.ensemble_weights) or None}
+    S = method_similarity(ev, method, legacy)
+    entry["closed_set"] = closed_set_metrics(S, ev.identities(), ev.label_encounters())
+    if method.kind == "legacy":
+        _legacy_open_set(entry, ev, emb, legacy, options)
+    else:
+        _pipeline_open_set(entry, engine, method, S, ev, cal, emb, legacy, curves)
+    curves.setdefault("pairs", {})[method.name] = _pair_curve(S, ev.identities(), ev.label_encounters())
+    entry["seconds"] = round(time.perf_counter() - tm, 2)
+    return entry
+
+
+def _legacy_open_set(entry: dict, ev: PreparedSet, emb: dict, legacy: rm.LegacyMatcher,
+                     options: EvaluationOptions) -> None:
+    entry["threshold"] = rm.LEGACY_THRESHOLD
+    entry["threshold_source"] = "fixed at 0.60 in the legacy code (not calibrated)"
+    deer, feed = run_legacy_open_set(ev, legacy)
+    entry["open_set"] = open_set_metrics(ev.identities(), deer, feed)
+    entry["backbone"] = emb["weights_used"].get("legacy")
+    entry["projection"] = {"kind": "torch.nn.Linear default init, unseeded, drawn per process",
+                           "d_in": legacy.d_in, "sha256": legacy.projection_sha256}
+    entry["redraws"] = legacy_redraws(ev, legacy.d_in, options.legacy_redraws)
+
+
+def _pipeline_open_set(entry: dict, engine: Engine, method: rm.Method, S: np.ndarray, ev: PreparedSet,
+                       cal: PreparedSet | None, emb: dict, legacy, curves: dict) -> None:
+    """The threshold (calibrated on the calibration set, else the configured one), then the
+    pipeline's own match-or-create on the evaluated set at it (and at the count-calibrated and
+    the configured thresholds)."""
+    cal_feed = cal.feed_encounters() if cal is not None and cal.ok else None
+    if cal_feed:
+        Sc = method_similarity(cal, method, legacy)
+        rec = calibrate_threshold(Sc, cal.identities(), cal_feed, _cannot_link(cal, cal_feed))
+        threshold = float(rec["threshold"])
+        entry["threshold_source"] = (f"calibration labels ({len(cal.ok)} photos, "
+                                     f"{len(set(cal.identities()))} individuals): {rec['rule']} of "
+                                     "the replayed open set")
+        entry["calibration"] = {k: rec[k] for k in ("f1", "precision", "recall", "n_pred", "n_true")}
+        count_rule = rec["count_rule"]
+        curves.setdefault("calibration_f1", {})[method.name] = rec["sweep"]
+    else:
+        threshold = rm.default_threshold()
+        entry["threshold_source"] = "the pipeline's configured reid_threshold (no calibration labels)"
+    entry["threshold"] = threshold
+    deer, feed, secs = run_pipeline_open_set(engine, ev, method, threshold, emb["versions"])
+    entry["open_set"] = open_set_metrics(ev.identities(), deer, feed)
+    entry["open_set_seconds"] = round(secs, 2)
+    ev_feed = ev.feed_encounters()
+    sim_deer, _ = simulate_open_set(S, ev_feed, threshold, _cannot_link(ev, ev_feed))
+    entry["replay_agreement_ari"] = metrics.adjusted_rand_index(deer, sim_deer)
+    if cal_feed:
+        d2, f2, _ = run_pipeline_open_set(engine, ev, method, count_rule["threshold"], emb["versions"])
+        entry["count_operating_point"] = {
+            "threshold": count_rule["threshold"],
+            "threshold_source": "calibration labels: " + count_rule["rule"],
+            "calibration": {k: count_rule[k] for k in ("f1", "precision", "recall", "n_pred", "n_true")},
+            "open_set": open_set_metrics(ev.identities(), d2, f2)}
+    entry["embedding_versions"] = {m: emb["versions"][m] for m in method.models}
+    entry["backbone"] = [emb["weights_used"][m] for m in method.models]
+    if method.name == rm.DEFAULT_METHOD and cal_feed:
+        t_conf = rm.default_threshold()
+        d2, f2, _ = run_pipeline_open_set(engine, ev, method, t_conf, emb["versions"])
+        entry["as_configured"] = {"threshold": t_conf, "open_set": open_set_metrics(ev.identities(), d2, f2)}
+
+
+def _finish_report(report: dict, emb: dict, timings: dict, curves: dict) -> None:
     report["timings"] = timings
-    report["embedding"] = {k: emb[k] for k in ("versions", "weights_used", "feature_source", "backbone_passes_per_crop") if k in emb}
+    report["embedding"] = {k: emb[k] for k in ("versions", "weights_used", "feature_source",
+                                               "backbone_passes_per_crop") if k in emb}
     report["embedding"]["device"] = emb.get("device")
     report["embedding"]["failures"] = emb["failures"][:20]
     report["environment"] = _environment()
     report["curves"] = curves
     report["substitution_note"] = _substitution_note(emb)
     report["verdict"] = verdict(report)
-    return report
 
 
 def _substitution_note(emb: dict) -> str | None:

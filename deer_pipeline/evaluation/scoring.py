@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from typing import Mapping, Sequence
-import numpy as np
-from deer_pipeline.identity import metrics
 
+import numpy as np
+
+from deer_pipeline.identity import metrics
 
 
 def closed_set_metrics(similarity: np.ndarray, identities: Sequence, encounters: Sequence,

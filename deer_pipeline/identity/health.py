@@ -7,9 +7,17 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from typing import Mapping
+
 import numpy as np
 import sqlalchemy as sa
-from deer_pipeline.identity.store import as_date, deer_total, partition_decisions, partition_key_text, vector_cursor
+
+from deer_pipeline.identity.store import (
+    as_date,
+    deer_total,
+    partition_decisions,
+    partition_key_text,
+    vector_cursor,
+)
 
 
 def window_decisions(conn: sa.Connection, day_from: date, day_to: date, camera_id: str | None = None) -> dict:

@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Iterable, Mapping, Sequence
+
 import numpy as np
 import sqlalchemy as sa
 

@@ -43,9 +43,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from deer_pipeline import db
-from deer_pipeline.identity import store
-from deer_pipeline.identity import metrics
 from deer_pipeline.embedding.models import unit_rows, weighted_cosine
+from deer_pipeline.identity import metrics, store
 
 log = logging.getLogger(__name__)
 

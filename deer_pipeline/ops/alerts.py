@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Iterable, Mapping
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+
+from deer_pipeline import settings
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ DEFAULT_TIMEOUT_S = 5.0
 
 
 def webhook_url() -> str | None:
-    url = os.environ.get(WEBHOOK_ENV, "").strip()
+    url = settings.env(WEBHOOK_ENV, "").strip()
     return url or None
 
 

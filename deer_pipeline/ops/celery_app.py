@@ -32,11 +32,15 @@ Importing this module needs the ``celery`` extra (dagster-celery, redis); it con
 
 from __future__ import annotations
 
-import os
-
 from dagster_celery.config import DEFAULT_CONFIG, dict_wrapper
 from dagster_celery.make_app import make_app
-from dagster_celery.tasks import create_execute_job_task, create_resume_job_task, create_task
+from dagster_celery.tasks import (
+    create_execute_job_task,
+    create_resume_job_task,
+    create_task,
+)
+
+from deer_pipeline import settings
 
 DEFAULT_QUEUE = "dagster"
 GPU_QUEUE = "gpu"
@@ -44,15 +48,15 @@ DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 
 
 def broker_url() -> str:
-    return os.environ.get("DEER_CELERY_BROKER_URL") or DEFAULT_BROKER_URL
+    return settings.env("DEER_CELERY_BROKER_URL") or DEFAULT_BROKER_URL
 
 
 def backend_url() -> str:
-    return os.environ.get("DEER_CELERY_BACKEND_URL") or broker_url()
+    return settings.env("DEER_CELERY_BACKEND_URL") or broker_url()
 
 
 def _int_env(name: str, default: int, minimum: int = 1) -> int:
-    raw = os.environ.get(name)
+    raw = settings.env(name)
     if raw in (None, ""):
         return default
     try:

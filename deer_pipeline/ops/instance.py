@@ -11,17 +11,17 @@ import os
 import shutil
 from pathlib import Path
 
-from deer_pipeline import db
+from deer_pipeline import db, settings
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DAGSTER_YAML = REPO_ROOT / "dagster.yaml"
 
 
 def prepare_dagster_home() -> Path:
     """Set DAGSTER_HOME and DAGSTER_POSTGRES_URL (when unset) and return the home directory."""
-    if not os.environ.get("DAGSTER_POSTGRES_URL"):
+    if not settings.env("DAGSTER_POSTGRES_URL"):
         os.environ["DAGSTER_POSTGRES_URL"] = db.dagster_storage_url()
-    home = Path(os.environ.get("DAGSTER_HOME") or db.data_dir() / "dagster_home").resolve()
+    home = Path(settings.env("DAGSTER_HOME") or db.data_dir() / "dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
     target = home / "dagster.yaml"
     if DAGSTER_YAML.exists() and (not target.exists() or target.read_text() != DAGSTER_YAML.read_text()):

@@ -19,9 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from deer_pipeline import db
+from deer_pipeline import db, settings
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKSPACE_YAML = REPO_ROOT / "workspace.yaml"
 DAGSTER_YAML = REPO_ROOT / "dagster.yaml"
 
@@ -71,7 +71,7 @@ def prepare_environment() -> Path:
     """
     from deer_pipeline.ops.instance import prepare_dagster_home
 
-    production = bool(os.environ.get("DEER_DATABASE_URL"))
+    production = bool(settings.env("DEER_DATABASE_URL"))
     if production:
         missing = missing_env()
         if missing:

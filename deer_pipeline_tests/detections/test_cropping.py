@@ -6,9 +6,7 @@ import pytest
 import sqlalchemy as sa
 
 from deer_pipeline import sample
-from deer_pipeline.detections import cropping
-from deer_pipeline.detections import images
-from deer_pipeline.detections import ingest
+from deer_pipeline.detections import cropping, images, ingest
 from deer_pipeline.settings import CropSettings
 from deer_pipeline_tests.detections.test_images import write_photo
 

@@ -1,7 +1,14 @@
 from datetime import datetime, timedelta, timezone
 
-from deer_pipeline.detections.encounters import (DetectionBox, LinkSettings, build_encounters, cannot_link,
-                                      consensus_sex, iou, track_burst)
+from deer_pipeline.detections.encounters import (
+    DetectionBox,
+    LinkSettings,
+    build_encounters,
+    cannot_link,
+    consensus_sex,
+    iou,
+    track_burst,
+)
 
 T0 = datetime(2024, 5, 1, 6, 0, tzinfo=timezone.utc)
 

@@ -7,7 +7,7 @@ from datetime import date, datetime, timezone
 import pytest
 import sqlalchemy as sa
 
-from deer_pipeline.detections import formats, ingest
+from deer_pipeline.detections import encounters, formats, ingest
 from deer_pipeline.settings import IngestSettings
 from deer_pipeline_tests.detections.test_images import write_photo
 
@@ -288,7 +288,7 @@ def test_bursts_group_frames_and_keep_two_deer_apart(engine, tmp_path):
     assert enc2["f0.jpg"] == "cam-e-2025-10-02T06:00:00Z"
     # a wider window chains everything
     with engine.begin() as conn:
-        ingest.recompute_encounters(conn, ["cam-e"], 15)
+        encounters.recompute_encounters(conn, ["cam-e"], 15)
     assert {r["encounter_id"] for r in rows(engine, "SELECT encounter_id FROM detections")} == {"cam-e-2025-10-02T06:00:00Z"}
 
 

@@ -19,8 +19,13 @@ import pytest
 
 from deer_pipeline.embedding import models as embedders
 from deer_pipeline.embedding import networks
-from deer_pipeline.embedding.models import EmbedderError, UnknownModel, WeightsMismatch, WeightsUnavailable
 from deer_pipeline.embedding.inference import CropItem, InferenceEngine
+from deer_pipeline.embedding.models import (
+    EmbedderError,
+    UnknownModel,
+    WeightsMismatch,
+    WeightsUnavailable,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -292,9 +297,7 @@ def test_ensemble_similarity_and_version():
     sim2 = embedders.weighted_cosine(uq, ug, {"multiscale": 0.5, "efficientnet_b0": 0.5})
     np.testing.assert_allclose(sim2, 0.5 * expect["multiscale"] + 0.5 * expect["efficientnet_b0"], atol=1e-5)
 
-    from deer_pipeline.settings import SettingsError
-
-    from deer_pipeline.settings import MatchingSettings, check_weights
+    from deer_pipeline.settings import MatchingSettings, SettingsError, check_weights
 
     with pytest.raises(SettingsError):   # weights are validated where they are configured
         check_weights({"multiscale": 0.7, "efficientnet_b0": 0.4})

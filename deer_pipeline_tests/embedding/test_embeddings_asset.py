@@ -13,12 +13,19 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from deer_pipeline.defs.embeddings import CHECK_NAME, build_embeddings_asset
+from deer_pipeline.defs.partitions import CAMERA_PARTITIONS_NAME, partition_key
+from deer_pipeline.defs.resources import (
+    CropStore,
+    DeerDatabase,
+    IdentitySettings,
+    InferenceResource,
+    inference_resource_from_env,
+)
+from deer_pipeline.embedding import config as embedding_config
 from deer_pipeline.embedding import models as embedders
 from deer_pipeline.embedding import store as embedding_store
-from deer_pipeline.defs.embeddings import CHECK_NAME, build_embeddings_asset, embeddings_code_version
-from deer_pipeline.defs.resources import InferenceResource, inference_resource_from_env
-from deer_pipeline.defs.partitions import CAMERA_PARTITIONS_NAME, partition_key
-from deer_pipeline.defs.resources import CropStore, DeerDatabase
+from deer_pipeline.settings import EmbeddingSettings
 from deer_pipeline_tests.embedding.test_embedding_store import add_crops
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
@@ -82,8 +89,8 @@ def test_embeddings_materialise_rematerialise_switch_version_and_roll_back(engin
     version_a = embedders.resolve_embedder(MODEL, "auto", pooling="avg").version
     version_b = embedders.resolve_embedder(MODEL, "auto", pooling="gem").version
     assert version_a != version_b
-    asset_a = build_embeddings_asset([MODEL], "auto", pooling="avg")
-    asset_b = build_embeddings_asset([MODEL], "auto", pooling="gem")
+    asset_a = build_embeddings_asset(EmbeddingSettings(models=(MODEL,), pooling="avg"))
+    asset_b = build_embeddings_asset(EmbeddingSettings(models=(MODEL,), pooling="gem"))
     assert asset_a.code_versions_by_key[asset_a.key] != asset_b.code_versions_by_key[asset_b.key]
     assert asset_a.backfill_policy.max_partitions_per_run >= 1
 
@@ -133,7 +140,7 @@ def test_embeddings_materialise_rematerialise_switch_version_and_roll_back(engin
 
 
 def test_empty_partition_materialises_without_loading_a_model(engine, crop_dir, instance):
-    asset = build_embeddings_asset([MODEL], "auto")
+    asset = build_embeddings_asset(EmbeddingSettings(models=(MODEL,)))
     mat, check = _materialize(asset, instance, crop_dir, "avg")
     assert mat.metadata["crops"].value == 0 and mat.metadata["new_vectors"].value == 0
     assert mat.metadata["backbone_passes_per_crop"].value == 0
@@ -148,9 +155,19 @@ def test_code_version_and_resource_follow_the_environment(monkeypatch):
     res = inference_resource_from_env()
     assert res.models == ["efficientnet_lite0"]
     asset = build_embeddings_asset()
-    assert asset.code_versions_by_key[asset.key] == embeddings_code_version(["efficientnet_lite0"], "auto")
-    assert embeddings_code_version(["efficientnet_lite0"], "auto") != embeddings_code_version(
-        ["efficientnet_lite0"], "auto", pooling="gem")
+    lite0 = EmbeddingSettings(models=("efficientnet_lite0",))
+    assert asset.code_versions_by_key[asset.key] == embedding_config.code_version(lite0)
+    assert InferenceResource(models=["efficientnet_lite0"], device="cpu", batch_size=4).embedding_settings() == \
+        EmbeddingSettings(models=("efficientnet_lite0",), device="cpu", batch_size=4)
+    assert embedding_config.code_version(lite0) != embedding_config.code_version(
+        EmbeddingSettings(models=("efficientnet_lite0",), pooling="gem"))
+    # a per-model weights file is part of the one configuration: every consumer sees it
+    weights_file = embedders.lite0_weights_path()
+    with_file = EmbeddingSettings(models=("efficientnet_lite0",), weights_files=(("efficientnet_lite0", str(weights_file)),))
+    assert embedding_config.versions(with_file) == {m: s.version for m, s in InferenceResource(
+        models=["efficientnet_lite0"], weights_files={"efficientnet_lite0": str(weights_file)}).specs().items()}
+    assert IdentitySettings(ensemble_weights={"efficientnet_lite0": 1.0}).versions(with_file) == \
+        embedding_config.versions(with_file)
     spec = asset.specs_by_key[asset.key]
     assert spec.group_name == "identification"
     assert [d.asset_key for d in spec.deps] == [dg.AssetKey("crops")]

@@ -15,9 +15,8 @@ import sqlalchemy as sa
 
 from deer_pipeline.evaluation import isolated as eval_isolated
 from deer_pipeline.evaluation import labels as eval_labels
-from deer_pipeline.evaluation import scoring as eval_scoring
 from deer_pipeline.evaluation import methods as rm
-
+from deer_pipeline.evaluation import scoring as eval_scoring
 
 # --------------------------------------------------------------------------------------------
 # Closed set

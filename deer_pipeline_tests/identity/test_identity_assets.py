@@ -10,16 +10,19 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from deer_pipeline.ops import alerts
-from deer_pipeline.identity import health
 from deer_pipeline.defs import checks as check_defs
 from deer_pipeline.defs.alerts import failed_check_alerts
 from deer_pipeline.defs.identity import deer_profiles, similarity_scores
-from deer_pipeline.defs.resources import IdentitySettings
 from deer_pipeline.defs.partitions import CAMERA_PARTITIONS_NAME, partition_key
 from deer_pipeline.defs.reports import threshold_report
-from deer_pipeline.defs.resources import DeerDatabase
+from deer_pipeline.defs.resources import (
+    DeerDatabase,
+    IdentitySettings,
+    InferenceResource,
+)
+from deer_pipeline.identity import health
 from deer_pipeline.identity.matching import decide_partition
+from deer_pipeline.ops import alerts
 from deer_pipeline.settings import MatchingSettings
 from deer_pipeline_tests.identity.test_matching import MODELS, T0, SyntheticWorld, count
 
@@ -67,7 +70,7 @@ def _materialize(instance, key, ident, selection=None):
     return dg.materialize(
         selection or [deer_profiles, similarity_scores, *CHECKS],
         partition_key=key, instance=instance, raise_on_error=False,
-        resources={"database": DeerDatabase(), "identity": ident})
+        resources={"database": DeerDatabase(), "identity": ident, "inference": InferenceResource()})
 
 
 def _checks(result) -> dict:
@@ -193,7 +196,7 @@ def test_threshold_report_asset(engine, data_dir):
     w.truth_to_db(ids)
     decide_partition(engine, "cam1", "2024-05-01", MatchingSettings(search="exact"))
     result = dg.materialize([threshold_report], raise_on_error=True,
-                            resources={"database": DeerDatabase(), "identity": identity()})
+                            resources={"database": DeerDatabase(), "identity": identity(), "inference": InferenceResource()})
     meta = result.asset_materializations_for_node("threshold_report")[0].metadata
     assert meta["truth_source"].value == "true_identities" and meta["truth_pairs"].value == 21
     assert 0.0 <= meta["recommended_threshold"].value <= 1.0

@@ -9,10 +9,10 @@ different deer ~0).
 from __future__ import annotations
 
 import itertools
-from contextlib import contextmanager
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -20,8 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from deer_pipeline import db
-from deer_pipeline.identity import store
-from deer_pipeline.identity import matching
+from deer_pipeline.identity import matching, store
 from deer_pipeline.identity.matching import MatchingError, decide_partition
 from deer_pipeline.settings import MatchingSettings
 

@@ -168,7 +168,11 @@ def dagster_instance(tmp_path, monkeypatch):
 
 def test_dagster_yaml_loads_on_postgres_with_the_queue_and_pools(dagster_instance):
     from dagster._core.instance.config import PoolGranularity
-    from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
+    from dagster_postgres import (
+        PostgresEventLogStorage,
+        PostgresRunStorage,
+        PostgresScheduleStorage,
+    )
 
     instance = dagster_instance
     assert isinstance(instance.run_storage, PostgresRunStorage)

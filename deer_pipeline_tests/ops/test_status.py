@@ -4,9 +4,9 @@ from datetime import timedelta
 import sqlalchemy as sa
 
 from deer_pipeline import cli
-from deer_pipeline.ops import status
 from deer_pipeline.identity import health
 from deer_pipeline.identity.matching import decide_partition
+from deer_pipeline.ops import status
 from deer_pipeline.settings import MatchingSettings
 from deer_pipeline_tests.identity.test_matching import MODELS, T0, SyntheticWorld
 
