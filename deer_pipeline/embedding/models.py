@@ -60,7 +60,12 @@ log = logging.getLogger(__name__)
 EMBEDDING_DIM = 512
 
 
-MODELS = ("resnet50", "multiscale", "efficientnet_b0", "efficientnet_lite0")
+FEATURE_MODELS = ("resnet50", "multiscale", "efficientnet_b0", "efficientnet_lite0")
+# Models with a network of their own (embedding/backbones.py): a model trained by
+# ``deer-pipeline train`` (weights = its model folder) and the re-identification backbones users
+# download (weights = auto: the local weights cache).
+REID_MODELS = ("trained", "miewid", "megadescriptor", "dinov2")
+MODELS = FEATURE_MODELS + REID_MODELS
 
 
 ENSEMBLE = "ensemble"
@@ -408,7 +413,7 @@ class EmbedderSpec:
                 "features": list(self.features),
                 "pooling": self.pooling if self.pooling == "avg" else f"gem(p={GEM_P:g})",
                 "per_scale_l2": len(self.features) > 1,
-                "reduction": "gaussian-random-projection",
+                "reduction": _reduction_name(self),
                 "projection_seed": self.projection_seed,
                 "projection_rng": "numpy PCG64 standard_normal float64 / sqrt(512) -> float32",
                 "d_in": self.d_in,
@@ -417,6 +422,12 @@ class EmbedderSpec:
                 "std": list(self.preprocessing.std),
             },
         }
+
+
+def _reduction_name(spec: "EmbedderSpec") -> str:
+    if spec.features != ("embedding",) or spec.d_in > EMBEDDING_DIM:
+        return "gaussian-random-projection"
+    return "none" if spec.d_in == EMBEDDING_DIM else f"zero-padded from {spec.d_in}"
 
 
 def _reduction_hash(features: Sequence[str], pooling: str, proj_sha: str) -> str:
@@ -430,6 +441,10 @@ def resolve_embedder(model: str, weights: str = "auto", pooling: str = "avg",
                      projection_seed: int | None = None) -> EmbedderSpec:
     """Resolve ``model`` into a spec with its ``embedding_version`` (cheap: hashes files and the
     projection, builds no network)."""
+    if model in REID_MODELS:
+        from deer_pipeline.embedding import backbones
+
+        return backbones.resolve_any(model, weights)
     _check_model(model)
     if pooling not in POOLINGS:
         raise EmbedderError(f"pooling must be one of {POOLINGS}, not {pooling!r}")

@@ -9,9 +9,11 @@ from deer_pipeline.embedding.models import (
     ALLOW_RANDOM_ENV,
     BACKBONE_FEATURES,
     BACKBONE_PREPROCESSING,
+    EMBEDDING_DIM,
     GEM_P,
     RANDOM_WEIGHTS,
     RANDOM_WEIGHTS_SEED,
+    REID_MODELS,
     EmbedderError,
     EmbedderSpec,
     ResolvedWeights,
@@ -190,6 +192,11 @@ def load_backbone(weights: ResolvedWeights, pooling: str = "avg", device: str = 
         net = _net_cache.get(key)
         if net is not None:
             return net
+        if weights.backbone in REID_MODELS:     # trained model or downloaded re-id backbone
+            from deer_pipeline.embedding import backbones
+
+            net = _net_cache[key] = backbones.load_any(weights, device)
+            return net
         if weights.source == RANDOM_WEIGHTS:
             if not random_weights_allowed():
                 raise EmbedderError(f"random weights are refused unless {ALLOW_RANDOM_ENV}=1")
@@ -228,6 +235,13 @@ def project(spec: EmbedderSpec, pooled: Mapping):
     """Pooled backbone features -> L2-normalised float32 (n, 512) torch tensor for ``spec``."""
     import torch
 
+    if spec.features == ("embedding",):          # a network with its own vector (backbones.py)
+        x = pooled["embedding"].float()
+        if spec.d_in < EMBEDDING_DIM:              # zero-padding keeps every cosine
+            x = torch.nn.functional.pad(x, (0, EMBEDDING_DIM - spec.d_in))
+        if spec.d_in <= EMBEDDING_DIM:
+            return _l2_normalise(x)
+        return _l2_normalise(x @ _projection_tensor(spec.d_in, spec.projection_seed, x.device))
     parts = [pooled[f].float() for f in spec.features]
     if len(parts) > 1:   # multiscale: each scale L2-normalised so no scale dominates by size
         parts = [_l2_normalise(p) for p in parts]
