@@ -17,6 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("deer_pipeline.embedding.cli", "embed images with one model and write an .npy file"),
     "status": ("deer_pipeline.ops.status", "counts, assignment rate, thresholds, versions, last checks"),
     "evaluate": ("deer_pipeline.evaluation.cli", "evaluate re-identification on labelled photos"),
+    "train": ("deer_pipeline.embedding.train_cli", "train a re-identification model on labelled individuals"),
+    "models": ("deer_pipeline.embedding.models_cli", "register the pipeline's embedder (trained model, backbone or default)"),
+    "weights": ("deer_pipeline.embedding.weights_cli", "fetch or import re-identification backbone weights"),
     "ui": ("deer_pipeline.ops.ui", "start the Dagster UI (dagster dev) on the embedded database"),
 }
 

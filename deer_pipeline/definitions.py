@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from deer_pipeline import settings
 from deer_pipeline.defs import (
     alerts,
     checks,
@@ -44,7 +45,7 @@ def resources() -> dict:
         "database": DeerDatabase(),
         "crop_store": CropStore(),
         "inference": inference_resource_from_env(),
-        "identity": IdentitySettings(),
+        "identity": IdentitySettings(ensemble_weights=settings.configured_ensemble_weights()),
     }
 
 

@@ -65,6 +65,8 @@ ENVIRONMENT = {
     "DEER_START_DATE": "first day partition (YYYY-MM-DD)",
     "DEER_EMBEDDING_MODELS": "comma list of embedding models",
     "DEER_EMBEDDING_WEIGHTS": "auto | imagenet | path to a state-dict file",
+    "DEER_WEIGHTS_DIR": "cache of downloaded re-identification backbones; default <data dir>/weights",
+    "DEER_TINY_ARCHITECTURES": "1 builds tiny test variants of the downloadable backbones (unit tests only)",
     "DEER_DEVICE": "auto | cpu | cuda | cuda:N",
     "DEER_GPU_INDEX": "pin inference to GPU N",
     "DEER_BATCH_SIZE": "crops per forward pass",
@@ -123,6 +125,37 @@ def data_dir_setting() -> str:
 
 def crop_store_dir() -> str:
     return env("DEER_CROP_STORE") or os.path.join(data_dir_setting(), "crops")
+
+
+def registered_embedder_file() -> str:
+    """Where ``deer-pipeline models register`` records the pipeline's embedder."""
+    return os.path.join(data_dir_setting(), "models", "registered.json")
+
+
+def registered_embedder() -> dict | None:
+    """``{"model", "weights", "embedding_version", ...}`` of the embedder registered with
+    ``deer-pipeline models register``, or None (the default ensemble)."""
+    import json
+
+    path = registered_embedder_file()
+    if not os.path.isfile(path):
+        return None
+    try:
+        reg = json.loads(open(path, encoding="utf-8").read())
+    except ValueError as exc:
+        raise SettingsError(f"{path} is not valid JSON ({exc}); run `deer-pipeline models register` again") from None
+    if not isinstance(reg, dict) or not reg.get("model") or not reg.get("weights"):
+        raise SettingsError(f"{path} does not name a model and its weights")
+    return reg
+
+
+def configured_ensemble_weights() -> dict[str, float]:
+    """The matching's model weights: the registered embedder alone when one is registered (and
+    DEER_EMBEDDING_MODELS does not override it), otherwise the default ensemble."""
+    reg = registered_embedder()
+    if reg and env("DEER_EMBEDDING_MODELS") is None:
+        return {reg["model"]: 1.0}
+    return dict(ENSEMBLE_WEIGHTS)
 
 
 def start_date() -> str:
@@ -277,9 +310,13 @@ class EmbeddingSettings:
     @classmethod
     def from_environment(cls) -> "EmbeddingSettings":
         """The deployment's configuration: DEER_EMBEDDING_MODELS, DEER_EMBEDDING_WEIGHTS,
-        DEER_DEVICE, DEER_GPU_INDEX, DEER_BATCH_SIZE, DEER_NUM_WORKERS, DEER_AMP."""
-        return cls(models=tuple(env_list("DEER_EMBEDDING_MODELS", EMBEDDING_MODELS)),
+        DEER_DEVICE, DEER_GPU_INDEX, DEER_BATCH_SIZE, DEER_NUM_WORKERS, DEER_AMP. Without
+        DEER_EMBEDDING_MODELS, an embedder registered with ``deer-pipeline models register``
+        (``registered_embedder``) replaces the default models."""
+        reg = registered_embedder() if env("DEER_EMBEDDING_MODELS") is None else None
+        return cls(models=(reg["model"],) if reg else tuple(env_list("DEER_EMBEDDING_MODELS", EMBEDDING_MODELS)),
                    weights=env("DEER_EMBEDDING_WEIGHTS", EMBEDDING_WEIGHTS),
+                   weights_files=((reg["model"], reg["weights"]),) if reg else (),
                    device=env("DEER_DEVICE", DEVICE), gpu_index=env_int("DEER_GPU_INDEX"),
                    batch_size=env_int("DEER_BATCH_SIZE", BATCH_SIZE),
                    num_workers=env_int("DEER_NUM_WORKERS"), amp=env_bool("DEER_AMP", AMP))
