@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (AMP on a GPU)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--views", type=int, default=d.views, help=f"augmented views per photo (default {d.views})")
+    p.add_argument("--frozen-blocks", type=int, default=d.frozen_blocks,
+                   help=f"EfficientNet-Lite0 blocks kept frozen (0..N-1; default {d.frozen_blocks}: blocks "
+                        f"{d.frozen_blocks}-15, the head and the projection learn)")
+    p.add_argument("--probe-epochs", type=int, default=d.probe_epochs,
+                   help=f"epochs of linear probe before the blocks learn (default {d.probe_epochs})")
     p.add_argument("--split-by-identity", type=int, metavar="SEED",
                    help="train on the calibration half of the labels split by identity with SEED "
                         "(the half evaluate --split-by-identity SEED does not score)")
@@ -49,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             photos, _ = split_by_identity(photos, args.split_by_identity)
             source += f" (calibration half, split by identity with seed {args.split_by_identity})"
         options = training.TrainOptions(epochs=args.epochs, seed=args.seed, device=args.device,
-                                        views=args.views, threads=args.threads)
+                                        views=args.views, threads=args.threads,
+                                        frozen_blocks=args.frozen_blocks, probe_epochs=args.probe_epochs)
         result = training.train(photos, args.out, options, source=source,
                                 log_fn=lambda s: print(s, file=sys.stderr))
     except (training.TrainingError, EvaluationError, ValueError) as exc:

@@ -1,0 +1,142 @@
+"""``deer-pipeline train`` and ``deer-pipeline models register``: a tiny training run on the
+sample lowers its loss, writes a checked model card and weights, and registering it changes the
+pipeline's embedding version (and ``register default`` brings the old one back); bad labels and
+photos give clear errors or counted skips; nothing half-written is registered."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deer_pipeline import settings
+from deer_pipeline.embedding import config as embedding_config
+from deer_pipeline.embedding import models_cli, registry, train_cli, training
+from deer_pipeline.embedding import models as embedders
+from deer_pipeline.embedding.inference import InferenceEngine
+from deer_pipeline.embedding.networks import clear_cache
+from deer_pipeline.evaluation.labels import read_labels
+
+
+
+def _labels_from_sample(sample_dir: Path, out: Path, limit_per_id: int | None = None) -> Path:
+    """The sample's truth as a labels CSV in the format ``evaluate`` reads (boxes in pixels)."""
+    from deer_pipeline.sample import FRAME_H, FRAME_W, read_truth
+
+    rows, per_id = [], {}
+    for r in read_truth(sample_dir):
+        per_id[r["identity"]] = per_id.get(r["identity"], 0) + 1
+        if limit_per_id and per_id[r["identity"]] > limit_per_id:
+            continue
+        rows.append([r["file"], r["identity"], float(r["x"]) * FRAME_W, float(r["y"]) * FRAME_H,
+                     float(r["w"]) * FRAME_W, float(r["h"]) * FRAME_H])
+    with open(out, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image_path", "identity", "x", "y", "w", "h"])
+        w.writerows(rows)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_sample(tmp_path_factory):
+    from deer_pipeline.sample import write_sample
+
+    d = tmp_path_factory.mktemp("sample")
+    write_sample(d, n_cameras=1, n_days=1, n_deer=3, encounters_per_day=(4, 4))
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(small_sample, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "m"
+    labels = _labels_from_sample(small_sample, small_sample / "labels.csv")
+    rc = train_cli.main(["--labels", str(labels), "--images-root", str(small_sample), "--out", str(out),
+                         "--epochs", "3", "--views", "1", "--probe-epochs", "1", "--frozen-blocks", "15",
+                         "--threads", "2"])
+    assert rc == 0
+    return out
+
+
+def test_training_lowers_the_loss_and_writes_a_checked_card(trained):
+    card = json.loads((trained / training.CARD_FILE).read_text())
+    losses = [r["loss"] for r in card["training"]["loss_curve"]]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert card["embedding_version"].startswith("trained:efficientnet_lite0@trained-")
+    assert card["weights"]["sha256"][:12] in card["embedding_version"]
+    assert card["data"]["individuals_used"] == 3 and card["data"]["photos_used"] > 6
+    assert len(card["data"]["sha256"]) == 64 and card["training"]["seed"] == 0
+    assert training.read_card(trained)["embedding_version"] == card["embedding_version"]
+
+
+def test_trained_model_embeds_unit_vectors_and_registering_changes_the_version(trained, small_sample, monkeypatch,
+                                                                                tmp_path, capsys):
+    monkeypatch.setenv("DEER_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("DEER_EMBEDDING_MODELS", raising=False)
+    clear_cache()
+    before = embedding_config.code_version(settings.EmbeddingSettings.from_environment())
+    before_versions = embedding_config.versions(settings.EmbeddingSettings.from_environment())
+    assert models_cli.main(["register", str(trained)]) == 0
+    config = settings.EmbeddingSettings.from_environment()
+    assert config.models == ("trained",)
+    assert settings.configured_ensemble_weights() == {"trained": 1.0}
+    version = embedding_config.versions(config)["trained"]
+    assert version == json.loads((trained / training.CARD_FILE).read_text())["embedding_version"]
+    assert embedding_config.code_version(config) != before             # embeddings partitions go stale
+    photos = sorted(small_sample.rglob("*.jpg"))[:3]
+    res = InferenceEngine(["trained"], weights={"trained": str(trained)}, device="cpu").embed_images(photos)
+    v = res.vectors["trained"]
+    assert v.shape == (3, 512) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    assert models_cli.main(["register", "default"]) == 0                 # roll back
+    config = settings.EmbeddingSettings.from_environment()
+    assert embedding_config.code_version(config) == before
+    assert embedding_config.versions(config) == before_versions
+
+
+def test_half_written_or_altered_models_are_never_registered(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEER_DATA_DIR", str(tmp_path / "data"))
+    half = tmp_path / "half"
+    half.mkdir()
+    shutil.copy(trained / training.WEIGHTS_FILE, half / training.WEIGHTS_FILE)     # no card: unfinished
+    with pytest.raises(registry.RegistryError, match="holds no model_card.json"):
+        registry.register(str(half))
+    altered = tmp_path / "altered"
+    shutil.copytree(trained, altered)
+    with open(altered / training.WEIGHTS_FILE, "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(registry.RegistryError, match="does not match the model card"):
+        registry.register(str(altered))
+    assert settings.registered_embedder() is None
+
+
+def test_one_photo_per_individual_is_a_clear_error(small_sample, tmp_path, capsys):
+    labels = _labels_from_sample(small_sample, tmp_path / "one.csv", limit_per_id=1)
+    rc = train_cli.main(["--labels", str(labels), "--images-root", str(small_sample), "--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(labels) in err and "at least two individuals with at least two" in err
+    assert not (tmp_path / "m" / training.CARD_FILE).exists()
+
+
+def test_unreadable_photos_are_skipped_and_counted(small_sample, tmp_path):
+    labels = _labels_from_sample(small_sample, tmp_path / "l.csv")
+    photos = read_labels(labels, small_sample)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    photos.append(type(photos[0])(image_path=str(bad), identity=photos[0].identity, encounter="x"))
+    ts = training.prepare_training_set(photos, str(labels))
+    assert len(ts.photos) == len(photos) - 1
+    assert ts.skipped_counts() == {"unreadable photo (UnidentifiedImageError)": 1}
+    assert str(bad) in ts.skipped["unreadable photo (UnidentifiedImageError)"][0]
+
+
+def test_individuals_seen_once_never_join_the_held_out_split(small_sample, tmp_path):
+    labels = _labels_from_sample(small_sample, tmp_path / "l.csv")
+    photos = read_labels(labels, small_sample)          # no encounter ids: every photo its own
+    single = type(photos[0])(image_path=photos[0].image_path, identity="seen-once", encounter="e1")
+    photos = photos + [single, type(single)(image_path=photos[1].image_path, identity="seen-once", encounter="e1")]
+    tr, va = training.split_individuals(photos, 0, 0.5)
+    assert all(photos[i].identity != "seen-once" for i in va)
+    assert any(photos[i].identity == "seen-once" for i in tr)
