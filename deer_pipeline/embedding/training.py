@@ -543,6 +543,7 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
         "data": {"source": source, "sha256": data_hash(ts.photos), "photos_used": len(ts.photos),
                  "individuals_used": len({p.identity for p in ts.photos}),
                  "identities": sorted({p.identity for p in ts.photos}),
+                 "validation_identities": sorted(set(va_ids)),
                  "train_photos": len(tr_rows), "train_individuals": len(train_ids),
                  "validation_photos": len(va_rows), "validation_individuals": len(set(va_ids)),
                  "individuals_with_one_encounter": _single_encounter_ids(ts.photos),
