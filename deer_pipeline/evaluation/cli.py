@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--legacy-redraws", type=int, default=10,
                    help="extra legacy runs with new projections, to show its spread (default 10)")
+    p.add_argument("--model-file", metavar="MODEL_DIR",
+                   help="trained model (a `deer-pipeline train` folder) for the method `trained`; it must not "
+                        "have been trained on any evaluated individual")
+    p.add_argument("--train-split", action="store_true",
+                   help="train the method `trained` in this run on the calibration half (--split-by-identity "
+                        "or --calibration-labels) and score it on the other half")
+    p.add_argument("--train-epochs", type=int, help="most epochs for --train-split (default: train's default)")
+    p.add_argument("--train-views", type=int, help="augmented views per photo for --train-split")
     p.add_argument("--order-seed", type=int, default=0,
                    help="seed of the encounter order when the labels have no timestamps (default 0)")
     return p
@@ -58,8 +66,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         methods = reid_methods.resolve_methods(args.methods)
         embedding = EmbeddingSettings(weights=args.weights, device=args.device, batch_size=args.batch_size)
+        train_options = None
+        if args.train_split:
+            from deer_pipeline.embedding.training import TrainOptions
+
+            extra = {k: v for k, v in (("epochs", args.train_epochs), ("views", args.train_views)) if v is not None}
+            train_options = TrainOptions(device=args.device, **extra)
+        if args.model_file and args.train_split:
+            print("deer-pipeline evaluate: give either --model-file or --train-split, not both", file=sys.stderr)
+            return 2
         options = ev.EvaluationOptions(methods=[m.name for m in methods], embedding=embedding,
-                                       order_seed=args.order_seed, legacy_redraws=args.legacy_redraws)
+                                       order_seed=args.order_seed, legacy_redraws=args.legacy_redraws,
+                                       model_file=args.model_file, train_split=args.train_split,
+                                       train_options=train_options)
         report = ev.evaluate(args.labels, args.images_root, args.calibration_labels,
                              args.calibration_images_root, args.split_by_identity, options)
     except (eval_labels.EvaluationError, ValueError) as exc:
@@ -85,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{rd['pairwise_f1']['max']:.3f} (mean {rd['pairwise_f1']['mean']:.3f}); |deer found - true| "
               f"{rd['count_error_abs']['min']:.0f}-{rd['count_error_abs']['max']:.0f} "
               f"(mean {rd['count_error_abs']['mean']:.1f})")
+    for name, reason in (report.get("skipped_methods") or {}).items():
+        print(f"skipped {name}: {reason}")
+    tm = report.get("trained_model")
+    if tm:
+        print(f"\ntrained model: {tm['model_dir']} ({tm['embedding_version']}); trained on "
+              f"{tm['data']['photos_used']} photos of {tm['data']['individuals_used']} individuals, none evaluated; "
+              f"held-out top-1 {tm['training']['validation_top1']}; training {tm['training']['seconds']['total']} s"
+              + (f"; threshold from {tm['threshold_calibrated_on']}" if tm.get("threshold_calibrated_on") else ""))
     if report.get("substitution_note"):
         print("\nnote: " + report["substitution_note"])
     print(f"\nthresholds: " + "; ".join(f"{n} {e['threshold']:.3f} ({e['threshold_source']})"

@@ -98,6 +98,18 @@ def method_registry() -> dict[str, Method]:
             "position (the animal, not the scene, dominates), fixed random projection; "
             "decided by the pipeline's matching",
             {"animal_weighted": 1.0}, feature="animal_weighted"),
+        "trained": Method("trained", "pipeline",
+                          "re-identification model trained on labelled individuals by `deer-pipeline train` "
+                          "(EfficientNet-Lite0, last blocks + projection, sub-center ArcFace); from "
+                          "--model-file, or trained in the run on the calibration half (--train-split)",
+                          {"trained": 1.0}),
+        "miewid": Method("miewid", "pipeline", "MiewID-msv3 (downloaded weights; skipped when absent)",
+                         {"miewid": 1.0}),
+        "megadescriptor": Method("megadescriptor", "pipeline",
+                                 "MegaDescriptor-L-384 (downloaded weights, CC BY-NC 4.0; skipped when absent)",
+                                 {"megadescriptor": 1.0}),
+        "dinov2": Method("dinov2", "pipeline", "DINOv2 ViT-S/14 (downloaded weights; skipped when absent)",
+                         {"dinov2": 1.0}),
         "legacy": Method("legacy", "legacy",
                          "the system we start from: untrained nn.Linear(d, 512) drawn anew per "
                          "process, one frozen vector per deer from its first sighting, greedy at 0.60",

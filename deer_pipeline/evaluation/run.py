@@ -196,6 +196,9 @@ class EvaluationOptions:
     order_seed: int = 0
     database_url: str | None = None      # None: DEER_DATABASE_URL, else the embedded server
     legacy_redraws: int = 10             # extra legacy runs, each with a new projection (its spread)
+    model_file: str | None = None        # trained model folder for the method `trained`
+    train_split: bool = False            # train `trained` in the run on the calibration photos
+    train_options: object | None = None  # embedding.training.TrainOptions for train_split
 
 
 def evaluate(labels_csv, images_root=None, calibration_labels_csv=None, calibration_images_root=None,
@@ -218,14 +221,100 @@ def evaluate(labels_csv, images_root=None, calibration_labels_csv=None, calibrat
     curves: dict = {}
     with tempfile.TemporaryDirectory(prefix="deer-eval-") as tmp, \
             isolated_database(base_url=options.database_url) as engine:
+        methods, options = _reid_models(methods, options, photos, cal_photos, Path(tmp), report, timings)
         ev, cal, emb = _prepare_and_embed(engine, photos, cal_photos, methods, options, Path(tmp), timings, report)
         legacy = rm.LegacyMatcher(emb["legacy_d_in"]) if "legacy_d_in" in emb else None
         for method in methods:
-            report["methods"][method.name] = _evaluate_method(engine, method, ev, cal, emb, legacy, options, curves)
+            mcal = _trained_calibration(cal, report) if method.name == "trained" else cal
+            report["methods"][method.name] = _evaluate_method(engine, method, ev, mcal, emb, legacy, options, curves)
         reset_identities(engine)
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
     _finish_report(report, emb, timings, curves)
     return report
+
+
+def _reid_models(methods, options: EvaluationOptions, photos, cal_photos, workdir: Path, report: dict,
+                 timings: dict):
+    """Methods whose models have networks of their own (``trained``, downloaded backbones): the
+    trained model comes from ``options.model_file`` or is trained here on the calibration photos
+    (``options.train_split``); it may never have been trained on an evaluated individual. A
+    method whose weights are absent is skipped with the reason (``report["skipped_methods"]``).
+    Returns (methods to run, options with the trained model's folder in the embedding settings)."""
+    import dataclasses
+
+    from deer_pipeline.embedding import models as embedders
+    from deer_pipeline.embedding import training
+
+    model_file = options.model_file
+    wanted = {m.name for m in methods}
+    if options.train_split and "trained" in wanted:
+        if not cal_photos:
+            raise EvaluationError("--train-split trains on the calibration half: give --split-by-identity SEED "
+                                  "or --calibration-labels")
+        t0 = time.perf_counter()
+        result = training.train(cal_photos, workdir / "trained-model",
+                                options.train_options or training.TrainOptions(device=options.embedding.device),
+                                source="calibration photos of this evaluation")
+        timings["training_s"] = round(time.perf_counter() - t0, 2)
+        model_file = str(result.out_dir)
+    if model_file:
+        card = training.read_card(model_file)
+        trained_on = set(card["data"].get("identities") or [])
+        overlap = sorted(trained_on & {p.identity for p in photos})
+        if overlap:
+            raise EvaluationError(
+                f"the model in {model_file} was trained on {len(overlap)} of the evaluated individuals "
+                f"(e.g. {', '.join(overlap[:5])}); evaluate it on other individuals (train with "
+                f"`deer-pipeline train --split-by-identity SEED` and evaluate with the same SEED)")
+        report["trained_model"] = {
+            "model_dir": card["_model_dir"], "embedding_version": card["embedding_version"],
+            "trained_in_this_run": bool(options.train_split),
+            "data": {k: card["data"][k] for k in ("source", "sha256", "photos_used", "individuals_used",
+                                                  "train_individuals", "validation_individuals", "skipped")},
+            "training": {k: card["training"][k] for k in ("epochs_run", "best_epoch", "validation_top1", "seconds",
+                                                          "device", "seed")},
+            "validation_identities": card["data"].get("validation_identities") or []}
+        files = dict(options.embedding.weights_files)
+        files["trained"] = card["_model_dir"]
+        options = dataclasses.replace(options, embedding=dataclasses.replace(
+            options.embedding, weights_files=tuple(files.items())))
+    kept, skipped = [], {}
+    for m in methods:
+        reid = [x for x in m.models if x in embedders.REID_MODELS]
+        try:
+            for x in reid:
+                if x == "trained" and not model_file:
+                    raise EvaluationError("no trained model: give --model-file MODEL_DIR or --train-split")
+                embedders.resolve_embedder(x, options.embedding.weights_for(x))
+        except (EvaluationError, embedders.EmbedderError, embedders.WeightsUnavailable, ValueError) as exc:
+            skipped[m.name] = str(exc)
+            log.warning("method %s skipped: %s", m.name, exc)
+            continue
+        kept.append(m)
+    report["skipped_methods"] = skipped
+    if not kept:
+        raise EvaluationError(f"no method can run: {skipped}")
+    return kept, options
+
+
+def _trained_calibration(cal: PreparedSet | None, report: dict) -> PreparedSet | None:
+    """The trained model's threshold is chosen on the calibration individuals it did NOT train on
+    (its held-out validation individuals), when at least two of them are in the calibration set:
+    on individuals it learnt, its scores are higher than on new ones."""
+    import dataclasses
+
+    held_out = set((report.get("trained_model") or {}).get("validation_identities") or [])
+    if cal is None or not held_out:
+        return cal
+    pos = [k for k, i in enumerate(cal.ok) if cal.photos[i].identity in held_out]
+    if len({cal.photos[cal.ok[k]].identity for k in pos}) < 2:
+        return cal
+    report["trained_model"]["threshold_calibrated_on"] = (
+        f"{len(pos)} calibration photos of {len({cal.photos[cal.ok[k]].identity for k in pos})} individuals "
+        "held out from its training")
+    return dataclasses.replace(
+        cal, ok=[cal.ok[k] for k in pos], vectors={m: v[pos] for m, v in cal.vectors.items()},
+        legacy_features=None if cal.legacy_features is None else cal.legacy_features[pos])
 
 
 def _labelled_sets(labels_csv, images_root, calibration_labels_csv, calibration_images_root,

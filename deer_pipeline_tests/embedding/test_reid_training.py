@@ -46,7 +46,7 @@ def small_sample(tmp_path_factory):
     from deer_pipeline.sample import write_sample
 
     d = tmp_path_factory.mktemp("sample")
-    write_sample(d, n_cameras=1, n_days=1, n_deer=3, encounters_per_day=(4, 4))
+    write_sample(d, n_cameras=1, n_days=1, n_deer=4, encounters_per_day=(5, 5))
     return d
 
 
@@ -67,7 +67,7 @@ def test_training_lowers_the_loss_and_writes_a_checked_card(trained):
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert card["embedding_version"].startswith("trained:efficientnet_lite0@trained-")
     assert card["weights"]["sha256"][:12] in card["embedding_version"]
-    assert card["data"]["individuals_used"] == 3 and card["data"]["photos_used"] > 6
+    assert card["data"]["individuals_used"] == 4 and card["data"]["photos_used"] > 6
     assert len(card["data"]["sha256"]) == 64 and card["training"]["seed"] == 0
     assert training.read_card(trained)["embedding_version"] == card["embedding_version"]
 
@@ -140,3 +140,41 @@ def test_individuals_seen_once_never_join_the_held_out_split(small_sample, tmp_p
     tr, va = training.split_individuals(photos, 0, 0.5)
     assert all(photos[i].identity != "seen-once" for i in va)
     assert any(photos[i].identity == "seen-once" for i in tr)
+
+
+def _labels_for(sample_dir: Path, out: Path, identities: set[str]) -> Path:
+    full = _labels_from_sample(sample_dir, out.with_suffix(".all.csv"))
+    with open(full, newline="") as fh:
+        rows = list(csv.reader(fh))
+    with open(out, "w", newline="") as fh:
+        csv.writer(fh).writerows([rows[0]] + [r for r in rows[1:] if r[1] in identities])
+    return out
+
+
+def test_evaluate_trains_on_the_calibration_half_and_never_on_evaluated_individuals(
+        small_sample, trained, tmp_path, capsys, monkeypatch):
+    from deer_pipeline.evaluation import cli as evaluation_cli
+
+    monkeypatch.setenv("DEER_WEIGHTS_DIR", str(tmp_path / "no-weights"))
+    ids = sorted({r[1] for r in csv.reader(open(_labels_from_sample(small_sample, tmp_path / "a.csv")))} - {"identity"})
+    cal = _labels_for(small_sample, tmp_path / "cal.csv", set(ids[:2]))
+    ev = _labels_for(small_sample, tmp_path / "ev.csv", set(ids[2:]))
+    common = ["--labels", str(ev), "--images-root", str(small_sample), "--calibration-labels", str(cal),
+              "--calibration-images-root", str(small_sample), "--legacy-redraws", "0", "--device", "cpu"]
+    # a model trained on every individual may not be evaluated on any of them
+    rc = evaluation_cli.main(common + ["--methods", "default", "trained", "--model-file", str(trained),
+                                       "--out", str(tmp_path / "r0.json")])
+    assert rc == 2 and "was trained on 2 of the evaluated individuals" in capsys.readouterr().err
+    rc = evaluation_cli.main(common + ["--methods", "default", "trained", "miewid", "--train-split",
+                                       "--train-epochs", "2", "--train-views", "0",
+                                       "--out", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["methods"]) == {"default", "trained"}
+    assert "deer-pipeline weights fetch miewid" in report["skipped_methods"]["miewid"]
+    tm = report["trained_model"]
+    assert tm["trained_in_this_run"] and tm["data"]["individuals_used"] == 2
+    assert tm["embedding_version"] == report["methods"]["trained"]["embedding_versions"]["trained"]
+    assert 0.0 <= report["methods"]["trained"]["closed_set"]["top1"] <= 1.0
+    assert "skipped miewid" in out and "trained model:" in out
