@@ -17,6 +17,7 @@ from deer_pipeline.defs import (
     executors,
     identity,
     jobs,
+    reid_model,
     reports,
     schedules,
     sensors,
@@ -28,7 +29,7 @@ from deer_pipeline.defs.resources import (
     inference_resource_from_env,
 )
 
-ASSET_MODULES = [crops, embeddings, identity, reports, evaluation]
+ASSET_MODULES = [crops, embeddings, identity, reports, evaluation, reid_model]
 
 
 def _of_type(modules, kind) -> list:
@@ -52,7 +53,7 @@ def resources() -> dict:
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(ASSET_MODULES),
     asset_checks=dg.load_asset_checks_from_modules([checks]),
-    jobs=[jobs.identification_job, jobs.report_job, jobs.evaluation_job],
+    jobs=[jobs.identification_job, jobs.report_job, jobs.evaluation_job, jobs.training_job],
     sensors=_of_type([sensors, alerts], dg.SensorDefinition),
     schedules=[schedules.nightly_identification_schedule, schedules.nightly_report_schedule],
     resources=resources(),

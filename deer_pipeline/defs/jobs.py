@@ -23,3 +23,10 @@ evaluation_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("reid_evaluation"),
     description="Measure re-identification on the configured labelled photos (DEER_EVAL_LABELS).",
 )
+
+training_job = dg.define_asset_job(
+    name="training_job",
+    selection=dg.AssetSelection.assets("reid_model"),
+    description="Train a re-identification model on the configured labelled individuals (DEER_TRAIN_LABELS); "
+                "on no schedule.",
+)

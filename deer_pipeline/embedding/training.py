@@ -562,7 +562,7 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
     }
     card["training"]["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
     version = save_model(net, card, out_dir)
-    return TrainResult(card, out_dir, version)
+    return TrainResult(json.loads((out_dir / CARD_FILE).read_text()), out_dir, version)
 
 
 def _head_features(net, x):

@@ -178,3 +178,24 @@ def test_evaluate_trains_on_the_calibration_half_and_never_on_evaluated_individu
     assert tm["embedding_version"] == report["methods"]["trained"]["embedding_versions"]["trained"]
     assert 0.0 <= report["methods"]["trained"]["closed_set"]["top1"] <= 1.0
     assert "skipped miewid" in out and "trained model:" in out
+
+
+def test_reid_model_asset_records_the_model_card(small_sample, tmp_path, monkeypatch):
+    import dagster as dg
+
+    from deer_pipeline.defs.reid_model import reid_model
+
+    monkeypatch.delenv("DEER_TRAIN_LABELS", raising=False)
+    res = dg.materialize([reid_model])
+    meta = res.asset_materializations_for_node("reid_model")[0].metadata
+    assert meta["status"].value == "no labels configured"
+    labels = _labels_from_sample(small_sample, tmp_path / "l.csv")
+    res = dg.materialize([reid_model], run_config={"ops": {"reid_model": {"config": {
+        "labels_csv": str(labels), "images_root": str(small_sample), "epochs": 2, "views": 0,
+        "device": "cpu", "out_dir": str(tmp_path / "model")}}}})
+    meta = res.asset_materializations_for_node("reid_model")[0].metadata
+    card = json.loads((tmp_path / "model" / training.CARD_FILE).read_text())
+    assert meta["embedding_version"].value == card["embedding_version"]
+    assert meta["model_card"].value["data"]["sha256"] == card["data"]["sha256"]
+    assert "| 2 |" in meta["loss_curve"].value
+    assert settings.registered_embedder() is None          # training alone never registers

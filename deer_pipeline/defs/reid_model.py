@@ -1,0 +1,114 @@
+"""The ``reid_model`` asset: a re-identification model trained on labelled individuals.
+
+Thin Dagster layer over :func:`deer_pipeline.embedding.training.train` (the same training as
+``deer-pipeline train``). Unpartitioned and on no schedule: it is not on the nightly path, and
+training a model never changes what the pipeline embeds with until the model is registered
+(``register: true`` in the run config, or ``deer-pipeline models register MODEL_DIR``).
+
+Labels come from the run config, else ``DEER_TRAIN_LABELS`` / ``DEER_TRAIN_IMAGES_ROOT`` /
+``DEER_TRAIN_SPLIT_SEED``; with none configured the asset records "no labels configured". The
+model card is the materialisation's metadata (embedding version, held-out top-1, loss curve,
+photos and individuals used, skipped photos, time).
+"""
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import dagster as dg
+from pydantic import Field
+
+from deer_pipeline import settings
+from deer_pipeline.defs.executors import GPU_POOL, GPU_STEP_TAGS
+
+ENV = {"labels_csv": "DEER_TRAIN_LABELS", "images_root": "DEER_TRAIN_IMAGES_ROOT",
+       "split_by_identity_seed": "DEER_TRAIN_SPLIT_SEED"}
+
+
+class ReidModelConfig(dg.Config):
+    """What to train on (each field falls back to its DEER_TRAIN_* variable)."""
+
+    labels_csv: Optional[str] = Field(default=None, description="labels CSV (image_path, identity[, encounter_id, side, x, y, w, h])")
+    images_root: Optional[str] = Field(default=None, description="folder of the photos")
+    split_by_identity_seed: Optional[int] = Field(
+        default=None, description="train only on the calibration half of this identity split (keep the other half to evaluate)")
+    epochs: Optional[int] = Field(default=None, description="most epochs (default: train's default; stops early)")
+    views: Optional[int] = Field(default=None, description="augmented views per photo")
+    device: str = Field(default=settings.DEVICE, description="auto | cpu | cuda:N (AMP on a GPU)")
+    seed: int = Field(default=0)
+    out_dir: Optional[str] = Field(default=None, description="model folder; default <data dir>/models/reid-<time>")
+    register: bool = Field(default=False, description="make the trained model the pipeline's embedder")
+
+    def resolved(self) -> dict:
+        out = {}
+        for name, env in ENV.items():
+            value = getattr(self, name)
+            if value is None and settings.env(env):
+                value = int(settings.env(env)) if name == "split_by_identity_seed" else settings.env(env)
+            out[name] = value
+        return out
+
+
+def card_metadata(card: dict, model_dir: Path) -> dict:
+    t, d = card["training"], card["data"]
+    curve = "\n".join(["| epoch | stage | loss | held-out top-1 |", "|---:|---|---:|---:|"]
+                      + [f"| {r['epoch']} | {r['stage']} | {r['loss']:.4f} | "
+                         f"{r['val_top1'] if r.get('val_top1') is not None else '-'} |" for r in t["loss_curve"]])
+    return {
+        "status": dg.MetadataValue.text("trained"),
+        "embedding_version": dg.MetadataValue.text(card["embedding_version"]),
+        "model_dir": dg.MetadataValue.path(str(model_dir)),
+        "validation_top1": dg.MetadataValue.float(float(t["validation_top1"] or 0.0)),
+        "best_epoch": dg.MetadataValue.int(int(t["best_epoch"])),
+        "epochs_run": dg.MetadataValue.int(int(t["epochs_run"])),
+        "photos_used": dg.MetadataValue.int(int(d["photos_used"])),
+        "individuals_used": dg.MetadataValue.int(int(d["individuals_used"])),
+        "photos_skipped": dg.MetadataValue.json(d["skipped"]),
+        "data_sha256": dg.MetadataValue.text(d["sha256"]),
+        "seconds": dg.MetadataValue.float(float(t["seconds"]["total"])),
+        "loss_curve": dg.MetadataValue.md(curve),
+        "model_card": dg.MetadataValue.json({k: v for k, v in card.items() if not k.startswith("_")}),
+    }
+
+
+@dg.asset(
+    name="reid_model",
+    group_name="training",
+    pool=GPU_POOL,
+    op_tags=dict(GPU_STEP_TAGS),
+    kinds={"pytorch"},
+    description="A re-identification model trained on labelled individuals (metric learning on the last "
+                "EfficientNet-Lite0 blocks); the model card is the metadata. Not on the nightly path; "
+                "register it to make it the pipeline's embedder.",
+)
+def reid_model(context: dg.AssetExecutionContext, config: ReidModelConfig) -> dg.MaterializeResult:
+    cfg = config.resolved()
+    if not cfg["labels_csv"]:
+        context.log.info("no labels configured: set labels_csv in the run config or DEER_TRAIN_LABELS")
+        return dg.MaterializeResult(metadata={
+            "status": dg.MetadataValue.text("no labels configured"),
+            "how_to_configure": dg.MetadataValue.md(
+                "Set `labels_csv` (and `images_root`, optionally `split_by_identity_seed`) in the run "
+                "config, or " + ", ".join(f"`{v}`" for v in ENV.values()) + ".")})
+    from deer_pipeline import db
+    from deer_pipeline.embedding import registry, training
+    from deer_pipeline.evaluation.labels import read_labels, split_by_identity
+
+    photos = read_labels(cfg["labels_csv"], cfg["images_root"])
+    source = str(cfg["labels_csv"])
+    if cfg["split_by_identity_seed"] is not None:
+        photos, _ = split_by_identity(photos, cfg["split_by_identity_seed"])
+        source += f" (calibration half, split by identity with seed {cfg['split_by_identity_seed']})"
+    extra = {k: v for k, v in (("epochs", config.epochs), ("views", config.views)) if v is not None}
+    options = training.TrainOptions(device=config.device, seed=config.seed, **extra)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(config.out_dir) if config.out_dir else db.data_dir() / "models" / f"reid-{stamp}"
+    result = training.train(photos, out, options, source=source, progress=False,
+                            log_fn=lambda s: context.log.info(s))
+    meta = card_metadata(result.card, out)
+    if config.register:
+        reg = registry.register(str(out))
+        meta["registered"] = dg.MetadataValue.text(reg["embedding_version"])
+        context.log.info("registered %s as the pipeline's embedder; the embeddings partitions are stale "
+                         "until the code location reloads and they are backfilled", reg["embedding_version"])
+    return dg.MaterializeResult(metadata=meta)
