@@ -64,6 +64,8 @@ class ReidEvaluationConfig(dg.Config):
     methods: Optional[list[str]] = Field(default=None, description="methods to run (default: all)")
     weights: str = Field(default="auto", description="embedding weights: auto | imagenet | path")
     device: str = Field(default="auto", description="auto | cpu | cuda:N")
+    model_file: Optional[str] = Field(default=None, description="trained model folder for the method `trained` "
+                                      "(never trained on an evaluated individual)")
 
     def resolved(self) -> dict:
         out = {}
@@ -147,7 +149,8 @@ def reid_evaluation(context: dg.AssetExecutionContext, config: ReidEvaluationCon
     from deer_pipeline.evaluation import run as ev
 
     embedding = EmbeddingSettings(weights=config.weights, device=config.device)
-    options = ev.EvaluationOptions(methods=config.methods, embedding=embedding, database_url=database.url)
+    options = ev.EvaluationOptions(methods=config.methods, embedding=embedding, database_url=database.url,
+                                   model_file=config.model_file)
     report = ev.evaluate(cfg["labels_csv"], cfg["images_root"], cfg["calibration_labels_csv"],
                          cfg["calibration_images_root"], cfg["split_by_identity_seed"], options)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
