@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("deer_pipeline.ops.status", "counts, assignment rate, thresholds, versions, last checks"),
     "evaluate": ("deer_pipeline.evaluation.cli", "evaluate re-identification on labelled photos"),
     "ui": ("deer_pipeline.ops.ui", "start the Dagster UI (dagster dev) on the embedded database"),
+    "review": ("deer_pipeline.review.cli", "the review web app (queue, deer, corrections); 'review export|apply FILE.csv'"),
+    "id": ("deer_pipeline.review.id_cli", "corrections for scripts: 'id merge|split|name|unidentifiable|undo|list'"),
 }
 
 
