@@ -1,0 +1,241 @@
+"""The review web app over real HTTP (uvicorn in a thread, ``requests``), on the real embedded
+PostgreSQL: pages, CSRF, the token for a public host, the loopback Host check, crops only from
+the crop store, and two reviewers deciding at once without losing a decision."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import sqlalchemy as sa
+from PIL import Image
+
+from deer_pipeline.identity import reviews
+from deer_pipeline.identity.matching import decide_partition
+from deer_pipeline.review.app import ReviewAppError, ReviewConfig, create_app, safe_crop_path
+from deer_pipeline.settings import MatchingSettings
+from deer_pipeline_tests.identity.test_matching import T0, SyntheticWorld, deer_of
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """uvicorn serving an app in a thread, on a free loopback port."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def write_crops(engine, root: Path) -> None:
+    """A small JPEG for every stored crop path (the synthetic world stores paths only)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with engine.connect() as conn:
+        paths = conn.execute(sa.text("SELECT crop_path FROM crops WHERE crop_path IS NOT NULL")).scalars().all()
+    rng = np.random.default_rng(0)
+    for p in paths:
+        (root / p).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(root / p, "JPEG")
+
+
+@pytest.fixture
+def world(engine, tmp_path):
+    """Two deer that look alike (scores near the threshold) and a third, decided."""
+    w = SyntheticWorld(engine, noise=1.1, seed=2)
+    ids = {}
+    for i, ident in enumerate("ABABCABC"):
+        ids.setdefault(ident, []).append(w.sighting("cam1" if i % 2 else "cam2", T0 + timedelta(hours=i), ident))
+    decide_partition(engine, "cam1", "2024-05-01", MatchingSettings(search="exact", reid_threshold=0.3))
+    decide_partition(engine, "cam2", "2024-05-01", MatchingSettings(search="exact", reid_threshold=0.3))
+    write_crops(engine, tmp_path / "crops")
+    return w, ids
+
+
+@pytest.fixture
+def app_server(engine, world, tmp_path):
+    server = Server(create_app(ReviewConfig(engine=engine, crop_store=tmp_path / "crops", reviewer="tester",
+                                            margin=1.0)))
+    yield server
+    server.stop()
+
+
+def csrf(session: requests.Session, url: str) -> str:
+    html = session.get(url).text
+    m = re.search(r'name="csrf_token" value="([0-9a-f]+)"', html)
+    assert m, html[:500]
+    return m.group(1)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_pages_show_the_roster_a_deer_and_the_queue(engine, app_server, world):
+    s = requests.Session()
+    roster = s.get(app_server.url + "/deer?sort=sightings&dir=desc")
+    assert roster.status_code == 200 and "deer-row" in roster.text
+    rows = re.findall(r'class="deer-row" data-deer="(\d+)"', roster.text)
+    with engine.connect() as conn:
+        by_count = conn.execute(sa.text("SELECT deer_id FROM deer ORDER BY sighting_count DESC, deer_id")).scalars().all()
+        counts = dict(conn.execute(sa.text("SELECT deer_id, sighting_count FROM deer")).all())
+    assert [counts[int(r)] for r in rows] == sorted(counts.values(), reverse=True)
+    assert set(map(int, rows)) == set(by_count)
+    only2 = s.get(app_server.url + "/deer?camera=cam2&from=2024-05-01&to=2024-05-01").text
+    with engine.connect() as conn:
+        cam2 = set(conn.execute(sa.text("SELECT DISTINCT s.deer_id FROM sightings s JOIN detections d "
+                                        "USING (detection_id) WHERE d.camera_id = 'cam2'")).scalars())
+    assert set(map(int, re.findall(r'data-deer="(\d+)"', only2))) == cam2
+    assert re.findall(r'data-deer="(\d+)"', s.get(app_server.url + "/deer?from=2030-01-01").text) == []
+
+    deer = by_count[0]
+    page = s.get(f"{app_server.url}/deer/{deer}")
+    assert page.status_code == 200 and "encounter 1" in page.text and f"/deer/{deer}/weekly.png" in page.text
+    crops = re.findall(r'src="/crop/([^"]+)"', page.text)
+    assert len(crops) == counts[deer]
+    img = s.get(f"{app_server.url}/crop/{crops[0]}")
+    assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg" and img.content[:2] == b"\xff\xd8"
+    png = s.get(f"{app_server.url}/deer/{deer}/weekly.png")
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    queue = s.get(app_server.url + "/queue")
+    assert queue.status_code == 200 and 'data-item="decision|' in queue.text
+    assert s.get(app_server.url + "/deer/999999").status_code == 404
+
+
+def test_state_changes_need_post_and_a_csrf_token(engine, app_server, world):
+    _, ids = world
+    s = requests.Session()
+    with engine.connect() as conn:
+        deer = conn.execute(sa.text("SELECT deer_id FROM deer ORDER BY deer_id LIMIT 1")).scalar_one()
+    url = f"{app_server.url}/deer/{deer}/name"
+    assert s.get(url).status_code == 405                                   # not by GET
+    assert s.post(url, data={"name": "Eve"}).status_code == 403            # no cookie, no token
+    token = csrf(s, app_server.url + "/deer")
+    assert s.post(url, data={"name": "Eve", "csrf_token": "0" * 64}).status_code == 403   # wrong token
+    other = requests.Session()
+    other_token = csrf(other, app_server.url + "/deer")
+    assert s.post(url, data={"name": "Eve", "csrf_token": other_token}).status_code == 403  # not this browser's
+    evil = s.post(url, data={"name": "Eve", "csrf_token": token}, headers={"Origin": "http://evil.example"},
+                  allow_redirects=False)
+    assert evil.status_code == 403
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM identity_reviews")).scalar_one() == 0
+    ok = s.post(url, data={"name": "Bramble", "csrf_token": token}, allow_redirects=False)
+    assert ok.status_code == 303
+    with engine.connect() as conn:
+        assert reviews.deer_names(conn) == {deer: "Bramble"}
+    assert "Bramble" in s.get(f"{app_server.url}/deer/{deer}").text
+
+
+def test_a_public_host_needs_a_token_and_loopback_answers_loopback_names_only(engine, tmp_path):
+    with pytest.raises(ReviewAppError, match="DEER_REVIEW_TOKEN"):
+        create_app(ReviewConfig(engine=engine, crop_store=tmp_path, reviewer="t", host="0.0.0.0"))
+    server = Server(create_app(ReviewConfig(engine=engine, crop_store=tmp_path, reviewer="t", host="0.0.0.0",
+                                            token="s3cret-token")))
+    try:
+        assert requests.get(server.url + "/deer").status_code == 401
+        assert requests.get(server.url + "/deer", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert requests.get(server.url + "/deer", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+        s = requests.Session()
+        first = s.get(server.url + "/deer?token=s3cret-token", allow_redirects=False)
+        assert first.status_code == 303 and "token" not in first.headers["location"]
+        assert s.get(server.url + "/deer").status_code == 200               # the cookie carries it now
+        token = csrf(s, server.url + "/deer")
+        assert requests.post(server.url + "/reviewer", data={"reviewer": "x", "csrf_token": token}).status_code == 401
+    finally:
+        server.stop()
+    local = Server(create_app(ReviewConfig(engine=engine, crop_store=tmp_path, reviewer="t")))
+    try:
+        assert requests.get(local.url + "/deer").status_code == 200
+        assert requests.get(local.url + "/deer", headers={"Host": "attacker.example"}).status_code == 421
+    finally:
+        local.stop()
+
+
+def test_crops_come_only_from_the_crop_store(engine, app_server, world, tmp_path):
+    _, ids = world
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a crop")
+    det = ids["A"][0]
+    s = requests.Session()
+    assert s.get(f"{app_server.url}/crop/{det}").status_code == 200
+    for bad in ("..%2F..%2Fsecret.txt", "../secret.txt", "%2E%2E%2Fsecret.txt", "nope"):
+        r = s.get(f"{app_server.url}/crop/{bad}")
+        assert r.status_code == 404 and "not a crop" not in r.text
+    (tmp_path / "crops" / "link.jpg").symlink_to(secret)
+    for stored in ("../secret.txt", str(secret), "link.jpg", "sub/../../secret.txt"):
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE crops SET crop_path = :p WHERE detection_id = :d"), {"p": stored, "d": det})
+        r = s.get(f"{app_server.url}/crop/{det}")
+        assert r.status_code == 404 and "not a crop" not in r.text, stored
+    assert safe_crop_path(tmp_path / "crops", "../secret.txt") is None
+    assert safe_crop_path(tmp_path / "crops", f"{ids['B'][0]}.jpg") is not None
+
+
+def test_two_reviewers_at_once_lose_no_decision(engine, app_server, world):
+    from deer_pipeline.review import queue as review_queue
+
+    with engine.connect() as conn:
+        keys = [k for _, _, k in review_queue.queue_keys(conn, 1.0) if k.startswith("decision|")]
+    assert len(keys) >= 2
+    sessions = {who: requests.Session() for who in ("alice", "bob")}
+    tokens = {who: csrf(s, app_server.url + "/queue") for who, s in sessions.items()}
+    answers = {"alice": (keys[0], "same"), "bob": (keys[1], "different")}
+    barrier = threading.Barrier(2)
+    results = {}
+
+    def answer(who):
+        key, action = answers[who]
+        barrier.wait(timeout=10)
+        results[who] = sessions[who].post(app_server.url + "/queue/answer", allow_redirects=False, data={
+            "csrf_token": tokens[who], "item_key": key, "action": action, "reviewer": who})
+
+    threads = [threading.Thread(target=answer, args=(who,)) for who in answers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(r.status_code == 303 and "recorded" in r.headers["location"] for r in results.values()), \
+        {k: r.headers.get("location") for k, r in results.items()}
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT reviewer, kind, item_key, detections_a, detections_b FROM "
+                                    "identity_reviews ORDER BY review_id")).all()
+    assert sorted((r.reviewer, r.kind, r.item_key) for r in rows) == [
+        ("alice", "same", keys[0]), ("bob", "different", keys[1])]
+    d = deer_of(engine)
+    for r in rows:                          # both decisions are in force
+        together = {d[x] for x in r.detections_a} & {d[x] for x in r.detections_b}
+        assert bool(together) == (r.kind == "same")
+    # undo withdraws the reviewer's own last decision, not the other's
+    t = tokens["alice"]
+    r = sessions["alice"].post(app_server.url + "/queue/answer", allow_redirects=False,
+                               data={"csrf_token": t, "action": "undo", "item_key": "", "reviewer": "alice"})
+    assert r.status_code == 303
+    with engine.connect() as conn:
+        status = {(x.reviewer, x.kind): x.undone_by for x in conn.execute(sa.text(
+            "SELECT reviewer, kind, undone_by FROM identity_reviews_status WHERE kind <> 'undo'"))}
+    assert status[("alice", "same")] is not None and status[("bob", "different")] is None
