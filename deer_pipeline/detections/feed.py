@@ -73,7 +73,7 @@ def partitions_with_unassigned(engine: Engine, limit_partitions: int = 200) -> l
               AND s.detection_id IS NULL
               AND (c.status IS NULL OR c.status <> 'too_small')
               AND NOT EXISTS (SELECT 1 FROM identity_reviews_status r WHERE r.kind = 'unidentifiable'
-                              AND r.undone_by IS NULL AND d.detection_id = ANY(r.detections_a))
+                              AND r.undone_by IS NULL AND r.detections_a @> ARRAY[d.detection_id])
             GROUP BY d.camera_id, d.day
             ORDER BY d.day, d.camera_id
             LIMIT :limit

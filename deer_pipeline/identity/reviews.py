@@ -405,8 +405,8 @@ def human_confirmed(conn: sa.Connection, partition_key: str | None = None) -> in
     return conn.execute(sa.text(
         "SELECT count(*) FROM sightings s WHERE EXISTS (SELECT 1 FROM identity_reviews_status r "
         "WHERE r.undone_by IS NULL AND ((r.kind IN ('same', 'merge', 'split') AND "
-        "(s.detection_id = ANY(r.detections_a) OR s.detection_id = ANY(r.detections_b))) OR "
-        f"(r.kind IN ('different', 'new') AND s.detection_id = ANY(r.detections_a)))) {part}"),
+        "(r.detections_a @> ARRAY[s.detection_id] OR r.detections_b @> ARRAY[s.detection_id])) OR "
+        f"(r.kind IN ('different', 'new') AND r.detections_a @> ARRAY[s.detection_id]))) {part}"),
         {"p": partition_key}).scalar_one()
 
 

@@ -107,13 +107,14 @@ def create_app(config: ReviewConfig) -> Starlette:
     def decide(kind: str, a, b=(), *, who: str, **kw) -> tuple[int, object]:
         with config.engine.begin() as conn:
             rid = reviews.record(conn, kind, a, b, reviewer=who, source="web", **kw)
-        summary = reviews.apply(config.engine, list(a) + list(b)) if config.apply and kind != "skip" else None
+        replay = config.apply and kind not in ("skip", "name")      # a name changes no decision
+        summary = reviews.apply(config.engine, list(a) + list(b)) if replay else None
         return rid, summary
 
     def undo(review_id: int, who: str):
         with config.engine.begin() as conn:
             undone = reviews.undo(conn, review_id, reviewer=who, source="web")
-        if config.apply and undone.kind != "skip":
+        if config.apply and undone.kind not in ("skip", "name"):
             reviews.apply(config.engine, list(undone.a) + list(undone.b))
         return undone
 

@@ -149,7 +149,7 @@ def weekly_plot_png(counts: dict[str, dict[date, int]], title: str) -> bytes:
             ax.bar([xi + i * width for xi in x], [per.get(w, 0) for w in weeks], width=width, label=cam)
         ax.set_xticks([xi + 0.4 - width / 2 for xi in x])
         ax.set_xticklabels([w.strftime("%d %b %y") for w in weeks], fontsize=7, rotation=0)
-        ax.legend(fontsize=7, title="camera", title_fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, title="camera", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         ax.text(0.5, 0.5, "no dated sightings", ha="center", va="center", transform=ax.transAxes)
     ax.set_ylabel("sightings", fontsize=8)

@@ -123,9 +123,6 @@ def queue_keys(conn: sa.Connection, margin: float) -> list[tuple[float, bool, st
         dets = set(r.dets)
         if dets & done:
             continue
-        if not conn.execute(sa.text("SELECT 1 FROM similarity_scores WHERE encounter_key = :e LIMIT 1"),
-                            {"e": r.encounter_key}).first():
-            continue
         out.append((abs(float(r.score) - float(r.threshold)), bool(dets & skipped), f"decision|{r.encounter_key}"))
     members = _deer_members(conn)
     founders = dict(conn.execute(sa.text("SELECT deer_id, founding_detection_id FROM deer")).all())

@@ -149,6 +149,10 @@ def demo_store(engine, sample_dir: Path, threshold: float | None = None, **sampl
             result = job.execute_in_process(instance=instance, partition_key=key, run_config=run_config,
                                             raise_on_error=False)
             if not result.success:
-                raise AssertionError(f"identification_job failed for {key}")
+                failures = [f"{e.step_key}: {e.event_specific_data.error.message.strip()[:300]}"
+                            for e in result.all_events if e.is_step_failure]
+                checks = [f"{c.check_name}: {c.description}" for c in result.get_asset_check_evaluations()
+                          if not c.passed]
+                raise AssertionError(f"identification_job failed for {key}: {failures} {checks}")
             keys.append(f"{camera}|{day}")
     return keys
