@@ -104,18 +104,28 @@ def create_app(config: ReviewConfig) -> Starlette:
     def back(path: str, msg: str | None = None) -> RedirectResponse:
         return RedirectResponse(path + (("?" + urlencode({"msg": msg})) if msg else ""), status_code=303)
 
-    def decide(kind: str, a, b=(), *, who: str, **kw) -> tuple[int, object]:
+    def replay(detection_ids) -> None:
+        """Apply at once; the decision is recorded already, so a failure here loses nothing (the
+        next materialisation applies it) but is said plainly."""
+        try:
+            reviews.apply(config.engine, detection_ids)
+        except Exception as exc:
+            log.exception("replay after a review decision failed")
+            raise reviews.ReviewError(f"recorded, but deciding again failed ({exc}); the decision "
+                                      "takes effect at the next materialisation") from exc
+
+    def decide(kind: str, a, b=(), *, who: str, **kw) -> int:
         with config.engine.begin() as conn:
             rid = reviews.record(conn, kind, a, b, reviewer=who, source="web", **kw)
-        replay = config.apply and kind not in ("skip", "name")      # a name changes no decision
-        summary = reviews.apply(config.engine, list(a) + list(b)) if replay else None
-        return rid, summary
+        if config.apply and kind not in ("skip", "name"):           # a name changes no decision
+            replay(list(a) + list(b))
+        return rid
 
     def undo(review_id: int, who: str):
         with config.engine.begin() as conn:
             undone = reviews.undo(conn, review_id, reviewer=who, source="web")
         if config.apply and undone.kind not in ("skip", "name"):
-            reviews.apply(config.engine, list(undone.a) + list(undone.b))
+            replay(list(undone.a) + list(undone.b))
         return undone
 
     # -- pages ----------------------------------------------------------------------------------
@@ -221,29 +231,29 @@ def create_app(config: ReviewConfig) -> Starlette:
             if item.kind == "merge":
                 b_all = _members(config.engine, cand.deer_id)
                 if action == "same":
-                    rid, _ = decide("merge", item.query_ids, b_all, who=who, deer_a=item.query_deer,
+                    rid = decide("merge", item.query_ids, b_all, who=who, deer_a=item.query_deer,
                                     deer_b=cand.deer_id, item_key=key, score=item.score, note=note)
                 elif action in ("different", "new"):
-                    rid, _ = decide("different", item.query_ids, b_all, who=who, deer_a=item.query_deer,
+                    rid = decide("different", item.query_ids, b_all, who=who, deer_a=item.query_deer,
                                     deer_b=cand.deer_id, item_key=key, score=item.score, note=note)
                 elif action == "skip":
-                    rid, _ = decide("skip", item.query_ids, who=who, item_key=key, note=note)
+                    rid = decide("skip", item.query_ids, who=who, item_key=key, note=note)
                 else:
                     return "a merge candidate cannot be marked unidentifiable; open the deer page"
                 return f"recorded decision {rid}: {action}"
             shown = [s.detection_id for s in cand.sightings] if cand else []
             common = dict(who=who, deer_a=item.query_deer, item_key=key, score=item.score, note=note)
             if action == "same":
-                rid, _ = decide("same", item.query_ids, shown, deer_b=cand.deer_id, **common)
+                rid = decide("same", item.query_ids, shown, deer_b=cand.deer_id, **common)
             elif action == "different":
-                rid, _ = decide("different", item.query_ids, shown, deer_b=cand.deer_id, **common)
+                rid = decide("different", item.query_ids, shown, deer_b=cand.deer_id, **common)
             elif action == "new":
                 all_shown = [s.detection_id for c in item.candidates for s in c.sightings]
-                rid, _ = decide("new", item.query_ids, all_shown, **common)
+                rid = decide("new", item.query_ids, all_shown, **common)
             elif action == "unidentifiable":
-                rid, _ = decide("unidentifiable", item.query_ids, **common)
+                rid = decide("unidentifiable", item.query_ids, **common)
             else:
-                rid, _ = decide("skip", item.query_ids, **common)
+                rid = decide("skip", item.query_ids, **common)
             return f"recorded decision {rid}: {action}"
 
         try:
@@ -278,7 +288,7 @@ def create_app(config: ReviewConfig) -> Starlette:
             a, b = _members(config.engine, deer_id), _members(config.engine, other)
             if not b:
                 raise reviews.ReviewError(f"deer #{other} does not exist")
-            rid, _ = decide("merge", a, b, who=who, deer_a=deer_id, deer_b=other, note=form.get("note") or None)
+            rid = decide("merge", a, b, who=who, deer_a=deer_id, deer_b=other, note=form.get("note") or None)
             return f"merged deer #{deer_id} and #{other} (decision {rid})"
 
         target = await _run(work, f"/deer/{deer_id}")
@@ -296,7 +306,7 @@ def create_app(config: ReviewConfig) -> Starlette:
             rest = [d for d in ids if d not in a]
             if not a or not rest:
                 raise reviews.ReviewError("choose some, but not all, of the deer's sightings to split off")
-            rid, _ = decide("split", a, rest, who=who, deer_a=deer_id, note=form.get("note") or None)
+            rid = decide("split", a, rest, who=who, deer_a=deer_id, note=form.get("note") or None)
             return f"split {len(a)} sighting(s) off deer #{deer_id} (decision {rid})"
 
         return await _run(work, f"/deer/{deer_id}")
@@ -310,7 +320,7 @@ def create_app(config: ReviewConfig) -> Starlette:
             back_to = "/deer"
 
         def work():
-            rid, _ = decide("unidentifiable", [det], who=who, note=form.get("note") or None)
+            rid = decide("unidentifiable", [det], who=who, note=form.get("note") or None)
             return f"sighting {det} is unidentifiable and left out of matching (decision {rid})"
 
         return await _run(work, back_to)

@@ -73,6 +73,8 @@ def run(engine, action: str, args: list[str], reviewer: str, note: str | None = 
         s = reviews.apply(engine, involved)
         if s is not None:
             line += f"; replayed from {s.partition_key} ({s.decided + s.replayed} sightings decided again, {s.deer_total} deer)"
+        else:
+            line += "; recorded (nothing decided yet here: it takes effect at the next materialisation)"
     elif involved:
         line += "; recorded only (takes effect at the next materialisation)"
     return line

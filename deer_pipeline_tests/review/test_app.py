@@ -10,6 +10,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import unquote_plus
 
 import numpy as np
 import pytest
@@ -149,6 +150,9 @@ def test_state_changes_need_post_and_a_csrf_token(engine, app_server, world):
     with engine.connect() as conn:
         assert reviews.deer_names(conn) == {deer: "Bramble"}
     assert "Bramble" in s.get(f"{app_server.url}/deer/{deer}").text
+    s.post(url, data={"name": "<script>alert(1)</script>", "csrf_token": token})
+    page = s.get(f"{app_server.url}/deer/{deer}").text
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page     # names are escaped
 
 
 def test_a_public_host_needs_a_token_and_loopback_answers_loopback_names_only(engine, tmp_path):
@@ -239,3 +243,37 @@ def test_two_reviewers_at_once_lose_no_decision(engine, app_server, world):
         status = {(x.reviewer, x.kind): x.undone_by for x in conn.execute(sa.text(
             "SELECT reviewer, kind, undone_by FROM identity_reviews_status WHERE kind <> 'undo'"))}
     assert status[("alice", "same")] is not None and status[("bob", "different")] is None
+
+
+def test_corrections_from_the_deer_page(engine, app_server, world):
+    s = requests.Session()
+    token = csrf(s, app_server.url + "/deer")
+    with engine.connect() as conn:
+        a, b = conn.execute(sa.text("SELECT deer_id FROM deer ORDER BY sighting_count DESC, deer_id LIMIT 2")).scalars()
+    members = lambda deer: set(deer_of_members(engine, deer))  # noqa: E731
+    both = members(a) | members(b)
+    r = s.post(f"{app_server.url}/deer/{a}/merge", data={"other": str(b), "csrf_token": token}, allow_redirects=False)
+    assert r.status_code == 303 and "merged" in unquote_plus(r.headers["location"])
+    d = deer_of(engine)
+    merged = d[next(iter(both))]
+    assert {d[x] for x in both} == {merged}
+    chosen = sorted(both)[:2]
+    page = s.get(f"{app_server.url}/deer/{merged}").text
+    assert all(f'value="{c}"' in page for c in chosen)                 # the split checkboxes
+    r = s.post(f"{app_server.url}/deer/{merged}/split", allow_redirects=False,
+               data={"sighting[]": chosen, "csrf_token": token})
+    assert r.status_code == 303 and "split 2" in unquote_plus(r.headers["location"])
+    d = deer_of(engine)
+    assert d[chosen[0]] == d[chosen[1]] and not {d[c] for c in chosen} & {d[x] for x in both - set(chosen)}
+    gone = sorted(both - set(chosen))[0]
+    r = s.post(f"{app_server.url}/sighting/{gone}/unidentifiable", allow_redirects=False,
+               data={"csrf_token": token, "back": "//evil.example/"})
+    assert r.status_code == 303 and r.headers["location"].startswith("/deer")   # no open redirect
+    assert gone not in deer_of(engine)
+    listing = s.get(app_server.url + "/reviews").text
+    assert listing.count("stands") == 3 and "merge" in listing and "split" in listing
+
+
+def deer_of_members(engine, deer) -> list[str]:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT detection_id FROM sightings WHERE deer_id = :d"), {"d": deer}).scalars().all()
