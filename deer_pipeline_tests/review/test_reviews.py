@@ -16,6 +16,7 @@ from deer_pipeline.identity import reviews
 from deer_pipeline.identity.matching import decide_partition
 from deer_pipeline.identity.reviews import Review, constraints_from
 from deer_pipeline.review import id_cli
+from deer_pipeline.settings import MatchingSettings
 from deer_pipeline_tests.identity.test_matching import (
     SETTINGS,
     T0,
@@ -85,7 +86,9 @@ def test_later_decisions_win_and_unidentifiable_can_be_taken_back():
     assert t.verdict(["x"]) == (10, set())
 
 
-def test_a_same_decision_joins_two_sightings_that_matching_kept_apart_and_survives_replay(engine):
+@pytest.mark.parametrize("search", ["exact", "hnsw"])
+def test_a_same_decision_joins_two_sightings_that_matching_kept_apart_and_survives_replay(engine, search):
+    SETTINGS = MatchingSettings(search=search)
     w = SyntheticWorld(engine)
     a = w.sighting("cam1", T0, "A")
     b = w.sighting("cam1", T0 + timedelta(minutes=5), "B")       # unlike A: a new deer
@@ -202,6 +205,16 @@ def test_merge_split_and_name_survive_serial_and_parallel_backfills(engine):
         assert sum(r.replayed for r in results) > 0
         assert grouping(engine) == expected and _named(engine) == expected_names
         assert sum(r.reviewed for r in results) > 0
+    # separate processes (only the advisory lock keeps them apart), latest partition first
+    import multiprocessing as mp
+
+    from deer_pipeline_tests.identity.test_matching import _decide_in_process
+
+    _reset_decisions(engine)
+    url = engine.url.render_as_string(hide_password=False)
+    with mp.get_context("spawn").Pool(2) as pool:
+        pool.starmap(_decide_in_process, [(url, cam, day) for cam, day in parts[::-1]])
+    assert grouping(engine) == expected and _named(engine) == expected_names
 
 
 def test_partitions_nobody_reviewed_decide_exactly_as_before(engine):
