@@ -114,9 +114,10 @@ def _pair_refused(standing: list[reviews.Review], a: set[str], b: set[str]) -> b
     return False
 
 
-def queue_keys(conn: sa.Connection, margin: float) -> list[tuple[float, bool, str]]:
+def queue_keys(conn: sa.Connection, margin: float, pairs: list[dict] | None = None) -> list[tuple[float, bool, str]]:
     """(margin, skipped, key) of every open item, most uncertain first (skipped last)."""
     settings, _ = _settings(conn)
+    pairs = _merge_pairs(conn, settings) if pairs is None else pairs
     done, skipped, standing = _answered(conn)
     out = []
     for r in _decision_rows(conn, margin):
@@ -126,7 +127,7 @@ def queue_keys(conn: sa.Connection, margin: float) -> list[tuple[float, bool, st
         out.append((abs(float(r.score) - float(r.threshold)), bool(dets & skipped), f"decision|{r.encounter_key}"))
     members = _deer_members(conn)
     founders = dict(conn.execute(sa.text("SELECT deer_id, founding_detection_id FROM deer")).all())
-    for p in _merge_pairs(conn, settings):
+    for p in pairs:
         a, b = set(members.get(p["deer_a"], ())), set(members.get(p["deer_b"], ()))
         if not a or not b or _pair_refused(standing, a, b):
             continue
@@ -180,8 +181,9 @@ def _best_matching(conn: sa.Connection, query: Sequence[str], gallery: Sequence[
     return [(g_ids[i], float(best[i])) for i in order]
 
 
-def load_item(conn: sa.Connection, key: str, margin: float | None = None) -> Item | None:
-    """The item of a queue key, as it stands now (None when it no longer exists)."""
+def load_item(conn: sa.Connection, key: str, pairs: list[dict] | None = None) -> Item | None:
+    """The item of a queue key, as it stands now (None when it no longer exists). ``pairs``:
+    the merge candidates, when the caller has them already."""
     settings, versions = _settings(conn)
     names = reviews.deer_names(conn)
     kind, _, rest = key.partition("|")
@@ -218,7 +220,8 @@ def load_item(conn: sa.Connection, key: str, margin: float | None = None) -> Ite
         a, b = members.get(da, []), members.get(db_, [])
         if not a or not b:
             return None
-        pair = [p for p in _merge_pairs(conn, settings) if {p["deer_a"], p["deer_b"]} == {da, db_}]
+        pairs = _merge_pairs(conn, settings) if pairs is None else pairs
+        pair = [p for p in pairs if {p["deer_a"], p["deer_b"]} == {da, db_}]
         sim = pair[0]["profile_similarity"] if pair else float("nan")
         shown_a = [d for d, _ in _best_matching(conn, b, a, settings, versions, SHOWN_QUERY)] or a[:SHOWN_QUERY]
         cand = _candidate(conn, db_, sim, a, b, settings, versions, names)
@@ -251,12 +254,13 @@ class Queue:
 
 def build_queue(conn: sa.Connection, margin: float, limit: int = 20) -> Queue:
     """The open items, most uncertain first; the first ``limit`` loaded in full."""
-    keys = queue_keys(conn, margin)
+    pairs = _merge_pairs(conn, _settings(conn)[0])
+    keys = queue_keys(conn, margin, pairs)
     items = []
     for _, _, key in keys:
         if len(items) >= limit:
             break
-        item = load_item(conn, key)
+        item = load_item(conn, key, pairs)
         if item is not None:
             items.append(item)
     skipped_keys = {k for _, s, k in keys if s}

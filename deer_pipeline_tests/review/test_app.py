@@ -277,3 +277,34 @@ def test_corrections_from_the_deer_page(engine, app_server, world):
 def deer_of_members(engine, deer) -> list[str]:
     with engine.connect() as conn:
         return conn.execute(sa.text("SELECT detection_id FROM sightings WHERE deer_id = :d"), {"d": deer}).scalars().all()
+
+
+def test_a_merge_candidate_answered_same_merges_the_two_deer(engine, tmp_path):
+    from deer_pipeline.review import queue as review_queue
+
+    w = SyntheticWorld(engine, noise=0.2, seed=5)
+    first = [f[0] for f in w.burst("cam1", T0, [("A", "doe")], frames=4)]
+    second = [f[0] for f in w.burst("cam1", T0 + timedelta(hours=2), [("A", "doe")], frames=4)]
+    decide_partition(engine, "cam1", "2024-05-01", MatchingSettings(search="exact", reid_threshold=0.97))
+    d = deer_of(engine)
+    assert d[first[0]] != d[second[0]]          # best pair below the threshold, profiles above it
+    write_crops(engine, tmp_path / "crops")
+    with engine.connect() as conn:
+        keys = [k for _, _, k in review_queue.queue_keys(conn, 0.0) if k.startswith("merge|")]
+    assert keys == [f"merge|{first[0]}|{second[0]}"]
+    server = Server(create_app(ReviewConfig(engine=engine, crop_store=tmp_path / "crops", reviewer="t", margin=0.0)))
+    try:
+        s = requests.Session()
+        page = s.get(server.url + "/queue").text
+        assert f'data-item="{keys[0]}"' in page and "one animal?" in page
+        token = re.search(r'name="csrf_token" value="([0-9a-f]+)"', page).group(1)
+        r = s.post(server.url + "/queue/answer", allow_redirects=False,
+                   data={"csrf_token": token, "item_key": keys[0], "action": "same"})
+        assert r.status_code == 303 and "recorded" in r.headers["location"]
+    finally:
+        server.stop()
+    d = deer_of(engine)
+    assert len({d[x] for x in first + second}) == 1
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT kind FROM identity_reviews")).scalars().all() == ["merge"]
+        assert [k for _, _, k in review_queue.queue_keys(conn, 0.0)] == []     # answered: gone
