@@ -18,6 +18,11 @@ founded again by the same detection keeps its ``deer_id``.
 The unit of decision is the encounter (a burst track, ``encounters.py``): all its detections go
 to one deer. Encounters that share a frame never go to the same deer.
 
+People's decisions (``identity/reviews.py``) are constraints applied at one hook in
+``_decide_in_time_order``: a must-link ("same", "merge") makes the encounter join the deer that
+holds the other sightings, a cannot-link ("different", "new", "split") excludes deer like the
+same-frame rule, and sightings marked unidentifiable are not decided at all.
+
 Scoring. A deer is its gallery: every stored sighting of it, one vector per component model. For
 each model the cosine of two unit vectors is their dot product; the ensemble similarity is the
 weighted sum of per-model cosines (``embedding.models.weighted_cosine``, the single place this is computed).
