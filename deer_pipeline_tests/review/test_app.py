@@ -308,3 +308,28 @@ def test_a_merge_candidate_answered_same_merges_the_two_deer(engine, tmp_path):
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT kind FROM identity_reviews")).scalars().all() == ["merge"]
         assert [k for _, _, k in review_queue.queue_keys(conn, 0.0)] == []     # answered: gone
+
+
+def test_new_unidentifiable_and_skip_answers(engine, app_server, world):
+    from deer_pipeline.review import queue as review_queue
+
+    with engine.connect() as conn:
+        keys = [k for _, _, k in review_queue.queue_keys(conn, 1.0) if k.startswith("decision|")]
+        items = {k: review_queue.load_item(conn, k) for k in keys[:3]}
+    assert len(items) == 3
+    s = requests.Session()
+    token = csrf(s, app_server.url + "/queue")
+    for key, action in zip(keys, ("new", "unidentifiable", "skip")):
+        r = s.post(app_server.url + "/queue/answer", allow_redirects=False,
+                   data={"csrf_token": token, "item_key": key, "action": action})
+        assert r.status_code == 303 and f": {action}" in unquote_plus(r.headers["location"])
+    d = deer_of(engine)
+    new, unid, skip = (items[k] for k in keys[:3])
+    shown = {x.detection_id for c in new.candidates for x in c.sightings}
+    assert not {d[x] for x in new.query_ids if x in d} & {d[x] for x in shown if x in d}
+    assert not set(unid.query_ids) & set(d)                       # left out of matching
+    with engine.connect() as conn:
+        open_keys = [k for _, skipped, k in review_queue.queue_keys(conn, 1.0)]
+        skipped = [k for _, sk, k in review_queue.queue_keys(conn, 1.0) if sk]
+    assert keys[0] not in open_keys and keys[1] not in open_keys
+    assert skipped == [keys[2]] and open_keys[-1] == keys[2]     # skipped: still there, last
