@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("deer_pipeline.embedding.models_cli", "register the pipeline's embedder (trained model, backbone or default)"),
     "weights": ("deer_pipeline.embedding.weights_cli", "fetch or import re-identification backbone weights"),
     "ui": ("deer_pipeline.ops.ui", "start the Dagster UI (dagster dev) on the embedded database"),
+    "review": ("deer_pipeline.review.cli", "the review web app (queue, deer, corrections); 'review export|apply FILE.csv'"),
+    "id": ("deer_pipeline.review.id_cli", "corrections for scripts: 'id merge|split|name|unidentifiable|undo|list'"),
 }
 
 

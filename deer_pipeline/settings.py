@@ -48,6 +48,14 @@ NEW_DEER_SPIKE_FACTOR = 2.0
 CHECK_WINDOW_DAYS = 7
 NORM_TOLERANCE = 1e-3
 MERGE_CANDIDATES_LIMIT = 50
+# review (people in the loop: deer-pipeline review)
+REVIEW_HOST = "127.0.0.1"                  # the review app listens on loopback unless --host says otherwise
+REVIEW_PORT = 8765
+REVIEW_TOKEN_ENV = "DEER_REVIEW_TOKEN"     # token a non-loopback --host requires (read from this variable)
+REVIEWER_ENV = "DEER_REVIEWER"             # default reviewer name (else the login name)
+REVIEW_MARGIN = 0.10                       # queue: decisions whose score lies this close to the threshold
+REVIEW_QUEUE_MAX_ITEMS = 50                # check: WARN when more items wait
+REVIEW_QUEUE_MAX_AGE_DAYS = 14             # check: WARN when an item waits longer (days since its detection arrived)
 # executors
 EXECUTOR = "multiprocess"                  # multiprocess | in_process | celery
 GPU_SLOTS = 1
@@ -73,6 +81,8 @@ ENVIRONMENT = {
     "DEER_NUM_WORKERS": "decode workers",
     "DEER_AMP": "0/1: float16 autocast on CUDA",
     "DEER_ALLOW_RANDOM_WEIGHTS": "1 allows random weights (unit tests only)",
+    "TORCH_HOME": "torch's cache; ImageNet weights are looked for in $TORCH_HOME/hub/checkpoints",
+    "XDG_CACHE_HOME": "TORCH_HOME defaults to $XDG_CACHE_HOME/torch (~/.cache/torch)",
     "DEER_EXECUTOR": "multiprocess | in_process | celery",
     "DEER_GPU_SLOTS": "concurrent inference steps (pool gpu)",
     "DEER_CELERY_BROKER_URL": "celery broker",
@@ -86,6 +96,8 @@ ENVIRONMENT = {
     "DEER_EVAL_SPLIT_SEED": "split the reid_evaluation labels by identity with this seed",
     "DEER_EVAL_CALIBRATION_LABELS": "calibration labels CSV of the reid_evaluation asset",
     "DEER_EVAL_CALIBRATION_IMAGES_ROOT": "calibration images root of the reid_evaluation asset",
+    "DEER_REVIEW_TOKEN": "token the review app requires when it listens beyond 127.0.0.1",
+    "DEER_REVIEWER": "reviewer name recorded with decisions (default: the login name)",
 }
 
 

@@ -17,7 +17,7 @@ from deer_pipeline.defs.resources import (
     IdentitySettings,
     InferenceResource,
 )
-from deer_pipeline.identity import matching, metrics, threshold_report
+from deer_pipeline.identity import matching, metrics, reviews, threshold_report
 from deer_pipeline.identity import store as identity_store
 
 
@@ -61,6 +61,8 @@ def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
                             f"and stay unassigned: {summary.unassigned_reasons}")
     if summary.replayed:
         context.log.info(f"replayed {summary.replayed} later sighting(s) of {summary.replayed_partitions}")
+    with engine.connect() as conn:
+        confirmed = reviews.human_confirmed(conn, summary.partition_key)
     return dg.MaterializeResult(metadata={
         "sightings_decided": dg.MetadataValue.int(summary.decided),
         "matched": dg.MetadataValue.int(summary.matched),
@@ -78,6 +80,10 @@ def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
         "seconds": dg.MetadataValue.float(round(summary.seconds, 3)),
         "phase_seconds": dg.MetadataValue.json(summary.phase_seconds),
         "summary": dg.MetadataValue.md(_summary_markdown(summary)),
+        # people in the loop: decisions a review fixed now, and sightings people confirmed
+        "review_decided": dg.MetadataValue.int(summary.reviewed),
+        "review_excluded": dg.MetadataValue.int(summary.excluded_by_review),
+        "human_confirmed": dg.MetadataValue.int(confirmed),
     })
 
 

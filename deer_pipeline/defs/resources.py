@@ -123,6 +123,12 @@ class IdentitySettings(dg.ConfigurableResource):
     check_window_days: int = Field(default=settings.CHECK_WINDOW_DAYS, description="trailing window of the rate checks")
     norm_tolerance: float = Field(default=settings.NORM_TOLERANCE, description="|norm - 1| allowed for stored vectors")
     merge_candidates_limit: int = Field(default=settings.MERGE_CANDIDATES_LIMIT, description="merge candidates listed at most")
+    review_margin: float = Field(default=settings.REVIEW_MARGIN, description="review queue: decisions whose "
+                                 "score lies this close to the threshold")
+    review_queue_max_items: int = Field(default=settings.REVIEW_QUEUE_MAX_ITEMS,
+                                        description="WARN when more items wait in the review queue")
+    review_queue_max_age_days: float = Field(default=settings.REVIEW_QUEUE_MAX_AGE_DAYS,
+                                             description="WARN when a review item waits longer (days)")
     report_min_precision: Optional[float] = Field(
         default=None, description="threshold report: recommend the lowest threshold with this precision")
 

@@ -59,7 +59,7 @@ def partitions_with_unassigned(engine: Engine, limit_partitions: int = 200) -> l
     The system we start from could reprocess unassigned detections; here they are detections
     whose embedding failed or was missing when their partition was decided, or partitions never
     decided. Crops that are too small can never be assigned and are left out, so they are not
-    retried forever. Oldest days first.
+    retried forever, and so are detections a person marked unidentifiable. Oldest days first.
     """
     with engine.connect() as conn:
         rows = conn.execute(sa.text(
@@ -72,6 +72,8 @@ def partitions_with_unassigned(engine: Engine, limit_partitions: int = 200) -> l
             WHERE d.status = 'ok' AND d.camera_id IS NOT NULL AND d.day IS NOT NULL
               AND s.detection_id IS NULL
               AND (c.status IS NULL OR c.status <> 'too_small')
+              AND NOT EXISTS (SELECT 1 FROM identity_reviews_status r WHERE r.kind = 'unidentifiable'
+                              AND r.undone_by IS NULL AND r.detections_a @> ARRAY[d.detection_id])
             GROUP BY d.camera_id, d.day
             ORDER BY d.day, d.camera_id
             LIMIT :limit
