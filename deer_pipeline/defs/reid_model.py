@@ -3,7 +3,7 @@
 Thin Dagster layer over :func:`deer_pipeline.embedding.training.train` (the same training as
 ``deer-pipeline train``). Unpartitioned and on no schedule: it is not on the nightly path, and
 training a model never changes what the pipeline embeds with until the model is registered
-(``register: true`` in the run config, or ``deer-pipeline models register MODEL_DIR``).
+(``register_model: true`` in the run config, or ``deer-pipeline models register MODEL_DIR``).
 
 Labels come from the run config, else ``DEER_TRAIN_LABELS`` / ``DEER_TRAIN_IMAGES_ROOT`` /
 ``DEER_TRAIN_SPLIT_SEED``; with none configured the asset records "no labels configured". The
@@ -37,7 +37,7 @@ class ReidModelConfig(dg.Config):
     device: str = Field(default=settings.DEVICE, description="auto | cpu | cuda:N (AMP on a GPU)")
     seed: int = Field(default=0)
     out_dir: Optional[str] = Field(default=None, description="model folder; default <data dir>/models/reid-<time>")
-    register: bool = Field(default=False, description="make the trained model the pipeline's embedder")
+    register_model: bool = Field(default=False, description="make the trained model the pipeline's embedder")
 
     def resolved(self) -> dict:
         out = {}
@@ -106,7 +106,7 @@ def reid_model(context: dg.AssetExecutionContext, config: ReidModelConfig) -> dg
     result = training.train(photos, out, options, source=source, progress=False,
                             log_fn=lambda s: context.log.info(s))
     meta = card_metadata(result.card, out)
-    if config.register:
+    if config.register_model:
         reg = registry.register(str(out))
         meta["registered"] = dg.MetadataValue.text(reg["embedding_version"])
         context.log.info("registered %s as the pipeline's embedder; the embeddings partitions are stale "
