@@ -31,6 +31,7 @@ DEVICE = "auto"                            # auto | cpu | cuda | cuda:N
 BATCH_SIZE = 32                            # crops per forward pass (halved on CUDA OOM)
 AMP = True                                 # float16 autocast on CUDA
 CHANNELS_LAST = True
+BACKEND = "auto"                           # auto | eager | onnxruntime (auto: ONNX Runtime without a GPU)
 # matching
 REID_THRESHOLD = 0.60                      # ensemble similarity needed to join a known deer
 ENSEMBLE_WEIGHTS = {"multiscale": 0.6, "efficientnet_b0": 0.4}
@@ -78,6 +79,7 @@ ENVIRONMENT = {
     "DEER_BATCH_SIZE": "crops per forward pass",
     "DEER_NUM_WORKERS": "decode workers",
     "DEER_AMP": "0/1: float16 autocast on CUDA",
+    "DEER_INFERENCE_BACKEND": "auto | eager | onnxruntime (auto: ONNX Runtime when there is no GPU)",
     "DEER_ALLOW_RANDOM_WEIGHTS": "1 allows random weights (unit tests only)",
     "TORCH_HOME": "torch's cache; ImageNet weights are looked for in $TORCH_HOME/hub/checkpoints",
     "XDG_CACHE_HOME": "TORCH_HOME defaults to $XDG_CACHE_HOME/torch (~/.cache/torch)",
@@ -267,9 +269,12 @@ class EmbeddingSettings:
     amp: bool = AMP
     channels_last: bool = CHANNELS_LAST
     num_workers: int | None = None
+    backend: str = BACKEND
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(dict.fromkeys(self.models)))
+        if self.backend not in ("auto", "eager", "onnxruntime"):
+            raise SettingsError(f"backend must be auto, eager or onnxruntime, not {self.backend!r}")
         object.__setattr__(self, "weights_files", tuple(sorted(dict(self.weights_files).items())))
         if not self.models:
             raise SettingsError("embedding models: name at least one model")
@@ -289,9 +294,11 @@ class EmbeddingSettings:
     @classmethod
     def from_environment(cls) -> "EmbeddingSettings":
         """The deployment's configuration: DEER_EMBEDDING_MODELS, DEER_EMBEDDING_WEIGHTS,
-        DEER_DEVICE, DEER_GPU_INDEX, DEER_BATCH_SIZE, DEER_NUM_WORKERS, DEER_AMP."""
+        DEER_DEVICE, DEER_GPU_INDEX, DEER_BATCH_SIZE, DEER_NUM_WORKERS, DEER_AMP,
+        DEER_INFERENCE_BACKEND."""
         return cls(models=tuple(env_list("DEER_EMBEDDING_MODELS", EMBEDDING_MODELS)),
                    weights=env("DEER_EMBEDDING_WEIGHTS", EMBEDDING_WEIGHTS),
                    device=env("DEER_DEVICE", DEVICE), gpu_index=env_int("DEER_GPU_INDEX"),
                    batch_size=env_int("DEER_BATCH_SIZE", BATCH_SIZE),
-                   num_workers=env_int("DEER_NUM_WORKERS"), amp=env_bool("DEER_AMP", AMP))
+                   num_workers=env_int("DEER_NUM_WORKERS"), amp=env_bool("DEER_AMP", AMP),
+                   backend=env("DEER_INFERENCE_BACKEND", BACKEND))

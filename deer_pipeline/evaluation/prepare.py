@@ -6,7 +6,7 @@ import csv
 import logging
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Sequence
@@ -180,6 +180,10 @@ def embed_sets(engine: Engine, sets: Sequence[PreparedSet], methods: Sequence[rm
     pipeline_models = list(dict.fromkeys(m for meth in methods if meth.kind == "pipeline" for m in meth.models))
     extractors = [rm.FEATURES[meth.feature] for meth in methods if meth.kind == "features"]
     want_legacy = any(meth.kind == "legacy" for meth in methods)
+    if extractors or want_legacy:
+        # the legacy and feature methods read the pipeline's backbone through forward hooks,
+        # which only the eager network has (ONNX Runtime gives the same vectors, cosine 1.0)
+        embedding = replace(embedding, backend="eager")
     items = [it for ps in sets for it in crop_items(engine, ps, store_dir)]
     info: dict = {"versions": {}, "weights_used": {}, "failures": [], "seconds": {}}
     vecs: dict[str, dict[str, np.ndarray]] = defaultdict(dict)     # model -> detection id -> vector
