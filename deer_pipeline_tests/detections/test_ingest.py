@@ -204,7 +204,6 @@ def test_bad_input_is_recorded_and_the_batch_goes_on(engine, tmp_path):
         "m": "image missing",
         "t": "image unreadable: truncated",
         "f": "image unreadable: named like a JPEG but is not an image",
-        "o": "image outside the image roots",
     }
     for did, reason in expected.items():
         assert dets[did]["status"] == "rejected", did
@@ -214,17 +213,19 @@ def test_bad_input_is_recorded_and_the_batch_goes_on(engine, tmp_path):
     assert imgs["missing.jpg"]["status"] == "missing" and imgs["missing.jpg"]["reason"] == "file not found"
     assert imgs["trunc.jpg"]["status"] == "unreadable" and "truncated" in imgs["trunc.jpg"]["reason"]
     assert imgs["fake.jpg"]["status"] == "unreadable"
-    assert imgs["o.jpg"]["status"] == "outside_roots" and imgs["o.jpg"]["sha256"] is None
+    assert "o.jpg" not in imgs and "o" not in dets        # outside the roots: refused, never opened
     rejections = rows(engine, "SELECT * FROM ingest_rejections ORDER BY rejection_id")
     reasons = [r["reason"] for r in rejections]
     assert any(r.startswith("camera id 'cam|d' is not usable") for r in reasons)
     assert any(r.startswith("duplicate detection id 'ok-1' with different content") for r in reasons)
     assert any(r.startswith("detector failed on this image") for r in reasons)
+    assert any(r.startswith("photo path is outside the image roots") for r in reasons)
+    assert [c["camera_id"] for c in rows(engine, "SELECT camera_id FROM cameras")] == ["cam-d"]
     assert all(r["line"] is not None and r["source_path"] == str(src) for r in rejections)
     assert [r["line"] for r in rejections if "cam|d" in r["reason"]] == [2]
     assert report.duplicates_skipped == 1
     assert report.records == report.new_detections + report.duplicates_skipped + report.rejected_records
-    assert report.rejected_detections == 8 and report.rejected_records == 3
+    assert report.rejected_detections == 7 and report.rejected_records == 4
 
     # a second file reusing ids with other content: recorded, stored rows unchanged
     before = snapshot(engine)
