@@ -147,19 +147,20 @@ def _without_spaces(pgdata: Path) -> Path:
 
 
 def _postmasters() -> list[tuple[int, Path]]:
-    """(pid, data directory) of every PostgreSQL postmaster of this user (Linux /proc)."""
+    """(pid, data directory) of every postmaster of pgserver's PostgreSQL (Linux /proc; under
+    root pgserver runs them as the user ``pgserver``)."""
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    binary = os.fsencode(str(POSTGRES_BIN_PATH / "postgres"))
     found = []
-    uid = os.getuid()
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
         if not entry.name.isdigit():
             continue
         try:
-            if entry.stat().st_uid != uid:
-                continue
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if not argv or not argv[0].endswith(b"/postgres") or b"-D" not in argv:
+        if not argv or argv[0] != binary or b"-D" not in argv:
             continue
         i = argv.index(b"-D")
         if i + 1 < len(argv):
@@ -188,7 +189,7 @@ def stop_orphan_servers(keep: Path | None = None) -> list[str]:
                 continue
         try:
             os.kill(pid, signal.SIGINT)     # fast shutdown: roll back, close connections, exit
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             continue
         for _ in range(50):
             if not _pid_alive(pid):
