@@ -50,6 +50,7 @@ class _Record:
     whole_frame: bool = False
     input_id: str | None = None
     camera_id: str | None = None
+    camera_name: str | None = None        # the original name when camera_id had to be made readable
     input_time: datetime | None = None
     classification: str | None = None     # raw class name (None = not given)
     confidence: float | None = None

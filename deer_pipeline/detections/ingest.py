@@ -133,7 +133,6 @@ class IngestReport:
 class _Image:
     path: str
     camera_id: str
-    camera_name: str | None = None     # the original name when the id had to be made readable
     image_id: int | None = None
     status: str = "ok"
     reason: str | None = None
@@ -316,10 +315,10 @@ def _photos_of(records, base: Path, roots: list[Path], camera: str | None,
             rejections.append((rec, cam_name))
             rec_paths.append((rec, None))
             continue
-        rec.camera_id = cam                 # this record's camera, even when its photo has another
+        rec.camera_id, rec.camera_name = cam, cam_name   # this record's camera, even when its photo has another
         key = str(resolved)
         if key not in image_by_path:
-            image_by_path[key] = _Image(path=key, camera_id=cam, camera_name=cam_name)
+            image_by_path[key] = _Image(path=key, camera_id=cam)
         rec_paths.append((rec, key))
     return image_by_path, rec_paths
 
@@ -375,11 +374,9 @@ def _open_batch(conn: sa.Connection, report: IngestReport, src: Path, fmt: str, 
 
 
 def _write_cameras_and_photos(conn: sa.Connection, image_by_path: dict[str, _Image], candidates) -> None:
-    names: dict[str, str | None] = {}          # camera id -> original name (when made readable)
-    for img in image_by_path.values():
-        names[img.camera_id] = names.get(img.camera_id) or img.camera_name
-    for _, row in candidates:
-        names.setdefault(row["camera_id"], None)
+    names: dict[str, str | None] = {img.camera_id: None for img in image_by_path.values()}
+    for rec, row in candidates:      # camera id -> original name (when it had to be made readable)
+        names[row["camera_id"]] = names.get(row["camera_id"]) or rec.camera_name
     if names:
         conn.execute(pg.insert(sa.table("cameras", sa.column("camera_id"), sa.column("original_name")))
                      .values([{"camera_id": c, "original_name": n} for c, n in sorted(names.items())])
