@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
 
 # --------------------------------------------------------------------------------------------
 # Defaults, written once
@@ -71,7 +72,8 @@ ENVIRONMENT = {
     "DAGSTER_POSTGRES_URL": "postgresql+psycopg2:// URL of Dagster's own storage",
     "DAGSTER_HOME": "Dagster instance directory; default <data dir>/dagster_home",
     "DEER_CROP_STORE": "crop store directory; default <data dir>/crops",
-    "DEER_START_DATE": "first day partition (YYYY-MM-DD)",
+    "DEER_START_DATE": "first day partition (YYYY-MM-DD); detections before it are held",
+    "DEER_DB_RETRY_S": "how long decisions and writes wait for the database to come back; default 300",
     "DEER_EMBEDDING_MODELS": "comma list of embedding models",
     "DEER_EMBEDDING_WEIGHTS": "auto | imagenet | path to a state-dict file",
     "DEER_DEVICE": "auto | cpu | cuda | cuda:N",
@@ -232,7 +234,7 @@ def check_weights(weights: dict[str, float]) -> None:
 @dataclass(frozen=True)
 class IngestSettings:
     burst_window_s: float = BURST_WINDOW_S
-    image_roots: tuple[str, ...] = ()   # empty = any path is accepted
+    image_roots: tuple[str, ...] = ()   # empty = the folder of the detections file (or the image folder)
 
     def __post_init__(self) -> None:
         if not self.burst_window_s >= 0:
@@ -302,3 +304,40 @@ class EmbeddingSettings:
                    batch_size=env_int("DEER_BATCH_SIZE", BATCH_SIZE),
                    num_workers=env_int("DEER_NUM_WORKERS"), amp=env_bool("DEER_AMP", AMP),
                    backend=env("DEER_INFERENCE_BACKEND", BACKEND))
+
+
+# --------------------------------------------------------------------------------------------
+# The day partitions: from DEER_START_DATE to yesterday (UTC). Detections captured outside this
+# range are held (status 'held', with the reason) instead of blocking the sensor.
+# --------------------------------------------------------------------------------------------
+
+def partition_start_date() -> date:
+    """The first day partition: DEER_START_DATE (YYYY-MM-DD), default START_DATE."""
+    raw = start_date().strip()
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise SettingsError(f"DEER_START_DATE must be a date YYYY-MM-DD, got {raw!r}") from None
+
+
+def last_partition_day(now: datetime | None = None) -> date:
+    """The last day partition that exists now: yesterday in UTC (Dagster's daily partitions end
+    with the last complete day; today's photos are processed once the day is over)."""
+    now = now or datetime.now(timezone.utc)
+    return now.astimezone(timezone.utc).date() - timedelta(days=1)
+
+
+def partition_day_range(now: datetime | None = None) -> tuple[date, date]:
+    return partition_start_date(), last_partition_day(now)
+
+
+def held_reason(day: date, first: date, last: date) -> str | None:
+    """Why a detection of ``day`` cannot be a partition yet (None when it can)."""
+    if day < first:
+        return (f"captured on {day.isoformat()}, before the first day partition {first.isoformat()} "
+                f"(DEER_START_DATE); held until DEER_START_DATE is {day.isoformat()} or earlier")
+    if day > last:
+        return (f"captured on {day.isoformat()}, after the last complete day {last.isoformat()} (UTC): held "
+                "until its day is over" + (" (a date in the future: check the camera's clock)"
+                                           if day > last + timedelta(days=1) else ""))
+    return None

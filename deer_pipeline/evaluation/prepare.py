@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
@@ -121,7 +122,10 @@ def prepare_set(engine: Engine, photos: Sequence[LabelledPhoto], role: str, work
 
     csv_path = workdir / f"{role}_detections.csv"
     ids, order = write_detections_csv(csv_path, photos, role, seed)
-    report = ingest(engine, csv_path, format="csv", settings=IngestSettings(burst_window_s=BURST_WINDOW_S))
+    # The labels name the photos (resolved against --images-root by read_labels): they are the image root.
+    roots = (os.path.commonpath([os.path.dirname(p.image_path) for p in photos]),) if photos else ()
+    report = ingest(engine, csv_path, format="csv", hold_outside_partitions=False,
+                    settings=IngestSettings(burst_window_s=BURST_WINDOW_S, image_roots=roots))
     ps = PreparedSet(role=role, photos=list(photos), detection_ids=ids, order_source=order)
     with engine.connect() as conn:
         rows = conn.execute(sa.text(
