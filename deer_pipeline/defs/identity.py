@@ -10,6 +10,8 @@ parallel backfills (other code locations, manual runs) cannot create duplicate d
 
 import dagster as dg
 
+from deer_pipeline import db
+from deer_pipeline.defs import checks
 from deer_pipeline.defs.executors import IDENTITY_POOL
 from deer_pipeline.defs.partitions import camera_and_day, camera_day_partitions
 from deer_pipeline.defs.resources import (
@@ -45,6 +47,7 @@ def _summary_markdown(s: matching.DecisionSummary) -> str:
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
     group_name="identification",
     kinds={"postgres"},
+    check_specs=checks.CHECK_SPECS,
     description="Which deer each sighting of the camera x day is: joins a known deer when its best "
                 "ensemble similarity reaches the threshold, else founds a new deer. Decided in capture-time "
                 "order under the identity lock; later decisions are replayed so that the grouping does not "
@@ -54,8 +57,11 @@ def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
                   identity: IdentitySettings, inference: InferenceResource) -> dg.MaterializeResult:
     camera, day = camera_and_day(context)
     engine = database.engine()
-    versions = identity.versions(inference.embedding_settings())
-    summary = matching.decide_partition(engine, camera, day, identity.matching_settings(), versions)
+    settings, versions = identity.matching_settings(), identity.versions(inference.embedding_settings())
+    # The decision is one transaction under the identity lock: a lost connection rolls it back
+    # whole (no half-decided partition), and it is decided again when the database is back.
+    summary = db.retry_transient(lambda: matching.decide_partition(engine, camera, day, settings, versions),
+                                 f"deciding {camera}|{day}", on_retry=context.log.warning)
     if summary.unassigned:
         context.log.warning(f"{summary.unassigned} detection(s) of {summary.partition_key} have no embedding "
                             f"and stay unassigned: {summary.unassigned_reasons}")
@@ -84,7 +90,7 @@ def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
         "review_decided": dg.MetadataValue.int(summary.reviewed),
         "review_excluded": dg.MetadataValue.int(summary.excluded_by_review),
         "human_confirmed": dg.MetadataValue.int(confirmed),
-    })
+    }, check_results=checks.check_results(context, database, identity, camera, day))
 
 
 @dg.asset(
@@ -100,8 +106,12 @@ def similarity_scores(context: dg.AssetExecutionContext, database: DeerDatabase,
                       identity: IdentitySettings) -> dg.MaterializeResult:
     camera, day = camera_and_day(context)
     key = identity_store.partition_key_text(camera, day)
-    with database.engine().connect() as conn:
-        scores = identity_store.partition_scores(conn, key)
+
+    def read_scores():
+        with database.engine().connect() as conn:
+            return identity_store.partition_scores(conn, key)
+
+    scores = db.retry_transient(read_scores, f"similarity scores {key}", on_retry=context.log.warning)
     best = threshold_report.best_scores(scores)
     summary = metrics.score_summary(scores["similarity"]) if len(scores) else {"count": 0}
     thresholds = metrics.default_thresholds()
