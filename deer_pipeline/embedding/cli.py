@@ -20,7 +20,7 @@ from deer_pipeline.embedding.inference import InferenceEngine
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="deer-pipeline embed", description=__doc__.split("\n\n")[1])
     parser.add_argument("images", nargs="+", metavar="IMAGE")
-    parser.add_argument("--model", required=True, choices=embedders.MODELS)
+    parser.add_argument("--model", required=True, choices=embedders.ALL_MODELS)
     parser.add_argument("--weights", default="auto",
                         help="auto (default: ImageNet if cached, else the offline EfficientNet-Lite0 "
                              "substitutes), imagenet, or a state-dict file in the model's backbone format")

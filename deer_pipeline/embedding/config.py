@@ -26,10 +26,10 @@ ASSET_LOGIC_VERSION = "1"
 def check_models(config: EmbeddingSettings) -> EmbeddingSettings:
     """``config``, or :class:`embedders.UnknownModel` naming a model that does not exist."""
     for m in config.models:
-        if m not in embedders.MODELS:
+        if m not in embedders.ALL_MODELS:
             raise embedders.UnknownModel(
                 f"unknown embedding model {m!r} (DEER_EMBEDDING_MODELS / inference.models); "
-                f"use {', '.join(embedders.MODELS)}")
+                f"use {', '.join(embedders.ALL_MODELS)}")
     return config
 
 

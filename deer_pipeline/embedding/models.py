@@ -60,12 +60,12 @@ log = logging.getLogger(__name__)
 EMBEDDING_DIM = 512
 
 
-FEATURE_MODELS = ("resnet50", "multiscale", "efficientnet_b0", "efficientnet_lite0")
+MODELS = ("resnet50", "multiscale", "efficientnet_b0", "efficientnet_lite0")
 # Models with a network of their own (embedding/backbones.py): a model trained by
 # ``deer-pipeline train`` (weights = its model folder) and the re-identification backbones users
 # download (weights = auto: the local weights cache).
 REID_MODELS = ("trained", "miewid", "megadescriptor", "dinov2")
-MODELS = FEATURE_MODELS + REID_MODELS
+ALL_MODELS = MODELS + REID_MODELS   # every name the embedding configuration accepts
 
 
 ENSEMBLE = "ensemble"
@@ -306,8 +306,8 @@ def _random_sha(backbone: str) -> str:
 
 
 def _check_model(model: str) -> None:
-    if model not in MODELS:
-        raise UnknownModel(f"unknown model {model!r}; use one of {', '.join(MODELS)} "
+    if model not in ALL_MODELS:
+        raise UnknownModel(f"unknown model {model!r}; use one of {', '.join(ALL_MODELS)} "
                            f"(the ensemble is a similarity over {', '.join(DEFAULT_ENSEMBLE_WEIGHTS)})")
 
 
