@@ -16,7 +16,6 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-import sqlalchemy as sa
 from dagster._core.launcher import WorkerStatus
 
 from deer_pipeline import db
