@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("deer_pipeline.ops.status", "counts, assignment rate, thresholds, versions, last checks"),
     "evaluate": ("deer_pipeline.evaluation.cli", "evaluate re-identification on labelled photos"),
     "ui": ("deer_pipeline.ops.ui", "start the Dagster UI (dagster dev) on the embedded database"),
+    "cameras": ("deer_pipeline.export.cameras", "'cameras import cameras.csv': camera sites and deployment dates"),
+    "export": ("deer_pipeline.export.cli", "'export camtrap-dp OUT_DIR' (Camtrap DP 1.0), 'export sightings OUT.csv'"),
 }
 
 
