@@ -166,7 +166,10 @@ def species_reason(rec: _Record, all_animals_are_deer: bool = False) -> tuple[st
 
 def _readable(text: str) -> str:
     """``text`` with undecodable bytes (surrogate escapes) shown as \\xNN, safe to store."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8") if _has_surrogates(text) else text
+    if not _has_surrogates(text):
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") \
+        .encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _has_surrogates(text: str) -> bool:
