@@ -15,6 +15,7 @@ from deer_pipeline.defs import (
     evaluation,
     executors,
     identity,
+    incoming,
     jobs,
     reports,
     schedules,
@@ -51,8 +52,8 @@ def resources() -> dict:
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(ASSET_MODULES),
     asset_checks=dg.load_asset_checks_from_modules([checks]),
-    jobs=[jobs.identification_job, jobs.report_job, jobs.evaluation_job],
-    sensors=_of_type([sensors, alerts], dg.SensorDefinition),
+    jobs=[jobs.identification_job, jobs.report_job, jobs.evaluation_job, incoming.ingest_file_job],
+    sensors=_of_type([sensors, alerts, incoming], dg.SensorDefinition),
     schedules=[schedules.nightly_identification_schedule, schedules.nightly_report_schedule],
     resources=resources(),
     # DEER_EXECUTOR=celery runs steps on celery workers (gpu queue for inference); default: multiprocess
