@@ -32,6 +32,7 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
     from deer_pipeline.detections import ingest
     from deer_pipeline.ops import status
     from deer_pipeline.ops.instance import get_instance
+    from deer_pipeline.ops.progress import ProgressBar, write
 
     started = time.perf_counter()
     engine = db.get_engine()
@@ -39,10 +40,10 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
     if images is None:
         out_dir = Path(out_dir or db.data_dir() / "sample").resolve()
         info = sample.write_sample(out_dir, seed=seed)
-        report = ingest.ingest(engine, info.detections_json)
+        report = ingest.ingest(engine, info.detections_json, quiet=None)
         truth_dir = out_dir   # loaded after calibration, so the threshold never sees the truth
     else:
-        report = ingest.ingest(engine, detections or images)
+        report = ingest.ingest(engine, detections or images, quiet=None)
     print(f"ingested: {report.summary()}")
 
     instance = get_instance()
@@ -58,13 +59,15 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
 
     def run_all(label: str, run_config: dict, assets=None) -> None:
         print(f"{label}: {len(partitions)} camera x day partitions")
-        for camera, day in partitions:  # capture-time order: identity decisions follow time
-            key = partition_key(camera, day)
-            result = job.execute_in_process(instance=instance, partition_key=key, run_config=run_config,
-                                            asset_selection=assets, raise_on_error=False)
-            print(f"  {str(key):<28} {'ok' if result.success else 'FAILED'}")
-            if not result.success:
-                failed.append(f"{label}:{key}")
+        with ProgressBar(len(partitions), desc=label.split(",")[0], unit="partition") as bar:
+            for camera, day in partitions:  # capture-time order: identity decisions follow time
+                key = partition_key(camera, day)
+                result = job.execute_in_process(instance=instance, partition_key=key, run_config=run_config,
+                                                asset_selection=assets, raise_on_error=False)
+                write(f"  {str(key):<28} {'ok' if result.success else 'FAILED'}")
+                bar.update(1)
+                if not result.success:
+                    failed.append(f"{label}:{key}")
 
     def run_report() -> dict:
         result = report_job.execute_in_process(instance=instance, run_config=quiet, raise_on_error=False)
@@ -93,6 +96,12 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
         instance=instance, run_config=quiet, raise_on_error=False)
     if not evaluation.success:
         failed.append("reid_evaluation")
+    # The deer roster (table, numbers over time, pictures) for the UI; the camtrap_dp asset needs
+    # camera coordinates (deer-pipeline cameras import), so the demo leaves it to the schedule.
+    roster = defs.resolve_job_def("daily_exports_job").execute_in_process(
+        instance=instance, run_config=quiet, asset_selection=[dg.AssetKey("deer_roster")], raise_on_error=False)
+    if not roster.success:
+        failed.append("deer_roster")
 
     summary = status.collect(engine)
     summary["partitions"] = len(partitions)
@@ -144,7 +153,11 @@ def main(argv: list[str]) -> int:
                         help="keep the configured threshold instead of deciding again at the one the "
                              "threshold report recommends from the data's own constraints")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    from deer_pipeline.ops.progress import set_quiet
+
+    set_quiet(args.quiet)
 
     summary = run_demo(args.images, args.detections, args.seed, args.out_dir, calibrate=not args.no_calibrate)
     if args.json:

@@ -21,7 +21,7 @@ SKIPPED_TABLE_ROWS = 25
 def crops(context: dg.AssetExecutionContext, database: DeerDatabase, crop_store: CropStore) -> dg.MaterializeResult:
     camera_id, day = camera_and_day(context)
     settings = crop_store.settings()
-    report = crop_partition(database.engine(), camera_id, day, settings)
+    report = crop_partition(database.engine(), camera_id, day, settings, progress_log=context.log.info)
     context.log.info(report.summary())
     skipped = report.skipped[:SKIPPED_TABLE_ROWS]
     metadata = {

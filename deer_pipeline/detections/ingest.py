@@ -615,6 +615,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--reprocess", action="store_true",
                         help="go through a file that was ingested before (still adds nothing twice)")
     args = parser.parse_args(argv)
+    from deer_pipeline.ops.progress import set_quiet
+
+    set_quiet(args.quiet)
 
     from deer_pipeline import db
     from deer_pipeline.settings import SettingsError
@@ -625,7 +628,7 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--min-confidence must be in [0, 1], got {args.min_confidence}")
         report = ingest(db.get_engine(), args.path, format=args.format, camera=args.camera,
                         settings=settings, reprocess=args.reprocess, min_confidence=args.min_confidence,
-                        all_animals_are_deer=args.all_animals_are_deer, quiet=args.quiet)
+                        all_animals_are_deer=args.all_animals_are_deer, quiet=None)
     except (IngestFileError, SettingsError, ValueError) as exc:
         print(f"deer-pipeline ingest: {exc}", file=sys.stderr)
         return 2

@@ -12,16 +12,19 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Iterable, Iterator, TypeVar
+from typing import Iterable, TypeVar
 
 T = TypeVar("T")
 
 LOG_EVERY_BATCHES = 10
 
 
-def bars_enabled(quiet: bool = False) -> bool:
-    """True when a progress bar would be seen: stderr is a terminal, not quiet, DEER_QUIET unset."""
-    if quiet or os.environ.get("DEER_QUIET", "").strip().lower() in ("1", "true", "yes", "on"):
+def bars_enabled(quiet: bool | None = None) -> bool:
+    """True when a progress bar would be seen: stderr is a terminal, ``quiet`` is not set and
+    DEER_QUIET is not 1 (the commands' ``--quiet`` sets it for everything they call)."""
+    from deer_pipeline.settings import quiet_progress
+
+    if quiet or quiet_progress():
         return False
     try:
         return sys.stderr.isatty()
@@ -30,7 +33,7 @@ def bars_enabled(quiet: bool = False) -> bool:
 
 
 def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it",
-             quiet: bool = False) -> Iterable[T]:
+             quiet: bool | None = None) -> Iterable[T]:
     """``iterable`` wrapped in a tqdm bar when one would be seen, else ``iterable`` itself."""
     if not bars_enabled(quiet):
         return iterable
@@ -42,7 +45,7 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", un
 class ProgressBar:
     """A manual bar (``update(n)``) that is a no-op when bars are off; a context manager."""
 
-    def __init__(self, total: int | None, desc: str = "", unit: str = "it", quiet: bool = False):
+    def __init__(self, total: int | None, desc: str = "", unit: str = "it", quiet: bool | None = None):
         self._bar = None
         if bars_enabled(quiet):
             from tqdm import tqdm
@@ -67,6 +70,22 @@ class ProgressBar:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def set_quiet(quiet: bool) -> None:
+    """``--quiet`` on a command: no bars from anything it calls (sets DEER_QUIET=1)."""
+    if quiet:
+        os.environ["DEER_QUIET"] = "1"
+
+
+def write(line: str) -> None:
+    """Print a line without breaking a progress bar that is on screen."""
+    if bars_enabled():
+        from tqdm import tqdm
+
+        tqdm.write(line)
+    else:
+        print(line)
 
 
 def format_duration(seconds: float) -> str:
