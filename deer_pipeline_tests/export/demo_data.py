@@ -16,7 +16,15 @@ def make_demo_like(engine, out_dir, n_cameras: int = 2, decide_fraction: float =
     info = sample.write_sample(out_dir, n_cameras=n_cameras, n_days=2, n_deer=4, encounters_per_day=(2, 3))
     report = ingest.ingest(engine, info.detections_json)
     sample.load_truth(engine, out_dir)
+    decide_from_truth(engine, decide_fraction)
+    return info, report
+
+
+def decide_from_truth(engine, decide_fraction: float = 1.0) -> None:
+    """Deer and sightings as the identity stage writes them, for the first ``decide_fraction`` of
+    the good detections in time order (earlier decisions are withdrawn first)."""
     with engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE sightings, deer RESTART IDENTITY CASCADE"))
         rows = conn.execute(sa.text(
             "SELECT d.detection_id, d.camera_id, d.captured_at, d.day, d.sex, d.encounter_id, t.identity "
             "FROM detections d JOIN true_identities t USING (detection_id) "
@@ -39,7 +47,6 @@ def make_demo_like(engine, out_dir, n_cameras: int = 2, decide_fraction: float =
                  "score": 0.41 if new and i else (None if new else 0.6 + (i % 7) * 0.05), "t": r.captured_at})
             conn.execute(sa.text("UPDATE deer SET sighting_count = sighting_count + 1, last_seen = :t "
                                  "WHERE deer_id = :deer"), {"t": r.captured_at, "deer": deer_of[r.identity]})
-    return info, report
 
 
 def write_cameras_csv(path, cameras, bad_rows: str = "") -> None:
