@@ -34,7 +34,7 @@ def deer_roster(context: dg.AssetExecutionContext, database: DeerDatabase) -> dg
     meta: dict = {
         "deer_total": dg.MetadataValue.int(roster.deer_total),
         "new_deer_latest_day": dg.MetadataValue.int(int(latest.get("new_deer", 0))),
-        "assignment_rate_7d": dg.MetadataValue.float(float(latest["assignment_rate_7d"]))
+        "assignment_rate_7d": dg.MetadataValue.float(round(float(latest["assignment_rate_7d"]), 4))
         if latest.get("assignment_rate_7d") is not None else dg.MetadataValue.float(float("nan")),
         "latest_capture_day": dg.MetadataValue.text(str(latest.get("day", "-"))),
         "roster": dg.MetadataValue.md(roster_lib.roster_markdown(roster)),

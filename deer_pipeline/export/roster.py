@@ -177,6 +177,9 @@ def camera_map_png(roster: Roster) -> bytes | None:
         ax.annotate(f"{c['camera_id']}\n{c['sightings']} sightings, {c['deer']} deer",
                     (c["longitude"], c["latitude"]), textcoords="offset points", xytext=(8, 8), fontsize=8)
     ax.set_aspect(1 / max(0.05, math.cos(math.radians(lat0))))
+    ax.ticklabel_format(useOffset=False)
+    ax.locator_params(axis="x", nbins=4)
+    ax.tick_params(axis="x", labelrotation=30)
     ax.set_xlabel("longitude")
     ax.set_ylabel("latitude")
     ax.set_title("Cameras (marker size: sightings)")
