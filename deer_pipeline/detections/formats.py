@@ -135,6 +135,11 @@ def needs_species_decision(records) -> bool:
 
 
 def pre_box_reason(rec: _Record, min_confidence: float | None) -> str | None:
+    reason = _pre_box_reason(rec, min_confidence)
+    return _readable(reason) if reason else None
+
+
+def _pre_box_reason(rec: _Record, min_confidence: float | None) -> str | None:
     """Why a record is not a candidate before its box is looked at: low detector confidence,
     or a category that is not an animal (person, vehicle, unknown)."""
     if min_confidence is not None and min_confidence > 0 and rec.confidence is not None \
@@ -150,6 +155,11 @@ def pre_box_reason(rec: _Record, min_confidence: float | None) -> str | None:
 def species_reason(rec: _Record, all_animals_are_deer: bool = False) -> tuple[str | None, str | None]:
     """``(classification, reason)`` of a record: the canonical class (doe, fawn, ..., unknown)
     of a candidate, or ``None`` and the reason it is not a deer."""
+    cls, reason = _species_reason(rec, all_animals_are_deer)
+    return cls, (_readable(reason) if reason else None)
+
+
+def _species_reason(rec: _Record, all_animals_are_deer: bool) -> tuple[str | None, str | None]:
     if rec.classified:
         if rec.classification is None:
             if all_animals_are_deer:

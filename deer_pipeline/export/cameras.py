@@ -15,7 +15,7 @@ import csv
 import math
 import sys
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import date, datetime, time, timezone
 from pathlib import Path
 
 import sqlalchemy as sa
