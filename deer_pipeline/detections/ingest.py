@@ -503,7 +503,10 @@ def _path_of(row: dict) -> str:
 
 
 def _reason_kind(reason: str) -> str:
-    """Group rejection reasons for the summary: drop the per-record details."""
+    """Group rejection reasons for the summary: drop the per-record details (the species of
+    "not a deer: raccoon" is kept: it is the detail people look for)."""
+    if reason.startswith("not a deer: "):
+        return reason[:80]
     reason = re.sub(r"'[^']*'|\"[^\"]*\"", "'...'", reason)
     reason = re.sub(r":\s.*$", "", reason)
     return re.sub(r"\d+(\.\d+)?", "N", reason)[:80]

@@ -105,7 +105,8 @@ def test_megadetector_14_keeps_the_deer_and_rejects_the_rest_with_reasons(engine
     assert info["min_confidence"] == 0.2 and info["has_classifier"] is True
     summary = report.summary()
     assert "minimum confidence 0.2 (the file's typical_detection_threshold)" in summary
-    assert "not a deer" in summary
+    assert "not a deer: raccoon" in summary and "not a deer: wild turkey" in summary
+    assert "confidence N below N" in summary                # 2 boxes, one line
 
     # nothing stored is lost or changed by ingesting again, even with other rules
     before = rows(engine, "SELECT * FROM detections ORDER BY detection_id")

@@ -29,7 +29,7 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
-def test_camtrap_dp_export_validates_and_names_the_deer(engine, tmp_path, no_network):
+def test_camtrap_dp_export_validates_and_names_the_deer(engine, tmp_path, no_network, capsys):
     info, _ = make_demo_like(engine, tmp_path / "sample", decide_fraction=0.85)
     out = tmp_path / "cdp"
     # cameras without coordinates: a clear error naming them, nothing written
@@ -78,6 +78,16 @@ def test_camtrap_dp_export_validates_and_names_the_deer(engine, tmp_path, no_net
     dp = json.loads((out / "datapackage.json").read_text())
     assert dp["profile"] == camtrap_dp.PROFILE_URL and dp["project"]["individualAnimals"] is True
     assert deps[0]["cameraModel"] == "Browning BTC-8E" and deps[0]["deploymentStart"] == "2025-09-28T00:00:00Z"
+
+    # the command: writes, validates offline, says so; refuses the non-empty folder
+    from deer_pipeline.export import cli as export_cli
+
+    assert export_cli.main(["camtrap-dp", str(tmp_path / "cli")]) == 0
+    assert "valid Camtrap DP 1.0" in capsys.readouterr().out
+    assert export_cli.main(["camtrap-dp", str(tmp_path / "cli")]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert export_cli.main(["sightings", str(tmp_path / "s.csv")]) == 0
+    assert f"wrote {len(stored)} sightings" in capsys.readouterr().out
 
     # a non-empty folder is refused, and nothing in it is touched
     before = {p.name: p.read_bytes() for p in out.iterdir()}
