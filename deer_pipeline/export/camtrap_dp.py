@@ -188,10 +188,12 @@ def write_package(engine: Engine, out_dir, media_root: str | None = None, title:
                 "classifiedBy": "reviewer" if human else f"deer_pipeline re-identification ({r['embedding_version']})",
                 "classificationTimestamp": _ts(r["decided_at"])})
             if r["decision"] == "new":
-                best = "" if r["score"] is None else f"{float(r['score']):.3f}"
-                row["observationComments"] = (f"founded a new deer (best score to a known deer {best or 'none'}, "
-                                              f"threshold {r['threshold']:.2f})" if r["threshold"] is not None
-                                              else "founded a new deer")
+                if r["score"] is None:
+                    row["observationComments"] = "founded a new deer (no known deer to compare with)"
+                else:
+                    under = f" under the threshold {r['threshold']:.2f}" if r["threshold"] is not None else ""
+                    row["observationComments"] = (f"founded a new deer (best score to a known deer "
+                                                  f"{float(r['score']):.3f}{under})")
             elif r["score"] is not None:
                 row["classificationProbability"] = _num(_clip01(float(r["score"])), 4)
             tags.append(f"decision:{r['decision']}")
