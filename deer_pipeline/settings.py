@@ -71,6 +71,8 @@ ENVIRONMENT = {
     "DEER_NUM_WORKERS": "decode workers",
     "DEER_AMP": "0/1: float16 autocast on CUDA",
     "DEER_ALLOW_RANDOM_WEIGHTS": "1 allows random weights (unit tests only)",
+    "TORCH_HOME": "torch's cache; ImageNet weights are looked for in $TORCH_HOME/hub/checkpoints",
+    "XDG_CACHE_HOME": "TORCH_HOME defaults to $XDG_CACHE_HOME/torch (~/.cache/torch)",
     "DEER_EXECUTOR": "multiprocess | in_process | celery",
     "DEER_GPU_SLOTS": "concurrent inference steps (pool gpu)",
     "DEER_CELERY_BROKER_URL": "celery broker",

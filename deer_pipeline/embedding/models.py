@@ -209,6 +209,15 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest
 
 
+# The files torchvision downloads for _TORCHVISION_WEIGHTS (its enums' ``url``; a test checks that
+# they agree). Written out so that resolving a version never imports torch or torchvision: the
+# code location computes versions when it loads.
+TORCHVISION_WEIGHT_URLS = {
+    "resnet50": "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+    "efficientnet_b0": "https://download.pytorch.org/models/efficientnet_b0_rwightman-7f5810bc.pth",
+}
+
+
 def _torchvision_weights_enum(backbone: str):
     import torchvision.models as tvm
 
@@ -216,12 +225,17 @@ def _torchvision_weights_enum(backbone: str):
     return getattr(getattr(tvm, enum_name), member)
 
 
+def torch_hub_dir() -> Path:
+    """``torch.hub.get_dir()`` without importing torch: $TORCH_HOME/hub, where TORCH_HOME
+    defaults to $XDG_CACHE_HOME/torch (XDG_CACHE_HOME: ~/.cache)."""
+    cache = settings.env("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    return Path(os.path.expanduser(settings.env("TORCH_HOME", os.path.join(cache, "torch")))) / "hub"
+
+
 def torchvision_cache_path(backbone: str) -> tuple[str, Path]:
     """(URL, cache file) torchvision uses for the ImageNet weights of ``backbone``."""
-    import torch
-
-    url = _torchvision_weights_enum(backbone).url
-    return url, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    url = TORCHVISION_WEIGHT_URLS[backbone]
+    return url, torch_hub_dir() / "checkpoints" / os.path.basename(url)
 
 
 def lite0_weights_path() -> Path:
