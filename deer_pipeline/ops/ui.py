@@ -114,6 +114,13 @@ def main(argv: list[str]) -> int:
         return 2
     cmd = dev_command(argv)
     print(f"deer-pipeline ui: DAGSTER_HOME={home}", file=sys.stderr)
+    try:   # runs of an earlier session whose process is gone, and the pool slots they held
+        from deer_pipeline.ops import recovery
+        from deer_pipeline.ops.instance import get_instance
+
+        print(f"deer-pipeline ui: {recovery.recover(get_instance()).summary()}", file=sys.stderr)
+    except Exception as exc:   # never keep the UI from starting
+        print(f"deer-pipeline ui: recovery skipped: {exc}", file=sys.stderr)
     print(f"deer-pipeline ui: Dagster storage {_redact(settings.env('DAGSTER_POSTGRES_URL'))}",
           file=sys.stderr)
     print(f"deer-pipeline ui: {' '.join(cmd)}", file=sys.stderr)
