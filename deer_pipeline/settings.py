@@ -354,7 +354,8 @@ class EmbeddingSettings:
                    weights=env("DEER_EMBEDDING_WEIGHTS", EMBEDDING_WEIGHTS),
                    device=env("DEER_DEVICE", DEVICE), gpu_index=env_int("DEER_GPU_INDEX"),
                    batch_size=env_int("DEER_BATCH_SIZE", BATCH_SIZE),
-                   num_workers=env_int("DEER_NUM_WORKERS"), amp=env_bool("DEER_AMP", AMP))
+                   num_workers=env_int("DEER_NUM_WORKERS"), amp=env_bool("DEER_AMP", AMP),
+                   backend=env("DEER_INFERENCE_BACKEND", BACKEND))
 
 
 # Exports (deer-pipeline export camtrap-dp, the camtrap_dp asset): what a Camtrap DP package
@@ -407,8 +408,6 @@ def progress_log_every() -> int:
 def quiet_progress() -> bool:
     """DEER_QUIET=1: no progress bars on the command line."""
     return env_bool("DEER_QUIET", False)
-                   num_workers=env_int("DEER_NUM_WORKERS"), amp=env_bool("DEER_AMP", AMP),
-                   backend=env("DEER_INFERENCE_BACKEND", BACKEND))
 
 
 # --------------------------------------------------------------------------------------------

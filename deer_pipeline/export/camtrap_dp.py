@@ -106,6 +106,7 @@ def write_package(engine: Engine, out_dir, media_root: str | None = None, title:
     now = now or datetime.now(timezone.utc)
     with engine.connect() as conn:
         labels = records.deer_labels(conn)
+        confirmed = records.human_confirmed_ids(conn)
         dets = records.detection_rows(conn)
         cams = {r.camera_id: r for r in conn.execute(sa.text(
             "SELECT camera_id, latitude, longitude, deployment_start, deployment_end, camera_model, notes "
@@ -182,10 +183,11 @@ def write_package(engine: Engine, out_dir, media_root: str | None = None, title:
             identified += 1
             label = labels.get(int(r["deer_id"]), f"deer-{r['deer_id']}")
             individuals.add(label)
-            human = records.is_human_decision(r["decision"])
+            human = records.is_human_decision(r["decision"], r["detection_id"], confirmed)
             row.update({
                 "individualID": label, "classificationMethod": "human" if human else "machine",
-                "classifiedBy": "reviewer" if human else f"deer_pipeline re-identification ({r['embedding_version']})",
+                "classifiedBy": "reviewer (deer-pipeline review)" if human
+                else f"deer_pipeline re-identification ({r['embedding_version']})",
                 "classificationTimestamp": _ts(r["decided_at"])})
             if r["decision"] == "new":
                 if r["score"] is None:

@@ -8,16 +8,9 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-# A deer's name, when the review feature has given it one, is read from the first of these
-# columns of ``deer`` that exists; until then a stable label is made from the founding detection.
-NAME_COLUMNS = ("name", "deer_name", "display_name")
-
-
-def _name_column(conn: sa.Connection) -> str | None:
-    found = set(conn.execute(sa.text(
-        "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
-        "AND table_name = 'deer' AND column_name = ANY(:c)"), {"c": list(NAME_COLUMNS)}).scalars())
-    return next((c for c in NAME_COLUMNS if c in found), None)
+# A deer's name is the one people gave it in the review app (``identity.reviews.deer_names``: a
+# name belongs to the deer holding most of the sightings it was given to); until it has one, a
+# stable label is made from its founding detection.
 
 
 def founding_label(camera_id: str | None, captured_at: datetime | None, founding_detection_id: str) -> str:
@@ -29,16 +22,35 @@ def founding_label(camera_id: str | None, captured_at: datetime | None, founding
 
 
 def deer_labels(conn: sa.Connection) -> dict[int, str]:
-    """deer_id -> the deer's name when reviewed, else its stable founding label."""
-    name_col = _name_column(conn)
-    name_sql = f"NULLIF(btrim(d.{name_col}::text), '')" if name_col else "NULL"
+    """deer_id -> the deer's name when reviewed, else its stable founding label. Labels are
+    unique: a name given to two deer gets the founding label in brackets on the second."""
+    from deer_pipeline.identity.reviews import deer_names
+
+    names = {int(k): str(v).strip() for k, v in deer_names(conn).items() if v and str(v).strip()}
     rows = conn.execute(sa.text(
-        f"SELECT d.deer_id, d.founding_detection_id, {name_sql} AS name, fd.camera_id, fd.captured_at "
-        "FROM deer d LEFT JOIN detections fd ON fd.detection_id = d.founding_detection_id")).all()
-    labels = {}
+        "SELECT d.deer_id, d.founding_detection_id, fd.camera_id, fd.captured_at "
+        "FROM deer d LEFT JOIN detections fd ON fd.detection_id = d.founding_detection_id "
+        "ORDER BY d.deer_id")).all()
+    labels, used = {}, set()
     for r in rows:
-        labels[int(r.deer_id)] = r.name or founding_label(r.camera_id, r.captured_at, r.founding_detection_id)
+        founding = founding_label(r.camera_id, r.captured_at, r.founding_detection_id)
+        label = names.get(int(r.deer_id)) or founding
+        if label in used:
+            label = f"{label} ({founding})"
+        used.add(label)
+        labels[int(r.deer_id)] = label
     return labels
+
+
+def human_confirmed_ids(conn: sa.Connection) -> set[str]:
+    """Sightings whose deer a standing review decision confirms (as ``identity.reviews.
+    human_confirmed`` counts them): named in a same / merge / split decision, or the query side
+    of a different / new decision."""
+    return set(conn.execute(sa.text(
+        "SELECT s.detection_id FROM sightings s WHERE EXISTS (SELECT 1 FROM identity_reviews_status r "
+        "WHERE r.undone_by IS NULL AND ((r.kind IN ('same', 'merge', 'split') AND "
+        "(r.detections_a @> ARRAY[s.detection_id] OR r.detections_b @> ARRAY[s.detection_id])) OR "
+        "(r.kind IN ('different', 'new') AND r.detections_a @> ARRAY[s.detection_id])))")).scalars())
 
 
 DETECTIONS_SQL = """
@@ -60,6 +72,6 @@ def detection_rows(conn: sa.Connection, decided_only: bool = False) -> list[dict
     return [dict(r._mapping) for r in conn.execute(sa.text(DETECTIONS_SQL), {"decided_only": decided_only})]
 
 
-def is_human_decision(decision: str | None) -> bool:
-    """Decisions the pipeline makes are ``matched`` / ``new``; anything else was made by a person."""
-    return decision is not None and decision not in ("matched", "new")
+def is_human_decision(decision: str | None, detection_id: str, confirmed: set[str]) -> bool:
+    """A person decided (or confirmed) this sighting's deer: a review decision stands on it."""
+    return detection_id in confirmed or (decision is not None and decision not in ("matched", "new"))

@@ -380,7 +380,7 @@ def test_confidence_outside_0_1_is_rejected(engine, tmp_path):
             for i, c in enumerate([1.5, -0.1, 1.0, 0.0])]
     src = tmp_path / "conf.json"
     src.write_text(json.dumps(md_doc([{"file": "cam-c/f.jpg", "detections": dets}])))
-    ingest.ingest(engine, src)
+    ingest.ingest(engine, src, min_confidence=0)      # 0 keeps every box: only the bounds decide
     got = {d["detection_id"]: d for d in rows(engine, "SELECT detection_id, status, reason FROM detections")}
     assert got["c0"]["status"] == got["c1"]["status"] == "rejected"
     assert got["c0"]["reason"] == "confidence 1.5 outside [0, 1]"

@@ -89,6 +89,25 @@ def test_camtrap_dp_export_validates_and_names_the_deer(engine, tmp_path, no_net
     assert export_cli.main(["sightings", str(tmp_path / "s.csv")]) == 0
     assert f"wrote {len(stored)} sightings" in capsys.readouterr().out
 
+    # a deer named in the review app is exported by its name; sightings a person confirmed
+    # ('same') are classified by a human
+    from deer_pipeline.identity import reviews
+
+    deer_id = stored[obs[0]["observationID"]] if obs[0]["observationID"] in stored else next(iter(stored.values()))
+    its = sorted(d for d, k in stored.items() if k == deer_id)
+    with engine.begin() as conn:
+        reviews.record(conn, "name", its[:1], reviewer="ann", name="Old Notch")
+        if len(its) > 2:
+            reviews.record(conn, "same", its[1:2], its[2:3], reviewer="ann")
+    camtrap_dp.write_package(engine, tmp_path / "named")
+    assert camtrap_dp.validate_package(tmp_path / "named") == []
+    named = {o["observationID"]: o for o in read_csv(tmp_path / "named" / "observations.csv")}
+    assert {named[d]["individualID"] for d in its} == {"Old Notch"}
+    assert sum(o["individualID"] == "Old Notch" for o in named.values()) == len(its)
+    if len(its) > 2:
+        assert named[its[1]]["classificationMethod"] == named[its[2]]["classificationMethod"] == "human"
+    assert named[its[0]]["classificationMethod"] == "machine"       # a name is not an identification
+
     # a non-empty folder is refused, and nothing in it is touched
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(camtrap_dp.ExportError, match="not an empty folder"):
