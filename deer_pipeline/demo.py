@@ -39,7 +39,7 @@ def _start_date_from_data(engine) -> None:
 
 def run_demo(images: Path | None = None, detections: Path | None = None, seed: int = 7,
              out_dir: Path | None = None, calibrate: bool = True,
-             image_roots: list[Path] | None = None) -> dict:
+             image_roots: list[Path] | None = None, all_animals_are_deer: bool = False) -> dict:
     import datetime as dt
 
     import dagster as dg
@@ -67,7 +67,8 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
         report = ingest.ingest(engine, info.detections_json, settings=settings, quiet=None)
         truth_dir = out_dir   # loaded after calibration, so the threshold never sees the truth
     else:
-        report = ingest.ingest(engine, detections or images, settings=settings, quiet=None)
+        report = ingest.ingest(engine, detections or images, settings=settings, quiet=None,
+                               all_animals_are_deer=all_animals_are_deer)
     print(f"ingested: {report.summary()}")
     _start_date_from_data(engine)
 
@@ -204,13 +205,15 @@ def main(argv: list[str]) -> int:
                              "threshold report recommends from the data's own constraints")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--all-animals-are-deer", action="store_true",
+                        help="--detections without species classifications: take every animal box as a deer")
     args = parser.parse_args(argv)
     from deer_pipeline.ops.progress import set_quiet
 
     set_quiet(args.quiet)
 
     summary = run_demo(args.images, args.detections, args.seed, args.out_dir, calibrate=not args.no_calibrate,
-                       image_roots=args.image_root)
+                       image_roots=args.image_root, all_animals_are_deer=args.all_animals_are_deer)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
