@@ -9,7 +9,6 @@ import dagster as dg
 
 from deer_pipeline.defs import (
     alerts,
-    checks,
     crops,
     embeddings,
     evaluation,
@@ -52,7 +51,6 @@ def resources() -> dict:
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(ASSET_MODULES),
-    asset_checks=dg.load_asset_checks_from_modules([checks]),
     jobs=[jobs.identification_job, jobs.report_job, jobs.evaluation_job, incoming.ingest_file_job,
           exports.daily_exports_job],
     sensors=_of_type([sensors, alerts, incoming], dg.SensorDefinition),
