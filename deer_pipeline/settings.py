@@ -95,6 +95,11 @@ ENVIRONMENT = {
     "DEER_EVAL_SPLIT_SEED": "split the reid_evaluation labels by identity with this seed",
     "DEER_EVAL_CALIBRATION_LABELS": "calibration labels CSV of the reid_evaluation asset",
     "DEER_EVAL_CALIBRATION_IMAGES_ROOT": "calibration images root of the reid_evaluation asset",
+    "DEER_INCOMING_DIR": "drop folder for detector files (MegaDetector / SpeciesNet JSON); unset = sensor idle",
+    "DEER_INCOMING_SETTLE_S": "seconds a dropped file must be unchanged before it is ingested; default 10",
+    "DEER_INCOMING_ALL_ANIMALS_ARE_DEER": "1: dropped files without a species classifier take every animal as a deer",
+    "DEER_PROGRESS_EVERY": "assets log progress (rate, ETA) every N batches; default 10",
+    "DEER_QUIET": "1: no progress bars on the command line",
     "DEER_REVIEW_TOKEN": "token the review app requires when it listens beyond 127.0.0.1",
     "DEER_REVIEWER": "reviewer name recorded with decisions (default: the login name)",
 }
@@ -167,6 +172,24 @@ CLASS_SYNONYMS = {
 }
 SEXES = ("female", "male", "unknown")
 
+# Species map for classifier output (MegaDetector ``classifications``, SpeciesNet predictions).
+# A deer taxon becomes a candidate sighting of sex ``unknown`` (unless the classifier's class is
+# itself an age/sex class above: doe, fawn, buck, ...); every other species is rejected with
+# "not a deer: <name>". Names are compared in lower case; SpeciesNet's taxonomy strings
+# ("<uuid>;mammalia;artiodactyla;cervidae;odocoileus;virginianus;white-tailed deer") are matched
+# on the genus, "genus species" and the common name.
+DEER_TAXA = frozenset({
+    "deer", "white-tailed deer", "white tailed deer", "whitetail", "whitetail deer",
+    "whitetailed deer", "odocoileus virginianus", "odocoileus", "odocoileus spp.", "odocoileus spp",
+    "odocoileus sp.", "odocoileus sp", "mule deer", "black-tailed deer", "odocoileus hemionus",
+})
+DEER_GENUS = "odocoileus"
+# Detector output that is never a deer: the reason stored for it.
+NOT_AN_ANIMAL = {"person": "person, not an animal", "human": "person, not an animal",
+                 "vehicle": "vehicle, not an animal", "blank": "classifier saw no animal (blank)",
+                 "empty": "classifier saw no animal (blank)"}
+DEFAULT_MIN_CONFIDENCE = 0.2      # when the detector file gives no typical_detection_threshold
+
 
 class SettingsError(ValueError):
     """A setting is out of range; the message names it."""
@@ -184,6 +207,35 @@ def normalise_classification(raw: str | None) -> str | None:
 
 def sex_of(classification: str) -> str:
     return CLASS_TO_SEX.get(classification, "unknown")
+
+
+def species_decision(raw: str | None) -> tuple[str | None, str | None]:
+    """What a classifier's class means for a detection: ``(classification, None)`` for a deer
+    (an age/sex class such as ``doe``, or ``unknown`` for a deer taxon), ``(None, reason)`` for
+    anything else ("not a deer: raccoon")."""
+    if raw is None or not str(raw).strip():
+        return None, "no species classification"
+    text = str(raw).strip()
+    parts = [p.strip().lower() for p in text.split(";")]
+    if len(parts) >= 7:                       # SpeciesNet: uuid;class;order;family;genus;species;common
+        genus, species, common = parts[4], parts[5], parts[6]
+        names = [n for n in (common, f"{genus} {species}".strip(), genus) if n]
+        label = common or " ".join(p for p in (genus, species) if p) or parts[3] or parts[2] or parts[1] or "?"
+        if genus == DEER_GENUS or any(n in DEER_TAXA for n in names):
+            return "unknown", None
+        if label in NOT_AN_ANIMAL:
+            return None, NOT_AN_ANIMAL[label]
+        return None, f"not a deer: {label}"
+    key = parts[0] if len(parts) == 1 else text.lower()
+    if key in NOT_AN_ANIMAL:
+        return None, NOT_AN_ANIMAL[key]
+    if key != "animal":                       # 'animal' alone says nothing about the species
+        cls = normalise_classification(key)
+        if cls is not None:
+            return cls, None
+    if key in DEER_TAXA or key.split(" ")[0] == DEER_GENUS:
+        return "unknown", None
+    return None, f"not a deer: {key}"
 
 
 @dataclass(frozen=True)
@@ -304,6 +356,58 @@ class EmbeddingSettings:
                    batch_size=env_int("DEER_BATCH_SIZE", BATCH_SIZE),
                    num_workers=env_int("DEER_NUM_WORKERS"), amp=env_bool("DEER_AMP", AMP),
                    backend=env("DEER_INFERENCE_BACKEND", BACKEND))
+
+
+# Exports (deer-pipeline export camtrap-dp, the camtrap_dp asset): what a Camtrap DP package
+# says about itself when the command line does not say otherwise.
+CAMTRAP_DP_DEFAULTS = {
+    "package_name": "deer-pipeline-individual-deer",
+    "title": "Individual white-tailed deer from trail cameras (deer_pipeline)",
+    "contributor": "deer_pipeline user",
+    "data_license": "CC0-1.0",
+    "media_license": "CC-BY-4.0",
+    "sampling_design": "opportunistic",
+    "scientific_name": "Odocoileus virginianus",
+    "vernacular_name": "white-tailed deer",
+}
+INCOMING_SETTLE_S = 10.0        # a dropped detector file must be unchanged this long
+PROGRESS_LOG_EVERY = 10         # assets log progress every N batches
+
+
+def incoming_dir() -> str | None:
+    """DEER_INCOMING_DIR: the drop folder the incoming-detector-files sensor watches (None = off)."""
+    return env("DEER_INCOMING_DIR")
+
+
+def incoming_settle_seconds() -> float:
+    """A dropped file is ingested once it has not changed for this long (still being copied)."""
+    raw = env("DEER_INCOMING_SETTLE_S")
+    try:
+        value = float(raw) if raw is not None else INCOMING_SETTLE_S
+    except ValueError:
+        raise SettingsError(f"DEER_INCOMING_SETTLE_S must be a number of seconds, got {raw!r}") from None
+    if not value >= 0:
+        raise SettingsError(f"DEER_INCOMING_SETTLE_S must be >= 0, got {raw!r}")
+    return value
+
+
+def incoming_all_animals_are_deer() -> bool:
+    """DEER_INCOMING_ALL_ANIMALS_ARE_DEER=1: dropped detector files without a species classifier
+    are ingested with every animal box taken as a deer (default: such files are refused)."""
+    return env_bool("DEER_INCOMING_ALL_ANIMALS_ARE_DEER", False)
+
+
+def progress_log_every() -> int:
+    """DEER_PROGRESS_EVERY: assets log progress (rate, ETA) every this many batches."""
+    value = env_int("DEER_PROGRESS_EVERY", PROGRESS_LOG_EVERY)
+    if value < 1:
+        raise SettingsError(f"DEER_PROGRESS_EVERY must be >= 1, got {value!r}")
+    return value
+
+
+def quiet_progress() -> bool:
+    """DEER_QUIET=1: no progress bars on the command line."""
+    return env_bool("DEER_QUIET", False)
 
 
 # --------------------------------------------------------------------------------------------

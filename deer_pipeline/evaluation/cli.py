@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--legacy-redraws", type=int, default=10,
                    help="extra legacy runs with new projections, to show its spread (default 10)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--order-seed", type=int, default=0,
                    help="seed of the encounter order when the labels have no timestamps (default 0)")
     return p
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from deer_pipeline.ops.progress import set_quiet
+
+    set_quiet(args.quiet)
     from deer_pipeline.evaluation import labels as eval_labels
     from deer_pipeline.evaluation import report as eval_report
     from deer_pipeline.evaluation import run as ev

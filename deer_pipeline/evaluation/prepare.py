@@ -145,7 +145,7 @@ def prepare_set(engine: Engine, photos: Sequence[LabelledPhoto], role: str, work
             parts[key] = min(parts.get(key, r.captured_at), r.captured_at)
     ps.partitions = sorted(parts, key=lambda k: (parts[k], k))
     for cam, day in ps.partitions:
-        crop_partition(engine, cam, day, crop_settings)
+        crop_partition(engine, cam, day, crop_settings, quiet=None)     # a bar on a terminal
     log.info("%s set: %d photos ingested (%s), %d skipped, %d partitions", role, len(ids) - len(ps.skipped),
              report.summary().splitlines()[0], len(ps.skipped), len(ps.partitions))
     return ps
