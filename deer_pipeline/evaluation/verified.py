@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from deer_pipeline.identity import calibration as calib
-from deer_pipeline.identity.matching import LOCAL_SCORE_SCALE
+from deer_pipeline.identity.matching import pair_scores
 from deer_pipeline.identity.verification import Verifier, flank_compatible
 from deer_pipeline.settings import MatchingSettings
 
@@ -50,6 +50,11 @@ class VerifiedScores:
         no local score), and the flank compatibility of every pair."""
         if ps.role in self._open:
             return self._open[ps.role]
+        with _one_blas_thread():
+            self._open[ps.role] = self._open_set_local(ps, S)
+        return self._open[ps.role]
+
+    def _open_set_local(self, ps, S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = ps.ok_ids
         v = self.verifier
         v.prepare(ids)
@@ -67,12 +72,15 @@ class VerifiedScores:
                         x = v.inliers(ids[r], ids[c])
                         L[r, c] = np.nan if x is None else x
             earlier += list(rows)
-        self._open[ps.role] = (L, compat)
         return L, compat
 
     def closed_set_local(self, ps, S: np.ndarray, k: int = CLOSED_SET_VERIFY) -> tuple[np.ndarray, np.ndarray]:
         """(L, compat) for the closed set: each photo's global top ``k`` among the other
         encounters' flank-compatible photos are verified."""
+        with _one_blas_thread():
+            return self._closed_set_local(ps, S, k)
+
+    def _closed_set_local(self, ps, S: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         ids = ps.ok_ids
         enc = np.asarray([str(e) for e in ps.label_encounters()], dtype=object)
         compat = self._compat(ps)
@@ -106,13 +114,17 @@ class VerifiedScores:
                     cal: calib.Calibration | None) -> np.ndarray:
         """The pipeline's pair score (``matching._Rescorer.pair_scores``) as a matrix; -inf for
         pairs that are not compared."""
-        if match_score == "local":
-            P = np.where(np.isfinite(L), L / (L + LOCAL_SCORE_SCALE), 0.0)
-        else:
-            P = cal.fuse(S.ravel(), L.ravel()).reshape(S.shape)
-        P = np.asarray(P, np.float64)
+        P = pair_scores(match_score, S, L, cal)
         P[~compat] = -np.inf
         return P
+
+
+def _one_blas_thread():
+    """Descriptor products are small: OpenBLAS threads would spin against each other (and
+    against the rest of a busy machine); one thread is several times faster here."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def reliability_on(ps, S: np.ndarray, L: np.ndarray, compat: np.ndarray, cal: calib.Calibration) -> list[dict]:

@@ -448,6 +448,24 @@ def _write_decisions(conn, out: _Outcome, withdrawn: list, vers: list[str], summ
 
 
 LOCAL_SCORE_SCALE = 20.0   # match_score=local: inliers n -> n / (n + 20), a monotone map into [0, 1)
+# Inlier counts and isotonic curves take few distinct values; equal pair scores are ordered by the
+# global cosine through this tiny term (1e-4 local, 1e-6 fused: far below any threshold step), so
+# the best deer does not depend on how ties are broken.
+TIE_BREAK = {"local": 1e-4, "fused": 1e-6}
+
+
+def pair_scores(match_score: str, G: np.ndarray, L: np.ndarray, calibration=None) -> np.ndarray:
+    """Pair scores of ``match_score`` local or fused from global cosines ``G`` and inlier counts
+    ``L`` (NaN: no local score): ``local`` n / (n + 20) (0 without a local score); ``fused`` the
+    mean of the calibrated probabilities, the global probability alone without a local score.
+    Shared by the decision and the evaluation's replay."""
+    G = np.asarray(G, np.float64)
+    L = np.asarray(L, np.float64)
+    if match_score == "local":
+        P = np.where(np.isfinite(L), L / (L + LOCAL_SCORE_SCALE), 0.0)
+    else:
+        P = calibration.fuse(G.ravel(), L.ravel()).reshape(G.shape)
+    return P + TIE_BREAK[match_score] * (1.0 + np.clip(G, -1.0, 1.0)) / 2.0
 
 
 class _Rescorer:
@@ -488,9 +506,7 @@ class _Rescorer:
         return cls(verifier, cal, settings)
 
     def pair_scores(self, G: np.ndarray, L: np.ndarray) -> np.ndarray:
-        if self.settings.match_score == "local":
-            return np.where(np.isfinite(L), L / (L + LOCAL_SCORE_SCALE), 0.0)
-        return self.calibration.fuse(G.ravel(), L.ravel()).reshape(G.shape)
+        return pair_scores(self.settings.match_score, G, L, self.calibration)
 
     def rescore(self, enc: Encounter, q: list[np.ndarray], cands: list[tuple], gallery: Gallery) -> list[tuple]:
         from deer_pipeline.identity.pooling import pool_by_deer
