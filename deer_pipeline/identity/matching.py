@@ -474,7 +474,8 @@ class _Rescorer:
 
     For each detection of the encounter the ``verify_top_k`` gallery sightings of the candidate
     deer with the highest global score are verified (flank-aware: where both flanks are known and
-    differ, the pair is neither verified nor scored). Pair score: ``local`` - inliers n mapped to
+    differ, the pair is neither verified nor scored; a deer known only from the other flank keeps
+    its global score alone). Pair score: ``local`` - inliers n mapped to
     n / (n + 20) (0 without a local score); ``fused`` - the mean of the calibrated probabilities
     of the global cosine and of the inliers, the global probability alone where the pair has no
     local score. A deer's score pools the pairs of every detection of the encounter with every
@@ -544,10 +545,15 @@ class _Rescorer:
         pooled = pool_by_deer(P, col_deer, len(segs), s.encounter_pooling)
         out = []
         r = np.arange(len(qids))
+        unflanked = None
         for j, d in enumerate(deer_list):
-            if not np.isfinite(pooled[j]):
-                continue                  # no comparable pair (opposite flanks only)
             cols = np.flatnonzero(col_deer == j)
+            if not np.isfinite(pooled[j]):
+                # only the other flank of this deer is known: its global score stands alone
+                if unflanked is None:
+                    unflanked = self.pair_scores(G, np.full(G.shape, np.nan))
+                P[:, cols] = unflanked[:, cols]
+                pooled[j] = float(P[:, cols].max())
             best = cols[P[:, cols].argmax(axis=1)]
             sims = P[r, best]
             comp = np.concatenate([comps[r, best], np.nan_to_num(L[r, best], nan=-1.0)[:, None]], axis=1)

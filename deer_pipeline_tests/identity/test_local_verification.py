@@ -253,3 +253,37 @@ def test_settings_reject_bad_values():
     with pytest.raises(SettingsError):
         LocalFeatureSettings(model="projective")
     assert MatchingSettings(encounter_pooling="top3").encounter_pooling == "top3"
+
+
+def test_flank_aware_opposite_flanks_are_not_verified_and_keep_their_global_score(engine, crop_dir):
+    w = SyntheticWorld(engine, seed=7, noise=0.2)
+    left = w.sighting("camA", T0, "A")
+    right = w.sighting("camA", T0 + timedelta(minutes=10), "A")
+    for d, img in ((left, texture(1)), (right, warped(texture(1)))):
+        _write_crop(crop_dir, d, img)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE detections SET side = 'left' WHERE detection_id = :d"), {"d": left})
+        conn.execute(sa.text("UPDATE detections SET side = 'right' WHERE detection_id = :d"), {"d": right})
+    g = np.linspace(0.0, 1.0, 100)
+    cal = calib.fit_calibration(g, g > 0.5, np.where(g > 0.5, 50.0, 0.0), fitted_on={"source": "test"})
+    with engine.begin() as conn:
+        version = calib.save(conn, cal)
+    settings = MatchingSettings(reid_threshold=0.5, match_score="fused", calibration_version=version,
+                                local=LocalFeatureSettings(max_keypoints=300), search="exact")
+    summary = decide_partition(engine, "camA", T0.date(), settings, MODELS,
+                               verifier=Verifier(engine, str(crop_dir), settings.local))
+    assert summary.local_verification["pairs_verified"] == 0        # left is never compared with right
+    with engine.connect() as conn:
+        score = conn.execute(sa.text("SELECT score FROM sightings WHERE detection_id = :d"), {"d": right}).scalar_one()
+
+        def vec(d, v):
+            txt = conn.execute(sa.text("SELECT vector::text FROM embeddings WHERE detection_id = :d "
+                                       "AND embedding_version = :v"), {"d": d, "v": v}).scalar_one()
+            x = np.array([float(t) for t in txt.strip("[]").split(",")])
+            return x / np.linalg.norm(x)
+
+        cos = sum(wt * vec(left, MODELS[m]) @ vec(right, MODELS[m])
+                  for m, wt in {"multiscale": 0.6, "efficientnet_b0": 0.4}.items())
+    # the global probability alone (the pair has no local score), not a fused one
+    expected = float(cal.probability(calib.GLOBAL, [cos])[0]) + 1e-6 * (1 + cos) / 2
+    assert score == pytest.approx(expected, abs=1e-5)
