@@ -236,6 +236,8 @@ class MatchingSettings:
             raise SettingsError(f"search must be auto, exact or hnsw, not {self.search!r}")
         if self.candidate_deer < 1:
             raise SettingsError("candidate_deer must be at least 1")
+        if isinstance(self.local, dict):          # read back from JSON (e.g. the recorded decision settings)
+            object.__setattr__(self, "local", LocalFeatureSettings(**self.local))
         if self.match_score not in ("cosine", "local", "fused"):
             raise SettingsError(f"match_score must be cosine, local or fused, not {self.match_score!r}")
         if self.verify_top_k < 1:

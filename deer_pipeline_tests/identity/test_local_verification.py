@@ -287,3 +287,12 @@ def test_flank_aware_opposite_flanks_are_not_verified_and_keep_their_global_scor
     # the global probability alone (the pair has no local score), not a fused one
     expected = float(cal.probability(calib.GLOBAL, [cos])[0]) + 1e-6 * (1 + cos) / 2
     assert score == pytest.approx(expected, abs=1e-5)
+
+
+def test_matching_settings_survive_a_json_round_trip():
+    import dataclasses
+    import json
+
+    s = MatchingSettings(match_score="fused", local=LocalFeatureSettings(max_keypoints=123))
+    back = MatchingSettings(**json.loads(json.dumps(dataclasses.asdict(s))))
+    assert back == s and back.local.max_keypoints == 123
