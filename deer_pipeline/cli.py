@@ -18,6 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("deer_pipeline.ops.status", "counts, assignment rate, thresholds, versions, last checks"),
     "evaluate": ("deer_pipeline.evaluation.cli", "evaluate re-identification on labelled photos"),
     "ui": ("deer_pipeline.ops.ui", "start the Dagster UI (dagster dev) on the embedded database"),
+    "review": ("deer_pipeline.review.cli", "the review web app (queue, deer, corrections); 'review export|apply FILE.csv'"),
+    "id": ("deer_pipeline.review.id_cli", "corrections for scripts: 'id merge|split|name|unidentifiable|undo|list'"),
+    "recover": ("deer_pipeline.ops.recovery", "fail runs whose process is gone, free the pool slots of finished runs"),
 }
 
 
@@ -25,6 +28,18 @@ def usage() -> str:
     lines = ["usage: deer-pipeline COMMAND [ARGS]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (``kill``, ``docker stop``) ends a command like Ctrl-C does: a run in progress is
+    marked failed and frees its pool slots, and the embedded PostgreSQL is stopped on exit."""
+    import signal
+
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"deer-pipeline: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    _exit_cleanly_on_sigterm()
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 

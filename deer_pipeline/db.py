@@ -8,13 +8,17 @@ directory (``DEER_DATA_DIR``, default ``.deer/``), reused across runs.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import re
+import signal
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -48,7 +52,13 @@ def _sqlalchemy_url(url: str, driver: str = "psycopg") -> str:
 
 
 def embedded_server(pgdata: Path | None = None):
-    """Start (or attach to) the embedded PostgreSQL in ``<data dir>/pg`` and return it."""
+    """Start (or attach to) the embedded PostgreSQL in ``<data dir>/pg`` and return it.
+
+    The server is shared by every process of the data directory and stopped when the last of
+    them exits (pgserver counts them in ``.handle_pids.json``). A process killed with SIGKILL
+    never says goodbye, so before attaching, the processes of that list that are gone are
+    removed (the server is then reused and stopped by the last living user), and embedded
+    servers whose users are all gone or whose data directory was deleted are stopped."""
     pgdata = (pgdata or data_dir() / "pg").resolve()
     key = str(pgdata)
     with _lock:
@@ -61,9 +71,139 @@ def embedded_server(pgdata: Path | None = None):
                     "package: pip install -e . (or set DEER_DATABASE_URL=postgresql://...)"
                 ) from exc
             pgdata.mkdir(parents=True, exist_ok=True)
+            from pgserver.postgres_server import PostgresServer
+
+            with PostgresServer._lock:              # pgserver's own lock: no user attaches meanwhile
+                stopped = stop_orphan_servers(keep=pgdata)
+                if stopped:
+                    log.info("stopped %d orphaned embedded PostgreSQL server(s): %s", len(stopped),
+                             ", ".join(stopped))
+                pgdata = _without_spaces(pgdata)
+                _forget_dead_users(pgdata)
             log.info("starting embedded PostgreSQL in %s", pgdata)
             _servers[key] = pgserver.get_server(pgdata, cleanup_mode="stop")
         return _servers[key]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _forget_dead_users(pgdata: Path) -> list[int]:
+    """Drop the processes that are gone from pgserver's list of the server's users."""
+    handles = pgdata / ".handle_pids.json"
+    try:
+        pids = json.loads(handles.read_text())
+    except (OSError, ValueError):
+        return []
+    alive = [p for p in pids if isinstance(p, int) and _pid_alive(p)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
+    return [p for p in pids if p not in alive]
+
+
+def _without_spaces(pgdata: Path) -> Path:
+    """pgserver passes the socket directory to postgres unquoted (``-o "-k DIR"``), so a server
+    whose data directory path contains a space does not start. Such a ``pg`` directory becomes
+    a link to ``<user data dir>/deer_pipeline/pg-<hash of the path>``, and the server runs there.
+    An already initialised directory stays where it is and gets its socket elsewhere: a plain
+    file named like the socket makes pgserver choose its runtime directory."""
+    if " " not in str(pgdata):
+        return pgdata
+    if (pgdata / "PG_VERSION").exists():
+        marker = pgdata / ".s.PGSQL.5432"
+        if not marker.exists():
+            marker.write_text("the socket of this server is in pgserver's runtime directory "
+                              "(this path contains a space)\n")
+        return pgdata
+    import platformdirs
+
+    target = platformdirs.user_data_path("deer_pipeline") / (
+        "pg-" + hashlib.sha256(str(pgdata).encode()).hexdigest()[:12])
+    if " " in str(target):
+        raise DatabaseError(f"the data directory {pgdata.parent} contains a space, and so does {target}: "
+                            "set DEER_DATA_DIR to a path without spaces")
+    if pgdata.exists() and not pgdata.is_symlink():
+        if any(pgdata.iterdir()):
+            raise DatabaseError(f"{pgdata} contains a space in its path and is not empty; move it or set "
+                                "DEER_DATA_DIR to a path without spaces")
+        pgdata.rmdir()
+    target.mkdir(parents=True, exist_ok=True)
+    if not pgdata.is_symlink():
+        pgdata.symlink_to(target, target_is_directory=True)
+    log.info("the embedded PostgreSQL of %s runs in %s (its path has a space)", pgdata, target)
+    return target.resolve()
+
+
+def _postmasters() -> list[tuple[int, Path]]:
+    """(pid, data directory) of every postmaster of pgserver's PostgreSQL (Linux /proc; under
+    root pgserver runs them as the user ``pgserver``)."""
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    binary = os.fsencode(str(POSTGRES_BIN_PATH / "postgres"))
+    found = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not argv or argv[0] != binary or b"-D" not in argv:
+            continue
+        i = argv.index(b"-D")
+        if i + 1 < len(argv):
+            found.append((int(entry.name), Path(os.fsdecode(argv[i + 1]))))
+    return found
+
+
+def stop_orphan_servers(keep: Path | None = None) -> list[str]:
+    """Stop embedded (pgserver) servers nobody uses: their data directory was deleted, or every
+    process in their ``.handle_pids.json`` is gone. ``keep`` (the server about to be attached)
+    is left running, to be reused. Servers of other programs (no handle list) are not touched.
+    Call with pgserver's lock held. Returns the data directories stopped."""
+    stopped = []
+    for pid, pgdata in _postmasters():
+        if keep is not None and pgdata == keep:
+            continue
+        handles = pgdata / ".handle_pids.json"
+        if pgdata.exists():
+            if not handles.exists():
+                continue            # not started by pgserver
+            try:
+                users = json.loads(handles.read_text())
+            except (OSError, ValueError):
+                continue
+            if any(isinstance(p, int) and _pid_alive(p) for p in users):
+                continue
+        try:
+            os.kill(pid, signal.SIGINT)     # fast shutdown: roll back, close connections, exit
+        except (ProcessLookupError, PermissionError):
+            continue
+        for _ in range(50):
+            if not _pid_alive(pid):
+                break
+            time.sleep(0.1)
+        else:
+            try:
+                os.kill(pid, signal.SIGQUIT)
+            except ProcessLookupError:
+                pass
+        if pgdata.exists():
+            _forget_dead_users(pgdata)
+        stopped.append(str(pgdata))
+    return stopped
 
 
 def _ensure_database(server, name: str) -> None:
@@ -111,6 +251,67 @@ def get_engine(url: str | None = None, migrate: bool = True) -> Engine:
     if fresh and migrate:
         apply_migrations(engine)
     return engine
+
+
+# --------------------------------------------------------------------------------------------
+# Transient faults: a restarted or unreachable server. Decisions and writes are retried as a
+# whole (each is one transaction, or idempotent), with a bounded backoff.
+# --------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+DEFAULT_RETRY_SECONDS = 300.0
+_TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "40001", "40P01", "53300")
+
+
+def retry_seconds() -> float:
+    """How long decisions and writes wait for the database: DEER_DB_RETRY_S, default 300."""
+    raw = settings.env("DEER_DB_RETRY_S")
+    try:
+        return float(raw) if raw else DEFAULT_RETRY_SECONDS
+    except ValueError:
+        raise DatabaseError(f"DEER_DB_RETRY_S must be a number of seconds, got {raw!r}") from None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A lost or refused connection, a server shutting down or starting, a serialisation
+    failure or deadlock: worth trying again. Errors in the SQL or the data are not."""
+    if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+        return True
+    if isinstance(exc, sa.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or ""
+        return any(code.startswith(c) for c in _TRANSIENT_SQLSTATES)
+    return False
+
+
+def retry_transient(fn: Callable[[], T], what: str, budget_s: float | None = None,
+                    on_retry: Callable[[str], None] | None = None) -> T:
+    """``fn()``, tried again while it fails with a transient database fault, for at most
+    ``budget_s`` seconds (DEER_DB_RETRY_S, default 300), waiting 1 s doubling to 15 s between
+    tries. ``fn`` must be safe to repeat: one transaction (rolled back by the fault) or
+    idempotent writes. The last fault is raised when the budget is spent."""
+    budget = retry_seconds() if budget_s is None else float(budget_s)
+    deadline = time.monotonic() + budget
+    delay, attempt = 1.0, 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            wait = min(delay, left, 15.0)
+            message = (f"{what}: database fault (attempt {attempt}), trying again in {wait:.0f} s "
+                       f"({left:.0f} s left): {str(exc).splitlines()[0][:200]}")
+            log.warning(message)
+            if on_retry is not None:
+                on_retry(message)
+            time.sleep(wait)
+            delay = min(delay * 2, 15.0)
 
 
 def dispose_engines() -> None:

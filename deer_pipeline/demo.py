@@ -16,36 +16,75 @@ from pathlib import Path
 from deer_pipeline import db
 
 
+def _start_date_from_data(engine) -> None:
+    """When DEER_START_DATE is not set, the day partitions start at the earliest detection (if
+    that is before the default), so the demo's partitions follow its data. Must run before the
+    definitions are imported (they read the start date once)."""
+    import os
+
+    import sqlalchemy as sa
+
+    from deer_pipeline.settings import env, partition_start_date
+
+    if env("DEER_START_DATE"):
+        return
+    with engine.connect() as conn:
+        earliest = conn.execute(sa.text(
+            "SELECT min(day) FROM detections WHERE status IN ('ok', 'held') AND day IS NOT NULL")).scalar()
+    if earliest is not None and earliest < partition_start_date():
+        os.environ["DEER_START_DATE"] = earliest.isoformat()
+        print(f"day partitions start at the earliest detection, {earliest.isoformat()} "
+              "(DEER_START_DATE is not set)")
+
+
 def run_demo(images: Path | None = None, detections: Path | None = None, seed: int = 7,
-             out_dir: Path | None = None, calibrate: bool = True) -> dict:
+             out_dir: Path | None = None, calibrate: bool = True,
+             image_roots: list[Path] | None = None) -> dict:
+    import datetime as dt
+
     import dagster as dg
 
     from deer_pipeline import sample
+    from deer_pipeline.detections import feed as detection_feed
+    from deer_pipeline.detections import ingest
+    from deer_pipeline.ops import recovery, status
+    from deer_pipeline.ops.instance import get_instance
+    from deer_pipeline.settings import IngestSettings, last_partition_day
+
+    started = time.perf_counter()
+    engine = db.get_engine()
+    # Runs of an earlier demo whose process is gone (kill -9) hold pool slots: free them first.
+    instance = get_instance()
+    print(recovery.recover(instance).summary())
+    truth_dir: Path | None = None
+    # photos only from the image roots (default: the folder of the detections, or of the images)
+    roots = list(image_roots or ([images] if images is not None and detections is not None else []))
+    settings = IngestSettings(image_roots=tuple(str(r) for r in roots))
+    if images is None:
+        out_dir = Path(out_dir or db.data_dir() / "sample").resolve()
+        info = sample.write_sample(out_dir, seed=seed)
+        report = ingest.ingest(engine, info.detections_json, settings=settings)
+        truth_dir = out_dir   # loaded after calibration, so the threshold never sees the truth
+    else:
+        report = ingest.ingest(engine, detections or images, settings=settings)
+    print(f"ingested: {report.summary()}")
+    _start_date_from_data(engine)
+
+    # The definitions read the start date once: imported only now that it follows the data.
     from deer_pipeline.definitions import defs
     from deer_pipeline.defs.partitions import (
         CAMERA_PARTITIONS_NAME,
+        START_DATE,
         partition_key,
         unseen_cameras,
     )
     from deer_pipeline.defs.resources import IdentitySettings
-    from deer_pipeline.detections import feed as detection_feed
-    from deer_pipeline.detections import ingest
-    from deer_pipeline.ops import status
-    from deer_pipeline.ops.instance import get_instance
 
-    started = time.perf_counter()
-    engine = db.get_engine()
-    truth_dir: Path | None = None
-    if images is None:
-        out_dir = Path(out_dir or db.data_dir() / "sample").resolve()
-        info = sample.write_sample(out_dir, seed=seed)
-        report = ingest.ingest(engine, info.detections_json)
-        truth_dir = out_dir   # loaded after calibration, so the threshold never sees the truth
-    else:
-        report = ingest.ingest(engine, detections or images)
-    print(f"ingested: {report.summary()}")
-
-    instance = get_instance()
+    held = detection_feed.sync_held(engine, dt.date.fromisoformat(START_DATE), last_partition_day())
+    if held.held:
+        print(f"held: {held.held} detection(s) whose day is not a partition (before {START_DATE}: "
+              f"{held.before_start}, today or later: {held.future}; earliest {held.earliest}); "
+              "they are processed once their day exists")
     partitions = detection_feed.partitions_with_detections(engine)
     new_cameras = unseen_cameras(instance, {camera for camera, _ in partitions})
     if new_cameras:
@@ -61,13 +100,15 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
         for camera, day in partitions:  # capture-time order: identity decisions follow time
             key = partition_key(camera, day)
             result = job.execute_in_process(instance=instance, partition_key=key, run_config=run_config,
-                                            asset_selection=assets, raise_on_error=False)
+                                            asset_selection=assets, raise_on_error=False,
+                                            tags=recovery.worker_tags())
             print(f"  {str(key):<28} {'ok' if result.success else 'FAILED'}")
             if not result.success:
                 failed.append(f"{label}:{key}")
 
     def run_report() -> dict:
-        result = report_job.execute_in_process(instance=instance, run_config=quiet, raise_on_error=False)
+        result = report_job.execute_in_process(instance=instance, run_config=quiet, raise_on_error=False,
+                                               tags=recovery.worker_tags())
         if not result.success:
             failed.append("threshold_report")
             return {}
@@ -90,12 +131,14 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
     # The evaluation asset measures re-identification on labelled photos when DEER_EVAL_LABELS
     # (or its run config) names them; otherwise it records that no labels are configured.
     evaluation = defs.resolve_job_def("evaluation_job").execute_in_process(
-        instance=instance, run_config=quiet, raise_on_error=False)
+        instance=instance, run_config=quiet, raise_on_error=False, tags=recovery.worker_tags())
     if not evaluation.success:
         failed.append("reid_evaluation")
 
     summary = status.collect(engine)
     summary["partitions"] = len(partitions)
+    summary["held"] = {"detections": held.held, "before_start": held.before_start, "future": held.future,
+                       "earliest": held.earliest, "start_date": START_DATE}
     summary["deer_at_configured_threshold"] = {"threshold": configured, "deer": deer_at_configured}
     summary["calibration"] = calibration
     summary["recommended_threshold_with_truth"] = (final_report.get("recommended") or {}).get("threshold")
@@ -130,6 +173,9 @@ def render_summary(s: dict) -> str:
     lines.append(f"  recommended threshold {s.get('recommended_threshold_with_truth')} "
                  "(threshold report after loading the sample's true identities)")
     lines.append(f"  partitions            {s['partitions']}, failed: {s['failed'] or 'none'}")
+    held = s.get("held") or {}
+    lines.append(f"  held detections       {held.get('detections', 0)} (day not a partition: before "
+                 f"{held.get('start_date')} {held.get('before_start', 0)}, today or later {held.get('future', 0)})")
     lines.append(f"  seconds               {s['seconds']}")
     return "\n".join(lines)
 
@@ -138,6 +184,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="deer-pipeline demo", description=__doc__)
     parser.add_argument("--images", type=Path, help="a folder of images (default: the generated sample)")
     parser.add_argument("--detections", type=Path, help="MegaDetector JSON or CSV for --images")
+    parser.add_argument("--image-root", action="append", type=Path, default=[], metavar="DIR",
+                        help="folder photos may come from (repeatable); default: --images (or, for the "
+                             "sample, its folder). Photos outside it (symlinks resolved) are refused unopened")
     parser.add_argument("--seed", type=int, default=7, help="sample generator seed")
     parser.add_argument("--out-dir", type=Path, help="where the sample is written (default .deer/sample)")
     parser.add_argument("--no-calibrate", action="store_true",
@@ -146,7 +195,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
 
-    summary = run_demo(args.images, args.detections, args.seed, args.out_dir, calibrate=not args.no_calibrate)
+    summary = run_demo(args.images, args.detections, args.seed, args.out_dir, calibrate=not args.no_calibrate,
+                       image_roots=args.image_root)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:

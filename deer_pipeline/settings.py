@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
 
 # --------------------------------------------------------------------------------------------
 # Defaults, written once
@@ -31,6 +32,7 @@ DEVICE = "auto"                            # auto | cpu | cuda | cuda:N
 BATCH_SIZE = 32                            # crops per forward pass (halved on CUDA OOM)
 AMP = True                                 # float16 autocast on CUDA
 CHANNELS_LAST = True
+BACKEND = "auto"                           # auto | eager | onnxruntime (auto: ONNX Runtime without a GPU)
 # matching
 REID_THRESHOLD = 0.60                      # ensemble similarity needed to join a known deer
 ENSEMBLE_WEIGHTS = {"multiscale": 0.6, "efficientnet_b0": 0.4}
@@ -60,6 +62,14 @@ NEW_DEER_SPIKE_FACTOR = 2.0
 CHECK_WINDOW_DAYS = 7
 NORM_TOLERANCE = 1e-3
 MERGE_CANDIDATES_LIMIT = 50
+# review (people in the loop: deer-pipeline review)
+REVIEW_HOST = "127.0.0.1"                  # the review app listens on loopback unless --host says otherwise
+REVIEW_PORT = 8765
+REVIEW_TOKEN_ENV = "DEER_REVIEW_TOKEN"     # token a non-loopback --host requires (read from this variable)
+REVIEWER_ENV = "DEER_REVIEWER"             # default reviewer name (else the login name)
+REVIEW_MARGIN = 0.10                       # queue: decisions whose score lies this close to the threshold
+REVIEW_QUEUE_MAX_ITEMS = 50                # check: WARN when more items wait
+REVIEW_QUEUE_MAX_AGE_DAYS = 14             # check: WARN when an item waits longer (days since its detection arrived)
 # executors
 EXECUTOR = "multiprocess"                  # multiprocess | in_process | celery
 GPU_SLOTS = 1
@@ -74,7 +84,8 @@ ENVIRONMENT = {
     "DAGSTER_POSTGRES_URL": "postgresql+psycopg2:// URL of Dagster's own storage",
     "DAGSTER_HOME": "Dagster instance directory; default <data dir>/dagster_home",
     "DEER_CROP_STORE": "crop store directory; default <data dir>/crops",
-    "DEER_START_DATE": "first day partition (YYYY-MM-DD)",
+    "DEER_START_DATE": "first day partition (YYYY-MM-DD); detections before it are held",
+    "DEER_DB_RETRY_S": "how long decisions and writes wait for the database to come back; default 300",
     "DEER_EMBEDDING_MODELS": "comma list of embedding models",
     "DEER_EMBEDDING_WEIGHTS": "auto | imagenet | path to a state-dict file",
     "DEER_DEVICE": "auto | cpu | cuda | cuda:N",
@@ -82,7 +93,10 @@ ENVIRONMENT = {
     "DEER_BATCH_SIZE": "crops per forward pass",
     "DEER_NUM_WORKERS": "decode workers",
     "DEER_AMP": "0/1: float16 autocast on CUDA",
+    "DEER_INFERENCE_BACKEND": "auto | eager | onnxruntime (auto: ONNX Runtime when there is no GPU)",
     "DEER_ALLOW_RANDOM_WEIGHTS": "1 allows random weights (unit tests only)",
+    "TORCH_HOME": "torch's cache; ImageNet weights are looked for in $TORCH_HOME/hub/checkpoints",
+    "XDG_CACHE_HOME": "TORCH_HOME defaults to $XDG_CACHE_HOME/torch (~/.cache/torch)",
     "DEER_EXECUTOR": "multiprocess | in_process | celery",
     "DEER_GPU_SLOTS": "concurrent inference steps (pool gpu)",
     "DEER_CELERY_BROKER_URL": "celery broker",
@@ -93,6 +107,8 @@ ENVIRONMENT = {
     "DEER_EVAL_SPLIT_SEED": "split the reid_evaluation labels by identity with this seed",
     "DEER_EVAL_CALIBRATION_LABELS": "calibration labels CSV of the reid_evaluation asset",
     "DEER_EVAL_CALIBRATION_IMAGES_ROOT": "calibration images root of the reid_evaluation asset",
+    "DEER_REVIEW_TOKEN": "token the review app requires when it listens beyond 127.0.0.1",
+    "DEER_REVIEWER": "reviewer name recorded with decisions (default: the login name)",
 }
 
 
@@ -269,7 +285,7 @@ def check_weights(weights: dict[str, float]) -> None:
 @dataclass(frozen=True)
 class IngestSettings:
     burst_window_s: float = BURST_WINDOW_S
-    image_roots: tuple[str, ...] = ()   # empty = any path is accepted
+    image_roots: tuple[str, ...] = ()   # empty = the folder of the detections file (or the image folder)
 
     def __post_init__(self) -> None:
         if not self.burst_window_s >= 0:
@@ -306,9 +322,12 @@ class EmbeddingSettings:
     amp: bool = AMP
     channels_last: bool = CHANNELS_LAST
     num_workers: int | None = None
+    backend: str = BACKEND
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(dict.fromkeys(self.models)))
+        if self.backend not in ("auto", "eager", "onnxruntime"):
+            raise SettingsError(f"backend must be auto, eager or onnxruntime, not {self.backend!r}")
         object.__setattr__(self, "weights_files", tuple(sorted(dict(self.weights_files).items())))
         if not self.models:
             raise SettingsError("embedding models: name at least one model")
@@ -328,9 +347,48 @@ class EmbeddingSettings:
     @classmethod
     def from_environment(cls) -> "EmbeddingSettings":
         """The deployment's configuration: DEER_EMBEDDING_MODELS, DEER_EMBEDDING_WEIGHTS,
-        DEER_DEVICE, DEER_GPU_INDEX, DEER_BATCH_SIZE, DEER_NUM_WORKERS, DEER_AMP."""
+        DEER_DEVICE, DEER_GPU_INDEX, DEER_BATCH_SIZE, DEER_NUM_WORKERS, DEER_AMP,
+        DEER_INFERENCE_BACKEND."""
         return cls(models=tuple(env_list("DEER_EMBEDDING_MODELS", EMBEDDING_MODELS)),
                    weights=env("DEER_EMBEDDING_WEIGHTS", EMBEDDING_WEIGHTS),
                    device=env("DEER_DEVICE", DEVICE), gpu_index=env_int("DEER_GPU_INDEX"),
                    batch_size=env_int("DEER_BATCH_SIZE", BATCH_SIZE),
-                   num_workers=env_int("DEER_NUM_WORKERS"), amp=env_bool("DEER_AMP", AMP))
+                   num_workers=env_int("DEER_NUM_WORKERS"), amp=env_bool("DEER_AMP", AMP),
+                   backend=env("DEER_INFERENCE_BACKEND", BACKEND))
+
+
+# --------------------------------------------------------------------------------------------
+# The day partitions: from DEER_START_DATE to yesterday (UTC). Detections captured outside this
+# range are held (status 'held', with the reason) instead of blocking the sensor.
+# --------------------------------------------------------------------------------------------
+
+def partition_start_date() -> date:
+    """The first day partition: DEER_START_DATE (YYYY-MM-DD), default START_DATE."""
+    raw = start_date().strip()
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise SettingsError(f"DEER_START_DATE must be a date YYYY-MM-DD, got {raw!r}") from None
+
+
+def last_partition_day(now: datetime | None = None) -> date:
+    """The last day partition that exists now: yesterday in UTC (Dagster's daily partitions end
+    with the last complete day; today's photos are processed once the day is over)."""
+    now = now or datetime.now(timezone.utc)
+    return now.astimezone(timezone.utc).date() - timedelta(days=1)
+
+
+def partition_day_range(now: datetime | None = None) -> tuple[date, date]:
+    return partition_start_date(), last_partition_day(now)
+
+
+def held_reason(day: date, first: date, last: date) -> str | None:
+    """Why a detection of ``day`` cannot be a partition yet (None when it can)."""
+    if day < first:
+        return (f"captured on {day.isoformat()}, before the first day partition {first.isoformat()} "
+                f"(DEER_START_DATE); held until DEER_START_DATE is {day.isoformat()} or earlier")
+    if day > last:
+        return (f"captured on {day.isoformat()}, after the last complete day {last.isoformat()} (UTC): held "
+                "until its day is over" + (" (a date in the future: check the camera's clock)"
+                                           if day > last + timedelta(days=1) else ""))
+    return None

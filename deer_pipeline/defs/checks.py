@@ -9,6 +9,7 @@ health checks in ``deer_pipeline.identity.store``; every result is also recorded
 * ``new_deer_rate_normal`` (WARN): new-deer rate spike against the trailing average.
 * ``embeddings_consistent`` (ERROR): unit-norm vectors, one embedding version per decision.
 * ``no_merge_candidates`` (WARN): pairs of deer whose profiles are closer than the threshold.
+* ``review_queue_short`` (WARN): the review queue is long or an item has waited long.
 """
 
 import dagster as dg
@@ -16,6 +17,7 @@ import dagster as dg
 from deer_pipeline.defs.partitions import camera_and_day, camera_day_partitions
 from deer_pipeline.defs.resources import DeerDatabase, IdentitySettings
 from deer_pipeline.identity import health, store
+from deer_pipeline.review import queue as review_queue
 
 DEER_PROFILES = dg.AssetKey("deer_profiles")
 
@@ -101,3 +103,12 @@ def no_merge_candidates(context: dg.AssetCheckExecutionContext, database: DeerDa
                         identity: IdentitySettings) -> dg.AssetCheckResult:
     return evaluate(context, database, lambda conn, cam, day: health.check_merge_candidates(
         conn, cam, day, identity.ensemble_weights, identity.reid_threshold, identity.merge_candidates_limit))
+
+
+@dg.asset_check(asset=DEER_PROFILES, partitions_def=camera_day_partitions,
+                description="The review queue (decisions near the threshold, merge candidates) is short and "
+                            "nothing has waited long for a person (WARN).")
+def review_queue_short(context: dg.AssetCheckExecutionContext, database: DeerDatabase,
+                       identity: IdentitySettings) -> dg.AssetCheckResult:
+    return evaluate(context, database, lambda conn, cam, day: review_queue.check_review_queue(
+        conn, identity.review_margin, identity.review_queue_max_items, identity.review_queue_max_age_days))

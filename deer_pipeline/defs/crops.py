@@ -3,6 +3,7 @@
 
 import dagster as dg
 
+from deer_pipeline import db
 from deer_pipeline.defs.partitions import camera_and_day, camera_day_partitions
 from deer_pipeline.defs.resources import CropStore, DeerDatabase
 from deer_pipeline.detections.cropping import crop_partition
@@ -21,7 +22,9 @@ SKIPPED_TABLE_ROWS = 25
 def crops(context: dg.AssetExecutionContext, database: DeerDatabase, crop_store: CropStore) -> dg.MaterializeResult:
     camera_id, day = camera_and_day(context)
     settings = crop_store.settings()
-    report = crop_partition(database.engine(), camera_id, day, settings)
+    # one transaction, content-addressed files: repeated whole when the database drops out
+    report = db.retry_transient(lambda: crop_partition(database.engine(), camera_id, day, settings),
+                                f"crops {camera_id}|{day}", on_retry=context.log.warning)
     context.log.info(report.summary())
     skipped = report.skipped[:SKIPPED_TABLE_ROWS]
     metadata = {

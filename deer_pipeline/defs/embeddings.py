@@ -23,6 +23,7 @@ from typing import Sequence
 
 import dagster as dg
 
+from deer_pipeline import db
 from deer_pipeline.defs.executors import GPU_POOL, GPU_STEP_TAGS, STEP_RETRY_POLICY
 from deer_pipeline.defs.partitions import camera_day_partitions, split_key
 from deer_pipeline.defs.resources import CropStore, DeerDatabase, InferenceResource
@@ -141,8 +142,12 @@ def _define_embeddings_asset(config: EmbeddingSettings, max_partitions_per_run: 
     )
     def embeddings(context: dg.AssetExecutionContext, database: DeerDatabase, crop_store: CropStore,
                    inference: InferenceResource) -> dg.MaterializeResult:
-        return embed_partitions(context, database, crop_store, inference, context.partition_keys,
-                                code_version)
+        # Vectors are written per batch, keyed by detection and version: when the database drops
+        # out, the asset starts again and embeds only what is not stored yet.
+        return db.retry_transient(
+            lambda: embed_partitions(context, database, crop_store, inference, context.partition_keys,
+                                     code_version),
+            "embeddings", on_retry=context.log.warning)
 
     return embeddings
 

@@ -10,6 +10,7 @@ parallel backfills (other code locations, manual runs) cannot create duplicate d
 
 import dagster as dg
 
+from deer_pipeline import db
 from deer_pipeline.defs.executors import IDENTITY_POOL
 from deer_pipeline.defs.partitions import camera_and_day, camera_day_partitions
 from deer_pipeline.defs.resources import (
@@ -17,7 +18,7 @@ from deer_pipeline.defs.resources import (
     IdentitySettings,
     InferenceResource,
 )
-from deer_pipeline.identity import matching, metrics, threshold_report
+from deer_pipeline.identity import matching, metrics, reviews, threshold_report
 from deer_pipeline.identity import store as identity_store
 
 
@@ -54,13 +55,18 @@ def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
                   identity: IdentitySettings, inference: InferenceResource) -> dg.MaterializeResult:
     camera, day = camera_and_day(context)
     engine = database.engine()
-    versions = identity.versions(inference.embedding_settings())
-    summary = matching.decide_partition(engine, camera, day, identity.matching_settings(), versions)
+    settings, versions = identity.matching_settings(), identity.versions(inference.embedding_settings())
+    # The decision is one transaction under the identity lock: a lost connection rolls it back
+    # whole (no half-decided partition), and it is decided again when the database is back.
+    summary = db.retry_transient(lambda: matching.decide_partition(engine, camera, day, settings, versions),
+                                 f"deciding {camera}|{day}", on_retry=context.log.warning)
     if summary.unassigned:
         context.log.warning(f"{summary.unassigned} detection(s) of {summary.partition_key} have no embedding "
                             f"and stay unassigned: {summary.unassigned_reasons}")
     if summary.replayed:
         context.log.info(f"replayed {summary.replayed} later sighting(s) of {summary.replayed_partitions}")
+    with engine.connect() as conn:
+        confirmed = reviews.human_confirmed(conn, summary.partition_key)
     return dg.MaterializeResult(metadata={
         "sightings_decided": dg.MetadataValue.int(summary.decided),
         "matched": dg.MetadataValue.int(summary.matched),
@@ -81,6 +87,10 @@ def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
         # local score (no keypoints, degenerate fit, corrupt cache entry, unreadable crop)
         "local_verification": dg.MetadataValue.json(summary.local_verification),
         "summary": dg.MetadataValue.md(_summary_markdown(summary)),
+        # people in the loop: decisions a review fixed now, and sightings people confirmed
+        "review_decided": dg.MetadataValue.int(summary.reviewed),
+        "review_excluded": dg.MetadataValue.int(summary.excluded_by_review),
+        "human_confirmed": dg.MetadataValue.int(confirmed),
     })
 
 
@@ -97,8 +107,12 @@ def similarity_scores(context: dg.AssetExecutionContext, database: DeerDatabase,
                       identity: IdentitySettings) -> dg.MaterializeResult:
     camera, day = camera_and_day(context)
     key = identity_store.partition_key_text(camera, day)
-    with database.engine().connect() as conn:
-        scores = identity_store.partition_scores(conn, key)
+
+    def read_scores():
+        with database.engine().connect() as conn:
+            return identity_store.partition_scores(conn, key)
+
+    scores = db.retry_transient(read_scores, f"similarity scores {key}", on_retry=context.log.warning)
     best = threshold_report.best_scores(scores)
     summary = metrics.score_summary(scores["similarity"]) if len(scores) else {"count": 0}
     thresholds = metrics.default_thresholds()

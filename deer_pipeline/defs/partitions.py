@@ -1,5 +1,7 @@
 """Camera x day partitions. Camera ids come and go (a dynamic partition named ``camera``);
-days are calendar days of capture time (UTC)."""
+days are calendar days of capture time (UTC), from DEER_START_DATE (``settings``) to the last
+complete day (yesterday). Detections captured outside that range (earlier, or today and later)
+are held by ingestion and released by the sensor once their day exists (``detections.feed``)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import dagster as dg
 from deer_pipeline import settings
 
 CAMERA_PARTITIONS_NAME = "camera"
-START_DATE = settings.start_date()
+START_DATE = settings.partition_start_date().isoformat()
 
 camera_partitions = dg.DynamicPartitionsDefinition(name=CAMERA_PARTITIONS_NAME)
 day_partitions = dg.DailyPartitionsDefinition(start_date=START_DATE)

@@ -58,13 +58,16 @@ class InferenceResource(dg.ConfigurableResource):
     channels_last: bool = settings.CHANNELS_LAST
     num_workers: Optional[int] = Field(default=None, description="DataLoader decode workers; None = auto")
     pooling: str = Field(default=settings.POOLING, description="avg | gem (GeM, p=3); part of the version")
+    backend: str = Field(default=settings.BACKEND, description="auto | eager | onnxruntime (auto: ONNX "
+                         "Runtime when there is no GPU); part of the version")
 
     def embedding_settings(self) -> settings.EmbeddingSettings:
         """The one embedding configuration this resource stands for."""
         return embedding_config.check_models(settings.EmbeddingSettings(
             models=tuple(self.models), weights=self.weights, weights_files=tuple(self.weights_files.items()),
             pooling=self.pooling, device=self.device, gpu_index=self.gpu_index, batch_size=self.batch_size,
-            amp=self.amp, channels_last=self.channels_last, num_workers=self.num_workers))
+            amp=self.amp, channels_last=self.channels_last, num_workers=self.num_workers,
+            backend=self.backend))
 
     def engine(self, models: Optional[list[str]] = None):
         """An engine for ``models`` (default: all configured). Networks are cached per process."""
@@ -82,6 +85,7 @@ def inference_resource_from_env() -> InferenceResource:
     config = embedding_config.check_models(settings.EmbeddingSettings.from_environment())
     kwargs: dict = {"models": list(config.models), "amp": config.amp}
     for field_name, var, is_int in (("weights", "DEER_EMBEDDING_WEIGHTS", False),
+                                    ("backend", "DEER_INFERENCE_BACKEND", False),
                                     ("device", "DEER_DEVICE", False),
                                     ("gpu_index", "DEER_GPU_INDEX", True),
                                     ("batch_size", "DEER_BATCH_SIZE", True),
@@ -129,6 +133,12 @@ class IdentitySettings(dg.ConfigurableResource):
     check_window_days: int = Field(default=settings.CHECK_WINDOW_DAYS, description="trailing window of the rate checks")
     norm_tolerance: float = Field(default=settings.NORM_TOLERANCE, description="|norm - 1| allowed for stored vectors")
     merge_candidates_limit: int = Field(default=settings.MERGE_CANDIDATES_LIMIT, description="merge candidates listed at most")
+    review_margin: float = Field(default=settings.REVIEW_MARGIN, description="review queue: decisions whose "
+                                 "score lies this close to the threshold")
+    review_queue_max_items: int = Field(default=settings.REVIEW_QUEUE_MAX_ITEMS,
+                                        description="WARN when more items wait in the review queue")
+    review_queue_max_age_days: float = Field(default=settings.REVIEW_QUEUE_MAX_AGE_DAYS,
+                                             description="WARN when a review item waits longer (days)")
     report_min_precision: Optional[float] = Field(
         default=None, description="threshold report: recommend the lowest threshold with this precision")
 

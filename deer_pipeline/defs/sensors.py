@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import dagster as dg
 
 from deer_pipeline.defs.jobs import identification_job
 from deer_pipeline.defs.partitions import (
+    START_DATE,
     camera_partitions,
     partition_key,
     unseen_cameras,
 )
+from deer_pipeline.settings import last_partition_day
 from deer_pipeline.defs.resources import DeerDatabase
 from deer_pipeline.detections import feed as detection_feed
 
@@ -25,13 +29,22 @@ def _camera_requests(context: dg.SensorEvaluationContext, work) -> list:
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Adds unseen cameras as partitions and requests one run per camera x day "
-                "that received new detections (cursor: the highest detections.seq handled).",
+                "that received new detections (cursor: the highest detections.seq handled). "
+                "Detections whose day is not a partition (before DEER_START_DATE, or today and later) "
+                "are held and skipped; they come back as new work once their day exists.",
 )
 def new_detections_sensor(context: dg.SensorEvaluationContext, database: DeerDatabase) -> dg.SensorResult:
     cursor = int(context.cursor or 0)
-    work = detection_feed.new_detections_since(database.engine(), cursor)
+    engine = database.engine()
+    held = detection_feed.sync_held(engine, dt.date.fromisoformat(START_DATE), last_partition_day())
+    if held.newly_held or held.released:
+        context.log.info(f"held {held.newly_held} detection(s) whose day is not a partition; released "
+                         f"{held.released} whose day is one now")
+    work = detection_feed.new_detections_since(engine, cursor)
     if not work:
-        return dg.SensorResult(skip_reason=dg.SkipReason(f"no new detections after seq {cursor}"))
+        note = (f"; {held.held} held (before {START_DATE}: {held.before_start}, today or later: {held.future})"
+                if held.held else "")
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"no new detections after seq {cursor}{note}"))
 
     run_requests = [
         dg.RunRequest(

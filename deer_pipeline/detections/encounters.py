@@ -231,9 +231,9 @@ def cannot_link(encounters: Sequence[Encounter]) -> dict[str, set[str]]:
 
 ENCOUNTER_SQL = """
 WITH frames AS (
-    SELECT DISTINCT i.image_id, i.camera_id, i.captured_at
+    SELECT DISTINCT i.image_id, d.camera_id, i.captured_at
     FROM images i JOIN detections d ON d.image_id = i.image_id
-    WHERE i.camera_id = ANY(:cams) AND i.captured_at IS NOT NULL AND i.status = 'ok'
+    WHERE d.camera_id = ANY(:cams) AND i.captured_at IS NOT NULL AND i.status = 'ok'
 ), marked AS (
     SELECT image_id, camera_id, captured_at,
            CASE WHEN lag(captured_at) OVER w IS NULL
@@ -245,7 +245,7 @@ WITH frames AS (
            sum(starts) OVER (PARTITION BY camera_id ORDER BY captured_at, image_id) AS burst
     FROM marked
 ), named AS (
-    SELECT image_id,
+    SELECT image_id, camera_id,
            camera_id || '-' || to_char(min(captured_at) OVER (PARTITION BY camera_id, burst) AT TIME ZONE 'UTC',
                                        'YYYY-MM-DD"T"HH24:MI:SS') ||
            CASE WHEN extract(microseconds FROM min(captured_at) OVER (PARTITION BY camera_id, burst))::bigint % 1000000 <> 0
@@ -255,7 +255,7 @@ WITH frames AS (
 )
 UPDATE detections d SET encounter_id = n.encounter_id
 FROM named n
-WHERE d.image_id = n.image_id AND d.encounter_id IS DISTINCT FROM n.encounter_id
+WHERE d.image_id = n.image_id AND d.camera_id = n.camera_id AND d.encounter_id IS DISTINCT FROM n.encounter_id
 """
 
 

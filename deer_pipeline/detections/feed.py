@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import date
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -36,6 +37,44 @@ def new_detections_since(engine: Engine, cursor_seq: int, limit_partitions: int 
     return [NewWork(r.camera_id, r.day, int(r.max_seq), int(r.n)) for r in rows]
 
 
+@dataclass(frozen=True)
+class HeldCount:
+    held: int            # detections held now (their day is not a partition)
+    before_start: int    # of which captured before the first day partition
+    future: int          # of which captured today or later (the last partition is yesterday)
+    earliest: str | None  # earliest held day (YYYY-MM-DD)
+    released: int = 0    # detections whose day became a partition in this call (status ok again)
+    newly_held: int = 0  # ok detections found outside the range and held in this call
+
+
+def sync_held(engine: Engine, first: date, last: date) -> HeldCount:
+    """Keep ``status`` in step with the partition range [first, last].
+
+    ``ok`` detections whose day is not a partition (captured before DEER_START_DATE, or after
+    today: a camera clock set wrong) become ``held`` with the reason; ``held`` detections whose
+    day is a partition now (the start date moved, the day arrived) become ``ok`` again with a new
+    ``seq``, so the new-detections sensor sees them as new work. The sensor calls this on every
+    tick, so a held detection never blocks the others and is not forgotten."""
+    from deer_pipeline.settings import held_reason
+
+    with engine.begin() as conn:
+        stray = conn.execute(sa.text(
+            "SELECT detection_id, day FROM detections WHERE status = 'ok' AND day IS NOT NULL "
+            "AND (day < :first OR day > :last) FOR UPDATE"), {"first": first, "last": last}).all()
+        for r in stray:
+            conn.execute(sa.text("UPDATE detections SET status = 'held', reason = :why WHERE detection_id = :d"),
+                         {"why": held_reason(r.day, first, last), "d": r.detection_id})
+        released = conn.execute(sa.text(
+            "UPDATE detections SET status = 'ok', reason = NULL, "
+            "  seq = nextval(pg_get_serial_sequence('detections', 'seq')) "
+            "WHERE status = 'held' AND day BETWEEN :first AND :last"), {"first": first, "last": last}).rowcount
+        row = conn.execute(sa.text(
+            "SELECT count(*) AS n, count(*) FILTER (WHERE day < :first) AS before, "
+            "       count(*) FILTER (WHERE day > :last) AS future, min(day)::text AS earliest "
+            "FROM detections WHERE status = 'held'"), {"first": first, "last": last}).one()
+    return HeldCount(int(row.n), int(row.before), int(row.future), row.earliest, int(released), len(stray))
+
+
 def partitions_with_detections(engine: Engine) -> list[tuple[str, str]]:
     """Every (camera, day) that has detections to process, in time order."""
     with engine.connect() as conn:
@@ -59,7 +98,7 @@ def partitions_with_unassigned(engine: Engine, limit_partitions: int = 200) -> l
     The system we start from could reprocess unassigned detections; here they are detections
     whose embedding failed or was missing when their partition was decided, or partitions never
     decided. Crops that are too small can never be assigned and are left out, so they are not
-    retried forever. Oldest days first.
+    retried forever, and so are detections a person marked unidentifiable. Oldest days first.
     """
     with engine.connect() as conn:
         rows = conn.execute(sa.text(
@@ -72,6 +111,8 @@ def partitions_with_unassigned(engine: Engine, limit_partitions: int = 200) -> l
             WHERE d.status = 'ok' AND d.camera_id IS NOT NULL AND d.day IS NOT NULL
               AND s.detection_id IS NULL
               AND (c.status IS NULL OR c.status <> 'too_small')
+              AND NOT EXISTS (SELECT 1 FROM identity_reviews_status r WHERE r.kind = 'unidentifiable'
+                              AND r.undone_by IS NULL AND r.detections_a @> ARRAY[d.detection_id])
             GROUP BY d.camera_id, d.day
             ORDER BY d.day, d.camera_id
             LIMIT :limit

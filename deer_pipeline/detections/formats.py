@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +50,7 @@ class _Record:
     whole_frame: bool = False
     input_id: str | None = None
     camera_id: str | None = None
+    camera_name: str | None = None        # the original name when camera_id had to be made readable
     input_time: datetime | None = None
     classification: str | None = None     # raw class name (None = not given)
     confidence: float | None = None
@@ -98,10 +101,24 @@ def _json_safe(obj):
     return str(obj)
 
 
+# Letters without a Unicode decomposition to ASCII, spelled the way people write them without accents.
+_NO_DECOMPOSITION = str.maketrans({"ı": "i", "ß": "ss", "ø": "o", "Ø": "O", "æ": "ae", "Æ": "AE", "œ": "oe",
+                                   "Œ": "OE", "ł": "l", "Ł": "L", "đ": "d", "Đ": "D", "þ": "th", "Þ": "Th"})
+
+
 def sanitise_folder_camera(name: str) -> str | None:
-    """A camera id from a folder name: 'Camera 01' -> 'Camera-01'. None when nothing is left."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-_.")[:64]
-    return cleaned if cleaned and CAMERA_ID_RE.match(cleaned) else None
+    """A readable camera id from a folder or camera name: 'Camera 01' -> 'Camera-01',
+    'Kamera Süd' -> 'Kamera-Sud' (accents dropped, not the letters). A name with letters or
+    digits none of which has an ASCII form ('カメラ') becomes 'cam-<8 hex of the name>'. None when
+    the name has no letter or digit at all. The original name is kept in ``cameras.original_name``."""
+    name = unicodedata.normalize("NFKC", str(name))
+    ascii_ = unicodedata.normalize("NFKD", name.translate(_NO_DECOMPOSITION)).encode("ascii", "ignore").decode("ascii")
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", ascii_).strip("-_.")[:64]
+    if cleaned and CAMERA_ID_RE.match(cleaned):
+        return cleaned
+    if any(ch.isalnum() for ch in name):
+        return "cam-" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+    return None
 
 
 def detect_format(path: Path) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import warnings
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -18,8 +19,23 @@ from typing import NamedTuple, Sequence
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 EXIF_IFD = 0x8769
-TAG_DATETIME_ORIGINAL = 36867
+TAG_DATETIME = 306                  # IFD0: "date and time of file change", what many cameras and tools write
+TAG_DATETIME_ORIGINAL = 36867       # Exif IFD: when the shutter fired
+TAG_DATETIME_DIGITIZED = 36868
+TAG_OFFSET_TIME = 36880
 TAG_OFFSET_TIME_ORIGINAL = 36881
+TAG_OFFSET_TIME_DIGITIZED = 36882
+TAG_SUBSEC_TIME = 37520
+TAG_SUBSEC_TIME_ORIGINAL = 37521
+TAG_SUBSEC_TIME_DIGITIZED = 37522
+# (time tag, sub-second tag, offset tag, source stored in images.captured_at_source), in the
+# order they are trusted. Each is looked for in the Exif IFD, then in IFD0 (where some cameras
+# and tools put every tag).
+CAPTURE_TIME_TAGS = (
+    (TAG_DATETIME_ORIGINAL, TAG_SUBSEC_TIME_ORIGINAL, TAG_OFFSET_TIME_ORIGINAL, "exif"),
+    (TAG_DATETIME_DIGITIZED, TAG_SUBSEC_TIME_DIGITIZED, TAG_OFFSET_TIME_DIGITIZED, "exif_digitized"),
+    (TAG_DATETIME, TAG_SUBSEC_TIME, TAG_OFFSET_TIME, "exif_datetime"),
+)
 DRAFT_SCALES = (8, 4, 2)          # JPEG DCT scaling: 1/8, 1/4, 1/2 (then full size)
 JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 IMAGE_SUFFIXES = JPEG_SUFFIXES + (".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -86,7 +102,16 @@ def _magic(p: Path) -> str:
         return "unreadable"
     if not head:
         return "empty file"
-    return f"starts with bytes {head[:4].hex()}"
+    # Named by kind only: a rejection reason never repeats what a file contains.
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return f"{kind} data"
+    return "unrecognised content"
+
+
+_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"), (b"II*\x00", "TIFF"),
+          (b"MM\x00*", "TIFF"), (b"RIFF", "RIFF/WebP"), (b"BM", "BMP"), (b"%PDF", "PDF"), (b"PK\x03\x04", "ZIP"),
+          (b"\x1f\x8b", "gzip"))
 
 
 def _load(img: Image.Image, path) -> None:
@@ -111,12 +136,16 @@ def _oriented_size(img: Image.Image) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def _parse_exif_time(raw, offset=None) -> datetime | None:
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "ignore")
+    return str(value).strip().strip("\x00").strip()
+
+
+def _parse_exif_time(raw, offset=None, subsec=None) -> datetime | None:
     if raw is None:
         return None
-    if isinstance(raw, bytes):
-        raw = raw.decode("ascii", "ignore")
-    raw = str(raw).strip().strip("\x00")
+    raw = _text(raw)
     for fmt in ("%Y:%m:%d %H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y:%m:%d %H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S"):
         try:
             value = datetime.strptime(raw, fmt)
@@ -125,9 +154,12 @@ def _parse_exif_time(raw, offset=None) -> datetime | None:
             continue
     else:
         return None
+    digits = re.sub(r"\D", "", _text(subsec)) if subsec is not None else ""
+    if digits and not value.microsecond:
+        value = value.replace(microsecond=int(digits[:6].ljust(6, "0")))
     tz = timezone.utc
     if offset:
-        off = str(offset).strip().strip("\x00")
+        off = _text(offset)
         try:
             sign = -1 if off.startswith("-") else 1
             hh, mm = off.lstrip("+-").split(":")
@@ -137,19 +169,51 @@ def _parse_exif_time(raw, offset=None) -> datetime | None:
     return value.replace(tzinfo=tz).astimezone(timezone.utc)
 
 
-def read_capture_time(path) -> datetime | None:
-    """EXIF DateTimeOriginal as an aware UTC datetime (tz-naive EXIF is taken as UTC; an
-    OffsetTimeOriginal tag is honoured). None when the photo has no usable capture time."""
+class CaptureTime(NamedTuple):
+    time: datetime      # aware, UTC
+    source: str         # exif | exif_digitized | exif_datetime (images.captured_at_source)
+
+
+def capture_time_from_exif(exif) -> CaptureTime | None:
+    """The capture time as cameras write it: DateTimeOriginal, then DateTimeDigitized, then
+    IFD0 DateTime; each from the Exif IFD or IFD0, with its sub-second and offset tags when
+    present (tz-naive times are taken as UTC). Unparseable or zero dates are skipped."""
+    try:
+        ifd0 = dict(exif)
+    except Exception:
+        return None
+    try:
+        sub = dict(exif.get_ifd(EXIF_IFD))
+    except Exception:
+        sub = {}
+
+    def tag(t):
+        return sub.get(t) if sub.get(t) is not None else ifd0.get(t)
+
+    for time_tag, subsec_tag, offset_tag, source in CAPTURE_TIME_TAGS:
+        when = _parse_exif_time(tag(time_tag), tag(offset_tag), tag(subsec_tag))
+        if when is not None:
+            return CaptureTime(when, source)
+    return None
+
+
+def read_capture_time_and_source(path) -> CaptureTime | None:
     img = _open(path)
     try:
         try:
             exif = img.getexif()
-            ifd = exif.get_ifd(EXIF_IFD)
-        except Exception:
+        except Exception:   # a broken EXIF block: no capture time, the caller falls back
             return None
-        return _parse_exif_time(ifd.get(TAG_DATETIME_ORIGINAL), ifd.get(TAG_OFFSET_TIME_ORIGINAL))
+        return capture_time_from_exif(exif)
     finally:
         img.close()
+
+
+def read_capture_time(path) -> datetime | None:
+    """The photo's capture time as an aware UTC datetime (see ``capture_time_from_exif``);
+    None when the photo has no usable capture time."""
+    found = read_capture_time_and_source(path)
+    return found.time if found else None
 
 
 class ImageInfo(NamedTuple):
@@ -177,10 +241,10 @@ def image_info(path, verify: bool = True) -> ImageInfo:
     return ImageInfo(size[0], size[1], sha256_file(path))
 
 
-def read_image_facts(path) -> tuple[ImageInfo, datetime | None]:
-    """image_info and read_capture_time with one open (what ingestion needs per photo)."""
+def read_image_facts(path) -> tuple[ImageInfo, CaptureTime | None]:
+    """image_info and the capture time with its source (what ingestion needs per photo)."""
     info = image_info(path)
-    return info, read_capture_time(path)
+    return info, read_capture_time_and_source(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,7 +50,13 @@ from deer_pipeline.detections.formats import (
     parse_megadetector,
     sanitise_folder_camera,
 )
-from deer_pipeline.settings import IngestSettings, normalise_classification, sex_of
+from deer_pipeline.settings import (
+    IngestSettings,
+    held_reason,
+    normalise_classification,
+    partition_day_range,
+    sex_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +101,7 @@ class IngestReport:
     rejected: int = 0                # new rejected detections + new ingest_rejections rows
     rejected_detections: int = 0
     rejected_records: int = 0
+    held: int = 0                    # new detections held: their day is not a partition (yet)
     already_ingested: bool = False   # the same file (same SHA-256) was ingested before
     cameras: list[str] = field(default_factory=list)
     partitions: list[tuple[str, str]] = field(default_factory=list)   # (camera, day) with new ok detections
@@ -109,6 +116,7 @@ class IngestReport:
             f"{self.rejected_detections} rejected)",
             f"  duplicates skipped {self.duplicates_skipped}",
             f"  rejected records   {self.rejected_records}",
+            f"  held (day not a partition yet) {self.held}",
             f"  cameras touched    {', '.join(self.cameras) or '-'}",
             f"  partitions touched {len(self.partitions)}"
             + (": " + ", ".join(f"{c}|{d}" for c, d in self.partitions[:12]) if self.partitions else "")
@@ -163,7 +171,9 @@ def _folder_fingerprint(folder: Path, files: list[Path]) -> str:
 
 
 def _resolve(image_path: str, base: Path, roots: list[Path]) -> Path:
-    p = Path(os.path.expanduser(image_path))
+    """Where a photo named by the input is: absolute paths as they are, relative paths against
+    the input's folder, then each image root (the first where it exists). Never expands '~'."""
+    p = Path(image_path)
     if p.is_absolute():
         return Path(os.path.abspath(p))
     for folder in (base, *roots):
@@ -173,8 +183,21 @@ def _resolve(image_path: str, base: Path, roots: list[Path]) -> Path:
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:
+    """Whether ``path``, symlinks resolved, lies inside one of ``roots`` (already resolved)."""
     real = Path(os.path.realpath(path))
     return any(real == r or real.is_relative_to(r) for r in roots)
+
+
+def image_roots_for(settings: IngestSettings, base: Path) -> list[Path]:
+    """The folders photos may come from: the configured image roots, or else the folder of the
+    detections file (the image folder itself for the folder format). Symlinks resolved."""
+    roots = settings.image_roots or (str(base),)
+    return [Path(os.path.realpath(os.path.expanduser(r))) for r in roots]
+
+
+def outside_roots_reason(roots: list[Path]) -> str:
+    return ("photo path is outside the image roots (" + ", ".join(map(str, roots)) + "); give "
+            "--image-root to allow another folder")
 
 
 def ingest(
@@ -185,29 +208,37 @@ def ingest(
     settings: IngestSettings | None = None,
     reprocess: bool = False,
     min_confidence: float | None = None,
+    hold_outside_partitions: bool = True,
 ) -> IngestReport:
     """Ingest one input (MegaDetector JSON, CSV or image folder) and return what happened.
 
     A file whose SHA-256 was ingested before in the same format is not read again unless
     ``reprocess`` (which is still idempotent). ``camera`` is used for records without their
-    own camera id; otherwise the photo's parent folder name is the camera."""
+    own camera id; otherwise the photo's parent folder name is the camera.
+
+    Photos must lie inside ``settings.image_roots`` (default: the folder of the detections file,
+    or the image folder itself); others are refused unopened, with no photo or camera stored.
+    Good detections whose capture day is not a day partition are stored ``held`` (unless
+    ``hold_outside_partitions`` is False, for databases that are not behind Dagster, such as
+    the evaluation's)."""
     settings = settings or IngestSettings()
     src, fmt = _check_input(path, format, camera)
-    roots = [Path(os.path.realpath(os.path.expanduser(r))) for r in settings.image_roots]
     records, source_sha, base = _read_records(src, fmt)
+    roots = image_roots_for(settings, base)
+    day_range = partition_day_range() if hold_outside_partitions else None
     report = IngestReport(source=str(src), format=fmt, records=len(records))
     if _seen_before(engine, report, source_sha, fmt) and not reprocess:
         report.duplicates_skipped = len(records)
         return report
     rejections: list[tuple[_Record, str]] = []
     image_by_path, rec_paths = _photos_of(records, base, roots, camera, rejections)
-    _load_or_read_photos(engine, image_by_path, rec_paths, roots)    # outside any transaction
-    candidates = [(rec, _detection_row(rec, image_by_path[key], fmt, min_confidence))
+    _load_or_read_photos(engine, image_by_path, rec_paths)    # outside any transaction
+    candidates = [(rec, _detection_row(rec, image_by_path[key], fmt, min_confidence, day_range))
                   for rec, key in rec_paths if key is not None]
     with engine.begin() as conn:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": INGEST_LOCK_KEY})
         batch_id = _open_batch(conn, report, src, fmt, source_sha)
-        _write_cameras_and_photos(conn, image_by_path)
+        _write_cameras_and_photos(conn, image_by_path, candidates)
         fresh = _first_of_each_id(candidates, image_by_path, report, rejections)
         to_insert = _not_yet_stored(conn, fresh, report, rejections)
         inserted, partitions = _insert_detections(conn, to_insert, batch_id, report)
@@ -274,20 +305,17 @@ def _photos_of(records, base: Path, roots: list[Path], camera: str | None,
             rec_paths.append((rec, None))
             continue
         resolved = _resolve(rec.image_path, base, roots)
-        cam = rec.camera_id
-        if cam is not None:
-            if not CAMERA_ID_RE.match(cam):
-                rejections.append((rec, f"camera id {cam!r} is not usable as a partition key "
-                                        "(letters, digits, _ . -; no '|'; at most 64 characters)"))
-                rec_paths.append((rec, None))
-                continue
-        else:
-            cam = camera or sanitise_folder_camera(resolved.parent.name)
-            if cam is None:
-                rejections.append((rec, f"no camera id: give --camera or a camera_id; folder name "
-                                        f"{resolved.parent.name!r} cannot be one"))
-                rec_paths.append((rec, None))
-                continue
+        if not _inside(resolved, roots):
+            # refused before anything is opened or stored: no photo row, no camera
+            rejections.append((rec, outside_roots_reason(roots)))
+            rec_paths.append((rec, None))
+            continue
+        cam, cam_name = _camera_of(rec, resolved, camera)
+        if cam is None:
+            rejections.append((rec, cam_name))
+            rec_paths.append((rec, None))
+            continue
+        rec.camera_id, rec.camera_name = cam, cam_name   # this record's camera, even when its photo has another
         key = str(resolved)
         if key not in image_by_path:
             image_by_path[key] = _Image(path=key, camera_id=cam)
@@ -295,7 +323,29 @@ def _photos_of(records, base: Path, roots: list[Path], camera: str | None,
     return image_by_path, rec_paths
 
 
-def _load_or_read_photos(engine: Engine, image_by_path: dict[str, _Image], rec_paths, roots) -> None:
+def _camera_of(rec: _Record, resolved: Path, camera: str | None) -> tuple[str | None, str | None]:
+    """(camera id, original name when the id had to be made readable), or (None, why not).
+    An explicit camera id is kept as given; a name with letters beyond ASCII ('Kamera Süd')
+    gets a readable id ('Kamera-Sud'); without one, ``camera`` or the photo's folder name."""
+    cam = rec.camera_id
+    if cam is not None:
+        if CAMERA_ID_RE.match(cam):
+            return cam, None
+        readable = sanitise_folder_camera(cam) if any(ord(ch) > 127 for ch in cam) and "|" not in cam else None
+        if readable is None:
+            return None, (f"camera id {cam!r} is not usable as a partition key "
+                          "(letters, digits, _ . -; no '|'; at most 64 characters)")
+        return readable, cam
+    folder_name = resolved.parent.name
+    if camera is not None:
+        return camera, None
+    cam = sanitise_folder_camera(folder_name)
+    if cam is None:
+        return None, f"no camera id: give --camera or a camera_id; folder name {folder_name!r} cannot be one"
+    return cam, (folder_name if cam != folder_name else None)
+
+
+def _load_or_read_photos(engine: Engine, image_by_path: dict[str, _Image], rec_paths) -> None:
     """Stored photos keep their stored rows; new ones are read (decode, EXIF time, hash)."""
     with engine.connect() as conn:
         stored = {r.path: r for r in conn.execute(sa.text(
@@ -312,7 +362,7 @@ def _load_or_read_photos(engine: Engine, image_by_path: dict[str, _Image], rec_p
             img.captured_at_source, img.width, img.height = row.captured_at_source, row.width, row.height
             img.sha256, img.status, img.reason, img.stored = row.sha256, row.status, row.reason, True
             continue
-        _read_image(img, roots, first_time.get(key))
+        _read_image(img, first_time.get(key))
 
 
 def _open_batch(conn: sa.Connection, report: IngestReport, src: Path, fmt: str, source_sha: str) -> int:
@@ -323,11 +373,14 @@ def _open_batch(conn: sa.Connection, report: IngestReport, src: Path, fmt: str, 
     return report.batch_id
 
 
-def _write_cameras_and_photos(conn: sa.Connection, image_by_path: dict[str, _Image]) -> None:
-    cams = sorted({img.camera_id for img in image_by_path.values()})
-    if cams:
-        conn.execute(pg.insert(sa.table("cameras", sa.column("camera_id")))
-                     .values([{"camera_id": c} for c in cams]).on_conflict_do_nothing())
+def _write_cameras_and_photos(conn: sa.Connection, image_by_path: dict[str, _Image], candidates) -> None:
+    names: dict[str, str | None] = {img.camera_id: None for img in image_by_path.values()}
+    for rec, row in candidates:      # camera id -> original name (when it had to be made readable)
+        names[row["camera_id"]] = names.get(row["camera_id"]) or rec.camera_name
+    if names:
+        conn.execute(pg.insert(sa.table("cameras", sa.column("camera_id"), sa.column("original_name")))
+                     .values([{"camera_id": c, "original_name": n} for c, n in sorted(names.items())])
+                     .on_conflict_do_nothing())
     new_imgs = [img for img in image_by_path.values() if not img.stored]
     for chunk in _chunks(new_imgs):
         conn.execute(pg.insert(_images).values([{
@@ -358,8 +411,8 @@ def _first_of_each_id(candidates, image_by_path: dict[str, _Image], report: Inge
             if first_sig == sig:
                 report.duplicates_skipped += 1
             else:
-                rejections.append((rec, f"duplicate detection id {did!r} with different content "
-                                        f"(first at line {first_rec.line} of this input)"))
+                rejections.append((rec, _own_reason(row) + f"duplicate detection id {did!r} with different "
+                                        f"content (first at line {first_rec.line} of this input)"))
             continue
         seen[did] = (sig, rec)
         fresh.append(row)
@@ -385,8 +438,9 @@ def _not_yet_stored(conn: sa.Connection, fresh: list[dict], report: IngestReport
         elif _signature(old._mapping) == _signature(row):
             report.duplicates_skipped += 1
         else:
-            rejections.append((row["_rec"], f"duplicate detection id {row['detection_id']!r} with different "
-                                            f"content (stored from batch {old.batch_id}; stored row kept)"))
+            rejections.append((row["_rec"], _own_reason(row) + f"duplicate detection id {row['detection_id']!r} "
+                                            f"with different content (stored from batch {old.batch_id}; "
+                                            "stored row kept)"))
     return to_insert
 
 
@@ -410,6 +464,8 @@ def _insert_detections(conn: sa.Connection, to_insert: list[dict], batch_id: int
         if row["status"] == "rejected":
             report.rejected_detections += 1
             report.reasons[_reason_kind(row["reason"])] = report.reasons.get(_reason_kind(row["reason"]), 0) + 1
+        elif row["status"] == "held":
+            report.held += 1
         elif row["day"] is not None:
             partitions.add((row["camera_id"], row["day"].isoformat()))
     return inserted, partitions
@@ -451,6 +507,11 @@ def _path_of(row: dict) -> str:
     return row["_path"]
 
 
+def _own_reason(row: dict) -> str:
+    """The record's own rejection reason, kept when it also collides on a detection id."""
+    return f"{row['reason']}; also " if row.get("status") == "rejected" and row.get("reason") else ""
+
+
 def _reason_kind(reason: str) -> str:
     """Group rejection reasons for the summary: drop the per-record details."""
     reason = re.sub(r"'[^']*'|\"[^\"]*\"", "'...'", reason)
@@ -468,29 +529,27 @@ def _signature(row) -> tuple:
             row["classification"], row["status"])
 
 
-def _read_image(img: _Image, roots: list[Path], input_time: datetime | None) -> None:
+def _read_image(img: _Image, input_time: datetime | None) -> None:
     p = Path(img.path)
-    if roots and not _inside(p, roots):
-        img.status = "outside_roots"
-        img.reason = "path is outside the configured image roots (" + ", ".join(map(str, roots)) + ")"
+    try:
+        info, exif_time = imaging.read_image_facts(p)
+    except imaging.ImageDecodeError as exc:
+        img.status = "missing" if exc.kind == "missing" else "unreadable"
+        img.reason = exc.reason
     else:
-        try:
-            info, exif_time = imaging.read_image_facts(p)
-        except imaging.ImageDecodeError as exc:
-            img.status = "missing" if exc.kind == "missing" else "unreadable"
-            img.reason = exc.reason
-        else:
-            img.width, img.height, img.sha256 = info
-            if exif_time is not None:
-                img.captured_at, img.captured_at_source = exif_time, "exif"
+        img.width, img.height, img.sha256 = info
+        if exif_time is not None:
+            img.captured_at, img.captured_at_source = exif_time.time, exif_time.source
     if img.captured_at is None and input_time is not None:
         img.captured_at, img.captured_at_source = input_time, "input"
     if img.captured_at is None and img.status == "ok":
         img.captured_at, img.captured_at_source = imaging.file_mtime_utc(p), "file_mtime"
 
 
-def _detection_row(rec: _Record, img: _Image, fmt: str, min_confidence: float | None) -> dict:
-    """The detections row for one record: box in pixels (clipped), class, status and reason."""
+def _detection_row(rec: _Record, img: _Image, fmt: str, min_confidence: float | None,
+                   day_range: tuple | None = None) -> dict:
+    """The detections row for one record: box in pixels (clipped), class, status and reason.
+    A good detection whose day is not a partition (``day_range``) is ``held`` with the reason."""
     reason = None
     box = rec.box
     if img.status != "ok":
@@ -524,6 +583,9 @@ def _detection_row(rec: _Record, img: _Image, fmt: str, min_confidence: float | 
     if classification is None:
         if reason is None:
             reason = f"unknown classification {rec.classification!r}"
+    if reason is None and rec.confidence is not None and math.isfinite(rec.confidence) \
+            and not 0.0 <= rec.confidence <= 1.0:
+        reason = f"confidence {rec.confidence:g} outside [0, 1]"
     if reason is None and min_confidence is not None and rec.confidence is not None \
             and math.isfinite(rec.confidence) and rec.confidence < min_confidence:
         reason = f"confidence {rec.confidence:.3f} below {min_confidence:g}"
@@ -533,13 +595,19 @@ def _detection_row(rec: _Record, img: _Image, fmt: str, min_confidence: float | 
     safe_box = [None if v is None or not math.isfinite(v) else float(v) for v in (box or (None,) * 4)]
     conf = rec.confidence if rec.confidence is not None and math.isfinite(rec.confidence) else None
     captured = img.captured_at
+    day = captured.astimezone(timezone.utc).date() if captured is not None else None
+    status = "rejected" if reason else "ok"
+    if status == "ok" and day is not None and day_range is not None:
+        why = held_reason(day, *day_range)
+        if why:
+            status, reason = "held", why
     return {
-        "detection_id": did, "camera_id": img.camera_id, "captured_at": captured,
-        "day": captured.astimezone(timezone.utc).date() if captured is not None else None,
+        "detection_id": did, "camera_id": rec.camera_id or img.camera_id, "captured_at": captured,
+        "day": day,
         "bbox_x": safe_box[0], "bbox_y": safe_box[1], "bbox_w": safe_box[2], "bbox_h": safe_box[3],
         "confidence": conf, "classification": classification,
         "sex": sex_of(classification) if classification else "unknown",
-        "status": "rejected" if reason else "ok", "reason": reason, "source_format": fmt,
+        "status": status, "reason": reason, "source_format": fmt,
         "_path": img.path, "_rec": rec,
     }
 
@@ -553,8 +621,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--format", choices=FORMATS, help="default: from the name (.json, .csv, folder)")
     parser.add_argument("--camera", help="camera id for records without one (default: the photo's folder name)")
     parser.add_argument("--image-root", action="extend", nargs="+", default=[], metavar="DIR",
-                        help="where relative photo paths are found; photos outside every root are rejected "
-                             "(repeatable)")
+                        help="where photos may come from and relative paths are found (repeatable); default: "
+                             "the folder of the detections file. Photos outside every root (after resolving "
+                             "symlinks) are refused and never opened")
     parser.add_argument("--burst-window-s", type=float, default=IngestSettings.burst_window_s,
                         help="frames of one camera this close (seconds) form one encounter (default 5)")
     parser.add_argument("--min-confidence", type=float, default=None,
@@ -568,8 +637,11 @@ def main(argv: list[str]) -> int:
 
     try:
         settings = IngestSettings(burst_window_s=args.burst_window_s, image_roots=tuple(args.image_root))
-        report = ingest(db.get_engine(), args.path, format=args.format, camera=args.camera,
-                        settings=settings, reprocess=args.reprocess, min_confidence=args.min_confidence)
+        # one transaction, idempotent: tried again as a whole when the database drops out
+        report = db.retry_transient(
+            lambda: ingest(db.get_engine(), args.path, format=args.format, camera=args.camera,
+                           settings=settings, reprocess=args.reprocess, min_confidence=args.min_confidence),
+            "ingest")
     except (IngestFileError, SettingsError, ValueError) as exc:
         print(f"deer-pipeline ingest: {exc}", file=sys.stderr)
         return 2

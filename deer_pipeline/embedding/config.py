@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Sequence
 
+from deer_pipeline.embedding import backends
 from deer_pipeline.embedding import models as embedders
 from deer_pipeline.settings import EmbeddingSettings
 
@@ -31,9 +33,25 @@ def check_models(config: EmbeddingSettings) -> EmbeddingSettings:
     return config
 
 
+def gpu_present() -> bool:
+    """Does this machine show an NVIDIA GPU? (the driver's /proc entries; no torch import)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
+
+
+def resolve_backend(config: EmbeddingSettings) -> str:
+    """The inference backend this configuration runs: ``auto`` is ``onnxruntime`` on a machine
+    without a GPU (or with device cpu) when the package is installed, else ``eager``."""
+    if config.backend != "auto":
+        return config.backend
+    on_cpu = config.device == "cpu" or (config.device == "auto" and not gpu_present())
+    return "onnxruntime" if on_cpu and backends.onnxruntime_installed() else "eager"
+
+
 def specs(config: EmbeddingSettings, models: Sequence[str] | None = None) -> dict[str, embedders.EmbedderSpec]:
     """model -> resolved spec (version, weights used) without building any network."""
-    return {m: embedders.resolve_embedder(m, config.weights_for(m), pooling=config.pooling)
+    backend = resolve_backend(config)
+    return {m: embedders.resolve_embedder(m, config.weights_for(m), pooling=config.pooling, backend=backend)
             for m in (models or config.models)}
 
 
@@ -61,4 +79,5 @@ def engine(config: EmbeddingSettings, models: Sequence[str] | None = None):
     return InferenceEngine(
         models, weights={m: config.weights_for(m) for m in models}, device=config.device,
         gpu_index=config.gpu_index, batch_size=config.batch_size, amp=config.amp,
-        channels_last=config.channels_last, num_workers=config.num_workers, pooling=config.pooling)
+        channels_last=config.channels_last, num_workers=config.num_workers, pooling=config.pooling,
+        backend=resolve_backend(config))

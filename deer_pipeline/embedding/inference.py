@@ -153,7 +153,8 @@ class InferenceEngine:
     def __init__(self, models: Sequence[str] = DEFAULT_MODELS, *, weights: str | Mapping[str, str] = "auto",
                  device: str = "auto", gpu_index: int | None = None, batch_size: int = 32,
                  amp: bool = True, channels_last: bool = True, num_workers: int | None = None,
-                 pooling: str = "avg", projection_seeds: Mapping[str, int] | None = None):
+                 pooling: str = "avg", projection_seeds: Mapping[str, int] | None = None,
+                 backend: str = "eager"):
         if isinstance(models, str):
             models = [models]
         models = list(dict.fromkeys(models))
@@ -167,7 +168,8 @@ class InferenceEngine:
         self.specs: dict[str, EmbedderSpec] = {}
         for m in models:
             w = weights.get(m, "auto") if isinstance(weights, Mapping) else weights
-            self.specs[m] = embedders.resolve_embedder(m, w, pooling=pooling, projection_seed=seeds.get(m))
+            self.specs[m] = embedders.resolve_embedder(m, w, pooling=pooling, projection_seed=seeds.get(m),
+                                                       backend=backend)
         self.device = resolve_device(device, gpu_index)
         self.batch_size = int(batch_size)
         self.amp = bool(amp) and self.device.startswith("cuda")
@@ -200,7 +202,7 @@ class InferenceEngine:
 
     # -- networks -----------------------------------------------------------------------------
     def _net_key(self, spec: EmbedderSpec) -> tuple:
-        return (spec.backbone, spec.weights.sha256, spec.weights.source, spec.pooling)
+        return (spec.backbone, spec.weights.sha256, spec.weights.source, spec.pooling, spec.backend)
 
     def load(self) -> None:
         """Load every backbone now (otherwise done at the first batch)."""
@@ -209,7 +211,7 @@ class InferenceEngine:
             for key, models in self._groups.items():
                 spec = self.specs[models[0]]
                 nets[key] = networks.load_backbone(spec.weights, spec.pooling, self.device,
-                                                    self.channels_last)
+                                                    self.channels_last, spec.backend)
             self._nets = nets
 
     def _forward(self, x) -> dict[str, np.ndarray]:
@@ -218,10 +220,15 @@ class InferenceEngine:
 
         self.load()
         out: dict[str, np.ndarray] = {}
-        x = x.to(self.device, non_blocking=True)
         with torch.inference_mode():
             for key, models in self._groups.items():
                 net = self._nets[key]
+                if key[-1] != "eager":        # ONNX Runtime runs on the CPU
+                    pooled = net(x)
+                    for m in models:
+                        out[m] = networks.project(self.specs[m], pooled).float().numpy()
+                    continue
+                x = x.to(self.device, non_blocking=True)
                 if self.amp:
                     with torch.autocast(device_type="cuda", dtype=torch.float16):
                         pooled = net(x)

@@ -209,6 +209,15 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest
 
 
+# The files torchvision downloads for _TORCHVISION_WEIGHTS (its enums' ``url``; a test checks that
+# they agree). Written out so that resolving a version never imports torch or torchvision: the
+# code location computes versions when it loads.
+TORCHVISION_WEIGHT_URLS = {
+    "resnet50": "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+    "efficientnet_b0": "https://download.pytorch.org/models/efficientnet_b0_rwightman-7f5810bc.pth",
+}
+
+
 def _torchvision_weights_enum(backbone: str):
     import torchvision.models as tvm
 
@@ -216,12 +225,17 @@ def _torchvision_weights_enum(backbone: str):
     return getattr(getattr(tvm, enum_name), member)
 
 
+def torch_hub_dir() -> Path:
+    """``torch.hub.get_dir()`` without importing torch: $TORCH_HOME/hub, where TORCH_HOME
+    defaults to $XDG_CACHE_HOME/torch (XDG_CACHE_HOME: ~/.cache)."""
+    cache = settings.env("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    return Path(os.path.expanduser(settings.env("TORCH_HOME", os.path.join(cache, "torch")))) / "hub"
+
+
 def torchvision_cache_path(backbone: str) -> tuple[str, Path]:
     """(URL, cache file) torchvision uses for the ImageNet weights of ``backbone``."""
-    import torch
-
-    url = _torchvision_weights_enum(backbone).url
-    return url, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    url = TORCHVISION_WEIGHT_URLS[backbone]
+    return url, torch_hub_dir() / "checkpoints" / os.path.basename(url)
 
 
 def lite0_weights_path() -> Path:
@@ -378,6 +392,7 @@ class EmbedderSpec:
     d_in: int
     preprocessing: Preprocessing
     version: str = field(default="")
+    backend: str = "eager"            # eager | onnxruntime (embedding.backends); part of the version
 
     @property
     def backbone(self) -> str:
@@ -415,6 +430,7 @@ class EmbedderSpec:
                 "input_size": self.preprocessing.size,
                 "mean": list(self.preprocessing.mean),
                 "std": list(self.preprocessing.std),
+                "backend": self.backend,
             },
         }
 
@@ -427,10 +443,15 @@ def _reduction_hash(features: Sequence[str], pooling: str, proj_sha: str) -> str
 
 
 def resolve_embedder(model: str, weights: str = "auto", pooling: str = "avg",
-                     projection_seed: int | None = None) -> EmbedderSpec:
+                     projection_seed: int | None = None, backend: str = "eager") -> EmbedderSpec:
     """Resolve ``model`` into a spec with its ``embedding_version`` (cheap: hashes files and the
-    projection, builds no network)."""
+    projection, builds no network). ``backend`` ``onnxruntime`` applies to the backbones that
+    export (``backends.ONNX_BACKBONES``; the others run eager) and is named in the version."""
+    from deer_pipeline.embedding.backends import BACKENDS, ONNX_BACKBONES
+
     _check_model(model)
+    if backend not in BACKENDS:
+        raise EmbedderError(f"backend must be one of {BACKENDS}, not {backend!r}")
     if pooling not in POOLINGS:
         raise EmbedderError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
     rw = resolve_weights(model, weights)
@@ -442,11 +463,13 @@ def resolve_embedder(model: str, weights: str = "auto", pooling: str = "avg",
     pre = BACKBONE_PREPROCESSING[rw.backbone]
     backbone_label = rw.backbone if not rw.substituted_for else f"{rw.backbone}-for-{rw.substituted_for}"
     pool_label = "" if pooling == "avg" else f"+gem{GEM_P:g}"
+    if backend == "onnxruntime" and rw.backbone not in ONNX_BACKBONES:
+        backend = "eager"
     version = (f"{VERSION_PREFIX[model]}:{backbone_label}@{rw.tag}-{rw.sha12}{pool_label}"
-               f":proj-{red[:12]}:{pre.tag}")
+               f":proj-{red[:12]}:{pre.tag}" + ("" if backend == "eager" else f":{backend}"))
     return EmbedderSpec(model=model, weights=rw, features=features, pooling=pooling,
                         projection_seed=seed, reduction_sha256=red, d_in=d_in,
-                        preprocessing=pre, version=version)
+                        preprocessing=pre, version=version, backend=backend)
 
 
 def ensemble_version(component_versions: Mapping[str, str], weights: Mapping[str, float] | None = None) -> str:

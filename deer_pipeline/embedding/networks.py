@@ -180,11 +180,25 @@ _net_lock = threading.Lock()
 
 
 def load_backbone(weights: ResolvedWeights, pooling: str = "avg", device: str = "cpu",
-                  channels_last: bool = False):
+                  channels_last: bool = False, backend: str = "eager"):
     """The backbone network for ``weights`` in eval mode on ``device``: loaded once per process
-    (cached by backbone, weights hash, pooling, device and memory format)."""
+    (cached by backbone, weights hash, pooling, device, memory format and backend). ``backend``
+    ``onnxruntime`` returns the same network run by ONNX Runtime on the CPU (``backends``)."""
     import torch
 
+    from deer_pipeline.embedding import backends
+
+    if backend != "eager":
+        key = (weights.backbone, weights.sha256, weights.source, pooling, backend)
+        with _net_lock:
+            net = _net_cache.get(key)
+        if net is None:
+            eager = load_backbone(weights, pooling, "cpu", False, "eager")
+            net = backends.wrap(eager, backend, backends.cache_key(
+                weights.backbone, weights.sha256, weights.source, pooling, BACKBONE_FEATURES[weights.backbone]))
+            with _net_lock:
+                _net_cache[key] = net
+        return net
     key = (weights.backbone, weights.sha256, weights.source, pooling, str(device), bool(channels_last))
     with _net_lock:
         net = _net_cache.get(key)

@@ -69,8 +69,6 @@ def _start_run(engine: Engine, config: EmbeddingSettings) -> EmbeddingRun:
     run = EmbeddingRun(versions={m: s.version for m, s in specs.items()},
                        weights_used=[s.weights_used for s in specs.values()],
                        written={m: embedding_store.WriteCounts() for m in specs}, device=config.device)
-    for line in run.weights_used:
-        log.info("weights used: %s", line)
     return run
 
 

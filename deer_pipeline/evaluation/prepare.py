@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Sequence
@@ -121,7 +122,10 @@ def prepare_set(engine: Engine, photos: Sequence[LabelledPhoto], role: str, work
 
     csv_path = workdir / f"{role}_detections.csv"
     ids, order = write_detections_csv(csv_path, photos, role, seed)
-    report = ingest(engine, csv_path, format="csv", settings=IngestSettings(burst_window_s=BURST_WINDOW_S))
+    # The labels name the photos (resolved against --images-root by read_labels): they are the image root.
+    roots = (os.path.commonpath([os.path.dirname(p.image_path) for p in photos]),) if photos else ()
+    report = ingest(engine, csv_path, format="csv", hold_outside_partitions=False,
+                    settings=IngestSettings(burst_window_s=BURST_WINDOW_S, image_roots=roots))
     ps = PreparedSet(role=role, photos=list(photos), detection_ids=ids, order_source=order)
     sides = [{"d": d, "s": p.side.lower()} for d, p in zip(ids, photos)
              if p.side and p.side.lower() in ("left", "right")]
@@ -185,6 +189,10 @@ def embed_sets(engine: Engine, sets: Sequence[PreparedSet], methods: Sequence[rm
     pipeline_models = list(dict.fromkeys(m for meth in methods if meth.kind == "pipeline" for m in meth.models))
     extractors = [rm.FEATURES[meth.feature] for meth in methods if meth.kind == "features"]
     want_legacy = any(meth.kind == "legacy" for meth in methods)
+    if extractors or want_legacy:
+        # the legacy and feature methods read the pipeline's backbone through forward hooks,
+        # which only the eager network has (ONNX Runtime gives the same vectors, cosine 1.0)
+        embedding = replace(embedding, backend="eager")
     items = [it for ps in sets for it in crop_items(engine, ps, store_dir)]
     info: dict = {"versions": {}, "weights_used": {}, "failures": [], "seconds": {}}
     vecs: dict[str, dict[str, np.ndarray]] = defaultdict(dict)     # model -> detection id -> vector

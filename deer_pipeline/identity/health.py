@@ -196,6 +196,20 @@ def check_merge_candidates(conn: sa.Connection, camera_id: str, day: str | date,
     key = partition_key_text(camera_id, day)
     touched = conn.execute(sa.text("SELECT DISTINCT deer_id FROM sightings WHERE partition_key = :p"),
                            {"p": key}).scalars().all()
+    pairs = merge_candidate_pairs(conn, touched, weights, threshold)
+    return CheckOutcome(
+        "no_merge_candidates", not pairs, "WARN",
+        (f"{len(pairs)} pair(s) of deer have profiles at least as similar as the threshold "
+         f"{threshold:g}: candidates for a merge review") if pairs else "no two deer look alike above the threshold",
+        {"pairs": len(pairs), "threshold": threshold, "deer_checked": len(touched)}, pairs[:limit])
+
+
+def merge_candidate_pairs(conn: sa.Connection, touched, weights: Mapping[str, float],
+                          threshold: float) -> list[dict]:
+    """Pairs of deer, one of them in ``touched``, whose profiles are at least ``threshold``
+    similar (never two deer seen together in one frame), most similar first. Used by the
+    check and by the review queue."""
+    touched = list(touched)
     model_of = dict(conn.execute(sa.text("SELECT embedding_version, model FROM embedding_versions")).all())
     cur = vector_cursor(conn)
     cur.execute("SELECT deer_id, embedding_version, vector FROM deer_profile_vectors ORDER BY deer_id")
@@ -231,9 +245,5 @@ def check_merge_candidates(conn: sa.Connection, camera_id: str, day: str | date,
                     continue
                 seen.add(pair)
                 pairs.append({"deer_a": pair[0], "deer_b": pair[1], "profile_similarity": round(float(sim[row, j]), 4)})
-        pairs.sort(key=lambda p: -p["profile_similarity"])
-    return CheckOutcome(
-        "no_merge_candidates", not pairs, "WARN",
-        (f"{len(pairs)} pair(s) of deer have profiles at least as similar as the threshold "
-         f"{threshold:g}: candidates for a merge review") if pairs else "no two deer look alike above the threshold",
-        {"pairs": len(pairs), "threshold": threshold, "deer_checked": len(touched)}, pairs[:limit])
+        pairs.sort(key=lambda p: (-p["profile_similarity"], p["deer_a"], p["deer_b"]))
+    return pairs

@@ -18,6 +18,11 @@ founded again by the same detection keeps its ``deer_id``.
 The unit of decision is the encounter (a burst track, ``encounters.py``): all its detections go
 to one deer. Encounters that share a frame never go to the same deer.
 
+People's decisions (``identity/reviews.py``) are constraints applied at one hook in
+``_decide_in_time_order``: a must-link ("same", "merge") makes the encounter join the deer that
+holds the other sightings, a cannot-link ("different", "new", "split") excludes deer like the
+same-frame rule, and sightings marked unidentifiable are not decided at all.
+
 Scoring. A deer is its gallery: every stored sighting of it, one vector per component model. For
 each model the cosine of two unit vectors is their dot product; the ensemble similarity is the
 weighted sum of per-model cosines (``embedding.models.weighted_cosine``, the single place this is computed).
@@ -62,7 +67,7 @@ from deer_pipeline.detections.encounters import (
 )
 from deer_pipeline.embedding import models as embedders
 from deer_pipeline.embedding.models import unit_rows
-from deer_pipeline.identity import store
+from deer_pipeline.identity import reviews, store
 from deer_pipeline.identity.store import MatchingError
 from deer_pipeline.settings import MatchingSettings
 from deer_pipeline.identity.gallery import Gallery, SexBook, per_deer_max, sex_compatible
@@ -125,6 +130,8 @@ class DecisionSummary:
     deer_ids: list[int] = field(default_factory=list)
     hnsw_requeries: int = 0
     hnsw_exact_fallbacks: int = 0
+    reviewed: int = 0                # sightings of this partition whose decision a review fixed
+    excluded_by_review: int = 0      # detections of this partition a review made unidentifiable
     local_verification: dict = field(default_factory=dict)   # local/fused: verifier counts and reasons
     seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)   # prepare / decide / write
@@ -191,20 +198,30 @@ def decide_partition(engine: Engine, camera_id: str, day: str | date,
         vers = [comps[m] for m in models]
         summary.components, summary.embedding_version = comps, ensemble_version(comps, weights)
         dets, decidable = _decidable_detections(conn, camera_id, str(day), comps, vers, summary)
+        # -- people in the loop: standing review decisions (identity/reviews.py) --------------
+        constraints = reviews.load_constraints(conn)
+        if constraints.excluded:
+            summary.excluded_by_review = sum(d.detection_id in constraints.excluded for d in decidable)
+            decidable = [d for d in decidable if d.detection_id not in constraints.excluded]
         new_encs = build_encounters([_box(d) for d in decidable], link)
-        encounters, replay_part, withdrawn = _withdraw_for_replay(conn, dets, new_encs, summary)
+        encounters, replay_part, withdrawn = _withdraw_for_replay(conn, dets, new_encs, summary,
+                                                                  constraints.excluded)
+        review = reviews.ReviewTracker(constraints, reviews.stored_deer(conn, constraints.involved())) \
+            if constraints else None
         search = _prepare_search(conn, settings, models, weights, vers, summary)
         qv = _query_vectors(conn, encounters, models, vers)
         rescorer = _Rescorer.for_settings(conn, engine, settings, verifier, summary) \
             if settings.match_score != "cosine" else None
         t_loaded = time.perf_counter()
         summary.phase_seconds["prepare"] = round(t_loaded - t_start, 3)
-        out = _decide_in_time_order(conn, encounters, qv, search, settings, models, replay_part, summary, rescorer)
+        out = _decide_in_time_order(conn, encounters, qv, search, settings, models, replay_part, summary,
+                                    review, rescorer)
         if rescorer is not None:
             summary.local_verification.update(rescorer.verifier.metadata())
         t_decided = time.perf_counter()
         summary.phase_seconds["decide"] = round(t_decided - t_loaded, 3)
         _write_decisions(conn, out, withdrawn, vers, summary)
+        reviews.record_decision_settings(conn, settings, comps)
     summary.seconds = time.perf_counter() - t_start
     summary.phase_seconds["write"] = round(summary.seconds - (t_decided - t_start), 3)
     log.info("decided %s: %d sightings, %d matched, %d new deer, %d unassigned, %d replayed (%s, %.2fs)",
@@ -238,11 +255,11 @@ def _decidable_detections(conn, camera_id: str, day: str, comps: Mapping[str, st
     return dets, decidable
 
 
-def _withdraw_for_replay(conn, dets, new_encs: list[Encounter],
-                         summary: DecisionSummary) -> tuple[list[Encounter], dict[str, str], list]:
+def _withdraw_for_replay(conn, dets, new_encs: list[Encounter], summary: DecisionSummary,
+                         excluded: Mapping[str, int] = {}) -> tuple[list[Encounter], dict[str, str], list]:
     """Withdraw this partition's decisions and every decision from its first moment on; returns
     (every encounter to decide, in capture-time order; replayed detection -> its partition;
-    the withdrawn rows)."""
+    the withdrawn rows). Detections a review made unidentifiable are withdrawn, not replayed."""
     pkey = summary.partition_key
     starts = [e.started_at for e in new_encs if e.started_at is not None]
     prior = store.earliest_decided_time(conn, pkey)
@@ -251,7 +268,8 @@ def _withdraw_for_replay(conn, dets, new_encs: list[Encounter],
     since = min(starts) if starts else None
     withdrawn = store.withdraw(conn, pkey, since)
     own_ids = {d.detection_id for d in dets}
-    replay_rows = [w for w in withdrawn if w.partition_key != pkey and w.detection_id not in own_ids]
+    replay_rows = [w for w in withdrawn if w.partition_key != pkey and w.detection_id not in own_ids
+                   and w.detection_id not in excluded]
     replay_part = {w.detection_id: w.partition_key for w in replay_rows}
     summary.replayed = len(replay_rows)
     summary.replayed_partitions = sorted(set(replay_part.values()))
@@ -326,9 +344,11 @@ class _Outcome:
 
 def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _Search,
                           settings: MatchingSettings, models: list[str], replay_part: Mapping[str, str],
-                          summary: DecisionSummary, rescorer: "_Rescorer | None" = None) -> _Outcome:
+                          summary: DecisionSummary, review: reviews.ReviewTracker | None = None,
+                          rescorer: "_Rescorer | None" = None) -> _Outcome:
     """Match-or-create for every encounter in capture-time order; each decided encounter joins
-    the gallery before the next one is decided. Encounters are scored in chunks (one matmul)."""
+    the gallery before the next one is decided. Encounters are scored in chunks (one matmul).
+    ``review`` applies people's decisions: must-link forces the deer, cannot-link excludes deer."""
     out = _Outcome()
     no_link = cannot_link(encounters)
     gallery = search.gallery
@@ -346,12 +366,22 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
             enc_M0 = M0[pos: pos + k]
             pos += k
             excluded = {out.deer_of[o] for o in no_link.get(enc.encounter_key, ()) if o in out.deer_of}
+            forced = None                # review hook: must-link -> forced deer, cannot-link -> excluded
+            if review is not None and review.constrained(enc.detection_ids):
+                forced, refused = review.verdict(enc.detection_ids)
+                excluded |= refused
+                if (forced is not None or refused) and enc.detections[0].detection_id not in replay_part:
+                    summary.reviewed += k
             cands = _scored_candidates(conn, enc, q, deer0, enc_M0, n0, excluded, search, settings, summary)
+            if forced is not None:
+                cands = _with_candidate(conn, cands, forced, q, search)
             names = models
             if rescorer is not None:
                 cands = rescorer.rescore(enc, q, cands, search.gallery)
                 names = models + ["local_inliers"]
-            _decide_encounter(enc, q, cands, out, search, settings, names, replay_part, summary)
+            _decide_encounter(enc, q, cands, out, search, settings, names, replay_part, summary, forced)
+            if review is not None:
+                review.decided(enc.detection_ids, out.deer_of[enc.encounter_key])
     return out
 
 
@@ -392,16 +422,19 @@ def _scored_candidates(conn, enc: Encounter, q: list[np.ndarray], deer0: np.ndar
 
 def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], out: _Outcome,
                       search: _Search, settings: MatchingSettings, models: list[str],
-                      replay_part: Mapping[str, str], summary: DecisionSummary) -> None:
+                      replay_part: Mapping[str, str], summary: DecisionSummary, forced: int | None = None) -> None:
     """Join the best candidate at or above the threshold, else found a new deer; record the
-    sightings and every score looked at; the encounter joins the gallery."""
+    sightings and every score looked at; the encounter joins the gallery. ``forced``: the deer a
+    person said this is (joined whatever the score; the score is recorded as it is)."""
     pkey, vkey, enc_sex, k = summary.partition_key, summary.embedding_version, enc.sex, len(enc.detections)
     threshold = settings.threshold_for(enc_sex)
     best_deer, best_score = (cands[0][:2] if cands else (None, None))
+    if forced is not None:
+        best_deer, best_score = forced, next(c[1] for c in cands if c[0] == forced)
     own = enc.detections[0].detection_id not in replay_part
     if best_score is not None and own:
         out.max_sim = best_score if out.max_sim is None else max(out.max_sim, best_score)
-    if best_deer is not None and best_score >= threshold:
+    if best_deer is not None and (best_score >= threshold or best_deer == forced):
         deer, decision = best_deer, "matched"
     else:
         deer, decision = out.next_prov, "new"
@@ -428,6 +461,19 @@ def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], o
             summary.matched += k
         else:
             summary.new_deer += 1
+
+
+def _with_candidate(conn, cands: list[tuple], deer: int, q: list[np.ndarray], search: _Search) -> list[tuple]:
+    """``cands`` with ``deer`` among them, scored exactly (a deer a review names need not be
+    among the candidates the scores found)."""
+    if any(c[0] == deer for c in cands):
+        return cands
+    if not search.gallery.rows_of.get(deer):
+        d_deer, d_mats, d_ids = store.gallery_vectors(conn, search.vers, deer_ids=[deer])
+        search.gallery.append(d_deer, [unit_rows(m) for m in d_mats], d_ids)
+        search.loaded.add(deer)
+    (sims, comp), = search.gallery.best_pairs(q, [deer])
+    return cands + [(deer, float(sims.max()), sims, comp)]
 
 
 def _write_decisions(conn, out: _Outcome, withdrawn: list, vers: list[str], summary: DecisionSummary) -> None:

@@ -44,7 +44,7 @@ from sqlalchemy.engine import Engine
 
 from deer_pipeline import db
 from deer_pipeline.embedding.models import unit_rows, weighted_cosine
-from deer_pipeline.identity import metrics, store
+from deer_pipeline.identity import metrics, reviews, store
 
 log = logging.getLogger(__name__)
 
@@ -180,12 +180,19 @@ def constraint_pairs(conn: sa.Connection, components: Mapping[str, str], weights
         "JOIN detections db ON db.detection_id = b.detection_id AND db.image_id <> da.image_id "
         "LIMIT :n"), {"n": max_pairs}).all()
     pairs = [(a, b, False) for a, b in neg] + [(a, b, True) for a, b in pos]
+    return score_pairs(conn, pairs, components, weights, "constraints")
+
+
+def score_pairs(conn: sa.Connection, pairs: Sequence[tuple[str, str, bool]], components: Mapping[str, str],
+                weights: Mapping[str, float], source: str) -> PairSet:
+    """Ensemble similarity of labelled pairs (a, b, same) from one truth source: ``constraints``
+    or ``reviewed`` (pairs people decided in the review app or with ``deer-pipeline id``)."""
     ids = sorted({x for a, b, _ in pairs for x in (a, b)})
     keep, mats = _vectors(conn, ids, components)
     index = {d: i for i, d in enumerate(keep)}
     pairs = [p for p in pairs if p[0] in index and p[1] in index]
     if not pairs:
-        return PairSet("constraints", np.zeros(0), np.zeros(0, bool), np.zeros(0, str), len(keep))
+        return PairSet(source, np.zeros(0), np.zeros(0, bool), np.zeros(0, str), len(keep))
     sex = dict(conn.execute(sa.text("SELECT detection_id, coalesce(sex, 'unknown') FROM detections "
                                     "WHERE detection_id = ANY(:ids)"), {"ids": keep}).all())
     ia = np.array([index[a] for a, _, _ in pairs])
@@ -193,7 +200,7 @@ def constraint_pairs(conn: sa.Connection, components: Mapping[str, str], weights
     scores = sum(weights[m] * np.einsum("ij,ij->i", mats[m][ia], mats[m][ib]) for m in weights)
     sa_ = np.array([sex[a] for a, _, _ in pairs], dtype=object)
     sb_ = np.array([sex[b] for _, b, _ in pairs], dtype=object)
-    return PairSet("constraints", np.asarray(scores, np.float64), np.array([p[2] for p in pairs]),
+    return PairSet(source, np.asarray(scores, np.float64), np.array([p[2] for p in pairs]),
                    _sex_pair(sa_, sb_).astype(str), len(keep))
 
 
@@ -259,6 +266,8 @@ def build_report(engine: Engine, components: Mapping[str, str] | None = None,
             pairs = PairSet("none", np.zeros(0), np.zeros(0, bool), np.zeros(0, str))
         elif has_truth:
             pairs = labelled_pairs(conn, components, weights, max_items=max_items)
+        elif reviewed := reviews.reviewed_pairs(conn):
+            pairs = score_pairs(conn, reviewed, components, weights, "reviewed")
         else:
             pairs = constraint_pairs(conn, components, weights)
         decisions = {}

@@ -58,8 +58,8 @@ def required_env(instance_yaml: Path = DAGSTER_YAML) -> list[str]:
 
 
 def missing_env(instance_yaml: Path = DAGSTER_YAML, environ: dict | None = None) -> list[str]:
-    environ = os.environ if environ is None else environ
-    return [name for name in required_env(instance_yaml) if not environ.get(name)]
+    value = settings.env if environ is None else environ.get
+    return [name for name in required_env(instance_yaml) if not value(name)]
 
 
 def prepare_environment() -> Path:
@@ -114,7 +114,14 @@ def main(argv: list[str]) -> int:
         return 2
     cmd = dev_command(argv)
     print(f"deer-pipeline ui: DAGSTER_HOME={home}", file=sys.stderr)
-    print(f"deer-pipeline ui: Dagster storage {_redact(os.environ['DAGSTER_POSTGRES_URL'])}",
+    try:   # runs of an earlier session whose process is gone, and the pool slots they held
+        from deer_pipeline.ops import recovery
+        from deer_pipeline.ops.instance import get_instance
+
+        print(f"deer-pipeline ui: {recovery.recover(get_instance()).summary()}", file=sys.stderr)
+    except Exception as exc:   # never keep the UI from starting
+        print(f"deer-pipeline ui: recovery skipped: {exc}", file=sys.stderr)
+    print(f"deer-pipeline ui: Dagster storage {_redact(settings.env('DAGSTER_POSTGRES_URL'))}",
           file=sys.stderr)
     print(f"deer-pipeline ui: {' '.join(cmd)}", file=sys.stderr)
     child = subprocess.Popen(cmd, cwd=REPO_ROOT)

@@ -123,3 +123,47 @@ def test_unassigned_sensor_requests_partitions_with_unassigned_detections_once_p
         done = unassigned_detections_sensor(dg.build_sensor_context(
             instance=instance, resources={"database": DeerDatabase()}))
         assert not done.run_requests and done.skip_reason is not None
+
+
+def test_sensor_skips_detections_outside_the_day_partitions_and_its_cursor_advances(engine):
+    """A detection dated before the start date and one dated tomorrow (stored ok by an older
+    ingest, or by hand) never block the others: they are held, the sensor requests runs for the
+    rest (valid partitions), its cursor moves past them, and they come back once their day is
+    a partition."""
+    from deer_pipeline.defs.partitions import START_DATE, camera_day_partitions
+    from deer_pipeline.detections import feed
+    from deer_pipeline.settings import last_partition_day
+
+    tomorrow = (dt.datetime.now(dt.timezone.utc).date() + dt.timedelta(days=1)).isoformat()
+    before = (dt.date.fromisoformat(START_DATE) - dt.timedelta(days=1)).isoformat()
+    _add_detections(engine, "cam-a", before, 1)
+    _add_detections(engine, "cam-a", "2025-10-01", 2)
+    _add_detections(engine, "cam-a", tomorrow, 1)
+    _add_detections(engine, "cam-b", "2025-10-02", 1)
+    with engine.connect() as conn:
+        top_seq = conn.execute(sa.text("SELECT max(seq) FROM detections")).scalar()
+
+    with dg.instance_for_test() as instance:
+        result = _evaluate(instance)
+        keys = sorted(str(r.partition_key) for r in result.run_requests)
+        assert keys == ["cam-a|2025-10-01", "cam-b|2025-10-02"]
+        instance.add_dynamic_partitions(CAMERA_PARTITIONS_NAME, ["cam-a", "cam-b"])
+        valid = set(camera_day_partitions.get_partition_keys(dynamic_partitions_store=instance))
+        assert set(keys) <= valid                       # no DagsterUnknownPartitionError
+        assert int(result.cursor) >= top_seq             # moved past the odd ones
+        with engine.connect() as conn:
+            held = dict(conn.execute(sa.text(
+                "SELECT day::text, reason FROM detections WHERE status = 'held'")).all())
+        assert set(held) == {before, tomorrow}
+        assert "before the first day partition" in held[before] and "held until its day is over" in held[tomorrow]
+        again = _evaluate(instance, cursor=result.cursor)
+        assert not again.run_requests and "2 held" in again.skip_reason.skip_message
+
+        # The day arrives (or DEER_START_DATE moves back): released with a new seq, new work.
+        tomorrow_date = dt.date.fromisoformat(tomorrow)
+        counts = feed.sync_held(engine, dt.date.fromisoformat(before), tomorrow_date)
+        assert (counts.released, counts.held) == (2, 0)
+        work = feed.new_detections_since(engine, int(result.cursor))
+        assert sorted((w.camera_id, w.day) for w in work) == [("cam-a", before), ("cam-a", tomorrow)]
+        # ... and held again at the real range, never lost
+        assert feed.sync_held(engine, dt.date.fromisoformat(START_DATE), last_partition_day()).held == 2

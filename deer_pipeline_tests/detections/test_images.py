@@ -152,3 +152,32 @@ def test_grayscale_jpeg_decodes_to_rgb(tmp_path):
     Image.fromarray((np.arange(600 * 800) % 251).reshape(600, 800).astype(np.uint8), "L").save(p)
     out = images.decode_regions(p, [(0, 0, 800, 600)], min_side=100)
     assert out.scale == 0.25 and out.crops[0].mode == "RGB" and out.crops[0].size == (200, 150)   # 600/8 < 100
+
+
+def test_capture_time_from_ifd0_only_with_subseconds_and_offset(tmp_path):
+    # What many cameras and tools write: DateTime (306) in IFD0, no Exif sub-IFD at all.
+    p = tmp_path / "ifd0.jpg"
+    write_photo(p, when=None)
+    exif = Image.Exif()
+    exif[images.TAG_DATETIME] = "2025:10:02 06:30:15"
+    exif[images.TAG_SUBSEC_TIME] = "25"
+    exif[images.TAG_OFFSET_TIME] = "+02:00"
+    Image.open(p).save(p, "JPEG", exif=exif.tobytes())
+    found = images.read_capture_time_and_source(p)
+    assert found == (datetime(2025, 10, 2, 4, 30, 15, 250000, tzinfo=timezone.utc), "exif_datetime")
+    # DateTimeOriginal written into IFD0 (some tools do) is still the original time
+    q = tmp_path / "dto-ifd0.jpg"
+    write_photo(q, when=None)
+    exif = Image.Exif()
+    exif[images.TAG_DATETIME_ORIGINAL] = "2025:10:03 07:00:00"
+    exif[images.TAG_DATETIME] = "2025:10:09 00:00:00"          # the file was edited later
+    Image.open(q).save(q, "JPEG", exif=exif.tobytes())
+    assert images.read_capture_time_and_source(q) == (datetime(2025, 10, 3, 7, tzinfo=timezone.utc), "exif")
+
+
+def test_unreadable_file_reason_names_no_contents(tmp_path):
+    p = tmp_path / "secret.jpg"
+    p.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(images.ImageDecodeError) as err:
+        images.image_info(p)
+    assert "root" not in err.value.reason and "726f" not in err.value.reason

@@ -2,7 +2,7 @@ import json
 import math
 import os
 import shutil
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -204,7 +204,6 @@ def test_bad_input_is_recorded_and_the_batch_goes_on(engine, tmp_path):
         "m": "image missing",
         "t": "image unreadable: truncated",
         "f": "image unreadable: named like a JPEG but is not an image",
-        "o": "image outside the image roots",
     }
     for did, reason in expected.items():
         assert dets[did]["status"] == "rejected", did
@@ -214,17 +213,19 @@ def test_bad_input_is_recorded_and_the_batch_goes_on(engine, tmp_path):
     assert imgs["missing.jpg"]["status"] == "missing" and imgs["missing.jpg"]["reason"] == "file not found"
     assert imgs["trunc.jpg"]["status"] == "unreadable" and "truncated" in imgs["trunc.jpg"]["reason"]
     assert imgs["fake.jpg"]["status"] == "unreadable"
-    assert imgs["o.jpg"]["status"] == "outside_roots" and imgs["o.jpg"]["sha256"] is None
+    assert "o.jpg" not in imgs and "o" not in dets        # outside the roots: refused, never opened
     rejections = rows(engine, "SELECT * FROM ingest_rejections ORDER BY rejection_id")
     reasons = [r["reason"] for r in rejections]
     assert any(r.startswith("camera id 'cam|d' is not usable") for r in reasons)
     assert any(r.startswith("duplicate detection id 'ok-1' with different content") for r in reasons)
     assert any(r.startswith("detector failed on this image") for r in reasons)
+    assert any(r.startswith("photo path is outside the image roots") for r in reasons)
+    assert [c["camera_id"] for c in rows(engine, "SELECT camera_id FROM cameras")] == ["cam-d"]
     assert all(r["line"] is not None and r["source_path"] == str(src) for r in rejections)
     assert [r["line"] for r in rejections if "cam|d" in r["reason"]] == [2]
     assert report.duplicates_skipped == 1
     assert report.records == report.new_detections + report.duplicates_skipped + report.rejected_records
-    assert report.rejected_detections == 8 and report.rejected_records == 3
+    assert report.rejected_detections == 7 and report.rejected_records == 4
 
     # a second file reusing ids with other content: recorded, stored rows unchanged
     before = snapshot(engine)
@@ -309,3 +310,102 @@ def test_helpers():
     a = ingest.detection_id_for("megadetector", "abc", "0.1000,0.2000,0.3000,0.4000")
     assert a == ingest.detection_id_for("megadetector", "abc", "0.1000,0.2000,0.3000,0.4000") and a.startswith("d")
     assert not math.isnan(len(a))
+
+
+# ---------------------------------------------------------------------------------------------
+# Odd inputs (issue 14): image roots, odd dates, confidences, collisions, camera ids
+
+
+def test_paths_outside_the_image_roots_are_refused_unopened_with_no_camera(engine, tmp_path, capsys):
+    survey, outside = tmp_path / "survey", tmp_path / "outside"
+    (survey / "cam-a").mkdir(parents=True)
+    outside.mkdir()
+    write_photo(survey / "cam-a" / "ok.jpg", seed=1)
+    write_photo(outside / "x.jpg", seed=2)
+    (survey / "cam-a" / "link.jpg").symlink_to(outside / "x.jpg")
+    box = [{"category": "1", "conf": 0.9, "bbox": [0.1, 0.1, 0.5, 0.5]}]
+    files = ["cam-a/ok.jpg", "../outside/x.jpg", str(outside / "x.jpg"), "cam-a/link.jpg",
+             "../../../../../../../../etc/passwd", "cam-a/../../outside/x.jpg"]
+    src = survey / "dets.json"
+    src.write_text(json.dumps(md_doc([{"file": f, "detections": box} for f in files])))
+
+    assert ingest.main([str(src)]) == 0                       # the command, with its defaults
+    out = capsys.readouterr().out
+    assert "rejected records   5" in out
+    reasons = [r["reason"] for r in rows(engine, "SELECT reason FROM ingest_rejections")]
+    assert len(reasons) == 5 and all(r.startswith("photo path is outside the image roots") for r in reasons)
+    assert not any("root:" in r for r in reasons)
+    assert [r["camera_id"] for r in rows(engine, "SELECT camera_id FROM cameras")] == ["cam-a"]
+    assert [os.path.basename(r["path"]) for r in rows(engine, "SELECT path FROM images")] == ["ok.jpg"]
+
+    # --image-root names the folders photos may come from; the symlink's target is inside now
+    src2 = survey / "dets2.json"
+    src2.write_text(json.dumps(md_doc([{"file": "cam-a/link.jpg", "detections": box}])))
+    report = ingest.ingest(engine, src2, settings=IngestSettings(image_roots=(str(survey), str(outside))))
+    assert report.new_detections == 1 and report.rejected == 0
+
+
+def test_detections_outside_the_day_partitions_are_held_with_the_reason(engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEER_START_DATE", "2024-01-01")
+    cam = tmp_path / "cam-h"
+    cam.mkdir()
+    for name in ("old", "good", "soon"):
+        write_photo(cam / f"{name}.jpg", when=None, seed=len(name))
+    tomorrow = (datetime.now(timezone.utc).date() + timedelta(days=1)).isoformat()
+    csv_path = tmp_path / "dets.csv"
+    csv_path.write_text("image_path,x,y,w,h,detection_id,captured_at\n"
+                        "cam-h/old.jpg,10,10,100,100,old,2019-05-01T10:00:00Z\n"
+                        "cam-h/good.jpg,10,10,100,100,good,2025-10-02T10:00:00Z\n"
+                        f"cam-h/soon.jpg,10,10,100,100,soon,{tomorrow}T10:00:00Z\n")
+    report = ingest.ingest(engine, csv_path)
+    assert report.held == 2 and report.partitions == [("cam-h", "2025-10-02")]
+    dets = {d["detection_id"]: d for d in rows(engine, "SELECT * FROM detections")}
+    assert dets["good"]["status"] == "ok"
+    assert dets["old"]["status"] == "held" and "before the first day partition 2024-01-01" in dets["old"]["reason"]
+    assert dets["soon"]["status"] == "held" and "held until its day is over" in dets["soon"]["reason"]
+
+
+def test_confidence_outside_0_1_is_rejected(engine, tmp_path):
+    cam = tmp_path / "cam-c"
+    cam.mkdir()
+    write_photo(cam / "f.jpg", seed=3)
+    dets = [{"category": "1", "conf": c, "bbox": [0.1 * i, 0.1, 0.2, 0.2], "id": f"c{i}"}
+            for i, c in enumerate([1.5, -0.1, 1.0, 0.0])]
+    src = tmp_path / "conf.json"
+    src.write_text(json.dumps(md_doc([{"file": "cam-c/f.jpg", "detections": dets}])))
+    ingest.ingest(engine, src)
+    got = {d["detection_id"]: d for d in rows(engine, "SELECT detection_id, status, reason FROM detections")}
+    assert got["c0"]["status"] == got["c1"]["status"] == "rejected"
+    assert got["c0"]["reason"] == "confidence 1.5 outside [0, 1]"
+    assert got["c2"]["status"] == got["c3"]["status"] == "ok"
+
+
+def test_a_collision_keeps_the_records_own_reason(engine, tmp_path):
+    cam = tmp_path / "cam-d"
+    cam.mkdir()
+    write_photo(cam / "f.jpg", seed=4)
+    src = tmp_path / "dup.json"
+    src.write_text(json.dumps(md_doc([{"file": "cam-d/f.jpg", "detections": [
+        {"category": "1", "conf": 0.9, "bbox": [0.1, 0.1, 0.2, 0.2], "id": "same"},
+        {"category": "2", "conf": 0.9, "bbox": [0.5, 0.5, 0.2, 0.2], "id": "same"}]}])))
+    ingest.ingest(engine, src)
+    (reason,) = [r["reason"] for r in rows(engine, "SELECT reason FROM ingest_rejections")]
+    assert reason.startswith("category person, not an animal; also duplicate detection id 'same'")
+
+
+def test_explicit_camera_ids_are_kept_and_unicode_names_get_readable_ids(engine, tmp_path):
+    kam = tmp_path / "Kamera Süd"
+    kam.mkdir()
+    write_photo(kam / "f.jpg", seed=5)
+    write_photo(kam / "g.jpg", seed=6)
+    ingest.ingest(engine, kam)                                  # folder: camera from the folder name
+    csv_path = tmp_path / "dets.csv"
+    csv_path.write_text("image_path,x,y,w,h,detection_id,camera_id\n"
+                        "Kamera Süd/f.jpg,10,10,100,100,explicit,cam-x\n"
+                        "Kamera Süd/g.jpg,10,10,100,100,nord,Kamera Nord-Ö\n")
+    ingest.ingest(engine, csv_path)
+    cams = {r["camera_id"]: r["original_name"] for r in rows(engine, "SELECT * FROM cameras")}
+    assert cams == {"Kamera-Sud": "Kamera Süd", "cam-x": None, "Kamera-Nord-O": "Kamera Nord-Ö"}
+    got = {d["detection_id"]: d["camera_id"] for d in rows(engine, "SELECT detection_id, camera_id FROM detections")}
+    assert got["explicit"] == "cam-x"                           # not the camera stored for the photo
+    assert got["nord"] == "Kamera-Nord-O"

@@ -335,3 +335,23 @@ def test_embed_cli_on_a_nyala_photo(nyala_dir, tmp_path, capsys):
     bad.write_bytes(b"nope")
     assert embedders_cli.main([str(photos[0]), str(bad), "--model", "efficientnet_lite0", "--out", str(out)]) == 1
     assert "bad.jpg" in capsys.readouterr().err
+
+
+def test_weight_urls_and_hub_dir_agree_with_torchvision(monkeypatch, tmp_path):
+    """Versions are resolved without torch (the code location computes them when it loads); the
+    written-out URLs and cache folder must be exactly torchvision's."""
+    import torch
+
+    for backbone in embedders.TORCHVISION_WEIGHT_URLS:
+        assert embedders.TORCHVISION_WEIGHT_URLS[backbone] == embedders._torchvision_weights_enum(backbone).url
+    assert embedders.torch_hub_dir() == Path(torch.hub.get_dir())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    assert embedders.torch_hub_dir() == Path(torch.hub.get_dir()) == tmp_path / "th" / "hub"
+
+
+def test_loading_the_code_location_imports_no_torch():
+    code = ("import sys, deer_pipeline.definitions as d; d.defs.resolve_asset_graph(); "
+            "print('torch' in sys.modules, 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False False", out.stdout

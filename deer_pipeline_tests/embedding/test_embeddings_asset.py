@@ -86,8 +86,8 @@ def test_embeddings_materialise_rematerialise_switch_version_and_roll_back(engin
     from dagster._core.definitions.data_version import StaleStatus
 
     ids, bad = partition
-    version_a = embedders.resolve_embedder(MODEL, "auto", pooling="avg").version
-    version_b = embedders.resolve_embedder(MODEL, "auto", pooling="gem").version
+    version_a = embedding_config.versions(EmbeddingSettings(models=(MODEL,), pooling="avg"))[MODEL]
+    version_b = embedding_config.versions(EmbeddingSettings(models=(MODEL,), pooling="gem"))[MODEL]
     assert version_a != version_b
     asset_a = build_embeddings_asset(EmbeddingSettings(models=(MODEL,), pooling="avg"))
     asset_b = build_embeddings_asset(EmbeddingSettings(models=(MODEL,), pooling="gem"))
