@@ -296,3 +296,24 @@ def test_matching_settings_survive_a_json_round_trip():
     s = MatchingSettings(match_score="fused", local=LocalFeatureSettings(max_keypoints=123))
     back = MatchingSettings(**json.loads(json.dumps(dataclasses.asdict(s))))
     assert back == s and back.local.max_keypoints == 123
+
+
+def test_background_shared_with_another_animal_of_the_frame_is_discarded(engine, crop_dir):
+    # A and B are photographed together in front of the same bush (texture 9); C, a third animal,
+    # passes the same bush later. Without the control, A and C match on the bush.
+    bush = texture(9, shape=(240, 160))
+    crops = {"A": np.hstack([texture(1, shape=(240, 160)), bush]),
+             "B": np.hstack([texture(2, shape=(240, 160)), bush]),
+             "C": np.hstack([texture(3, shape=(240, 160)), bush])}
+    w = SyntheticWorld(engine, seed=8)
+    a, b = w.frame("camA", T0, [("A", "doe"), ("B", "doe")])
+    c = w.sighting("camA", T0 + timedelta(hours=1), "C")
+    for d, k in ((a, "A"), (b, "B"), (c, "C")):
+        _write_crop(crop_dir, d, crops[k])
+    off = Verifier(engine, str(crop_dir), LocalFeatureSettings(max_keypoints=400, background_control=False))
+    off.prepare([a, c])
+    on = Verifier(engine, str(crop_dir), LocalFeatureSettings(max_keypoints=400, background_control=True))
+    on.prepare([a, c])
+    assert on.background_keypoints_removed > 20 and off.background_keypoints_removed == 0
+    assert off.inliers(a, c) >= 20                      # the still background matches itself
+    assert on.inliers(a, c) < off.inliers(a, c) / 2     # ... and the control removes most of it
