@@ -152,9 +152,35 @@ def fit_calibration(global_scores: Sequence[float], same: Sequence[bool],
             info.update(local_pairs=int(has.sum()), local_same_pairs=int(y[has].sum()))
         except CalibrationError as exc:
             info["local_not_calibrated"] = str(exc)
-    cal = Calibration(curves, "mean", info)
-    fused = cal.fuse(g, None if local_scores is None else np.asarray(local_scores, np.float64))
-    return Calibration(curves, "mean", info, tuple(reliability(fused, y)))
+    # reliability out of sample: each half of the pairs predicted by curves fitted on the other
+    # half (an isotonic fit reproduces its own pairs exactly, which would say nothing)
+    ls = None if local_scores is None else np.asarray(local_scores, dtype=np.float64)
+    pred = _cross_fitted(g, y, ls, min_pairs)
+    if pred is None:
+        info["reliability"] = "in sample (too few pairs to cross-fit)"
+        pred = Calibration(curves, "mean", info).fuse(g, ls)
+    else:
+        info["reliability"] = "2-fold cross-fitted"
+    return Calibration(curves, "mean", info, tuple(reliability(pred, y)))
+
+
+def _cross_fitted(g: np.ndarray, y: np.ndarray, ls: np.ndarray | None, min_pairs: int) -> np.ndarray | None:
+    fold = np.random.default_rng(0).integers(0, 2, len(y))
+    pred = np.empty(len(y))
+    for f in (0, 1):
+        tr, te = fold != f, fold == f
+        try:
+            curves = {GLOBAL: fit_isotonic(g[tr], y[tr], min_pairs)}
+            if ls is not None:
+                has = np.isfinite(ls) & tr
+                try:
+                    curves[LOCAL] = fit_isotonic(ls[has], y[has], min_pairs)
+                except CalibrationError:
+                    pass
+        except CalibrationError:
+            return None
+        pred[te] = Calibration(curves).fuse(g[te], None if ls is None else ls[te])
+    return pred
 
 
 # --------------------------------------------------------------------------------------------

@@ -101,6 +101,7 @@ def test_report_fits_and_stores_a_match_probability_calibration_with_a_reliabili
     rep = threshold_report.build_report(engine, components=MODELS, weights=WEIGHTS, out_dir=tmp_path)
     cal = rep.calibration
     assert cal["version"].startswith("cal1-") and cal["fitted_on"]["source"] == rep.truth_source
+    assert cal["fitted_on"]["reliability"] == "2-fold cross-fitted"     # out of sample, not a tautology
     assert cal["reliability"] and sum(b["pairs"] for b in cal["reliability"]) == rep.pairs["n_pairs"]
     p = cal["curve"]["p"]
     assert all(b >= a for a, b in zip(p, p[1:]))                # monotone
