@@ -9,7 +9,6 @@ import dagster as dg
 
 from deer_pipeline.defs import (
     alerts,
-    checks,
     crops,
     embeddings,
     evaluation,
@@ -50,7 +49,6 @@ def resources() -> dict:
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(ASSET_MODULES),
-    asset_checks=dg.load_asset_checks_from_modules([checks]),
     jobs=[jobs.identification_job, jobs.report_job, jobs.evaluation_job],
     sensors=_of_type([sensors, alerts], dg.SensorDefinition),
     schedules=[schedules.nightly_identification_schedule, schedules.nightly_report_schedule],

@@ -1,6 +1,7 @@
-"""Asset checks on ``deer_profiles``, one evaluation per camera x day partition. Thin over the
-health checks in ``deer_pipeline.identity.store``; every result is also recorded in the
-``check_results`` table (which the alert sensor in ``defs/alerts.py`` reads).
+"""Asset checks on ``deer_profiles``, evaluated in the asset's own step for its camera x day
+partition (no separate check steps). Thin over the health checks in
+``deer_pipeline.identity.health``; every result is also recorded in the ``check_results`` table
+(which the alert sensor in ``defs/alerts.py`` reads).
 
 * ``assignment_rate_in_bounds`` (WARN): partition and trailing-window assignment rate.
 * ``matches_happen`` (ERROR, blocking): zero matches while deer exist and the best observed
@@ -12,9 +13,13 @@ health checks in ``deer_pipeline.identity.store``; every result is also recorded
 * ``review_queue_short`` (WARN): the review queue is long or an item has waited long.
 """
 
-import dagster as dg
+from dataclasses import dataclass
+from typing import Callable
 
-from deer_pipeline.defs.partitions import camera_and_day, camera_day_partitions
+import dagster as dg
+import sqlalchemy as sa
+
+from deer_pipeline.defs.partitions import camera_day_partitions
 from deer_pipeline.defs.resources import DeerDatabase, IdentitySettings
 from deer_pipeline.identity import health, store
 from deer_pipeline.review import queue as review_queue
@@ -45,70 +50,75 @@ def _metadata(outcome: health.CheckOutcome) -> dict:
     return meta
 
 
-def evaluate(context, database: DeerDatabase, compute) -> dg.AssetCheckResult:
-    """Run one health check for the context's partition, record it, return the Dagster result."""
-    camera, day = camera_and_day(context)
+def evaluate(context, database: DeerDatabase, camera: str, day: str, check: "ProfilesCheck",
+             identity: IdentitySettings) -> dg.AssetCheckResult:
+    """Run one health check for the partition, record it, return the Dagster result."""
     key = store.partition_key_text(camera, day)
     with database.engine().begin() as conn:
-        outcome: health.CheckOutcome = compute(conn, camera, day)
+        outcome: health.CheckOutcome = check.compute(conn, camera, day, identity)
         health.record_check(conn, outcome.name, key, outcome.passed, outcome.severity,
                            {"description": outcome.description, **outcome.metadata,
                             **({"table": outcome.table} if outcome.table else {})})
     if not outcome.passed:
         context.log.warning(f"{outcome.name} ({outcome.severity}) on {key}: {outcome.description}")
     return dg.AssetCheckResult(
-        passed=outcome.passed, severity=getattr(dg.AssetCheckSeverity, outcome.severity),
+        check_name=check.name, passed=outcome.passed, severity=getattr(dg.AssetCheckSeverity, outcome.severity),
         description=outcome.description, metadata=_metadata(outcome))
 
 
-@dg.asset_check(asset=DEER_PROFILES, partitions_def=camera_day_partitions,
-                description="Share of sightings matched to a known deer, for the partition and the "
-                            "trailing window, within the configured bounds (WARN).")
-def assignment_rate_in_bounds(context: dg.AssetCheckExecutionContext, database: DeerDatabase,
-                              identity: IdentitySettings) -> dg.AssetCheckResult:
-    return evaluate(context, database, lambda conn, cam, day: health.check_assignment_rate(
-        conn, cam, day, identity.assignment_rate_min, identity.assignment_rate_max,
-        identity.min_sightings_for_rate, identity.check_window_days))
+@dataclass(frozen=True)
+class ProfilesCheck:
+    """One check of ``deer_profiles``: evaluated in the asset's own step, right after the decision."""
+
+    name: str
+    description: str
+    compute: Callable[[sa.Connection, str, str, IdentitySettings], health.CheckOutcome]
+    blocking: bool = False
 
 
-@dg.asset_check(asset=DEER_PROFILES, partitions_def=camera_day_partitions, blocking=True,
-                description="Zero matches while deer exist and the best observed similarity is below the "
-                            "threshold: the threshold is above every score (ERROR, blocks downstream).")
-def matches_happen(context: dg.AssetCheckExecutionContext, database: DeerDatabase,
-                   identity: IdentitySettings) -> dg.AssetCheckResult:
-    return evaluate(context, database, lambda conn, cam, day: health.check_zero_matches(
-        conn, cam, day, identity.zero_match_min_sightings, identity.check_window_days))
+CHECKS = (
+    ProfilesCheck(
+        "assignment_rate_in_bounds",
+        "Share of sightings matched to a known deer, for the partition and the trailing window, within "
+        "the configured bounds (WARN).",
+        lambda conn, cam, day, i: health.check_assignment_rate(
+            conn, cam, day, i.assignment_rate_min, i.assignment_rate_max, i.min_sightings_for_rate,
+            i.check_window_days)),
+    ProfilesCheck(
+        "matches_happen",
+        "Zero matches while deer exist and the best observed similarity is below the threshold: the "
+        "threshold is above every score (ERROR, blocks downstream).",
+        lambda conn, cam, day, i: health.check_zero_matches(
+            conn, cam, day, i.zero_match_min_sightings, i.check_window_days),
+        blocking=True),
+    ProfilesCheck(
+        "new_deer_rate_normal",
+        "New-deer rate of the partition against the trailing average (WARN on a spike).",
+        lambda conn, cam, day, i: health.check_new_deer_spike(
+            conn, cam, day, i.new_deer_spike_factor, i.min_sightings_for_rate, i.check_window_days)),
+    ProfilesCheck(
+        "embeddings_consistent",
+        "Vectors behind the decisions have norm 1 and one embedding version was used (ERROR).",
+        lambda conn, cam, day, i: health.check_embeddings_consistent(conn, cam, day, i.norm_tolerance)),
+    ProfilesCheck(
+        "no_merge_candidates",
+        "Pairs of deer whose profiles are closer than the threshold: merge candidates (WARN).",
+        lambda conn, cam, day, i: health.check_merge_candidates(
+            conn, cam, day, i.ensemble_weights, i.reid_threshold, i.merge_candidates_limit)),
+    ProfilesCheck(
+        "review_queue_short",
+        "The review queue (decisions near the threshold, merge candidates) is short and nothing has "
+        "waited long for a person (WARN).",
+        lambda conn, cam, day, i: review_queue.check_review_queue(
+            conn, i.review_margin, i.review_queue_max_items, i.review_queue_max_age_days)),
+)
+CHECK_NAMES = tuple(c.name for c in CHECKS)
+# partitioned like the asset, so that each evaluation names its camera x day (a Dagster preview feature)
+CHECK_SPECS = [dg.AssetCheckSpec(c.name, asset=DEER_PROFILES, description=c.description, blocking=c.blocking,
+                                 partitions_def=camera_day_partitions) for c in CHECKS]
 
 
-@dg.asset_check(asset=DEER_PROFILES, partitions_def=camera_day_partitions,
-                description="New-deer rate of the partition against the trailing average (WARN on a spike).")
-def new_deer_rate_normal(context: dg.AssetCheckExecutionContext, database: DeerDatabase,
-                         identity: IdentitySettings) -> dg.AssetCheckResult:
-    return evaluate(context, database, lambda conn, cam, day: health.check_new_deer_spike(
-        conn, cam, day, identity.new_deer_spike_factor, identity.min_sightings_for_rate,
-        identity.check_window_days))
-
-
-@dg.asset_check(asset=DEER_PROFILES, partitions_def=camera_day_partitions,
-                description="Vectors behind the decisions have norm 1 and one embedding version was used (ERROR).")
-def embeddings_consistent(context: dg.AssetCheckExecutionContext, database: DeerDatabase,
-                          identity: IdentitySettings) -> dg.AssetCheckResult:
-    return evaluate(context, database, lambda conn, cam, day: health.check_embeddings_consistent(
-        conn, cam, day, identity.norm_tolerance))
-
-
-@dg.asset_check(asset=DEER_PROFILES, partitions_def=camera_day_partitions,
-                description="Pairs of deer whose profiles are closer than the threshold: merge candidates (WARN).")
-def no_merge_candidates(context: dg.AssetCheckExecutionContext, database: DeerDatabase,
-                        identity: IdentitySettings) -> dg.AssetCheckResult:
-    return evaluate(context, database, lambda conn, cam, day: health.check_merge_candidates(
-        conn, cam, day, identity.ensemble_weights, identity.reid_threshold, identity.merge_candidates_limit))
-
-
-@dg.asset_check(asset=DEER_PROFILES, partitions_def=camera_day_partitions,
-                description="The review queue (decisions near the threshold, merge candidates) is short and "
-                            "nothing has waited long for a person (WARN).")
-def review_queue_short(context: dg.AssetCheckExecutionContext, database: DeerDatabase,
-                       identity: IdentitySettings) -> dg.AssetCheckResult:
-    return evaluate(context, database, lambda conn, cam, day: review_queue.check_review_queue(
-        conn, identity.review_margin, identity.review_queue_max_items, identity.review_queue_max_age_days))
+def check_results(context, database: DeerDatabase, identity: IdentitySettings, camera: str,
+                  day: str) -> list[dg.AssetCheckResult]:
+    """Every check of the partition, in the order of ``CHECKS``."""
+    return [evaluate(context, database, camera, day, c, identity) for c in CHECKS]

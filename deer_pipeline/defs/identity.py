@@ -11,6 +11,7 @@ parallel backfills (other code locations, manual runs) cannot create duplicate d
 import dagster as dg
 
 from deer_pipeline import db
+from deer_pipeline.defs import checks
 from deer_pipeline.defs.executors import IDENTITY_POOL
 from deer_pipeline.defs.partitions import camera_and_day, camera_day_partitions
 from deer_pipeline.defs.resources import (
@@ -46,6 +47,7 @@ def _summary_markdown(s: matching.DecisionSummary) -> str:
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
     group_name="identification",
     kinds={"postgres"},
+    check_specs=checks.CHECK_SPECS,
     description="Which deer each sighting of the camera x day is: joins a known deer when its best "
                 "ensemble similarity reaches the threshold, else founds a new deer. Decided in capture-time "
                 "order under the identity lock; later decisions are replayed so that the grouping does not "
@@ -91,7 +93,7 @@ def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
         "review_decided": dg.MetadataValue.int(summary.reviewed),
         "review_excluded": dg.MetadataValue.int(summary.excluded_by_review),
         "human_confirmed": dg.MetadataValue.int(confirmed),
-    })
+    }, check_results=checks.check_results(context, database, identity, camera, day))
 
 
 @dg.asset(

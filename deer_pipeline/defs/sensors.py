@@ -13,9 +13,9 @@ from deer_pipeline.defs.partitions import (
     partition_key,
     unseen_cameras,
 )
-from deer_pipeline.settings import last_partition_day
 from deer_pipeline.defs.resources import DeerDatabase
 from deer_pipeline.detections import feed as detection_feed
+from deer_pipeline.settings import last_partition_day
 
 
 def _camera_requests(context: dg.SensorEvaluationContext, work) -> list:

@@ -26,8 +26,7 @@ from deer_pipeline.ops import alerts
 from deer_pipeline.settings import MatchingSettings
 from deer_pipeline_tests.identity.test_matching import MODELS, T0, SyntheticWorld, count
 
-CHECKS = [check_defs.assignment_rate_in_bounds, check_defs.matches_happen, check_defs.new_deer_rate_normal,
-          check_defs.embeddings_consistent, check_defs.no_merge_candidates]
+CHECKS = check_defs.CHECK_NAMES     # evaluated in deer_profiles' own step
 
 
 def identity(**kw) -> IdentitySettings:
@@ -68,7 +67,7 @@ def test_identity_settings_mirror_matching_settings():
 
 def _materialize(instance, key, ident, selection=None):
     return dg.materialize(
-        selection or [deer_profiles, similarity_scores, *CHECKS],
+        selection or [deer_profiles, similarity_scores],
         partition_key=key, instance=instance, raise_on_error=False,
         resources={"database": DeerDatabase(), "identity": ident, "inference": InferenceResource()})
 
@@ -102,7 +101,10 @@ def test_materialize_deer_profiles_similarity_scores_and_checks(engine):
         assert scores_meta["rows"].value == count(engine, "SELECT count(*) FROM similarity_scores")
         assert "| 0.60 (in use) |" in scores_meta["would_match"].value
         ev = _checks(r1)
-        assert set(ev) == {c.check_key.name for c in CHECKS}
+        assert set(ev) == set(CHECKS)
+        # the checks ran inside the deer_profiles step: no step of their own
+        steps = {e.step_key for e in r1.all_events if e.step_key}
+        assert steps == {"deer_profiles", "similarity_scores"}, steps
         assert all(e.passed for e in ev.values()), {k: e.description for k, e in ev.items()}
         assert ev["matches_happen"].partition == "cam1|2024-05-01"
 
@@ -120,7 +122,8 @@ def test_materialize_deer_profiles_similarity_scores_and_checks(engine):
 
     with engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT check_name, partition_key, passed FROM check_results")).all()
-    assert len(rows) == 10 and all(r.passed for r in rows)
+    # every check of every materialisation is recorded: 2 days + the first day again, 6 checks each
+    assert len(rows) == 3 * len(CHECKS) and all(r.passed for r in rows)
     assert {r.partition_key for r in rows} == {"cam1|2024-05-01", "cam1|2024-05-02"}
 
 
