@@ -41,6 +41,18 @@ CANDIDATE_DEER = 20                        # candidate deer re-scored and record
 SEARCH = "auto"                            # auto | exact | hnsw
 HNSW_EF_SEARCH = 200
 EXACT_SEARCH_MAX_GALLERY = 200_000         # auto: exact scoring below this many sightings
+# match score: cosine (global ensemble cosine) | local (inliers of local-feature verification) |
+# fused (mean of calibrated probabilities of both; the threshold is then a probability)
+MATCH_SCORE = "cosine"
+VERIFY_TOP_K = 50                          # candidate sightings verified per sighting (local, fused)
+ENCOUNTER_POOLING = "max"                  # encounter vs deer: best pair (max) or mean of the best N (topN)
+FLANK_AWARE = True                         # local/fused: known opposite flanks are not compared
+LOCAL_LONG_SIDE = 384                      # crops brought to this longest side for keypoints
+LOCAL_MAX_KEYPOINTS = 400                  # strongest RootSIFT keypoints kept per crop
+LOCAL_RATIO = 0.8                          # Lowe's ratio test
+LOCAL_MODEL = "affine"                     # affine | homography | similarity (fitted with USAC MAGSAC)
+LOCAL_REPROJ_PX = 6.0                      # inlier distance, pixels at LOCAL_LONG_SIDE
+BACKGROUND_CONTROL = True                  # drop keypoints shared with another animal of the same frame
 # identity checks
 ASSIGNMENT_RATE_MIN = 0.05
 ASSIGNMENT_RATE_MAX = 0.98
@@ -239,6 +251,30 @@ def species_decision(raw: str | None) -> tuple[str | None, str | None]:
 
 
 @dataclass(frozen=True)
+class LocalFeatureSettings:
+    """Local features inside the detection box and their geometric verification."""
+
+    long_side: int = LOCAL_LONG_SIDE
+    max_keypoints: int = LOCAL_MAX_KEYPOINTS
+    ratio: float = LOCAL_RATIO
+    model: str = LOCAL_MODEL
+    reproj_px: float = LOCAL_REPROJ_PX
+    background_control: bool = BACKGROUND_CONTROL
+
+    def __post_init__(self) -> None:
+        if not 32 <= self.long_side <= 4096:
+            raise SettingsError(f"local long_side must be in [32, 4096], got {self.long_side!r}")
+        if self.max_keypoints < 8:
+            raise SettingsError(f"local max_keypoints must be at least 8, got {self.max_keypoints!r}")
+        if not 0 < self.ratio <= 1:
+            raise SettingsError(f"local ratio must be in (0, 1], got {self.ratio!r}")
+        if self.model not in ("affine", "homography", "similarity"):
+            raise SettingsError(f"local model must be affine, homography or similarity, not {self.model!r}")
+        if not self.reproj_px > 0:
+            raise SettingsError(f"local reproj_px must be > 0, got {self.reproj_px!r}")
+
+
+@dataclass(frozen=True)
 class MatchingSettings:
     """How sightings are matched to known deer."""
 
@@ -250,6 +286,12 @@ class MatchingSettings:
     search: str = SEARCH                   # auto | exact | hnsw
     hnsw_ef_search: int = HNSW_EF_SEARCH
     exact_search_max_gallery: int = EXACT_SEARCH_MAX_GALLERY
+    match_score: str = MATCH_SCORE          # cosine | local | fused
+    verify_top_k: int = VERIFY_TOP_K
+    encounter_pooling: str = ENCOUNTER_POOLING
+    flank_aware: bool = FLANK_AWARE
+    calibration_version: str | None = None  # fused: the stored calibration to use (None: the newest)
+    local: LocalFeatureSettings = field(default_factory=LocalFeatureSettings)
 
     def __post_init__(self) -> None:
         check_threshold("reid_threshold", self.reid_threshold)
@@ -262,6 +304,15 @@ class MatchingSettings:
             raise SettingsError(f"search must be auto, exact or hnsw, not {self.search!r}")
         if self.candidate_deer < 1:
             raise SettingsError("candidate_deer must be at least 1")
+        if isinstance(self.local, dict):          # read back from JSON (e.g. the recorded decision settings)
+            object.__setattr__(self, "local", LocalFeatureSettings(**self.local))
+        if self.match_score not in ("cosine", "local", "fused"):
+            raise SettingsError(f"match_score must be cosine, local or fused, not {self.match_score!r}")
+        if self.verify_top_k < 1:
+            raise SettingsError("verify_top_k must be at least 1")
+        p = self.encounter_pooling
+        if not (p == "max" or (p.startswith("top") and p[3:].isdigit() and int(p[3:]) >= 1)):
+            raise SettingsError(f"encounter_pooling must be max or topN (e.g. top2), not {p!r}")
 
     def threshold_for(self, sex: str) -> float:
         return self.thresholds_by_sex.get(sex, self.reid_threshold)

@@ -34,6 +34,10 @@ ENV = {
     "split_by_identity_seed": "DEER_EVAL_SPLIT_SEED",
 }
 PLOTTED = {  # metadata key suffix -> (section, metric)
+    "cross_encounter_f1": ("open_set", "cross_encounter_f1"),
+    "cross_encounter_precision": ("open_set", "cross_encounter_precision"),
+    "cross_encounter_recall": ("open_set", "cross_encounter_recall"),
+    "baks_baus_gmean": ("open_set", "baks_baus_gmean"),
     "open_set_f1": ("open_set", "pairwise_f1"),
     "open_set_precision": ("open_set", "pairwise_precision"),
     "open_set_recall": ("open_set", "pairwise_recall"),

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"methods to run (default: all): {', '.join(reid_methods.ALL_METHODS)}")
     p.add_argument("--out", required=True, help="report JSON to write")
     p.add_argument("--html", help="HTML report (default: the JSON path with .html)")
+    p.add_argument("--assignments", metavar="FILE.csv",
+                   help="write one row per evaluated photo and method (method, image_path, identity, "
+                        "encounter_id, predicted_deer, score, decided_against, ...) to recompute every metric")
     p.add_argument("--weights", default="auto", help="embedding weights: auto (default), imagenet or a path")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=32)
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         methods = reid_methods.resolve_methods(args.methods)
         embedding = EmbeddingSettings(weights=args.weights, device=args.device, batch_size=args.batch_size)
         options = ev.EvaluationOptions(methods=[m.name for m in methods], embedding=embedding,
-                                       order_seed=args.order_seed, legacy_redraws=args.legacy_redraws)
+                                       order_seed=args.order_seed, legacy_redraws=args.legacy_redraws,
+                                       assignments=args.assignments)
         report = ev.evaluate(args.labels, args.images_root, args.calibration_labels,
                              args.calibration_images_root, args.split_by_identity, options)
     except (eval_labels.EvaluationError, ValueError) as exc:
@@ -72,27 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     out = eval_report.write_json(report, args.out)
     html = eval_report.write_html(report, args.html or Path(args.out).with_suffix(".html"))
     print(eval_report.format_table(report))
-    v = report.get("verdict", {})
-    if v.get("compared"):
-        print(f"\ndefault vs legacy: open-set F1 {v['default_f1']:.3f} vs {v['legacy_f1']:.3f} "
-              f"({'better' if v['default_beats_legacy_f1'] else 'NOT better'}); |deer found - true| "
-              f"{v['default_count_error']} vs {v['legacy_count_error']} "
-              f"({'better' if v['default_beats_legacy_count_error'] else 'NOT better'})")
-        c = v.get("count_operating_point")
-        if c:
-            print(f"default at the count operating point (threshold {c['threshold']:.3f}): F1 {c['default_f1']:.3f} "
-                  f"({'better' if c['beats_legacy_f1'] else 'NOT better'}); |deer found - true| "
-                  f"{c['default_count_error']} ({'better' if c['beats_legacy_count_error'] else 'NOT better'})")
-    rd = report.get("methods", {}).get("legacy", {}).get("redraws", {})
-    if rd.get("n"):
-        print(f"legacy over {rd['n']} more projection draws: F1 {rd['pairwise_f1']['min']:.3f}-"
-              f"{rd['pairwise_f1']['max']:.3f} (mean {rd['pairwise_f1']['mean']:.3f}); |deer found - true| "
-              f"{rd['count_error_abs']['min']:.0f}-{rd['count_error_abs']['max']:.0f} "
-              f"(mean {rd['count_error_abs']['mean']:.1f})")
+    lines = eval_report.verdict_lines(report)
+    if lines:
+        print("\n" + "\n".join(lines))
     if report.get("substitution_note"):
         print("\nnote: " + report["substitution_note"])
     print(f"\nthresholds: " + "; ".join(f"{n} {e['threshold']:.3f} ({e['threshold_source']})"
                                       for n, e in report["methods"].items()))
+    if report.get("assignments_file"):
+        print(f"\nassignments: {report['assignments_file']}")
     print(f"\nreport: {out}\nhtml:   {html}\ntotal {report['timings']['total_s']:.1f}s")
     return 0
 

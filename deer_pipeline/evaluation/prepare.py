@@ -127,6 +127,11 @@ def prepare_set(engine: Engine, photos: Sequence[LabelledPhoto], role: str, work
     report = ingest(engine, csv_path, format="csv", hold_outside_partitions=False,
                     settings=IngestSettings(burst_window_s=BURST_WINDOW_S, image_roots=roots))
     ps = PreparedSet(role=role, photos=list(photos), detection_ids=ids, order_source=order)
+    sides = [{"d": d, "s": p.side.lower()} for d, p in zip(ids, photos)
+             if p.side and p.side.lower() in ("left", "right")]
+    if sides:   # the flank seen, where the labels know it (flank-aware matching uses it)
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE detections SET side = :s WHERE detection_id = :d"), sides)
     with engine.connect() as conn:
         rows = conn.execute(sa.text(
             "SELECT detection_id, status, reason, camera_id, day::text AS day, captured_at "

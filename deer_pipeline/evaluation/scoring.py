@@ -1,4 +1,11 @@
-"""Scores of re-identification: closed-set ranking (top-1, top-5, mAP), open-set grouping (pairwise P/R/F1, ARI, deer found), BAKS/BAUS, the in-memory replay of the decision rule and the threshold chosen on calibration data."""
+"""Scores of re-identification: closed-set ranking (top-1, top-5, mAP), open-set grouping
+(cross-encounter pairwise P/R/F1 - the headline -, all-pairs P/R/F1, ARI, deer found), BAKS/BAUS
+and their geometric mean, the in-memory replay of the decision rule and the threshold chosen on
+calibration data.
+
+Cross-encounter metrics count only pairs of photos from DIFFERENT encounters: the photos of one
+encounter are decided together, so "never match across encounters" earns all-pairs precision 1
+and the recall of the within-encounter pairs, while its cross-encounter recall and F1 are 0."""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from deer_pipeline.identity import metrics
+from deer_pipeline.identity.pooling import pool_by_deer
 
 
 def closed_set_metrics(similarity: np.ndarray, identities: Sequence, encounters: Sequence,
@@ -79,22 +87,42 @@ def known_unknown_accuracy(feed: Sequence[tuple[str, object, bool]]) -> dict:
                                       if known_right else 0.0)}
 
 
-def open_set_metrics(true_ids: Sequence, pred_deer: Sequence, feed: Sequence[tuple[str, object, bool]]) -> dict:
-    """Pairwise precision/recall/F1, ARI, deer counts and BAKS/BAUS of one open-set run."""
+def open_set_metrics(true_ids: Sequence, pred_deer: Sequence, feed: Sequence[tuple[str, object, bool]],
+                     encounters: Sequence | None = None) -> dict:
+    """Cross-encounter and all-pairs pairwise precision/recall/F1, ARI, deer counts and
+    BAKS/BAUS (with their geometric mean) of one open-set run. ``encounters``: the encounter of
+    each photo (None: every photo is its own encounter, so both pair sets coincide)."""
     p = metrics.pairwise_prf(true_ids, pred_deer)
+    enc = list(encounters) if encounters is not None else list(range(len(true_ids)))
+    x = metrics.cross_encounter_prf(true_ids, pred_deer, enc)
     n_pred, n_true = len(set(map(str, pred_deer))), len(set(map(str, true_ids)))
-    out = {"pairwise_precision": p.precision, "pairwise_recall": p.recall, "pairwise_f1": p.f1,
+    out = {"cross_encounter_precision": x.precision, "cross_encounter_recall": x.recall,
+           "cross_encounter_f1": x.f1, "cross_encounter_tp": x.tp, "cross_encounter_fp": x.fp,
+           "cross_encounter_fn": x.fn,
+           "pairwise_precision": p.precision, "pairwise_recall": p.recall, "pairwise_f1": p.f1,
            "ari": metrics.adjusted_rand_index(true_ids, pred_deer), "n_pred": n_pred, "n_true": n_true,
            "count_error": n_pred - n_true, "count_error_abs": abs(n_pred - n_true)}
     out.update(known_unknown_accuracy(feed))
+    out["baks_baus_gmean"] = float(np.sqrt(out["baks"] * out["baus"]))
     return out
 
 
+def feed_encounter_labels(n_rows: int, encounters: Sequence[Sequence[int]]) -> list[int]:
+    """The encounter (its position in ``encounters``) of each of ``n_rows`` rows."""
+    lab = list(range(-1, -n_rows - 1, -1))          # rows in no encounter: each on its own
+    for e, rows in enumerate(encounters):
+        for r in rows:
+            lab[r] = e
+    return lab
+
+
 def simulate_open_set(similarity: np.ndarray, encounters: Sequence[Sequence[int]], threshold: float,
-                      cannot_link: Mapping[int, set[int]] | None = None) -> tuple[np.ndarray, list[bool]]:
+                      cannot_link: Mapping[int, set[int]] | None = None,
+                      pooling: str = "max") -> tuple[np.ndarray, list[bool]]:
     """The pipeline's match-or-create (``matching.decide_partition``) on a precomputed
     similarity matrix: encounters (lists of row indices) in the order given; the score of an
-    encounter against a deer is the maximum over (encounter row x deer row) pairs; the encounter
+    encounter against a deer pools its (encounter row x deer row) pairs (``pooling``: the maximum,
+    or the mean of the best N, :mod:`deer_pipeline.identity.pooling`); the encounter
     joins the best deer when that score is at least ``threshold``, otherwise it founds a deer.
     ``cannot_link[e]`` are encounters (by position) that may not share e's deer.
 
@@ -111,9 +139,12 @@ def simulate_open_set(similarity: np.ndarray, encounters: Sequence[Sequence[int]
         best_deer, best = -1, -np.inf
         if gallery_rows:
             g = np.asarray(gallery_rows)
-            s = S[np.ix_(rows, g)].max(axis=0)
-            per_deer = np.full(n_deer, -np.inf, np.float32)
-            np.maximum.at(per_deer, deer_of_row[g], s)
+            if pooling == "max":
+                s = S[np.ix_(rows, g)].max(axis=0)
+                per_deer = np.full(n_deer, -np.inf, np.float32)
+                np.maximum.at(per_deer, deer_of_row[g], s)
+            else:
+                per_deer = pool_by_deer(S[np.ix_(rows, g)], deer_of_row[g], n_deer, pooling)
             if cannot_link and cannot_link.get(e):
                 for o in cannot_link[e]:
                     if o < e:
@@ -142,26 +173,29 @@ def _count_key(r: dict, n_true: int) -> tuple:
 
 
 def calibrate_threshold(similarity: np.ndarray, identities: Sequence, encounters: Sequence[Sequence[int]],
-                        cannot_link: Mapping[int, set[int]] | None = None) -> dict:
+                        cannot_link: Mapping[int, set[int]] | None = None, pooling: str = "max") -> dict:
     """Thresholds chosen on a labelled (calibration) set by replaying the pipeline's decisions
     (:func:`simulate_open_set`) over a 0.01 grid on [0, 1], refined on a 0.001 grid around each
     optimum. Two rules:
 
-    * ``threshold`` (the main one): the highest open-set pairwise F1 (``metrics.pairwise_prf``,
-      picked by ``metrics.recommend_threshold``: ties to the higher threshold);
+    * ``threshold`` (the main one): the highest open-set CROSS-ENCOUNTER pairwise F1
+      (``metrics.cross_encounter_prf``, picked by ``metrics.recommend_threshold``: ties to the
+      higher threshold); the all-pairs F1 is kept in each row as ``all_pairs_f1``;
     * ``count_rule["threshold"]``: the number of deer found closest to the true number (ties:
       higher F1, then the higher threshold) - the operating point for population counts.
 
     Returns ``{"threshold", "f1", "precision", "recall", "rule", "n_pred", "n_true",
     "count_rule": {...}, "sweep": [coarse grid rows]}``."""
     n_true = len(set(map(str, identities)))
+    enc_labels = feed_encounter_labels(len(identities), encounters)
 
     def run(ts):
         rows = []
         for t in ts:
-            pred, _ = simulate_open_set(similarity, encounters, t, cannot_link)
-            m = metrics.pairwise_prf(identities, pred)
+            pred, _ = simulate_open_set(similarity, encounters, t, cannot_link, pooling)
+            m = metrics.cross_encounter_prf(identities, pred, enc_labels)
             rows.append({"threshold": float(t), "precision": m.precision, "recall": m.recall, "f1": m.f1,
+                         "all_pairs_f1": metrics.pairwise_prf(identities, pred).f1,
                          "predicted_same": m.tp + m.fp, "n_pred": int(len(set(pred.tolist())))})
         return rows
 

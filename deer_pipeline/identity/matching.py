@@ -47,6 +47,7 @@ Plain logic: no Dagster here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter, defaultdict
@@ -131,6 +132,7 @@ class DecisionSummary:
     hnsw_exact_fallbacks: int = 0
     reviewed: int = 0                # sightings of this partition whose decision a review fixed
     excluded_by_review: int = 0      # detections of this partition a review made unidentifiable
+    local_verification: dict = field(default_factory=dict)   # local/fused: verifier counts and reasons
     seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)   # prepare / decide / write
 
@@ -171,13 +173,20 @@ def _unassigned_reason(d: store.DetectionRow, states: Mapping[str, str], version
 def decide_partition(engine: Engine, camera_id: str, day: str | date,
                      settings: MatchingSettings | None = None,
                      versions: Mapping[str, str] | None = None,
-                     link: LinkSettings = LinkSettings()) -> DecisionSummary:
+                     link: LinkSettings = LinkSettings(), verifier=None) -> DecisionSummary:
     """Decide (or re-decide) every sighting of one camera x day partition; see module doc.
 
     ``versions`` maps each model of ``settings.ensemble_weights`` to an embedding version; when
     None the newest stored version of each model is used. Raises ``MatchingError`` (nothing is
-    written, no deer created) when vectors for the configured versions are missing."""
+    written, no deer created) when vectors for the configured versions are missing.
+
+    ``settings.match_score`` ``local`` or ``fused``: the best candidate sightings are verified
+    with local features (``verifier``, a :class:`verification.Verifier`; by default one on the
+    configured crop store) and, for ``fused``, scored by the stored calibration (see
+    :class:`_Rescorer`)."""
     settings = settings or MatchingSettings()
+    if settings.match_score != "cosine":
+        settings = dataclasses.replace(settings, candidate_deer=max(settings.candidate_deer, settings.verify_top_k))
     t_start = time.perf_counter()
     pkey = store.partition_key_text(camera_id, str(day))
     weights = dict(settings.ensemble_weights)
@@ -201,10 +210,14 @@ def decide_partition(engine: Engine, camera_id: str, day: str | date,
             if constraints else None
         search = _prepare_search(conn, settings, models, weights, vers, summary)
         qv = _query_vectors(conn, encounters, models, vers)
+        rescorer = _Rescorer.for_settings(conn, engine, settings, verifier, summary) \
+            if settings.match_score != "cosine" else None
         t_loaded = time.perf_counter()
         summary.phase_seconds["prepare"] = round(t_loaded - t_start, 3)
         out = _decide_in_time_order(conn, encounters, qv, search, settings, models, replay_part, summary,
-                                    review)
+                                    review, rescorer)
+        if rescorer is not None:
+            summary.local_verification.update(rescorer.verifier.metadata())
         t_decided = time.perf_counter()
         summary.phase_seconds["decide"] = round(t_decided - t_loaded, 3)
         _write_decisions(conn, out, withdrawn, vers, summary)
@@ -294,8 +307,8 @@ def _prepare_search(conn, settings: MatchingSettings, models: list[str], weights
     summary.search = mode
     search = _Search(mode, Gallery(models, weights), SexBook(store.gallery_deer_sex_counts(conn)), vers)
     if mode == "exact" and n_static:
-        g_deer, g_mats, _ = store.gallery_vectors(conn, vers)
-        search.gallery.append(g_deer, [unit_rows(m) for m in g_mats])
+        g_deer, g_mats, g_ids = store.gallery_vectors(conn, vers)
+        search.gallery.append(g_deer, [unit_rows(m) for m in g_mats], g_ids)
     if mode == "hnsw":
         # the index holds every version's vectors: only a scan as large as the index is complete
         search.total_index_rows = store.embedding_row_count(conn)
@@ -331,7 +344,8 @@ class _Outcome:
 
 def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _Search,
                           settings: MatchingSettings, models: list[str], replay_part: Mapping[str, str],
-                          summary: DecisionSummary, review: reviews.ReviewTracker | None = None) -> _Outcome:
+                          summary: DecisionSummary, review: reviews.ReviewTracker | None = None,
+                          rescorer: "_Rescorer | None" = None) -> _Outcome:
     """Match-or-create for every encounter in capture-time order; each decided encounter joins
     the gallery before the next one is decided. Encounters are scored in chunks (one matmul).
     ``review`` applies people's decisions: must-link forces the deer, cannot-link excludes deer."""
@@ -361,7 +375,11 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
             cands = _scored_candidates(conn, enc, q, deer0, enc_M0, n0, excluded, search, settings, summary)
             if forced is not None:
                 cands = _with_candidate(conn, cands, forced, q, search)
-            _decide_encounter(enc, q, cands, out, search, settings, models, replay_part, summary, forced)
+            names = models
+            if rescorer is not None:
+                cands = rescorer.rescore(enc, q, cands, search.gallery)
+                names = models + ["local_inliers"]
+            _decide_encounter(enc, q, cands, out, search, settings, names, replay_part, summary, forced)
             if review is not None:
                 review.decided(enc.detection_ids, out.deer_of[enc.encounter_key])
     return out
@@ -380,8 +398,8 @@ def _scored_candidates(conn, enc: Encounter, q: list[np.ndarray], deer0: np.ndar
                                      excluded, search.total_index_rows, summary)
             fresh = [d for d in found if d not in search.loaded]
             if fresh:
-                f_deer, f_mats, _ = store.gallery_vectors(conn, search.vers, deer_ids=fresh)
-                gallery.append(f_deer, [unit_rows(m) for m in f_mats])
+                f_deer, f_mats, f_ids = store.gallery_vectors(conn, search.vers, deer_ids=fresh)
+                gallery.append(f_deer, [unit_rows(m) for m in f_mats], f_ids)
                 search.loaded.update(fresh)
     deer_ids, M = deer0, enc_M0
     n1 = gallery.n
@@ -425,6 +443,8 @@ def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], o
     for cand, _, sims, comp in cands:
         sm = sex_compatible(enc_sex, search.sexes.sex(cand))
         for d, s, cm in zip(enc.detections, sims, comp):
+            if not np.isfinite(s):       # flank-aware: this detection was not compared with the deer
+                continue
             out.score_rows.append([d.detection_id, enc.encounter_key, cand, float(s),
                                    _components_json(models, cm), sm, cand == deer, threshold,
                                    vkey, replay_part.get(d.detection_id, pkey)])
@@ -433,7 +453,7 @@ def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], o
                                   replay_part.get(d.detection_id, pkey), decision,
                                   best_score, threshold, vkey, d.captured_at])
     out.deer_of[enc.encounter_key] = deer
-    search.gallery.append(np.full(k, deer, np.int64), q)
+    search.gallery.append(np.full(k, deer, np.int64), q, [d.detection_id for d in enc.detections])
     search.sexes.add(deer, [d.sex for d in enc.detections])
     if own:
         summary.decided += k
@@ -449,8 +469,8 @@ def _with_candidate(conn, cands: list[tuple], deer: int, q: list[np.ndarray], se
     if any(c[0] == deer for c in cands):
         return cands
     if not search.gallery.rows_of.get(deer):
-        d_deer, d_mats, _ = store.gallery_vectors(conn, search.vers, deer_ids=[deer])
-        search.gallery.append(d_deer, [unit_rows(m) for m in d_mats])
+        d_deer, d_mats, d_ids = store.gallery_vectors(conn, search.vers, deer_ids=[deer])
+        search.gallery.append(d_deer, [unit_rows(m) for m in d_mats], d_ids)
         search.loaded.add(deer)
     (sims, comp), = search.gallery.best_pairs(q, [deer])
     return cands + [(deer, float(sims.max()), sims, comp)]
@@ -471,6 +491,121 @@ def _write_decisions(conn, out: _Outcome, withdrawn: list, vers: list[str], summ
     summary.deer_total = store.deer_total(conn)
     summary.deer_ids = sorted({r[1] for r in out.sighting_rows if r[3] == summary.partition_key})
     summary.max_similarity = None if out.max_sim is None else float(out.max_sim)
+
+
+LOCAL_SCORE_SCALE = 20.0   # match_score=local: inliers n -> n / (n + 20), a monotone map into [0, 1)
+# Inlier counts and isotonic curves take few distinct values; equal pair scores are ordered by the
+# global cosine through this tiny term (1e-4 local, 1e-6 fused: far below any threshold step), so
+# the best deer does not depend on how ties are broken.
+TIE_BREAK = {"local": 1e-4, "fused": 1e-6}
+
+
+def pair_scores(match_score: str, G: np.ndarray, L: np.ndarray, calibration=None) -> np.ndarray:
+    """Pair scores of ``match_score`` local or fused from global cosines ``G`` and inlier counts
+    ``L`` (NaN: no local score): ``local`` n / (n + 20) (0 without a local score); ``fused`` the
+    mean of the calibrated probabilities, the global probability alone without a local score.
+    Shared by the decision and the evaluation's replay."""
+    G = np.asarray(G, np.float64)
+    L = np.asarray(L, np.float64)
+    if match_score == "local":
+        P = np.where(np.isfinite(L), L / (L + LOCAL_SCORE_SCALE), 0.0)
+    else:
+        P = calibration.fuse(G.ravel(), L.ravel()).reshape(G.shape)
+    return P + TIE_BREAK[match_score] * (1.0 + np.clip(G, -1.0, 1.0)) / 2.0
+
+
+class _Rescorer:
+    """Local verification (and, for ``fused``, calibrated fusion and encounter pooling) of an
+    encounter's candidates.
+
+    For each detection of the encounter the ``verify_top_k`` gallery sightings of the candidate
+    deer with the highest global score are verified (flank-aware: where both flanks are known and
+    differ, the pair is neither verified nor scored; a deer known only from the other flank keeps
+    its global score alone). Pair score: ``local`` - inliers n mapped to
+    n / (n + 20) (0 without a local score); ``fused`` - the mean of the calibrated probabilities
+    of the global cosine and of the inliers, the global probability alone where the pair has no
+    local score. A deer's score pools the pairs of every detection of the encounter with every
+    sighting of the deer (``encounter_pooling``)."""
+
+    def __init__(self, verifier, calibration, settings: MatchingSettings):
+        self.verifier, self.calibration, self.settings = verifier, calibration, settings
+
+    @classmethod
+    def for_settings(cls, conn, engine, settings: MatchingSettings, verifier, summary) -> "_Rescorer":
+        from deer_pipeline.identity import calibration as cal_mod
+        from deer_pipeline.identity.verification import Verifier
+        from deer_pipeline.settings import CropSettings
+
+        cal = None
+        if settings.match_score == "fused":
+            try:
+                cal = cal_mod.load(conn, settings.calibration_version)
+            except cal_mod.CalibrationError as exc:
+                raise MatchingError(f"match_score=fused: {exc}; no deer created") from exc
+            if cal is None:
+                raise MatchingError("match_score=fused needs a stored calibration (match_calibrations is empty): "
+                                    "fit one from labelled pairs, or use match_score=cosine; no deer created")
+        if verifier is None:
+            verifier = Verifier(engine, CropSettings().store_dir, settings.local)
+        summary.local_verification = {"match_score": settings.match_score, "feature_version": verifier.version,
+                                      "calibration_version": cal.version if cal is not None else None,
+                                      "encounter_pooling": settings.encounter_pooling}
+        return cls(verifier, cal, settings)
+
+    def pair_scores(self, G: np.ndarray, L: np.ndarray) -> np.ndarray:
+        return pair_scores(self.settings.match_score, G, L, self.calibration)
+
+    def rescore(self, enc: Encounter, q: list[np.ndarray], cands: list[tuple], gallery: Gallery) -> list[tuple]:
+        from deer_pipeline.identity.pooling import pool_by_deer
+        from deer_pipeline.identity.verification import flank_compatible
+
+        if not cands:
+            return cands
+        s, v = self.settings, self.verifier
+        deer_list = [c[0] for c in cands]
+        segs = [np.asarray(gallery.rows_of[d], np.int64) for d in deer_list]
+        idx = np.concatenate(segs)
+        col_deer = np.repeat(np.arange(len(segs)), [len(g) for g in segs])
+        comps = np.stack([np.asarray(qm, np.float64) @ mat[idx].astype(np.float64).T
+                          for qm, mat in zip(q, gallery.mats)], axis=-1)               # k x R x models
+        G = comps @ np.array([gallery.weights[m] for m in gallery.models])            # k x R
+        qids = [d.detection_id for d in enc.detections]
+        gids = [gallery.detection_ids[r] for r in idx]
+        v.load_sides(qids + gids)
+        compat = np.ones(G.shape, bool)
+        if s.flank_aware:
+            compat = np.array([[flank_compatible(v.side(a), v.side(b)) for b in gids] for a in qids], bool)
+        known = np.array([g is not None for g in gids], bool)
+        chosen = []
+        for i in range(len(qids)):
+            cols = np.flatnonzero(compat[i] & known)
+            chosen.append(cols[np.argsort(-G[i, cols], kind="stable")[: s.verify_top_k]])
+        v.prepare(qids + [gids[c] for top in chosen for c in top])
+        L = np.full(G.shape, np.nan)
+        for i, top in enumerate(chosen):
+            for c in top:
+                n = v.inliers(qids[i], gids[c])
+                L[i, c] = np.nan if n is None else n
+        P = self.pair_scores(G, L)
+        P[~compat] = -np.inf
+        pooled = pool_by_deer(P, col_deer, len(segs), s.encounter_pooling)
+        out = []
+        r = np.arange(len(qids))
+        unflanked = None
+        for j, d in enumerate(deer_list):
+            cols = np.flatnonzero(col_deer == j)
+            if not np.isfinite(pooled[j]):
+                # only the other flank of this deer is known: its global score stands alone
+                if unflanked is None:
+                    unflanked = self.pair_scores(G, np.full(G.shape, np.nan))
+                P[:, cols] = unflanked[:, cols]
+                pooled[j] = float(P[:, cols].max())
+            best = cols[P[:, cols].argmax(axis=1)]
+            sims = P[r, best]
+            comp = np.concatenate([comps[r, best], np.nan_to_num(L[r, best], nan=-1.0)[:, None]], axis=1)
+            out.append((d, float(pooled[j]), sims, comp))
+        out.sort(key=lambda c: (-c[1], c[0]))
+        return out
 
 
 def _blas_threads(n: int):

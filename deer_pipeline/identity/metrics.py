@@ -69,6 +69,38 @@ def pairwise_prf(true_labels: Sequence, pred_labels: Sequence, zero_division: fl
     return prf(tp, pred_pairs - tp, true_pairs - tp, zero_division)
 
 
+def _pair_count(*labelings: Sequence) -> int:
+    """Number of pairs of items that agree on every labeling (same group in each)."""
+    n = len(labelings[0])
+    if n == 0:
+        return 0
+    codes = np.zeros(n, np.int64)
+    for lab in labelings:
+        _, inv = np.unique(np.asarray([str(x) for x in lab], dtype=object).astype(str), return_inverse=True)
+        _, codes = np.unique(codes * (int(inv.max()) + 1) + inv, return_inverse=True)   # stays < n
+    counts = np.bincount(codes.ravel())
+    return _pairs(counts)
+
+
+def cross_encounter_prf(true_labels: Sequence, pred_labels: Sequence, encounters: Sequence,
+                        zero_division: float = 0.0) -> PRF:
+    """Pairwise precision/recall/F1 over pairs of items from DIFFERENT encounters only.
+
+    Pairs within one encounter are left out of the truth and of the prediction: joining the
+    photos of one burst is grouping, not recognition. tp = cross-encounter pairs together in
+    both; fp = together only in the prediction; fn = together only in the truth. Computed from
+    counts (pairs together in X minus those of them that share an encounter), no enumeration."""
+    t, p, e = list(true_labels), list(pred_labels), list(encounters)
+    if not (len(t) == len(p) == len(e)):
+        raise ValueError(f"cross_encounter_prf: {len(t)} true labels, {len(p)} predicted, {len(e)} encounters")
+    if not t:
+        return prf(0, 0, 0, zero_division)
+    tp = _pair_count(t, p) - _pair_count(t, p, e)
+    pred_pairs = _pair_count(p) - _pair_count(p, e)
+    true_pairs = _pair_count(t) - _pair_count(t, e)
+    return prf(tp, pred_pairs - tp, true_pairs - tp, zero_division)
+
+
 def adjusted_rand_index(true_labels: Sequence, pred_labels: Sequence) -> float:
     from sklearn.metrics import adjusted_rand_score
 

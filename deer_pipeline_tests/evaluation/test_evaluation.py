@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from deer_pipeline.evaluation import isolated as eval_isolated
 from deer_pipeline.evaluation import labels as eval_labels
 from deer_pipeline.evaluation import methods as rm
+from deer_pipeline.identity import metrics, pooling
 from deer_pipeline.evaluation import scoring as eval_scoring
 
 # --------------------------------------------------------------------------------------------
@@ -94,6 +95,72 @@ def test_open_set_metrics_pairwise_and_counts():
     assert got["pairwise_recall"] == pytest.approx(1 / 2)      # 01 found, 23 missed
     assert got["pairwise_f1"] == pytest.approx(0.4)
     assert got["n_pred"] == 2 and got["n_true"] == 2 and got["count_error"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-encounter metrics (hand-made cases)
+# --------------------------------------------------------------------------------------------
+
+# six photos: individual A in encounters e1 (2 photos) and e2 (2 photos), B in e3 (2 photos)
+_X_IDS = ["A", "A", "A", "A", "B", "B"]
+_X_ENC = ["e1", "e1", "e2", "e2", "e3", "e3"]
+
+
+def test_cross_encounter_never_matching_earns_nothing():
+    # one deer per encounter: all-pairs precision 1 from the within-encounter pairs, but no
+    # cross-encounter pair is predicted, so cross-encounter precision/recall/F1 are 0
+    pred = [1, 1, 2, 2, 3, 3]
+    x = metrics.cross_encounter_prf(_X_IDS, pred, _X_ENC)
+    assert (x.tp, x.fp, x.fn) == (0, 0, 4) and x.f1 == 0.0 and x.precision == 0.0
+    allp = metrics.pairwise_prf(_X_IDS, pred)
+    assert allp.precision == 1.0 and allp.recall == pytest.approx(3 / 7)    # 3 of A's 6 + B's 1 pairs
+    o = eval_scoring.open_set_metrics(_X_IDS, pred, [("A", 1, True), ("A", 2, True), ("B", 3, True)], _X_ENC)
+    assert o["cross_encounter_f1"] == 0.0 and o["pairwise_precision"] == 1.0
+
+
+def test_cross_encounter_perfect_and_everything_merged():
+    x = metrics.cross_encounter_prf(_X_IDS, _X_IDS, _X_ENC)
+    assert (x.tp, x.fp, x.fn) == (4, 0, 0) and x.f1 == 1.0                # e1 x e2: 2 x 2 pairs
+    x = metrics.cross_encounter_prf(_X_IDS, [0] * 6, _X_ENC)
+    # 15 pairs, 3 within an encounter -> 12 cross-encounter pairs predicted, 4 of them right
+    assert (x.tp, x.fp, x.fn) == (4, 8, 0)
+    assert x.precision == pytest.approx(1 / 3) and x.recall == 1.0 and x.f1 == pytest.approx(0.5)
+
+
+def test_cross_encounter_partial_join_counted_by_hand():
+    # photo 2 (A, e2) joins A's e1 deer, photo 3 (A, e2) joins B's deer; photo 5 (B) alone
+    pred = ["a", "a", "a", "b", "b", "c"]
+    x = metrics.cross_encounter_prf(_X_IDS, pred, _X_ENC)
+    # predicted cross pairs: (0,2), (1,2) [deer a], (3,4) [deer b]; right: (0,2), (1,2)
+    assert (x.tp, x.fp, x.fn) == (2, 1, 2)
+    assert x.precision == pytest.approx(2 / 3) and x.recall == pytest.approx(0.5)
+    # without encounters every photo is its own encounter: the plain pairwise metric
+    assert metrics.cross_encounter_prf(_X_IDS, pred, range(6)) == metrics.pairwise_prf(_X_IDS, pred)
+
+
+def test_cross_encounter_rejects_mismatched_lengths():
+    with pytest.raises(ValueError):
+        metrics.cross_encounter_prf(["A", "B"], [1, 2], ["e1"])
+
+
+def test_baks_baus_geometric_mean():
+    o = eval_scoring.open_set_metrics(["A", "A", "B"], [1, 1, 2], [("A", 1, True), ("A", 1, False), ("B", 2, True)],
+                                      ["e1", "e2", "e3"])
+    assert o["baks"] == 1.0 and o["baus"] == 1.0 and o["baks_baus_gmean"] == 1.0
+    o = eval_scoring.open_set_metrics(["A", "A", "B"], [1, 2, 1], [("A", 1, True), ("A", 2, True), ("B", 1, False)],
+                                      ["e1", "e2", "e3"])
+    assert o["baks"] == 0.0 and o["baks_baus_gmean"] == 0.0
+
+
+def test_encounter_pooling_mean_of_the_best_pairs():
+    scores = np.array([[0.9, 0.2, 0.5],
+                       [0.1, 0.3, 0.6]])
+    deer = np.array([0, 0, 1])
+    assert pooling.pool_by_deer(scores, deer, 3, "max").tolist() == [0.9, 0.6, -np.inf]
+    got = pooling.pool_by_deer(scores, deer, 3, "top2")
+    assert got[0] == pytest.approx((0.9 + 0.3) / 2) and got[1] == pytest.approx((0.6 + 0.5) / 2)
+    with pytest.raises(ValueError):
+        pooling.pooling_k("median")
 
 
 def test_simulated_open_set_follows_the_pipeline_rule():
@@ -214,7 +281,9 @@ def test_legacy_projection_differs_between_processes():
 
 def test_method_registry_has_every_method():
     names = set(rm.ALL_METHODS)
-    assert {"v1_resnet50", "multiscale", "efficientnet_b0", "v3_ensemble", "default", "legacy"} <= names
+    assert {"v1_resnet50", "multiscale", "efficientnet_b0", "v3_ensemble", "default", "legacy",
+            "local_verified", "fused", "fused_pooled"} <= names
+    assert rm.method_registry()["fused_pooled"].verified and not rm.method_registry()["v3_ensemble"].verified
     assert rm.method_registry()["legacy"].fixed_threshold == 0.60
     with pytest.raises(ValueError, match="unknown method"):
         rm.resolve_methods(["nope"])
@@ -263,8 +332,10 @@ def test_evaluate_command_on_real_photos_writes_a_valid_report(nyala_dir, tmp_pa
 
     labels = _nyala_subset(nyala_dir, tmp_path)
     out = tmp_path / "report.json"
+    assignments = tmp_path / "assignments.csv"
     rc = evaluation_cli.main(["--labels", str(labels), "--images-root", str(nyala_dir),
-                              "--split-by-identity", "3", "--out", str(out), "--batch-size", "16"])
+                              "--split-by-identity", "3", "--out", str(out), "--batch-size", "16",
+                              "--assignments", str(assignments)])
     assert rc == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -274,7 +345,9 @@ def test_evaluate_command_on_real_photos_writes_a_valid_report(nyala_dir, tmp_pa
         assert name in printed
         assert set(e["closed_set"]) >= {"top1", "top5", "mAP"}
         assert set(e["open_set"]) >= {"pairwise_precision", "pairwise_recall", "pairwise_f1", "ari",
-                                      "n_pred", "n_true", "baks", "baus"}
+                                      "n_pred", "n_true", "baks", "baus", "cross_encounter_precision",
+                                      "cross_encounter_recall", "cross_encounter_f1", "baks_baus_gmean"}
+        assert "assignments" not in e
         assert 0 <= e["closed_set"]["top1"] <= e["closed_set"]["top5"] <= 1
         assert e["open_set"]["n_true"] == 5 and 1 <= e["open_set"]["n_pred"] <= 20
         assert isinstance(e["threshold"], float) and e["threshold_source"]
@@ -290,7 +363,34 @@ def test_evaluate_command_on_real_photos_writes_a_valid_report(nyala_dir, tmp_pa
         assert cop["open_set"]["n_true"] == 5 and "calibration" in cop["threshold_source"]
     assert report["methods"]["default"]["as_configured"]["threshold"] == 0.60
     assert "default@count" in printed and "default@configured" in printed
-    assert report["verdict"]["compared"] and "count_operating_point" in report["verdict"]
+    # the ablation: local verification, calibrated fusion (threshold in probability units), pooling
+    fused = report["methods"]["fused"]
+    art = fused["calibration_artefact"]
+    assert art["version"].startswith("cal1-") and set(art["curves"]) == {"global_cosine", "local_inliers"}
+    assert art["reliability_calibration"] and art["reliability_evaluated"]
+    assert 0.0 <= fused["threshold"] <= 1.0 and "probability" in fused["threshold_source"]
+    assert report["methods"]["fused_pooled"]["encounter_pooling"] == "top2"
+    lv = report["local_verification"]
+    assert lv["pairs_verified"] > 0 and lv["crops_computed"] == 40
+    v = report["verdict"]
+    assert v["compared"] and v["threshold"] == report["methods"]["default"]["threshold"]
+    assert v["default_f1"] == report["methods"]["default"]["open_set"]["cross_encounter_f1"]
+    assert "cross-encounter F1" in printed
+    # the assignments file: one row per evaluated photo and method, enough to recompute the metrics
+    with open(assignments, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert report["assignments_file"] == str(assignments)
+    assert {"method", "image_path", "identity", "encounter_id", "predicted_deer", "score",
+            "decided_against"} <= set(rows[0])
+    assert len(rows) == 20 * len(rm.ALL_METHODS)
+    for name, e in report["methods"].items():
+        mine = [r for r in rows if r["method"] == name]
+        x = metrics.cross_encounter_prf([r["identity"] for r in mine], [r["predicted_deer"] for r in mine],
+                                        [r["encounter_id"] for r in mine])
+        assert x.f1 == pytest.approx(e["open_set"]["cross_encounter_f1"])
+        assert len({r["predicted_deer"] for r in mine}) == e["open_set"]["n_pred"]
+        joined = [r for r in mine if r["decision"] == "matched"]
+        assert all(r["decided_against"] == r["predicted_deer"] for r in joined)
     # legacy and the feature method came from the pipeline's own forward pass (a hook), not a second pass
     assert report["embedding"]["feature_source"]["separate_pass"] == []
     assert report["methods"]["default"]["weights"] == {"multiscale": 0.6, "efficientnet_b0": 0.4}

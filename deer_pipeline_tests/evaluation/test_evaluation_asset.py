@@ -47,7 +47,7 @@ def test_reid_evaluation_with_labels_puts_numbers_in_metadata(nyala_dir, tmp_pat
     assert result.success
     md = _metadata(result)
     assert md["status"].value == "evaluated"
-    for key in ("default_open_set_f1", "legacy_open_set_f1", "default_top1", "default_mAP",
+    for key in ("default_open_set_f1", "legacy_open_set_f1", "default_cross_encounter_f1", "default_top1", "default_mAP",
                 "legacy_count_error", "default_threshold"):
         assert isinstance(md[key].value, float), key
     assert 0.0 <= md["default_open_set_f1"].value <= 1.0

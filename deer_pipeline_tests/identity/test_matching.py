@@ -469,11 +469,11 @@ def test_a_failure_while_matching_creates_no_deer(engine, monkeypatch):
     calls = {"n": 0}
     real_append = matching.Gallery.append
 
-    def failing_append(self, deer_ids, vectors):
+    def failing_append(self, deer_ids, vectors, detection_ids=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("simulated failure while matching")
-        return real_append(self, deer_ids, vectors)
+        return real_append(self, deer_ids, vectors, detection_ids)
 
     monkeypatch.setattr(matching.Gallery, "append", failing_append)
     with pytest.raises(RuntimeError, match="simulated"):
