@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from deer_pipeline.identity import calibration as calib
-from deer_pipeline.identity.matching import pair_scores
+from deer_pipeline.identity.candidates import pair_scores
 from deer_pipeline.identity.verification import Verifier, flank_compatible
 from deer_pipeline.settings import MatchingSettings
 
@@ -112,7 +112,7 @@ class VerifiedScores:
     @staticmethod
     def pair_scores(match_score: str, S: np.ndarray, L: np.ndarray, compat: np.ndarray,
                     cal: calib.Calibration | None) -> np.ndarray:
-        """The pipeline's pair score (``matching._Rescorer.pair_scores``) as a matrix; -inf for
+        """The pipeline's pair score (``candidates._Rescorer.pair_scores``) as a matrix; -inf for
         pairs that are not compared."""
         P = pair_scores(match_score, S, L, cal)
         P[~compat] = -np.inf

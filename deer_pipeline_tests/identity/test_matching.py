@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from deer_pipeline import db
-from deer_pipeline.identity import matching, store
+from deer_pipeline.identity import gallery, matching, store
 from deer_pipeline.identity.matching import MatchingError, decide_partition
 from deer_pipeline.settings import MatchingSettings
 
@@ -467,7 +467,7 @@ def test_a_failure_while_matching_creates_no_deer(engine, monkeypatch):
                          versions={"multiscale": "ms-test-v2", "efficientnet_b0": "eb0-test-v2"})
     # 4. an error in the middle of the decision, after new deer were decided in memory
     calls = {"n": 0}
-    real_append = matching.Gallery.append
+    real_append = gallery.Gallery.append
 
     def failing_append(self, deer_ids, vectors, detection_ids=None):
         calls["n"] += 1
@@ -475,7 +475,7 @@ def test_a_failure_while_matching_creates_no_deer(engine, monkeypatch):
             raise RuntimeError("simulated failure while matching")
         return real_append(self, deer_ids, vectors, detection_ids)
 
-    monkeypatch.setattr(matching.Gallery, "append", failing_append)
+    monkeypatch.setattr(gallery.Gallery, "append", failing_append)
     with pytest.raises(RuntimeError, match="simulated"):
         decide_partition(engine, "cam1", "2024-05-02", SETTINGS, versions=MODELS)
     monkeypatch.undo()
