@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "review": ("deer_pipeline.review.cli", "the review web app (queue, deer, corrections); 'review export|apply FILE.csv'"),
     "id": ("deer_pipeline.review.id_cli", "corrections for scripts: 'id merge|split|name|unidentifiable|undo|list'"),
     "recover": ("deer_pipeline.ops.recovery", "fail runs whose process is gone, free the pool slots of finished runs"),
+    "cameras": ("deer_pipeline.export.cameras", "'cameras import cameras.csv': camera sites and deployment dates"),
+    "export": ("deer_pipeline.export.cli", "'export camtrap-dp OUT_DIR' (Camtrap DP 1.0), 'export sightings OUT.csv'"),
 }
 
 

@@ -14,7 +14,9 @@ from deer_pipeline.defs import (
     embeddings,
     evaluation,
     executors,
+    exports,
     identity,
+    incoming,
     jobs,
     reid_model,
     reports,
@@ -28,7 +30,7 @@ from deer_pipeline.defs.resources import (
     inference_resource_from_env,
 )
 
-ASSET_MODULES = [crops, embeddings, identity, reports, evaluation, reid_model]
+ASSET_MODULES = [crops, embeddings, identity, reports, evaluation, exports, reid_model]
 
 
 def _of_type(modules, kind) -> list:
@@ -51,9 +53,12 @@ def resources() -> dict:
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(ASSET_MODULES),
-    jobs=[jobs.identification_job, jobs.report_job, jobs.evaluation_job, jobs.training_job],
-    sensors=_of_type([sensors, alerts], dg.SensorDefinition),
-    schedules=[schedules.nightly_identification_schedule, schedules.nightly_report_schedule],
+    jobs=[jobs.identification_job, jobs.report_job, jobs.evaluation_job, incoming.ingest_file_job,
+          jobs.training_job,
+          exports.daily_exports_job],
+    sensors=_of_type([sensors, alerts, incoming], dg.SensorDefinition),
+    schedules=[schedules.nightly_identification_schedule, schedules.nightly_report_schedule,
+               exports.daily_exports_schedule],
     resources=resources(),
     # DEER_EXECUTOR=celery runs steps on celery workers (gpu queue for inference); default: multiprocess
     executor=executors.executor_from_env(),

@@ -39,7 +39,7 @@ def _start_date_from_data(engine) -> None:
 
 def run_demo(images: Path | None = None, detections: Path | None = None, seed: int = 7,
              out_dir: Path | None = None, calibrate: bool = True,
-             image_roots: list[Path] | None = None) -> dict:
+             image_roots: list[Path] | None = None, all_animals_are_deer: bool = False) -> dict:
     import datetime as dt
 
     import dagster as dg
@@ -49,6 +49,7 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
     from deer_pipeline.detections import ingest
     from deer_pipeline.ops import recovery, status
     from deer_pipeline.ops.instance import get_instance
+    from deer_pipeline.ops.progress import ProgressBar, write
     from deer_pipeline.settings import IngestSettings, last_partition_day
 
     started = time.perf_counter()
@@ -63,10 +64,11 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
     if images is None:
         out_dir = Path(out_dir or db.data_dir() / "sample").resolve()
         info = sample.write_sample(out_dir, seed=seed)
-        report = ingest.ingest(engine, info.detections_json, settings=settings)
+        report = ingest.ingest(engine, info.detections_json, settings=settings, quiet=None)
         truth_dir = out_dir   # loaded after calibration, so the threshold never sees the truth
     else:
-        report = ingest.ingest(engine, detections or images, settings=settings)
+        report = ingest.ingest(engine, detections or images, settings=settings, quiet=None,
+                               all_animals_are_deer=all_animals_are_deer)
     print(f"ingested: {report.summary()}")
     _start_date_from_data(engine)
 
@@ -97,14 +99,16 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
 
     def run_all(label: str, run_config: dict, assets=None) -> None:
         print(f"{label}: {len(partitions)} camera x day partitions")
-        for camera, day in partitions:  # capture-time order: identity decisions follow time
-            key = partition_key(camera, day)
-            result = job.execute_in_process(instance=instance, partition_key=key, run_config=run_config,
-                                            asset_selection=assets, raise_on_error=False,
-                                            tags=recovery.worker_tags())
-            print(f"  {str(key):<28} {'ok' if result.success else 'FAILED'}")
-            if not result.success:
-                failed.append(f"{label}:{key}")
+        with ProgressBar(len(partitions), desc=label.split(",")[0], unit="partition") as bar:
+            for camera, day in partitions:  # capture-time order: identity decisions follow time
+                key = partition_key(camera, day)
+                result = job.execute_in_process(instance=instance, partition_key=key, run_config=run_config,
+                                                asset_selection=assets, raise_on_error=False,
+                                                tags=recovery.worker_tags())
+                write(f"  {str(key):<28} {'ok' if result.success else 'FAILED'}")
+                bar.update(1)
+                if not result.success:
+                    failed.append(f"{label}:{key}")
 
     def run_report() -> dict:
         result = report_job.execute_in_process(instance=instance, run_config=quiet, raise_on_error=False,
@@ -134,6 +138,13 @@ def run_demo(images: Path | None = None, detections: Path | None = None, seed: i
         instance=instance, run_config=quiet, raise_on_error=False, tags=recovery.worker_tags())
     if not evaluation.success:
         failed.append("reid_evaluation")
+    # The deer roster (table, numbers over time, pictures) for the UI; the camtrap_dp asset needs
+    # camera coordinates (deer-pipeline cameras import), so the demo leaves it to the schedule.
+    roster = defs.resolve_job_def("daily_exports_job").execute_in_process(
+        instance=instance, run_config=quiet, asset_selection=[dg.AssetKey("deer_roster")],
+        raise_on_error=False, tags=recovery.worker_tags())
+    if not roster.success:
+        failed.append("deer_roster")
 
     summary = status.collect(engine)
     summary["partitions"] = len(partitions)
@@ -193,10 +204,16 @@ def main(argv: list[str]) -> int:
                         help="keep the configured threshold instead of deciding again at the one the "
                              "threshold report recommends from the data's own constraints")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--all-animals-are-deer", action="store_true",
+                        help="--detections without species classifications: take every animal box as a deer")
     args = parser.parse_args(argv)
+    from deer_pipeline.ops.progress import set_quiet
+
+    set_quiet(args.quiet)
 
     summary = run_demo(args.images, args.detections, args.seed, args.out_dir, calibrate=not args.no_calibrate,
-                       image_roots=args.image_root)
+                       image_roots=args.image_root, all_animals_are_deer=args.all_animals_are_deer)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:

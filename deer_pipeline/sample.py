@@ -44,7 +44,8 @@ from deer_pipeline.sample_drawing import (
 CAMERA_NAMES = ("cam-north", "cam-creek", "cam-ridge", "cam-field", "cam-oak", "cam-bottom",
                 "cam-pine", "cam-saddle")
 
-CLASS_IDS = {"doe": "0", "fawn": "1", "young_buck": "2", "mid_buck": "3", "mature_buck": "4"}
+CLASS_IDS = {"doe": "0", "fawn": "1", "young_buck": "2", "mid_buck": "3", "mature_buck": "4",
+             "deer": "5"}     # 'deer': the classifier saw a deer but no age/sex class (-> unknown)
 FIRST_DAY = date(2025, 10, 1)
 LAST_DAY = date(2025, 10, 10)
 
@@ -204,9 +205,11 @@ def _write_burst(out: Path, cam: str, start: datetime, placements, bg, night: bo
             nb = [round(box[0] / FRAME_W, 4), round(box[1] / FRAME_H, 4),
                   round(box[2] / FRAME_W, 4), round(box[3] / FRAME_H, 4)]
             det = {"category": "1", "conf": round(float(rng.uniform(0.72, 0.99)), 3), "bbox": nb}
-            if rng.random() > 0.1:   # ~10% come without a class (-> unknown)
+            if rng.random() > 0.1:   # ~10% are only 'deer' to the classifier (-> unknown)
                 det["classifications"] = [[CLASS_IDS[p.deer.classification],
                                            round(float(rng.uniform(0.6, 0.97)), 3)]]
+            else:                    # no random draw here: the sample stays as it was
+                det["classifications"] = [[CLASS_IDS["deer"], 0.5]]
             dets.append(det)
             did = detection_id_for("megadetector", sha, ",".join(f"{v:.4f}" for v in nb))
             acc.truth_rows.append({"detection_id": did, "file": name, "box_index": bi,

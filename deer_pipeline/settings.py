@@ -41,6 +41,18 @@ CANDIDATE_DEER = 20                        # candidate deer re-scored and record
 SEARCH = "auto"                            # auto | exact | hnsw
 HNSW_EF_SEARCH = 200
 EXACT_SEARCH_MAX_GALLERY = 200_000         # auto: exact scoring below this many sightings
+# match score: cosine (global ensemble cosine) | local (inliers of local-feature verification) |
+# fused (mean of calibrated probabilities of both; the threshold is then a probability)
+MATCH_SCORE = "cosine"
+VERIFY_TOP_K = 50                          # candidate sightings verified per sighting (local, fused)
+ENCOUNTER_POOLING = "max"                  # encounter vs deer: best pair (max) or mean of the best N (topN)
+FLANK_AWARE = True                         # local/fused: known opposite flanks are not compared
+LOCAL_LONG_SIDE = 384                      # crops brought to this longest side for keypoints
+LOCAL_MAX_KEYPOINTS = 400                  # strongest RootSIFT keypoints kept per crop
+LOCAL_RATIO = 0.8                          # Lowe's ratio test
+LOCAL_MODEL = "affine"                     # affine | homography | similarity (fitted with USAC MAGSAC)
+LOCAL_REPROJ_PX = 6.0                      # inlier distance, pixels at LOCAL_LONG_SIDE
+BACKGROUND_CONTROL = True                  # drop keypoints shared with another animal of the same frame
 # identity checks
 ASSIGNMENT_RATE_MIN = 0.05
 ASSIGNMENT_RATE_MAX = 0.98
@@ -100,6 +112,11 @@ ENVIRONMENT = {
     "DEER_EVAL_SPLIT_SEED": "split the reid_evaluation labels by identity with this seed",
     "DEER_EVAL_CALIBRATION_LABELS": "calibration labels CSV of the reid_evaluation asset",
     "DEER_EVAL_CALIBRATION_IMAGES_ROOT": "calibration images root of the reid_evaluation asset",
+    "DEER_INCOMING_DIR": "drop folder for detector files (MegaDetector / SpeciesNet JSON); unset = sensor idle",
+    "DEER_INCOMING_SETTLE_S": "seconds a dropped file must be unchanged before it is ingested; default 10",
+    "DEER_INCOMING_ALL_ANIMALS_ARE_DEER": "1: dropped files without a species classifier take every animal as a deer",
+    "DEER_PROGRESS_EVERY": "assets log progress (rate, ETA) every N batches; default 10",
+    "DEER_QUIET": "1: no progress bars on the command line",
     "DEER_REVIEW_TOKEN": "token the review app requires when it listens beyond 127.0.0.1",
     "DEER_REVIEWER": "reviewer name recorded with decisions (default: the login name)",
 }
@@ -203,6 +220,24 @@ CLASS_SYNONYMS = {
 }
 SEXES = ("female", "male", "unknown")
 
+# Species map for classifier output (MegaDetector ``classifications``, SpeciesNet predictions).
+# A deer taxon becomes a candidate sighting of sex ``unknown`` (unless the classifier's class is
+# itself an age/sex class above: doe, fawn, buck, ...); every other species is rejected with
+# "not a deer: <name>". Names are compared in lower case; SpeciesNet's taxonomy strings
+# ("<uuid>;mammalia;artiodactyla;cervidae;odocoileus;virginianus;white-tailed deer") are matched
+# on the genus, "genus species" and the common name.
+DEER_TAXA = frozenset({
+    "deer", "white-tailed deer", "white tailed deer", "whitetail", "whitetail deer",
+    "whitetailed deer", "odocoileus virginianus", "odocoileus", "odocoileus spp.", "odocoileus spp",
+    "odocoileus sp.", "odocoileus sp", "mule deer", "black-tailed deer", "odocoileus hemionus",
+})
+DEER_GENUS = "odocoileus"
+# Detector output that is never a deer: the reason stored for it.
+NOT_AN_ANIMAL = {"person": "person, not an animal", "human": "person, not an animal",
+                 "vehicle": "vehicle, not an animal", "blank": "classifier saw no animal (blank)",
+                 "empty": "classifier saw no animal (blank)"}
+DEFAULT_MIN_CONFIDENCE = 0.2      # when the detector file gives no typical_detection_threshold
+
 
 class SettingsError(ValueError):
     """A setting is out of range; the message names it."""
@@ -222,6 +257,59 @@ def sex_of(classification: str) -> str:
     return CLASS_TO_SEX.get(classification, "unknown")
 
 
+def species_decision(raw: str | None) -> tuple[str | None, str | None]:
+    """What a classifier's class means for a detection: ``(classification, None)`` for a deer
+    (an age/sex class such as ``doe``, or ``unknown`` for a deer taxon), ``(None, reason)`` for
+    anything else ("not a deer: raccoon")."""
+    if raw is None or not str(raw).strip():
+        return None, "no species classification"
+    text = str(raw).strip()
+    parts = [p.strip().lower() for p in text.split(";")]
+    if len(parts) >= 7:                       # SpeciesNet: uuid;class;order;family;genus;species;common
+        genus, species, common = parts[4], parts[5], parts[6]
+        names = [n for n in (common, f"{genus} {species}".strip(), genus) if n]
+        label = common or " ".join(p for p in (genus, species) if p) or parts[3] or parts[2] or parts[1] or "?"
+        if genus == DEER_GENUS or any(n in DEER_TAXA for n in names):
+            return "unknown", None
+        if label in NOT_AN_ANIMAL:
+            return None, NOT_AN_ANIMAL[label]
+        return None, f"not a deer: {label}"
+    key = parts[0] if len(parts) == 1 else text.lower()
+    if key in NOT_AN_ANIMAL:
+        return None, NOT_AN_ANIMAL[key]
+    if key != "animal":                       # 'animal' alone says nothing about the species
+        cls = normalise_classification(key)
+        if cls is not None:
+            return cls, None
+    if key in DEER_TAXA or key.split(" ")[0] == DEER_GENUS:
+        return "unknown", None
+    return None, f"not a deer: {key}"
+
+
+@dataclass(frozen=True)
+class LocalFeatureSettings:
+    """Local features inside the detection box and their geometric verification."""
+
+    long_side: int = LOCAL_LONG_SIDE
+    max_keypoints: int = LOCAL_MAX_KEYPOINTS
+    ratio: float = LOCAL_RATIO
+    model: str = LOCAL_MODEL
+    reproj_px: float = LOCAL_REPROJ_PX
+    background_control: bool = BACKGROUND_CONTROL
+
+    def __post_init__(self) -> None:
+        if not 32 <= self.long_side <= 4096:
+            raise SettingsError(f"local long_side must be in [32, 4096], got {self.long_side!r}")
+        if self.max_keypoints < 8:
+            raise SettingsError(f"local max_keypoints must be at least 8, got {self.max_keypoints!r}")
+        if not 0 < self.ratio <= 1:
+            raise SettingsError(f"local ratio must be in (0, 1], got {self.ratio!r}")
+        if self.model not in ("affine", "homography", "similarity"):
+            raise SettingsError(f"local model must be affine, homography or similarity, not {self.model!r}")
+        if not self.reproj_px > 0:
+            raise SettingsError(f"local reproj_px must be > 0, got {self.reproj_px!r}")
+
+
 @dataclass(frozen=True)
 class MatchingSettings:
     """How sightings are matched to known deer."""
@@ -234,6 +322,12 @@ class MatchingSettings:
     search: str = SEARCH                   # auto | exact | hnsw
     hnsw_ef_search: int = HNSW_EF_SEARCH
     exact_search_max_gallery: int = EXACT_SEARCH_MAX_GALLERY
+    match_score: str = MATCH_SCORE          # cosine | local | fused
+    verify_top_k: int = VERIFY_TOP_K
+    encounter_pooling: str = ENCOUNTER_POOLING
+    flank_aware: bool = FLANK_AWARE
+    calibration_version: str | None = None  # fused: the stored calibration to use (None: the newest)
+    local: LocalFeatureSettings = field(default_factory=LocalFeatureSettings)
 
     def __post_init__(self) -> None:
         check_threshold("reid_threshold", self.reid_threshold)
@@ -246,6 +340,15 @@ class MatchingSettings:
             raise SettingsError(f"search must be auto, exact or hnsw, not {self.search!r}")
         if self.candidate_deer < 1:
             raise SettingsError("candidate_deer must be at least 1")
+        if isinstance(self.local, dict):          # read back from JSON (e.g. the recorded decision settings)
+            object.__setattr__(self, "local", LocalFeatureSettings(**self.local))
+        if self.match_score not in ("cosine", "local", "fused"):
+            raise SettingsError(f"match_score must be cosine, local or fused, not {self.match_score!r}")
+        if self.verify_top_k < 1:
+            raise SettingsError("verify_top_k must be at least 1")
+        p = self.encounter_pooling
+        if not (p == "max" or (p.startswith("top") and p[3:].isdigit() and int(p[3:]) >= 1)):
+            raise SettingsError(f"encounter_pooling must be max or topN (e.g. top2), not {p!r}")
 
     def threshold_for(self, sex: str) -> float:
         return self.thresholds_by_sex.get(sex, self.reid_threshold)
@@ -343,6 +446,58 @@ class EmbeddingSettings:
                    batch_size=env_int("DEER_BATCH_SIZE", BATCH_SIZE),
                    num_workers=env_int("DEER_NUM_WORKERS"), amp=env_bool("DEER_AMP", AMP),
                    backend=env("DEER_INFERENCE_BACKEND", BACKEND))
+
+
+# Exports (deer-pipeline export camtrap-dp, the camtrap_dp asset): what a Camtrap DP package
+# says about itself when the command line does not say otherwise.
+CAMTRAP_DP_DEFAULTS = {
+    "package_name": "deer-pipeline-individual-deer",
+    "title": "Individual white-tailed deer from trail cameras (deer_pipeline)",
+    "contributor": "deer_pipeline user",
+    "data_license": "CC0-1.0",
+    "media_license": "CC-BY-4.0",
+    "sampling_design": "opportunistic",
+    "scientific_name": "Odocoileus virginianus",
+    "vernacular_name": "white-tailed deer",
+}
+INCOMING_SETTLE_S = 10.0        # a dropped detector file must be unchanged this long
+PROGRESS_LOG_EVERY = 10         # assets log progress every N batches
+
+
+def incoming_dir() -> str | None:
+    """DEER_INCOMING_DIR: the drop folder the incoming-detector-files sensor watches (None = off)."""
+    return env("DEER_INCOMING_DIR")
+
+
+def incoming_settle_seconds() -> float:
+    """A dropped file is ingested once it has not changed for this long (still being copied)."""
+    raw = env("DEER_INCOMING_SETTLE_S")
+    try:
+        value = float(raw) if raw is not None else INCOMING_SETTLE_S
+    except ValueError:
+        raise SettingsError(f"DEER_INCOMING_SETTLE_S must be a number of seconds, got {raw!r}") from None
+    if not value >= 0:
+        raise SettingsError(f"DEER_INCOMING_SETTLE_S must be >= 0, got {raw!r}")
+    return value
+
+
+def incoming_all_animals_are_deer() -> bool:
+    """DEER_INCOMING_ALL_ANIMALS_ARE_DEER=1: dropped detector files without a species classifier
+    are ingested with every animal box taken as a deer (default: such files are refused)."""
+    return env_bool("DEER_INCOMING_ALL_ANIMALS_ARE_DEER", False)
+
+
+def progress_log_every() -> int:
+    """DEER_PROGRESS_EVERY: assets log progress (rate, ETA) every this many batches."""
+    value = env_int("DEER_PROGRESS_EVERY", PROGRESS_LOG_EVERY)
+    if value < 1:
+        raise SettingsError(f"DEER_PROGRESS_EVERY must be >= 1, got {value!r}")
+    return value
+
+
+def quiet_progress() -> bool:
+    """DEER_QUIET=1: no progress bars on the command line."""
+    return env_bool("DEER_QUIET", False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ def crops(context: dg.AssetExecutionContext, database: DeerDatabase, crop_store:
     camera_id, day = camera_and_day(context)
     settings = crop_store.settings()
     # one transaction, content-addressed files: repeated whole when the database drops out
-    report = db.retry_transient(lambda: crop_partition(database.engine(), camera_id, day, settings),
+    report = db.retry_transient(lambda: crop_partition(database.engine(), camera_id, day, settings,
+                                                               progress_log=context.log.info),
                                 f"crops {camera_id}|{day}", on_retry=context.log.warning)
     context.log.info(report.summary())
     skipped = report.skipped[:SKIPPED_TABLE_ROWS]

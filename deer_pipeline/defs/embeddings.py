@@ -56,7 +56,8 @@ def embed_partitions(context, database: DeerDatabase, crop_store: CropStore,
             "DEER_EMBEDDING_WEIGHTS when the code location loaded); staleness will not reflect it",
             embedding_config.versions(config), code_version)
     run = embedding_partitions.embed_partitions(database.engine(), config, crop_store.settings().store_dir,
-                                                [split_key(k) for k in partition_keys])
+                                                [split_key(k) for k in partition_keys],
+                                                progress_log=context.log.info)
     for line in run.weights_used:
         context.log.info("weights used: %s", line)
     metadata = _metadata(run, partition_keys, config, configured_code_version == code_version)

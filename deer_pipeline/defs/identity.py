@@ -85,6 +85,9 @@ def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
         "search": dg.MetadataValue.text(summary.search),
         "seconds": dg.MetadataValue.float(round(summary.seconds, 3)),
         "phase_seconds": dg.MetadataValue.json(summary.phase_seconds),
+        # match_score local/fused: features computed vs cached, pairs verified, and why pairs had no
+        # local score (no keypoints, degenerate fit, corrupt cache entry, unreadable crop)
+        "local_verification": dg.MetadataValue.json(summary.local_verification),
         "summary": dg.MetadataValue.md(_summary_markdown(summary)),
         # people in the loop: decisions a review fixed now, and sightings people confirmed
         "review_decided": dg.MetadataValue.int(summary.reviewed),

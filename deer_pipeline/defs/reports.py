@@ -14,6 +14,18 @@ from deer_pipeline.identity import threshold_report as report_lib
 from deer_pipeline.identity.store import MatchingError
 
 
+def _inline_png(path) -> str:
+    """The report's PNG as an image the UI shows (markdown with a data URI), not only a path."""
+    from pathlib import Path
+
+    from deer_pipeline.export.roster import png_markdown, shrink_png
+
+    try:
+        return png_markdown(shrink_png(Path(path).read_bytes()), "threshold report")
+    except OSError as exc:
+        return f"(plot not readable: {exc})"
+
+
 @dg.asset(
     deps=["similarity_scores"],
     group_name="reports",
@@ -43,6 +55,7 @@ def threshold_report(context: dg.AssetExecutionContext, database: DeerDatabase,
         "recommendation_rule": dg.MetadataValue.text(rec["rule"]),
         "threshold_in_use": dg.MetadataValue.float(float(identity.reid_threshold)),
         "plot": dg.MetadataValue.path(rep.files["png"]),
+        "plot_image": dg.MetadataValue.md(_inline_png(rep.files["png"])),
         "json": dg.MetadataValue.path(rep.files["json"]),
         "sweep_csv": dg.MetadataValue.path(rep.files["sweep_csv"]),
     }

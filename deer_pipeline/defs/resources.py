@@ -112,6 +112,12 @@ class IdentitySettings(dg.ConfigurableResource):
     search: str = Field(default=settings.SEARCH, description="auto | exact | hnsw")
     hnsw_ef_search: int = Field(default=settings.HNSW_EF_SEARCH, description="initial hnsw.ef_search (doubled when filters starve it)")
     exact_search_max_gallery: int = Field(default=settings.EXACT_SEARCH_MAX_GALLERY, description="auto: exact below this many sightings")
+    match_score: str = Field(default=settings.MATCH_SCORE, description="cosine | local (local-feature inliers) | "
+                             "fused (mean of calibrated probabilities; the threshold is a probability)")
+    verify_top_k: int = Field(default=settings.VERIFY_TOP_K, description="candidate sightings verified per sighting")
+    encounter_pooling: str = Field(default=settings.ENCOUNTER_POOLING, description="max | topN: encounter vs deer score")
+    flank_aware: bool = Field(default=settings.FLANK_AWARE, description="known opposite flanks are not compared")
+    calibration_version: Optional[str] = Field(default=None, description="fused: stored calibration (None: newest)")
     embedding_versions: Optional[dict[str, str]] = Field(
         default=None, description="model -> embedding version; None = ask `version_source`")
     version_source: str = Field(
@@ -162,7 +168,9 @@ class IdentitySettings(dg.ConfigurableResource):
             reid_threshold=self.reid_threshold, thresholds_by_sex=dict(self.thresholds_by_sex),
             ensemble_weights=dict(self.ensemble_weights), sex_filter=self.sex_filter,
             candidate_deer=self.candidate_deer, search=self.search, hnsw_ef_search=self.hnsw_ef_search,
-            exact_search_max_gallery=self.exact_search_max_gallery)
+            exact_search_max_gallery=self.exact_search_max_gallery, match_score=self.match_score,
+            verify_top_k=self.verify_top_k, encounter_pooling=self.encounter_pooling, flank_aware=self.flank_aware,
+            calibration_version=self.calibration_version)
 
     def versions(self, embedding: Optional[settings.EmbeddingSettings] = None) -> Optional[dict[str, str]]:
         """model -> embedding version to decide with; None = the newest stored (``latest``).

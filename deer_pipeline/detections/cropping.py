@@ -140,8 +140,27 @@ def _photo_rows(photo, dets, settings: CropSettings, target_size: int) -> tuple[
     return rows, decoded.scale
 
 
+def _with_progress(results, n_photos: int, camera_id: str, day, progress_log, quiet) -> list:
+    """Collect the per-photo results, showing a bar (command line) and logging rate and ETA
+    every few batches of photos (``progress_log``, e.g. the asset's logger)."""
+    from deer_pipeline.ops.progress import ProgressBar, ProgressLog
+    from deer_pipeline.settings import progress_log_every
+
+    out = []
+    plog = ProgressLog(progress_log, n_photos, f"crops {camera_id}|{day}: photos",
+                       every=progress_log_every() * 10) if progress_log else None
+    with ProgressBar(n_photos, desc=f"cropping {camera_id}|{day}", unit="photo", quiet=quiet) as bar:
+        for r in results:
+            out.append(r)
+            bar.update(1)
+            if plog:
+                plog.batch_done(1)
+    return out
+
+
 def crop_partition(engine: Engine, camera_id: str, day, settings: CropSettings | None = None,
-                   target_size: int = 224, workers: int | None = None) -> CropReport:
+                   target_size: int = 224, workers: int | None = None, progress_log=None,
+                   quiet: bool | None = True) -> CropReport:
     """Crop every ``status='ok'`` detection of one camera-day; upsert one ``crops`` row each.
 
     ``crops.width/height`` are the stored crop's pixel size (after any draft reduction);
@@ -174,9 +193,9 @@ def crop_partition(engine: Engine, camera_id: str, day, settings: CropSettings |
     run = lambda item: _photo_rows(photos[item[0]], item[1], settings, target_size)  # noqa: E731
     if workers > 1 and len(jobs) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:   # Pillow decodes without the GIL
-            results = list(pool.map(run, jobs))
+            results = _with_progress(pool.map(run, jobs), len(jobs), camera_id, day, progress_log, quiet)
     else:
-        results = [run(job) for job in jobs]
+        results = _with_progress(map(run, jobs), len(jobs), camera_id, day, progress_log, quiet)
     for photo_rows, scale in results:
         rows += photo_rows
         if scale is not None:

@@ -1,4 +1,11 @@
-"""The detector formats ingestion reads: MegaDetector batch-output JSON, a CSV of pixel boxes, and a bare folder of photos (one whole-frame detection per photo). Each parser turns a file into records; nothing here touches the database."""
+"""The detector formats ingestion reads: MegaDetector batch-output JSON (1.x), SpeciesNet
+``predictions.json``, a CSV of pixel boxes, and a bare folder of photos (one whole-frame
+detection per photo). Each parser turns a file into records; nothing here touches the database.
+
+What may become a deer sighting is decided here too (``pre_box_reason`` and
+``species_reason``): boxes under the minimum confidence, persons, vehicles, unknown detector
+categories and every species the classifier calls something other than a deer are rejected
+with a reason (the species map is ``settings.species_decision``)."""
 
 from __future__ import annotations
 
@@ -13,8 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from deer_pipeline.detections import images as imaging
+from deer_pipeline.settings import DEFAULT_MIN_CONFIDENCE, normalise_classification, species_decision
 
-FORMATS = ("megadetector", "csv", "folder")
+FORMATS = ("megadetector", "speciesnet", "csv", "folder")
 
 
 CAMERA_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -27,6 +35,17 @@ CSV_OPTIONAL = ("detection_id", "camera_id", "captured_at", "classification", "c
 
 
 MD_ANIMAL = "animal"
+
+
+MD_DEFAULT_CATEGORIES = {"1": "animal", "2": "person", "3": "vehicle"}
+
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mts", ".3gp", ".webm")
+
+
+NO_CLASSIFIER_HELP = ("this file has no species classifications, so every animal box would become a deer "
+                      "sighting (raccoons, turkeys, ...). Run a species classifier (e.g. SpeciesNet) first, "
+                      "or pass --all-animals-are-deer if every animal in these photos is a deer")
 
 
 class IngestFileError(ValueError):
@@ -56,6 +75,7 @@ class _Record:
     confidence: float | None = None
     category: str | None = None           # MegaDetector category name
     reject_record: str | None = None      # cannot become a detection at all
+    classified: bool = False              # ``classification`` comes from a species classifier
 
 
 def parse_time(value) -> datetime | None:
@@ -89,11 +109,97 @@ def _float(value) -> float:
         return math.nan
 
 
+class ParsedFile(list):
+    """The records of one input file, with what the file says about itself: the detector's
+    ``info`` block, its ``typical_detection_threshold``, whether a species classifier ran, and
+    notes for the summary (missing info, unknown format version, ...)."""
+
+    def __init__(self, records=(), info: dict | None = None, typical_threshold: float | None = None,
+                 has_classifier: bool = False, notes: list[str] | None = None):
+        super().__init__(records)
+        self.info = info
+        self.typical_threshold = typical_threshold
+        self.has_classifier = has_classifier
+        self.notes = list(notes or [])
+
+
+def default_min_confidence(records) -> tuple[float, str]:
+    """The minimum detector confidence to use when none is given, and where it comes from."""
+    t = getattr(records, "typical_threshold", None)
+    if t is not None:
+        return t, "the file's typical_detection_threshold"
+    return DEFAULT_MIN_CONFIDENCE, "default"
+
+
+def needs_species_decision(records) -> bool:
+    """True when the file has animal boxes but no species classifier ran over them."""
+    return (isinstance(records, ParsedFile) and not records.has_classifier
+            and any(r.category == MD_ANIMAL and not r.reject_record for r in records))
+
+
+def pre_box_reason(rec: _Record, min_confidence: float | None) -> str | None:
+    reason = _pre_box_reason(rec, min_confidence)
+    return _readable(reason) if reason else None
+
+
+def _pre_box_reason(rec: _Record, min_confidence: float | None) -> str | None:
+    """Why a record is not a candidate before its box is looked at: low detector confidence,
+    or a category that is not an animal (person, vehicle, unknown)."""
+    if min_confidence is not None and min_confidence > 0 and rec.confidence is not None \
+            and math.isfinite(rec.confidence) and rec.confidence < min_confidence:
+        return f"confidence {rec.confidence:.3f} below {min_confidence:g}"
+    if rec.category is not None and rec.category != MD_ANIMAL:
+        if rec.category.startswith("unknown category"):
+            return f"{rec.category}: not in the file's detection_categories"
+        return f"category {rec.category}, not an animal"
+    return None
+
+
+def species_reason(rec: _Record, all_animals_are_deer: bool = False) -> tuple[str | None, str | None]:
+    """``(classification, reason)`` of a record: the canonical class (doe, fawn, ..., unknown)
+    of a candidate, or ``None`` and the reason it is not a deer."""
+    cls, reason = _species_reason(rec, all_animals_are_deer)
+    return cls, (_readable(reason) if reason else None)
+
+
+def _species_reason(rec: _Record, all_animals_are_deer: bool) -> tuple[str | None, str | None]:
+    if rec.classified:
+        if rec.classification is None:
+            if all_animals_are_deer:
+                return "unknown", None
+            return None, "animal without a species classification (pass --all-animals-are-deer to keep it)"
+        return species_decision(rec.classification)
+    if rec.classification is None:
+        return "unknown", None
+    cls = normalise_classification(rec.classification)
+    if cls is not None:
+        return cls, None
+    return species_decision(rec.classification)
+
+
+def _readable(text: str) -> str:
+    """``text`` with undecodable bytes (surrogate escapes) shown as \\xNN, safe to store."""
+    if not _has_surrogates(text):
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") \
+        .encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _json_safe(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
+    if isinstance(obj, str):
+        return _readable(obj)
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {_readable(str(k)): _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
     if isinstance(obj, (str, int, float, bool)) or obj is None:
@@ -126,37 +232,136 @@ def detect_format(path: Path) -> str:
         return "folder"
     suffix = path.suffix.lower()
     if suffix == ".json":
-        return "megadetector"
+        return sniff_json_format(path)
     if suffix in (".csv", ".tsv", ".txt"):
         return "csv"
-    raise IngestFileError(path, None, "cannot tell the format from the name; pass --format megadetector|csv|folder")
+    raise IngestFileError(path, None, "cannot tell the format from the name; pass --format "
+                          + "|".join(FORMATS))
 
 
-def parse_megadetector(path: Path) -> list[_Record]:
+def sniff_json_format(path: Path) -> str:
+    """``speciesnet`` when the file's first top-level key is ``predictions`` (SpeciesNet's
+    predictions.json), else ``megadetector``. Reads only the start of the file."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise IngestFileError(path, None, f"not UTF-8 text: {exc}") from exc
+        with open(path, "rb") as fh:
+            head = fh.read(65536).decode("utf-8", "replace")
+    except OSError:
+        return "megadetector"
+    m = re.search(r'"(predictions|images|info|detection_categories|classification_categories)"\s*:', head)
+    return "speciesnet" if m and m.group(1) == "predictions" else "megadetector"
+
+
+def _read_json(path: Path):
+    """The JSON document; undecodable bytes in names are kept as surrogate escapes so that the
+    record that holds them can be rejected on its own (the rest of the file goes on)."""
     try:
-        doc = json.loads(text)
+        text = path.read_bytes().decode("utf-8", "surrogateescape")
+    except OSError as exc:
+        raise IngestFileError(path, None, f"cannot read: {exc}") from exc
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise IngestFileError(path, exc.lineno, f"invalid JSON at column {exc.colno}: {exc.msg}") from exc
+
+
+def _is_video(file_: str, entry: dict) -> bool:
+    return (file_.lower().endswith(VIDEO_SUFFIXES) or "frame_rate" in entry or "frames_processed" in entry
+            or any(isinstance(d, dict) and "frame_number" in d for d in entry.get("detections") or []))
+
+
+def _file_problem(file_: str) -> str | None:
+    if _has_surrogates(file_):
+        return f"file name is not valid UTF-8 ({_readable(file_)!r})"
+    if "\x00" in file_:
+        return "file name contains a NUL character"
+    return None
+
+
+def _note_repeats(repeated: set[str], notes: list[str]) -> None:
+    """Images listed more than once: their boxes are matched by detection id (a repeat with the
+    same box is a duplicate, one with other content a stored rejection), so none is lost."""
+    if repeated:
+        names = ", ".join(sorted(_readable(r) for r in repeated)[:5])
+        notes.append(f"{len(repeated)} image(s) listed more than once ({names}{', ...' if len(repeated) > 5 else ''}); "
+                     "repeated boxes are duplicates, differing ones are stored as rejections")
+
+
+def _typical_threshold(info: dict, path: Path, notes: list[str]) -> float | None:
+    meta = info.get("detector_metadata") if isinstance(info, dict) else None
+    if not isinstance(meta, dict) or "typical_detection_threshold" not in meta:
+        return None
+    t = _float(meta.get("typical_detection_threshold"))
+    if not (math.isfinite(t) and 0 <= t <= 1):
+        notes.append(f"ignored typical_detection_threshold {meta.get('typical_detection_threshold')!r} "
+                     "(not a number in [0, 1])")
+        return None
+    return t
+
+
+def parse_megadetector(path: Path) -> ParsedFile:
+    """MegaDetector batch output 1.x: ``info`` (stored with the batch; its
+    ``detector_metadata.typical_detection_threshold`` is the default minimum confidence),
+    ``detection_categories``, ``classification_categories`` (+ ``_descriptions``, SpeciesNet
+    taxonomy strings when present), per-image ``failure`` and ``detections`` with
+    ``classifications``. Video entries are rejected by name until video is supported."""
+    doc = _read_json(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise IngestFileError(path, 1, "not a MegaDetector batch output: no top-level \"images\" list")
-    det_cats = doc.get("detection_categories") or {"1": "animal", "2": "person", "3": "vehicle"}
-    cls_cats = doc.get("classification_categories") or {}
+    notes: list[str] = []
+    info = doc.get("info")
+    if not isinstance(info, dict):
+        notes.append("no \"info\" block: detector and format version unknown")
+        info = None
+    else:
+        version = str(info.get("format_version", ""))
+        if version and not version.startswith("1."):
+            notes.append(f"format_version {version!r}: read as 1.x")
+    typical = _typical_threshold(info or {}, path, notes)
+    det_cats = doc.get("detection_categories")
+    if not isinstance(det_cats, dict) or not det_cats:
+        notes.append("no detection_categories: MegaDetector's 1=animal, 2=person, 3=vehicle assumed")
+        det_cats = MD_DEFAULT_CATEGORIES
+    det_cats = {str(k): str(v).strip().lower() for k, v in det_cats.items()}
+    cls_cats = doc.get("classification_categories") if isinstance(doc.get("classification_categories"), dict) else {}
+    descriptions = doc.get("classification_category_descriptions")
+    descriptions = descriptions if isinstance(descriptions, dict) else {}
+    # a taxonomy string (SpeciesNet -> MegaDetector conversion) says more than the short name
+    cls_names = {str(k): str(descriptions.get(k) or v) for k, v in cls_cats.items()}
+    has_classifier = bool(cls_cats)
     records: list[_Record] = []
+    first_entry: dict[str, int] = {}
+    repeated: set[str] = set()
     for i, entry in enumerate(doc["images"], start=1):
         if not isinstance(entry, dict) or not entry.get("file"):
             records.append(_Record(i, {"images_index": i - 1, "entry": entry}, None,
                                    reject_record="image entry has no \"file\""))
             continue
         file_ = str(entry["file"])
+        problem = _file_problem(file_)
+        if problem:
+            records.append(_Record(i, {"images_index": i - 1, "file": file_}, None, reject_record=problem))
+            continue
+        if file_ in first_entry:
+            repeated.add(file_)
+        first_entry.setdefault(file_, i)
         input_time = parse_time(entry.get("datetime"))
         camera = entry.get("camera_id") or entry.get("location")
         if entry.get("failure") or entry.get("detections") is None:
             records.append(_Record(i, {"file": file_, "failure": entry.get("failure")}, file_,
                                    reject_record=f"detector failed on this image: {entry.get('failure') or 'no detections list'}"))
+            continue
+        if not isinstance(entry["detections"], list):
+            records.append(_Record(i, {"file": file_, "detections": entry["detections"]}, file_,
+                                   reject_record="\"detections\" is not a list"))
+            continue
+        if _is_video(file_, entry):
+            frames = sorted({d.get("frame_number") for d in entry["detections"] if isinstance(d, dict)
+                             and d.get("frame_number") is not None}, key=str)
+            records.append(_Record(i, {"file": file_, "detections": len(entry["detections"]),
+                                       "frame_numbers": frames[:20]}, file_,
+                                   reject_record="video: frames (frame_number) are not supported yet"))
             continue
         for j, det in enumerate(entry["detections"]):
             raw = {"file": file_, "detection_index": j, "detection": det}
@@ -168,20 +373,93 @@ def parse_megadetector(path: Path) -> list[_Record]:
             cat_id = str(det.get("category"))
             category = det_cats.get(cat_id, f"unknown category {cat_id!r}")
             classification = det.get("classification")
+            classified = classification is not None
             if classification is None and det.get("classifications"):
+                classified = True
                 try:
                     top = max(det["classifications"], key=lambda c: float(c[1]))
-                    classification = cls_cats.get(str(top[0]), str(top[0]))
+                    classification = cls_names.get(str(top[0]), f"unknown classification category {top[0]!r}")
                 except (TypeError, ValueError, IndexError):
                     classification = "<malformed classifications>"
             records.append(_Record(
                 line=i, raw=raw, image_path=file_, box=box, normalised=True,
                 input_id=str(det["id"]) if det.get("id") not in (None, "") else None,
                 camera_id=str(camera) if camera else None, input_time=input_time,
-                classification=classification, confidence=_float(det.get("conf")),
-                category=category,
+                classification=None if classification is None else str(classification),
+                confidence=_float(det.get("conf")), category=category,
+                classified=has_classifier or classified,
             ))
-    return records
+            has_classifier = has_classifier or classified
+    _note_repeats(repeated, notes)
+    if has_classifier:          # a classifier ran: an unclassified animal box is not a deer yet
+        for r in records:
+            if r.category == MD_ANIMAL:
+                r.classified = True
+    return ParsedFile(records, info=info, typical_threshold=typical, has_classifier=has_classifier, notes=notes)
+
+
+def parse_speciesnet(path: Path) -> ParsedFile:
+    """SpeciesNet ``predictions.json``: ``{"predictions": [{"filepath", "detections": [{"category",
+    "label", "conf", "bbox"}], "prediction", "prediction_score", "classifications", "failures"}]}``.
+    The image's ensemble ``prediction`` is the species of its animal boxes."""
+    doc = _read_json(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("predictions"), list):
+        raise IngestFileError(path, 1, "not a SpeciesNet predictions file: no top-level \"predictions\" list")
+    info = {k: v for k, v in doc.items() if k != "predictions"} or None
+    records: list[_Record] = []
+    first_entry: dict[str, int] = {}
+    repeated: set[str] = set()
+    versions = set()
+    for i, entry in enumerate(doc["predictions"], start=1):
+        if not isinstance(entry, dict) or not entry.get("filepath"):
+            records.append(_Record(i, {"predictions_index": i - 1, "entry": entry}, None,
+                                   reject_record="prediction has no \"filepath\""))
+            continue
+        file_ = str(entry["filepath"])
+        if entry.get("model_version"):
+            versions.add(str(entry["model_version"]))
+        problem = _file_problem(file_)
+        if problem:
+            records.append(_Record(i, {"predictions_index": i - 1, "filepath": file_}, None, reject_record=problem))
+            continue
+        if file_ in first_entry:
+            repeated.add(file_)
+        first_entry.setdefault(file_, i)
+        dets = entry.get("detections")
+        if not isinstance(dets, list):
+            why = ", ".join(map(str, entry.get("failures") or [])) or "no detections list"
+            records.append(_Record(i, {"filepath": file_, "failures": entry.get("failures")}, file_,
+                                   reject_record=f"detector failed on this image: {why}"))
+            continue
+        if _is_video(file_, entry):
+            records.append(_Record(i, {"filepath": file_}, file_,
+                                   reject_record="video: frames (frame_number) are not supported yet"))
+            continue
+        prediction = entry.get("prediction")
+        if not prediction and entry.get("failures"):
+            prediction = None
+        for j, det in enumerate(dets):
+            raw = {"filepath": file_, "detection_index": j, "detection": det, "prediction": prediction,
+                   "prediction_score": entry.get("prediction_score")}
+            if not isinstance(det, dict):
+                records.append(_Record(i, raw, file_, reject_record="detection is not an object"))
+                continue
+            bbox = det.get("bbox")
+            box = tuple(_float(v) for v in bbox) if isinstance(bbox, (list, tuple)) and len(bbox) == 4 else None
+            label = str(det.get("label") or MD_DEFAULT_CATEGORIES.get(str(det.get("category")),
+                                                                     f"unknown category {det.get('category')!r}"))
+            records.append(_Record(
+                line=i, raw=raw, image_path=file_, box=box, normalised=True,
+                input_time=parse_time(entry.get("datetime")),
+                classification=str(prediction) if prediction else None,
+                confidence=_float(det.get("conf")), category=label.strip().lower(), classified=True,
+            ))
+    notes: list[str] = []
+    _note_repeats(repeated, notes)
+    info = dict(info or {})
+    if versions:
+        info["model_versions"] = sorted(versions)
+    return ParsedFile(records, info=info or None, typical_threshold=None, has_classifier=True, notes=notes)
 
 
 def parse_csv(path: Path) -> list[_Record]:

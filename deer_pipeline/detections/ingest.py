@@ -1,7 +1,9 @@
 """Ingestion: detections from the upstream detector into the store.
 
-Three inputs are understood: a MegaDetector batch-output JSON, a CSV of pixel boxes, and a bare
-folder of photos (one whole-frame detection per photo). Ingesting is idempotent: each input
+Four inputs are understood: a MegaDetector batch-output JSON, a SpeciesNet predictions.json, a
+CSV of pixel boxes, and a bare folder of photos (one whole-frame detection per photo). Boxes
+under the minimum confidence (the file's ``typical_detection_threshold``, else 0.2), persons,
+vehicles and other species are stored as ``rejected`` with the reason (see ``formats``). Ingesting is idempotent: each input
 file is recorded in ``ingest_batches`` by its SHA-256, a detection's id is the input's id or a
 hash of (photo SHA-256 or path, rounded box, input format), and every insert is
 ``ON CONFLICT DO NOTHING``. Bad input never stops a batch and never changes stored rows: a bad
@@ -26,7 +28,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import timezone
 from pathlib import Path
 from typing import Iterable
 
@@ -34,12 +36,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.engine import Engine
 
-from deer_pipeline.detections import images as imaging
+from deer_pipeline.detections import formats
 from deer_pipeline.detections.encounters import recompute_encounters
 from deer_pipeline.detections.formats import (
     CAMERA_ID_RE,
     FORMATS,
-    MD_ANIMAL,
     IngestFileError,
     _json_safe,
     _Record,
@@ -48,12 +49,18 @@ from deer_pipeline.detections.formats import (
     parse_csv,
     parse_folder,
     parse_megadetector,
-    sanitise_folder_camera,
+)
+from deer_pipeline.detections.photos import (
+    _file_sha,
+    _folder_fingerprint,
+    _Image,
+    _load_or_read_photos,
+    _photos_of,
+    image_roots_for,
 )
 from deer_pipeline.settings import (
     IngestSettings,
     held_reason,
-    normalise_classification,
     partition_day_range,
     sex_of,
 )
@@ -106,6 +113,10 @@ class IngestReport:
     cameras: list[str] = field(default_factory=list)
     partitions: list[tuple[str, str]] = field(default_factory=list)   # (camera, day) with new ok detections
     reasons: dict[str, int] = field(default_factory=dict)             # rejection reason -> count
+    min_confidence: float | None = None
+    min_confidence_source: str = ""
+    all_animals_are_deer: bool = False
+    notes: list[str] = field(default_factory=list)                   # what the file said about itself
 
     def summary(self) -> str:
         lines = [
@@ -122,26 +133,18 @@ class IngestReport:
             + (": " + ", ".join(f"{c}|{d}" for c, d in self.partitions[:12]) if self.partitions else "")
             + (" ..." if len(self.partitions) > 12 else ""),
         ]
+        if self.min_confidence is not None:
+            lines.append(f"  minimum confidence {self.min_confidence:g} ({self.min_confidence_source})")
+        if self.all_animals_are_deer:
+            lines.append("  species            no classifier: every animal box taken as a deer "
+                         "(--all-animals-are-deer)")
+        for note in self.notes:
+            lines.append(f"  note               {note}")
         if self.reasons:
             lines.append("  rejection reasons:")
             for reason, n in sorted(self.reasons.items(), key=lambda kv: -kv[1])[:15]:
                 lines.append(f"    {n:5d}  {reason}")
         return "\n".join(lines)
-
-
-@dataclass
-class _Image:
-    path: str
-    camera_id: str
-    image_id: int | None = None
-    status: str = "ok"
-    reason: str | None = None
-    width: int | None = None
-    height: int | None = None
-    sha256: str | None = None
-    captured_at: datetime | None = None
-    captured_at_source: str | None = None
-    stored: bool = False
 
 
 def detection_id_for(source_format: str, image_key: str, box_key: str) -> str:
@@ -158,48 +161,6 @@ def _box_key(rec: _Record) -> str:
     return ",".join("nan" if not math.isfinite(v) else f"{round(v, digits):.{digits}f}" for v in rec.box)
 
 
-def _file_sha(path: Path) -> str:
-    return imaging.sha256_file(path)
-
-
-def _folder_fingerprint(folder: Path, files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        digest.update(f"{f.relative_to(folder)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def _resolve(image_path: str, base: Path, roots: list[Path]) -> Path:
-    """Where a photo named by the input is: absolute paths as they are, relative paths against
-    the input's folder, then each image root (the first where it exists). Never expands '~'."""
-    p = Path(image_path)
-    if p.is_absolute():
-        return Path(os.path.abspath(p))
-    for folder in (base, *roots):
-        if (folder / p).exists():
-            return Path(os.path.abspath(folder / p))
-    return Path(os.path.abspath(base / p))
-
-
-def _inside(path: Path, roots: list[Path]) -> bool:
-    """Whether ``path``, symlinks resolved, lies inside one of ``roots`` (already resolved)."""
-    real = Path(os.path.realpath(path))
-    return any(real == r or real.is_relative_to(r) for r in roots)
-
-
-def image_roots_for(settings: IngestSettings, base: Path) -> list[Path]:
-    """The folders photos may come from: the configured image roots, or else the folder of the
-    detections file (the image folder itself for the folder format). Symlinks resolved."""
-    roots = settings.image_roots or (str(base),)
-    return [Path(os.path.realpath(os.path.expanduser(r))) for r in roots]
-
-
-def outside_roots_reason(roots: list[Path]) -> str:
-    return ("photo path is outside the image roots (" + ", ".join(map(str, roots)) + "); give "
-            "--image-root to allow another folder")
-
-
 def ingest(
     engine: Engine,
     path,
@@ -209,6 +170,8 @@ def ingest(
     reprocess: bool = False,
     min_confidence: float | None = None,
     hold_outside_partitions: bool = True,
+    all_animals_are_deer: bool = False,
+    quiet: bool | None = True,
 ) -> IngestReport:
     """Ingest one input (MegaDetector JSON, CSV or image folder) and return what happened.
 
@@ -220,24 +183,29 @@ def ingest(
     or the image folder itself); others are refused unopened, with no photo or camera stored.
     Good detections whose capture day is not a day partition are stored ``held`` (unless
     ``hold_outside_partitions`` is False, for databases that are not behind Dagster, such as
-    the evaluation's)."""
+    the evaluation's).
+
+    ``min_confidence``: None = the file's typical_detection_threshold, else 0.2; 0 keeps every
+    box. A detector file without a species classifier is refused unless ``all_animals_are_deer``."""
     settings = settings or IngestSettings()
     src, fmt = _check_input(path, format, camera)
     records, source_sha, base = _read_records(src, fmt)
     roots = image_roots_for(settings, base)
     day_range = partition_day_range() if hold_outside_partitions else None
     report = IngestReport(source=str(src), format=fmt, records=len(records))
+    min_confidence = _species_and_confidence_rules(src, records, report, min_confidence, all_animals_are_deer)
     if _seen_before(engine, report, source_sha, fmt) and not reprocess:
         report.duplicates_skipped = len(records)
         return report
     rejections: list[tuple[_Record, str]] = []
     image_by_path, rec_paths = _photos_of(records, base, roots, camera, rejections)
-    _load_or_read_photos(engine, image_by_path, rec_paths)    # outside any transaction
-    candidates = [(rec, _detection_row(rec, image_by_path[key], fmt, min_confidence, day_range))
+    _load_or_read_photos(engine, image_by_path, rec_paths, quiet)    # outside any transaction
+    candidates = [(rec, _detection_row(rec, image_by_path[key], fmt, min_confidence, day_range,
+                                       all_animals_are_deer))
                   for rec, key in rec_paths if key is not None]
     with engine.begin() as conn:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": INGEST_LOCK_KEY})
-        batch_id = _open_batch(conn, report, src, fmt, source_sha)
+        batch_id = _open_batch(conn, report, src, fmt, source_sha, _batch_info(records, report))
         _write_cameras_and_photos(conn, image_by_path, candidates)
         fresh = _first_of_each_id(candidates, image_by_path, report, rejections)
         to_insert = _not_yet_stored(conn, fresh, report, rejections)
@@ -278,8 +246,35 @@ def _read_records(src: Path, fmt: str) -> tuple[list[_Record], str, Path]:
         return parse_folder(src, files), _folder_fingerprint(src, files), src
     if src.is_dir():
         raise IngestFileError(src, None, f"format {fmt} needs a file, got a directory")
-    records = parse_megadetector(src) if fmt == "megadetector" else parse_csv(src)
-    return records, _file_sha(src), src.parent
+    parse = {"megadetector": parse_megadetector, "speciesnet": formats.parse_speciesnet}.get(fmt, parse_csv)
+    return parse(src), _file_sha(src), src.parent
+
+
+def _species_and_confidence_rules(src: Path, records, report: IngestReport, min_confidence: float | None,
+                                  all_animals_are_deer: bool) -> float:
+    """Refuse a detector file without a species classifier (unless every animal is a deer), and
+    settle the minimum confidence: given, else the file's typical_detection_threshold, else 0.2."""
+    unclassified = formats.needs_species_decision(records)
+    if unclassified and not all_animals_are_deer:
+        raise IngestFileError(src, None, formats.NO_CLASSIFIER_HELP)
+    if min_confidence is None:
+        min_confidence, source = formats.default_min_confidence(records)
+    else:
+        source = "--min-confidence" if min_confidence > 0 else "--min-confidence 0: every box kept"
+    report.min_confidence, report.min_confidence_source = min_confidence, source
+    report.all_animals_are_deer = bool(unclassified and all_animals_are_deer)
+    report.notes = list(getattr(records, "notes", []))
+    return min_confidence
+
+
+def _batch_info(records, report: IngestReport) -> str:
+    """What is stored with the batch: the detector's own ``info`` block and the rules applied."""
+    return json.dumps(_json_safe({
+        "info": getattr(records, "info", None),
+        "min_confidence": report.min_confidence, "min_confidence_source": report.min_confidence_source,
+        "has_classifier": getattr(records, "has_classifier", None),
+        "all_animals_are_deer": report.all_animals_are_deer, "notes": report.notes,
+    }))
 
 
 def _seen_before(engine: Engine, report: IngestReport, source_sha: str, fmt: str) -> bool:
@@ -294,82 +289,13 @@ def _seen_before(engine: Engine, report: IngestReport, source_sha: str, fmt: str
     return True
 
 
-def _photos_of(records, base: Path, roots: list[Path], camera: str | None,
-               rejections: list) -> tuple[dict[str, _Image], list[tuple[_Record, str | None]]]:
-    """Each record's photo (resolved path and camera); records that cannot have one are rejected."""
-    image_by_path: dict[str, _Image] = {}
-    rec_paths: list[tuple[_Record, str | None]] = []
-    for rec in records:
-        if rec.reject_record:
-            rejections.append((rec, rec.reject_record))
-            rec_paths.append((rec, None))
-            continue
-        resolved = _resolve(rec.image_path, base, roots)
-        if not _inside(resolved, roots):
-            # refused before anything is opened or stored: no photo row, no camera
-            rejections.append((rec, outside_roots_reason(roots)))
-            rec_paths.append((rec, None))
-            continue
-        cam, cam_name = _camera_of(rec, resolved, camera)
-        if cam is None:
-            rejections.append((rec, cam_name))
-            rec_paths.append((rec, None))
-            continue
-        rec.camera_id, rec.camera_name = cam, cam_name   # this record's camera, even when its photo has another
-        key = str(resolved)
-        if key not in image_by_path:
-            image_by_path[key] = _Image(path=key, camera_id=cam)
-        rec_paths.append((rec, key))
-    return image_by_path, rec_paths
-
-
-def _camera_of(rec: _Record, resolved: Path, camera: str | None) -> tuple[str | None, str | None]:
-    """(camera id, original name when the id had to be made readable), or (None, why not).
-    An explicit camera id is kept as given; a name with letters beyond ASCII ('Kamera Süd')
-    gets a readable id ('Kamera-Sud'); without one, ``camera`` or the photo's folder name."""
-    cam = rec.camera_id
-    if cam is not None:
-        if CAMERA_ID_RE.match(cam):
-            return cam, None
-        readable = sanitise_folder_camera(cam) if any(ord(ch) > 127 for ch in cam) and "|" not in cam else None
-        if readable is None:
-            return None, (f"camera id {cam!r} is not usable as a partition key "
-                          "(letters, digits, _ . -; no '|'; at most 64 characters)")
-        return readable, cam
-    folder_name = resolved.parent.name
-    if camera is not None:
-        return camera, None
-    cam = sanitise_folder_camera(folder_name)
-    if cam is None:
-        return None, f"no camera id: give --camera or a camera_id; folder name {folder_name!r} cannot be one"
-    return cam, (folder_name if cam != folder_name else None)
-
-
-def _load_or_read_photos(engine: Engine, image_by_path: dict[str, _Image], rec_paths) -> None:
-    """Stored photos keep their stored rows; new ones are read (decode, EXIF time, hash)."""
-    with engine.connect() as conn:
-        stored = {r.path: r for r in conn.execute(sa.text(
-            "SELECT image_id, path, camera_id, captured_at, captured_at_source, width, height, sha256, "
-            "status, reason FROM images WHERE path = ANY(:p)"), {"p": list(image_by_path)})}
-    first_time: dict[str, datetime | None] = {}
-    for rec, key in rec_paths:
-        if key is not None and key not in first_time:
-            first_time[key] = rec.input_time
-    for key, img in image_by_path.items():
-        row = stored.get(key)
-        if row is not None:
-            img.image_id, img.camera_id, img.captured_at = row.image_id, row.camera_id or img.camera_id, row.captured_at
-            img.captured_at_source, img.width, img.height = row.captured_at_source, row.width, row.height
-            img.sha256, img.status, img.reason, img.stored = row.sha256, row.status, row.reason, True
-            continue
-        _read_image(img, first_time.get(key))
-
-
-def _open_batch(conn: sa.Connection, report: IngestReport, src: Path, fmt: str, source_sha: str) -> int:
+def _open_batch(conn: sa.Connection, report: IngestReport, src: Path, fmt: str, source_sha: str,
+                info: str | None = None) -> int:
     if report.batch_id is None:
         report.batch_id = conn.execute(sa.text(
-            "INSERT INTO ingest_batches (source_path, source_format, source_sha256) "
-            "VALUES (:p, :f, :s) RETURNING batch_id"), {"p": str(src), "f": fmt, "s": source_sha}).scalar_one()
+            "INSERT INTO ingest_batches (source_path, source_format, source_sha256, detector_info) "
+            "VALUES (:p, :f, :s, CAST(:info AS jsonb)) RETURNING batch_id"),
+            {"p": str(src), "f": fmt, "s": source_sha, "info": info}).scalar_one()
     return report.batch_id
 
 
@@ -513,7 +439,10 @@ def _own_reason(row: dict) -> str:
 
 
 def _reason_kind(reason: str) -> str:
-    """Group rejection reasons for the summary: drop the per-record details."""
+    """Group rejection reasons for the summary: drop the per-record details (the species of
+    "not a deer: raccoon" is kept: it is the detail people look for)."""
+    if reason.startswith("not a deer: "):
+        return reason[:80]
     reason = re.sub(r"'[^']*'|\"[^\"]*\"", "'...'", reason)
     reason = re.sub(r":\s.*$", "", reason)
     return re.sub(r"\d+(\.\d+)?", "N", reason)[:80]
@@ -529,25 +458,8 @@ def _signature(row) -> tuple:
             row["classification"], row["status"])
 
 
-def _read_image(img: _Image, input_time: datetime | None) -> None:
-    p = Path(img.path)
-    try:
-        info, exif_time = imaging.read_image_facts(p)
-    except imaging.ImageDecodeError as exc:
-        img.status = "missing" if exc.kind == "missing" else "unreadable"
-        img.reason = exc.reason
-    else:
-        img.width, img.height, img.sha256 = info
-        if exif_time is not None:
-            img.captured_at, img.captured_at_source = exif_time.time, exif_time.source
-    if img.captured_at is None and input_time is not None:
-        img.captured_at, img.captured_at_source = input_time, "input"
-    if img.captured_at is None and img.status == "ok":
-        img.captured_at, img.captured_at_source = imaging.file_mtime_utc(p), "file_mtime"
-
-
 def _detection_row(rec: _Record, img: _Image, fmt: str, min_confidence: float | None,
-                   day_range: tuple | None = None) -> dict:
+                   day_range: tuple | None = None, all_animals_are_deer: bool = False) -> dict:
     """The detections row for one record: box in pixels (clipped), class, status and reason.
     A good detection whose day is not a partition (``day_range``) is ``held`` with the reason."""
     reason = None
@@ -562,9 +474,11 @@ def _detection_row(rec: _Record, img: _Image, fmt: str, min_confidence: float | 
     elif box is not None and rec.normalised:
         box = (box[0] * img.width, box[1] * img.height, box[2] * img.width, box[3] * img.height)
 
-    if reason is None and rec.category is not None and rec.category != MD_ANIMAL:
-        name = rec.category
-        reason = f"category {name}, not an animal"
+    if reason is None and rec.confidence is not None and math.isfinite(rec.confidence) \
+            and not 0.0 <= rec.confidence <= 1.0:
+        reason = f"confidence {rec.confidence:g} outside [0, 1]"
+    if reason is None:
+        reason = formats.pre_box_reason(rec, min_confidence)     # confidence, person, vehicle
     if reason is None:
         if box is None:
             reason = "no box (bbox must be 4 numbers)"
@@ -579,16 +493,9 @@ def _detection_row(rec: _Record, img: _Image, fmt: str, min_confidence: float | 
                 reason = f"box lies outside the {img.width}x{img.height} image"
             else:
                 box = (x0, y0, x1 - x0, y1 - y0)     # partly outside: clipped
-    classification = normalise_classification(rec.classification)
-    if classification is None:
-        if reason is None:
-            reason = f"unknown classification {rec.classification!r}"
-    if reason is None and rec.confidence is not None and math.isfinite(rec.confidence) \
-            and not 0.0 <= rec.confidence <= 1.0:
-        reason = f"confidence {rec.confidence:g} outside [0, 1]"
-    if reason is None and min_confidence is not None and rec.confidence is not None \
-            and math.isfinite(rec.confidence) and rec.confidence < min_confidence:
-        reason = f"confidence {rec.confidence:.3f} below {min_confidence:g}"
+    classification, not_deer = formats.species_reason(rec, all_animals_are_deer)
+    if reason is None:
+        reason = not_deer                                          # "not a deer: raccoon"
 
     image_key = img.sha256 if img.status == "ok" and img.sha256 else img.path
     did = rec.input_id or detection_id_for(fmt, image_key, _box_key(rec))
@@ -615,8 +522,9 @@ def _detection_row(rec: _Record, img: _Image, fmt: str, min_confidence: float | 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="deer-pipeline ingest",
-        description="Ingest detections: a MegaDetector batch-output JSON, a CSV (image_path,x,y,w,h "
-                    "[,detection_id,camera_id,captured_at,classification,confidence]) or a folder of photos.")
+        description="Ingest detections: a MegaDetector batch-output JSON, a SpeciesNet predictions.json, "
+                    "a CSV (image_path,x,y,w,h [,detection_id,camera_id,captured_at,classification,"
+                    "confidence]) or a folder of photos.")
     parser.add_argument("path", help="input file or folder")
     parser.add_argument("--format", choices=FORMATS, help="default: from the name (.json, .csv, folder)")
     parser.add_argument("--camera", help="camera id for records without one (default: the photo's folder name)")
@@ -627,20 +535,31 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--burst-window-s", type=float, default=IngestSettings.burst_window_s,
                         help="frames of one camera this close (seconds) form one encounter (default 5)")
     parser.add_argument("--min-confidence", type=float, default=None,
-                        help="reject detections below this detector confidence (default: keep all)")
+                        help="reject boxes below this detector confidence (default: the file's "
+                             "typical_detection_threshold, else 0.2; 0 keeps every box)")
+    parser.add_argument("--all-animals-are-deer", action="store_true",
+                        help="a detector file without species classifications: take every animal box as "
+                             "a deer (without this such a file is refused)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--reprocess", action="store_true",
                         help="go through a file that was ingested before (still adds nothing twice)")
     args = parser.parse_args(argv)
+    from deer_pipeline.ops.progress import set_quiet
+
+    set_quiet(args.quiet)
 
     from deer_pipeline import db
     from deer_pipeline.settings import SettingsError
 
     try:
         settings = IngestSettings(burst_window_s=args.burst_window_s, image_roots=tuple(args.image_root))
+        if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
+            raise ValueError(f"--min-confidence must be in [0, 1], got {args.min_confidence}")
         # one transaction, idempotent: tried again as a whole when the database drops out
         report = db.retry_transient(
             lambda: ingest(db.get_engine(), args.path, format=args.format, camera=args.camera,
-                           settings=settings, reprocess=args.reprocess, min_confidence=args.min_confidence),
+                           settings=settings, reprocess=args.reprocess, min_confidence=args.min_confidence,
+                           all_animals_are_deer=args.all_animals_are_deer, quiet=None),
             "ingest")
     except (IngestFileError, SettingsError, ValueError) as exc:
         print(f"deer-pipeline ingest: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ import numpy as np
 
 from deer_pipeline.embedding import models as embedders
 from deer_pipeline.embedding.inference import InferenceEngine
+from deer_pipeline.ops.progress import set_quiet
 
 
 def main(argv: list[str]) -> int:
@@ -28,7 +29,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--pooling", default="avg", choices=embedders.POOLINGS)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    set_quiet(args.quiet)
 
     try:
         engine = InferenceEngine([args.model], weights=args.weights, device=args.device,

@@ -305,17 +305,22 @@ class InferenceEngine:
                 vecs = {m: v[finite] for m, v in vecs.items()}
             yield BatchResult([items[i].detection_id for i in indices], vecs, failures)
 
-    def embed(self, items: Iterable[CropItem]) -> EmbedResult:
-        """Embed every crop; vectors aligned with ``detection_ids`` (failures left out)."""
+    def embed(self, items: Iterable[CropItem], desc: str = "embedding", quiet: bool | None = None) -> EmbedResult:
+        """Embed every crop; vectors aligned with ``detection_ids`` (failures left out). A
+        progress bar shows on a terminal unless ``quiet`` (or DEER_QUIET=1)."""
+        from deer_pipeline.ops.progress import ProgressBar
+
         t0 = time.perf_counter()
         items = list(items)
         result = EmbedResult(specs=dict(self.specs), n_items=len(items))
         parts: dict[str, list[np.ndarray]] = {m: [] for m in self.specs}
-        for batch in self.iter_embed(items):
-            result.detection_ids += batch.detection_ids
-            result.failures += batch.failures
-            for m in self.specs:
-                parts[m].append(batch.vectors[m])
+        with ProgressBar(len(items), desc=desc, unit="crop", quiet=quiet) as bar:
+            for batch in self.iter_embed(items):
+                bar.update(len(batch.detection_ids) + len(batch.failures))
+                result.detection_ids += batch.detection_ids
+                result.failures += batch.failures
+                for m in self.specs:
+                    parts[m].append(batch.vectors[m])
         result.vectors = {m: (np.concatenate(p, axis=0) if p else
                               np.zeros((0, embedders.EMBEDDING_DIM), np.float32))
                           for m, p in parts.items()}

@@ -14,7 +14,8 @@ from sqlalchemy.engine import Engine
 from deer_pipeline.embedding import config as embedding_config
 from deer_pipeline.embedding import store as embedding_store
 from deer_pipeline.embedding.inference import CropItem
-from deer_pipeline.settings import EmbeddingSettings
+from deer_pipeline.ops.progress import ProgressLog
+from deer_pipeline.settings import EmbeddingSettings, progress_log_every
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,12 @@ class EmbeddingRun:
 
 
 def embed_partitions(engine: Engine, config: EmbeddingSettings, store_dir: str,
-                     partitions: Sequence[tuple[str, str]]) -> EmbeddingRun:
-    """Embed the missing vectors of every (camera, day) partition with ``config``'s models."""
+                     partitions: Sequence[tuple[str, str]], progress_log=None) -> EmbeddingRun:
+    """Embed the missing vectors of every (camera, day) partition with ``config``'s models.
+    ``progress_log`` (e.g. the asset's logger) gets crops done, rate and ETA every few batches."""
     run = _start_run(engine, config)
     for camera, day in partitions:
-        _embed_partition(engine, config, store_dir, camera, day, run)
+        _embed_partition(engine, config, store_dir, camera, day, run, progress_log)
     run.summary = _partition_counts(engine, partitions, run.versions)
     return run
 
@@ -73,7 +75,7 @@ def _start_run(engine: Engine, config: EmbeddingSettings) -> EmbeddingRun:
 
 
 def _embed_partition(engine: Engine, config: EmbeddingSettings, store_dir: str, camera: str, day: str,
-                     run: EmbeddingRun) -> None:
+                     run: EmbeddingRun, progress_log=None) -> None:
     crops = embedding_store.partition_crops(engine, camera, day)
     run.crops += len(crops)
     needed = {m: {c.detection_id for c in embedding_store.crops_to_embed(engine, camera, day, v)}
@@ -86,6 +88,8 @@ def _embed_partition(engine: Engine, config: EmbeddingSettings, store_dir: str, 
     engine_ = embedding_config.engine(config, models)
     run.device, run.backbone_passes_per_crop = engine_.device, engine_.n_backbone_passes
     t0 = time.perf_counter()
+    plog = ProgressLog(progress_log or log.info, len(todo), f"embeddings {camera}|{day}: crops",
+                       every=progress_log_every())
     for batch in engine_.iter_embed(CropItem(c.detection_id, c.crop_path, store_dir) for c in todo):
         run.crops_embedded_now += len(batch.detection_ids) + len(batch.failures)
         for m in models:
@@ -94,6 +98,7 @@ def _embed_partition(engine: Engine, config: EmbeddingSettings, store_dir: str, 
             rows += [(d, None, "failed", reason) for d, reason in batch.failures if d in needed[m]]
             run.written[m] = run.written[m] + embedding_store.write_embeddings(engine, run.versions[m], rows)
         run.failures += [(d, m, reason) for d, reason in batch.failures for m in models]
+        plog.batch_done(len(batch.detection_ids) + len(batch.failures))
     run.infer_seconds += time.perf_counter() - t0
 
 

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or --calibration-labels) and score it on the other half")
     p.add_argument("--train-epochs", type=int, help="most epochs for --train-split (default: train's default)")
     p.add_argument("--train-views", type=int, help="augmented views per photo for --train-split")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--order-seed", type=int, default=0,
                    help="seed of the encounter order when the labels have no timestamps (default 0)")
     return p
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from deer_pipeline.ops.progress import set_quiet
+
+    set_quiet(args.quiet)
     from deer_pipeline.evaluation import labels as eval_labels
     from deer_pipeline.evaluation import report as eval_report
     from deer_pipeline.evaluation import run as ev

@@ -53,10 +53,17 @@ class Method:
     feature: str | None = None                 # features: name in FEATURES
     calibrate: bool = True                     # False: the threshold is fixed (legacy)
     fixed_threshold: float | None = None
+    match_score: str = "cosine"                # settings.MatchingSettings.match_score
+    encounter_pooling: str = "max"             # settings.MatchingSettings.encounter_pooling
 
     @property
     def models(self) -> list[str]:
         return list(self.ensemble_weights)
+
+    @property
+    def verified(self) -> bool:
+        """Does the method verify candidates with local features (match_score local or fused)?"""
+        return self.match_score != "cosine"
 
 
 def _default_weights() -> dict[str, float]:
@@ -73,8 +80,13 @@ def default_threshold() -> float:
 
 
 def method_registry() -> dict[str, Method]:
-    """Every method the evaluation knows, in report order."""
+    """Every method the evaluation knows, in report order. The ablation of local verification,
+    calibration/fusion and encounter pooling: ``v3_ensemble`` (global only), ``local_verified``,
+    ``fused``, ``fused_pooled``."""
+    from deer_pipeline.settings import MatchingSettings
+
     dw = _default_weights()
+    ms = MatchingSettings()
     return {
         "v1_resnet50": Method("v1_resnet50", "pipeline",
                               "ResNet50 pooled layer4 -> fixed random projection (the first version)",
@@ -91,7 +103,22 @@ def method_registry() -> dict[str, Method]:
         DEFAULT_METHOD: Method(DEFAULT_METHOD, "pipeline",
                                "the pipeline's default configuration (settings.MatchingSettings "
                                "ensemble weights " + ", ".join(f"{m}={w:g}" for m, w in dw.items())
-                               + ")", dw),
+                               + f"; match score {ms.match_score}, encounter pooling {ms.encounter_pooling})", dw,
+                               match_score=ms.match_score, encounter_pooling=ms.encounter_pooling),
+        "local_verified": Method(
+            "local_verified", "pipeline",
+            "global ensemble picks the top candidate sightings (verify_top_k), RootSIFT + ratio test + "
+            "MAGSAC affine inliers decide (flank-aware); score = inliers / (inliers + 20)", dw,
+            match_score="local"),
+        "fused": Method(
+            "fused", "pipeline",
+            "mean of isotonic-calibrated probabilities of the global cosine and the local inliers "
+            "(calibrated on the calibration labels); best pair per encounter and deer", dw,
+            match_score="fused"),
+        "fused_pooled": Method(
+            "fused_pooled", "pipeline",
+            "as fused, encounter vs deer = mean of the two best pairs over all its photos x the "
+            "deer's sightings", dw, match_score="fused", encounter_pooling="top2"),
         "animal_weighted": Method(
             "animal_weighted", "features",
             "EfficientNet-Lite0 head feature map pooled with weights = activation norm per "

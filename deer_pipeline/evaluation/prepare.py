@@ -127,6 +127,11 @@ def prepare_set(engine: Engine, photos: Sequence[LabelledPhoto], role: str, work
     report = ingest(engine, csv_path, format="csv", hold_outside_partitions=False,
                     settings=IngestSettings(burst_window_s=BURST_WINDOW_S, image_roots=roots))
     ps = PreparedSet(role=role, photos=list(photos), detection_ids=ids, order_source=order)
+    sides = [{"d": d, "s": p.side.lower()} for d, p in zip(ids, photos)
+             if p.side and p.side.lower() in ("left", "right")]
+    if sides:   # the flank seen, where the labels know it (flank-aware matching uses it)
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE detections SET side = :s WHERE detection_id = :d"), sides)
     with engine.connect() as conn:
         rows = conn.execute(sa.text(
             "SELECT detection_id, status, reason, camera_id, day::text AS day, captured_at "
@@ -145,7 +150,7 @@ def prepare_set(engine: Engine, photos: Sequence[LabelledPhoto], role: str, work
             parts[key] = min(parts.get(key, r.captured_at), r.captured_at)
     ps.partitions = sorted(parts, key=lambda k: (parts[k], k))
     for cam, day in ps.partitions:
-        crop_partition(engine, cam, day, crop_settings)
+        crop_partition(engine, cam, day, crop_settings, quiet=None)     # a bar on a terminal
     log.info("%s set: %d photos ingested (%s), %d skipped, %d partitions", role, len(ids) - len(ps.skipped),
              report.summary().splitlines()[0], len(ps.skipped), len(ps.partitions))
     return ps

@@ -69,7 +69,7 @@ def verdict_lines(report: dict) -> list[str]:
     if not v.get("compared"):
         return []
     out = [f"default vs legacy at one operating point (default threshold {v['threshold']:.3f}, chosen on the "
-           f"calibration data): cross-encounter F1 {v['default_f1']:.3f} vs {v['legacy_f1']:.3f} "
+           f"calibration data): cross-encounter F1 {v['default_f1']:.4f} vs {v['legacy_f1']:.4f} "
            f"({'better' if v['default_beats_legacy_f1'] else 'NOT better'}); |deer found - true| "
            f"{v['default_count_error']} vs {v['legacy_count_error']} "
            f"({'better' if v['default_beats_legacy_count_error'] else 'NOT better'})",
@@ -78,8 +78,10 @@ def verdict_lines(report: dict) -> list[str]:
            f"for {v['true_deer']} ({'within' if v['deer_within_25_percent'] else 'NOT within'} 25 %)"]
     rd = v.get("legacy_redraws")
     if rd:
-        out.append(f"legacy over {rd['n']} more projection draws: best cross-encounter F1 {rd['f1_max']:.3f}, "
-                   f"smallest |deer found - true| {rd['count_error_min']:.0f}")
+        out.append(f"legacy over {rd['n']} more projection draws: best cross-encounter F1 {rd['f1_max']:.4f}, "
+                   f"smallest |deer found - true| {rd['count_error_min']:.0f} (the default beats every draw: "
+                   f"F1 {'yes' if rd['default_beats_every_draw_f1'] else 'no'}, count "
+                   f"{'yes' if rd['default_beats_every_draw_count_error'] else 'no'})")
     return out
 
 

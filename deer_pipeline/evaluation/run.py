@@ -72,6 +72,8 @@ from deer_pipeline.evaluation.labels import (
     split_by_identity,
 )
 from deer_pipeline.evaluation.prepare import PreparedSet, embed_sets, prepare_set
+from deer_pipeline.evaluation.verified import CLOSED_SET_VERIFY, VerifiedScores, reliability_on
+from deer_pipeline.identity import calibration as calib
 from deer_pipeline.evaluation.report import verdict
 from deer_pipeline.evaluation.scoring import (
     _pair_curve,
@@ -105,8 +107,9 @@ def reset_identities(engine: Engine) -> None:
 
 
 def run_pipeline_open_set(engine: Engine, ps: PreparedSet, method: rm.Method, threshold: float,
-                          versions: Mapping[str, str],
-                          details: dict | None = None) -> tuple[list[int], list[tuple[str, object, bool]], float]:
+                          versions: Mapping[str, str], details: dict | None = None, *,
+                          verified=None, calibration_version: str | None = None,
+                          ) -> tuple[list[int], list[tuple[str, object, bool]], float]:
     """Decide the set's partitions in time order with ``matching.decide_partition`` at
     ``threshold`` (from an empty identity store); returns (deer per ok photo, feed, seconds).
     ``details`` (optional) receives per row ``(decision, score, decided_against)``: the best
@@ -117,10 +120,13 @@ def run_pipeline_open_set(engine: Engine, ps: PreparedSet, method: rm.Method, th
     t0 = time.perf_counter()
     reset_identities(engine)
     settings = MatchingSettings(reid_threshold=float(min(1.0, max(0.0, threshold))),
-                                ensemble_weights=dict(method.ensemble_weights), search="exact")
+                                ensemble_weights=dict(method.ensemble_weights), search="exact",
+                                match_score=method.match_score, encounter_pooling=method.encounter_pooling,
+                                calibration_version=calibration_version)
     vers = {m: versions[m] for m in method.models}
+    verifier = verified.verifier if verified is not None else None
     for cam, day in ps.partitions:
-        decide_partition(engine, cam, day, settings, vers)
+        decide_partition(engine, cam, day, settings, vers, verifier=verifier)
     with engine.connect() as conn:
         rows = conn.execute(sa.text(
             "SELECT detection_id, deer_id, decision FROM sightings WHERE detection_id = ANY(:ids)"),
@@ -257,10 +263,14 @@ def evaluate(labels_csv, images_root=None, calibration_labels_csv=None, calibrat
         methods, options = _reid_models(methods, options, photos, cal_photos, Path(tmp), report, timings)
         ev, cal, emb = _prepare_and_embed(engine, photos, cal_photos, methods, options, Path(tmp), timings, report)
         legacy = rm.LegacyMatcher(emb["legacy_d_in"]) if "legacy_d_in" in emb else None
+        verified = VerifiedScores(engine, str(Path(tmp) / "crops")) if any(m.verified for m in methods) else None
         for method in methods:
             mcal = _trained_calibration(cal, report) if method.name == "trained" else cal
-            report["methods"][method.name] = _evaluate_method(engine, method, ev, mcal, emb, legacy, options, curves)
+            report["methods"][method.name] = _evaluate_method(engine, method, ev, mcal, emb, legacy, options, curves,
+                                                              verified)
         reset_identities(engine)
+        if verified is not None:
+            report["local_verification"] = verified.verifier.metadata()
     if options.assignments:
         report["assignments_file"] = str(write_assignments(options.assignments, report))
     for entry in report["methods"].values():
@@ -434,16 +444,22 @@ def _prepare_and_embed(engine: Engine, photos, cal_photos, methods, options: Eva
 
 
 def _evaluate_method(engine: Engine, method: rm.Method, ev: PreparedSet, cal: PreparedSet | None, emb: dict,
-                     legacy: rm.LegacyMatcher | None, options: EvaluationOptions, curves: dict) -> dict:
+                     legacy: rm.LegacyMatcher | None, options: EvaluationOptions, curves: dict,
+                     verified: VerifiedScores | None = None) -> dict:
     """One method's entry of the report: closed set, then the open set at its threshold."""
     tm = time.perf_counter()
     entry: dict = {"kind": method.kind, "description": method.description,
                    "weights": dict(method.ensemble_weights) or None}
+    if method.verified:
+        entry.update(match_score=method.match_score, encounter_pooling=method.encounter_pooling)
     S = method_similarity(ev, method, legacy)
-    entry["closed_set"] = closed_set_metrics(S, ev.identities(), ev.label_encounters())
     if method.kind == "legacy":
+        entry["closed_set"] = closed_set_metrics(S, ev.identities(), ev.label_encounters())
         _legacy_open_set(entry, ev, emb, legacy, options)
+    elif method.verified:
+        _verified_open_set(entry, engine, method, S, ev, cal, emb, curves, verified)
     else:
+        entry["closed_set"] = closed_set_metrics(S, ev.identities(), ev.label_encounters())
         _pipeline_open_set(entry, engine, method, S, ev, cal, emb, legacy, curves)
     curves.setdefault("pairs", {})[method.name] = _pair_curve(S, ev.identities(), ev.label_encounters())
     entry["seconds"] = round(time.perf_counter() - tm, 2)
@@ -472,7 +488,8 @@ def _pipeline_open_set(entry: dict, engine: Engine, method: rm.Method, S: np.nda
     cal_feed = cal.feed_encounters() if cal is not None and cal.ok else None
     if cal_feed:
         Sc = method_similarity(cal, method, legacy)
-        rec = calibrate_threshold(Sc, cal.identities(), cal_feed, _cannot_link(cal, cal_feed))
+        rec = calibrate_threshold(Sc, cal.identities(), cal_feed, _cannot_link(cal, cal_feed),
+                                  method.encounter_pooling)
         threshold = float(rec["threshold"])
         entry["threshold_source"] = (f"calibration labels ({len(cal.ok)} photos, "
                                      f"{len(set(cal.identities()))} individuals): {rec['rule']} of "
@@ -490,7 +507,7 @@ def _pipeline_open_set(entry: dict, engine: Engine, method: rm.Method, S: np.nda
     entry["assignments"] = assignment_rows(method.name, ev, deer, details, threshold)
     entry["open_set_seconds"] = round(secs, 2)
     ev_feed = ev.feed_encounters()
-    sim_deer, _ = simulate_open_set(S, ev_feed, threshold, _cannot_link(ev, ev_feed))
+    sim_deer, _ = simulate_open_set(S, ev_feed, threshold, _cannot_link(ev, ev_feed), method.encounter_pooling)
     entry["replay_agreement_ari"] = metrics.adjusted_rand_index(deer, sim_deer)
     if cal_feed:
         d2, f2, _ = run_pipeline_open_set(engine, ev, method, count_rule["threshold"], emb["versions"])
@@ -505,6 +522,74 @@ def _pipeline_open_set(entry: dict, engine: Engine, method: rm.Method, S: np.nda
         t_conf = rm.default_threshold()
         d2, f2, _ = run_pipeline_open_set(engine, ev, method, t_conf, emb["versions"])
         entry["as_configured"] = {"threshold": t_conf, "open_set": open_set_metrics(ev.identities(), d2, f2, ev.label_encounters())}
+
+
+def _verified_open_set(entry: dict, engine: Engine, method: rm.Method, S: np.ndarray, ev: PreparedSet,
+                       cal: PreparedSet | None, emb: dict, curves: dict, verified: VerifiedScores) -> None:
+    """A method that verifies candidates with local features: the calibration of match
+    probabilities (``fused``) and the threshold are fitted on the calibration labels only; the
+    pipeline then decides the evaluated photos with them (the same verifier, so every pair is
+    verified once per evaluation)."""
+    ms = method.match_score
+    cal_feed = cal.feed_encounters() if cal is not None and cal.ok else None
+    calibration = None
+    if ms == "fused":
+        if not cal_feed:
+            raise EvaluationError(f"method {method.name}: fused scores need calibration labels "
+                                  "(--calibration-labels or --split-by-identity)")
+        Sc = method_similarity(cal, method)
+        calibration = verified.fit_calibration(cal, Sc, f"calibration labels ({len(cal.ok)} photos)")
+        with engine.begin() as conn:
+            calib.save(conn, calibration)
+        entry["calibration_artefact"] = {"version": calibration.version, "fitted_on": dict(calibration.fitted_on),
+                                         "curves": {k: c.as_dict() for k, c in calibration.curves.items()},
+                                         "reliability_calibration": list(calibration.reliability)}
+    L, compat = verified.closed_set_local(ev, S)
+    C = verified.pair_scores(ms, S, L, compat, calibration)
+    entry["closed_set"] = closed_set_metrics(np.where(np.isfinite(C), C, -1.0), ev.identities(),
+                                             ev.label_encounters())
+    entry["closed_set"]["note"] = (f"global top {CLOSED_SET_VERIFY} of each query verified and re-ranked")
+    if cal_feed:
+        Sc = method_similarity(cal, method)
+        Lc, cc = verified.open_set_local(cal, Sc)
+        Pc = verified.pair_scores(ms, Sc, Lc, cc, calibration)
+        rec = calibrate_threshold(Pc, cal.identities(), cal_feed, _cannot_link(cal, cal_feed), method.encounter_pooling)
+        threshold = float(rec["threshold"])
+        entry["threshold_source"] = (f"calibration labels ({len(cal.ok)} photos, {len(set(cal.identities()))} "
+                                     f"individuals): {rec['rule']} of the replayed open set"
+                                     + (" (threshold in probability units)" if ms == "fused" else ""))
+        entry["calibration"] = {k: rec[k] for k in ("f1", "precision", "recall", "n_pred", "n_true")}
+        count_rule = rec["count_rule"]
+        curves.setdefault("calibration_f1", {})[method.name] = rec["sweep"]
+    else:
+        threshold, count_rule = rm.default_threshold(), None
+        entry["threshold_source"] = "the pipeline's configured reid_threshold (no calibration labels)"
+    entry["threshold"] = threshold
+    cal_version = calibration.version if calibration is not None else None
+    details: dict = {}
+    deer, feed, secs = run_pipeline_open_set(engine, ev, method, threshold, emb["versions"], details,
+                                             verified=verified, calibration_version=cal_version)
+    entry["open_set"] = open_set_metrics(ev.identities(), deer, feed, ev.label_encounters())
+    entry["assignments"] = assignment_rows(method.name, ev, deer, details, threshold)
+    entry["open_set_seconds"] = round(secs, 2)
+    Le, ce = verified.open_set_local(ev, S)
+    Pe = verified.pair_scores(ms, S, Le, ce, calibration)
+    ev_feed = ev.feed_encounters()
+    sim_deer, _ = simulate_open_set(Pe, ev_feed, threshold, _cannot_link(ev, ev_feed), method.encounter_pooling)
+    entry["replay_agreement_ari"] = metrics.adjusted_rand_index(deer, sim_deer)
+    if calibration is not None:
+        entry["calibration_artefact"]["reliability_evaluated"] = reliability_on(ev, S, Le, ce, calibration)
+    if count_rule is not None:
+        d2, f2, _ = run_pipeline_open_set(engine, ev, method, count_rule["threshold"], emb["versions"],
+                                          verified=verified, calibration_version=cal_version)
+        entry["count_operating_point"] = {
+            "threshold": count_rule["threshold"],
+            "threshold_source": "calibration labels: " + count_rule["rule"],
+            "calibration": {k: count_rule[k] for k in ("f1", "precision", "recall", "n_pred", "n_true")},
+            "open_set": open_set_metrics(ev.identities(), d2, f2, ev.label_encounters())}
+    entry["embedding_versions"] = {m: emb["versions"][m] for m in method.models}
+    entry["backbone"] = [emb["weights_used"][m] for m in method.models]
+    entry["pair_curve_score"] = "global cosine (the candidates' order before verification)"
 
 
 ASSIGNMENT_COLUMNS = ("method", "image_path", "identity", "encounter_id", "side", "predicted_deer", "decision",

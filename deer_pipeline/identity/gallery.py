@@ -34,6 +34,7 @@ class Gallery:
         self.mats: list[np.ndarray] = []
         self.deer = np.zeros(0, np.int64)
         self.rows_of: dict[int, list[int]] = defaultdict(list)
+        self.detection_ids: list[str | None] = []       # per row (None when not given)
 
     def _grow(self, need: int, dim: int) -> None:
         if self.n + need <= self._cap:
@@ -46,10 +47,12 @@ class Gallery:
         deer[: self.n] = self.deer[: self.n]
         self.mats, self.deer, self._cap = mats, deer, cap
 
-    def append(self, deer_ids: np.ndarray, vectors: Sequence[np.ndarray]) -> None:
+    def append(self, deer_ids: np.ndarray, vectors: Sequence[np.ndarray],
+               detection_ids: Sequence[str] | None = None) -> None:
         k = len(deer_ids)
         if k == 0:
             return
+        self.detection_ids += list(detection_ids) if detection_ids is not None else [None] * k
         self._grow(k, vectors[0].shape[1])
         for mat, v in zip(self.mats, vectors):
             mat[self.n: self.n + k] = v

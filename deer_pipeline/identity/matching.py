@@ -47,14 +47,17 @@ Plain logic: no Dagster here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Mapping, Sequence
+
 import numpy as np
 from sqlalchemy.engine import Engine
+
 from deer_pipeline import db
 from deer_pipeline.detections.encounters import (
     DetectionBox,
@@ -67,15 +70,18 @@ from deer_pipeline.detections.encounters import (
 from deer_pipeline.embedding import models as embedders
 from deer_pipeline.embedding.models import unit_rows
 from deer_pipeline.identity import reviews, store
+from deer_pipeline.identity.candidates import (
+    _prepare_search,
+    _Rescorer,
+    _scored_candidates,
+    _Search,
+    _with_candidate,
+)
+from deer_pipeline.identity.gallery import per_deer_max, sex_compatible
 from deer_pipeline.identity.store import MatchingError
 from deer_pipeline.settings import MatchingSettings
-from deer_pipeline.identity.gallery import Gallery, SexBook, per_deer_max, sex_compatible
-
 
 log = logging.getLogger(__name__)
-
-
-HNSW_MAX_EF = 1000          # pgvector's upper bound for hnsw.ef_search
 
 
 CHUNK_ENCOUNTERS = 64       # encounters scored together against the gallery (one matmul)
@@ -131,6 +137,7 @@ class DecisionSummary:
     hnsw_exact_fallbacks: int = 0
     reviewed: int = 0                # sightings of this partition whose decision a review fixed
     excluded_by_review: int = 0      # detections of this partition a review made unidentifiable
+    local_verification: dict = field(default_factory=dict)   # local/fused: verifier counts and reasons
     seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)   # prepare / decide / write
 
@@ -171,13 +178,20 @@ def _unassigned_reason(d: store.DetectionRow, states: Mapping[str, str], version
 def decide_partition(engine: Engine, camera_id: str, day: str | date,
                      settings: MatchingSettings | None = None,
                      versions: Mapping[str, str] | None = None,
-                     link: LinkSettings = LinkSettings()) -> DecisionSummary:
+                     link: LinkSettings = LinkSettings(), verifier=None) -> DecisionSummary:
     """Decide (or re-decide) every sighting of one camera x day partition; see module doc.
 
     ``versions`` maps each model of ``settings.ensemble_weights`` to an embedding version; when
     None the newest stored version of each model is used. Raises ``MatchingError`` (nothing is
-    written, no deer created) when vectors for the configured versions are missing."""
+    written, no deer created) when vectors for the configured versions are missing.
+
+    ``settings.match_score`` ``local`` or ``fused``: the best candidate sightings are verified
+    with local features (``verifier``, a :class:`verification.Verifier`; by default one on the
+    configured crop store) and, for ``fused``, scored by the stored calibration (see
+    :class:`_Rescorer`)."""
     settings = settings or MatchingSettings()
+    if settings.match_score != "cosine":
+        settings = dataclasses.replace(settings, candidate_deer=max(settings.candidate_deer, settings.verify_top_k))
     t_start = time.perf_counter()
     pkey = store.partition_key_text(camera_id, str(day))
     weights = dict(settings.ensemble_weights)
@@ -201,10 +215,14 @@ def decide_partition(engine: Engine, camera_id: str, day: str | date,
             if constraints else None
         search = _prepare_search(conn, settings, models, weights, vers, summary)
         qv = _query_vectors(conn, encounters, models, vers)
+        rescorer = _Rescorer.for_settings(conn, engine, settings, verifier, summary) \
+            if settings.match_score != "cosine" else None
         t_loaded = time.perf_counter()
         summary.phase_seconds["prepare"] = round(t_loaded - t_start, 3)
         out = _decide_in_time_order(conn, encounters, qv, search, settings, models, replay_part, summary,
-                                    review)
+                                    review, rescorer)
+        if rescorer is not None:
+            summary.local_verification.update(rescorer.verifier.metadata())
         t_decided = time.perf_counter()
         summary.phase_seconds["decide"] = round(t_decided - t_loaded, 3)
         _write_decisions(conn, out, withdrawn, vers, summary)
@@ -269,40 +287,6 @@ def _withdraw_for_replay(conn, dets, new_encs: list[Encounter], summary: Decisio
     return sorted(new_encs + replay_encs, key=lambda e: e.sort_key), replay_part, withdrawn
 
 
-@dataclass
-class _Search:
-    """What candidate search needs: the in-memory gallery, the sexes of known deer and, for
-    ``hnsw``, the index reader."""
-
-    mode: str
-    gallery: Gallery
-    sexes: SexBook
-    vers: list[str]
-    nearest: store.NearestSightings | None = None
-    total_index_rows: int = 0
-    loaded: set[int] = field(default_factory=set)
-
-
-def _prepare_search(conn, settings: MatchingSettings, models: list[str], weights: Mapping[str, float],
-                    vers: list[str], summary: DecisionSummary) -> _Search:
-    store.check_gallery_vectors(conn, vers)
-    n_static = store.gallery_size(conn)
-    summary.gallery_size = n_static
-    mode = settings.search
-    if mode == "auto":
-        mode = "exact" if n_static < settings.exact_search_max_gallery else "hnsw"
-    summary.search = mode
-    search = _Search(mode, Gallery(models, weights), SexBook(store.gallery_deer_sex_counts(conn)), vers)
-    if mode == "exact" and n_static:
-        g_deer, g_mats, _ = store.gallery_vectors(conn, vers)
-        search.gallery.append(g_deer, [unit_rows(m) for m in g_mats])
-    if mode == "hnsw":
-        # the index holds every version's vectors: only a scan as large as the index is complete
-        search.total_index_rows = store.embedding_row_count(conn)
-        search.nearest = store.NearestSightings(conn, vers[0])
-    return search
-
-
 def _query_vectors(conn, encounters: list[Encounter], models: list[str], vers: list[str]) -> dict:
     """model -> detection id -> vector of every detection to decide (or ``MatchingError``)."""
     ids = [d.detection_id for e in encounters for d in e.detections]
@@ -331,7 +315,8 @@ class _Outcome:
 
 def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _Search,
                           settings: MatchingSettings, models: list[str], replay_part: Mapping[str, str],
-                          summary: DecisionSummary, review: reviews.ReviewTracker | None = None) -> _Outcome:
+                          summary: DecisionSummary, review: reviews.ReviewTracker | None = None,
+                          rescorer: "_Rescorer | None" = None) -> _Outcome:
     """Match-or-create for every encounter in capture-time order; each decided encounter joins
     the gallery before the next one is decided. Encounters are scored in chunks (one matmul).
     ``review`` applies people's decisions: must-link forces the deer, cannot-link excludes deer."""
@@ -361,45 +346,14 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
             cands = _scored_candidates(conn, enc, q, deer0, enc_M0, n0, excluded, search, settings, summary)
             if forced is not None:
                 cands = _with_candidate(conn, cands, forced, q, search)
-            _decide_encounter(enc, q, cands, out, search, settings, models, replay_part, summary, forced)
+            names = models
+            if rescorer is not None:
+                cands = rescorer.rescore(enc, q, cands, search.gallery)
+                names = models + ["local_inliers"]
+            _decide_encounter(enc, q, cands, out, search, settings, names, replay_part, summary, forced)
             if review is not None:
                 review.decided(enc.detection_ids, out.deer_of[enc.encounter_key])
     return out
-
-
-def _scored_candidates(conn, enc: Encounter, q: list[np.ndarray], deer0: np.ndarray, enc_M0: np.ndarray,
-                       n0: int, excluded: set[int], search: _Search, settings: MatchingSettings,
-                       summary: DecisionSummary) -> list[tuple]:
-    """The encounter's candidate deer, re-scored exactly (float64, per deer), best first:
-    [(deer, best score, per-detection scores, per-model components)]."""
-    gallery, sexes, enc_sex = search.gallery, search.sexes, enc.sex
-    if search.mode == "hnsw":
-        need = min(settings.candidate_deer, sexes.eligible_static_rows(enc_sex, settings.sex_filter, excluded))
-        if need > 0:
-            found = _hnsw_candidates(search.nearest, q[0], need, settings, sexes, enc_sex,
-                                     excluded, search.total_index_rows, summary)
-            fresh = [d for d in found if d not in search.loaded]
-            if fresh:
-                f_deer, f_mats, _ = store.gallery_vectors(conn, search.vers, deer_ids=fresh)
-                gallery.append(f_deer, [unit_rows(m) for m in f_mats])
-                search.loaded.update(fresh)
-    deer_ids, M = deer0, enc_M0
-    n1 = gallery.n
-    if n1 > n0:       # rows added since the chunk was scored: decided or loaded since
-        dx, Mx = per_deer_max(gallery.scores(q, n0, n1), gallery.deer[n0:n1])
-        at = np.searchsorted(deer0, dx)
-        known = at < len(deer0)
-        known[known] = deer0[at[known]] == dx[known]
-        M = enc_M0.copy()
-        M[:, at[known]] = np.maximum(M[:, at[known]], Mx[:, known])
-        deer_ids = np.concatenate([deer0, dx[~known]])
-        M = np.hstack([M, Mx[:, ~known]])
-    ranked = _top_candidates(deer_ids, M.max(axis=0) if len(deer_ids) else np.zeros(0),
-                             settings, sexes, enc_sex, excluded)
-    cands = [(cand, float(sims.max()), sims, comp) for (cand, _), (sims, comp)
-             in zip(ranked, gallery.best_pairs(q, [c for c, _ in ranked]))]
-    cands.sort(key=lambda c: (-c[1], c[0]))
-    return cands
 
 
 def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], out: _Outcome,
@@ -425,6 +379,8 @@ def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], o
     for cand, _, sims, comp in cands:
         sm = sex_compatible(enc_sex, search.sexes.sex(cand))
         for d, s, cm in zip(enc.detections, sims, comp):
+            if not np.isfinite(s):       # flank-aware: this detection was not compared with the deer
+                continue
             out.score_rows.append([d.detection_id, enc.encounter_key, cand, float(s),
                                    _components_json(models, cm), sm, cand == deer, threshold,
                                    vkey, replay_part.get(d.detection_id, pkey)])
@@ -433,7 +389,7 @@ def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], o
                                   replay_part.get(d.detection_id, pkey), decision,
                                   best_score, threshold, vkey, d.captured_at])
     out.deer_of[enc.encounter_key] = deer
-    search.gallery.append(np.full(k, deer, np.int64), q)
+    search.gallery.append(np.full(k, deer, np.int64), q, [d.detection_id for d in enc.detections])
     search.sexes.add(deer, [d.sex for d in enc.detections])
     if own:
         summary.decided += k
@@ -441,19 +397,6 @@ def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], o
             summary.matched += k
         else:
             summary.new_deer += 1
-
-
-def _with_candidate(conn, cands: list[tuple], deer: int, q: list[np.ndarray], search: _Search) -> list[tuple]:
-    """``cands`` with ``deer`` among them, scored exactly (a deer a review names need not be
-    among the candidates the scores found)."""
-    if any(c[0] == deer for c in cands):
-        return cands
-    if not search.gallery.rows_of.get(deer):
-        d_deer, d_mats, _ = store.gallery_vectors(conn, search.vers, deer_ids=[deer])
-        search.gallery.append(d_deer, [unit_rows(m) for m in d_mats])
-        search.loaded.add(deer)
-    (sims, comp), = search.gallery.best_pairs(q, [deer])
-    return cands + [(deer, float(sims.max()), sims, comp)]
 
 
 def _write_decisions(conn, out: _Outcome, withdrawn: list, vers: list[str], summary: DecisionSummary) -> None:
@@ -478,66 +421,3 @@ def _blas_threads(n: int):
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=n, user_api="blas")
-
-
-def _eligible(deer_id: int, settings: MatchingSettings, sexes: SexBook, enc_sex: str,
-              excluded: set[int]) -> bool:
-    if deer_id in excluded:
-        return False
-    return not settings.sex_filter or sex_compatible(enc_sex, sexes.sex(deer_id))
-
-
-def _top_candidates(deer_ids: np.ndarray, enc_scores: np.ndarray, settings: MatchingSettings,
-                    sexes: SexBook, enc_sex: str, excluded: set[int]) -> list[tuple[int, float]]:
-    """The best ``candidate_deer`` eligible deer, best first (ties by deer id)."""
-    n = len(deer_ids)
-    if n == 0:
-        return []
-    want = settings.candidate_deer
-    t = min(n, want + len(excluded) + 32)
-    while True:
-        if t < n:
-            part = np.argpartition(-enc_scores, t - 1)[:t]
-        else:
-            part = np.arange(n)
-        part = part[np.lexsort((deer_ids[part], -enc_scores[part]))]
-        out = []
-        for i in part:
-            d = int(deer_ids[i])
-            if _eligible(d, settings, sexes, enc_sex, excluded):
-                out.append((d, float(enc_scores[i])))
-                if len(out) == want:
-                    return out
-        if t >= n:
-            return out
-        t = min(n, t * 4)
-
-
-def _hnsw_candidates(nearest: store.NearestSightings, q_primary: np.ndarray, need: int,
-                     settings: MatchingSettings, sexes: SexBook, enc_sex: str, excluded: set[int],
-                     total_index_rows: int, summary: DecisionSummary) -> set[int]:
-    """Stored deer near any detection of the encounter by the primary model's HNSW index.
-
-    A scan must return at least ``need`` eligible gallery rows (right version, decided, sex and
-    cannot-link allowed); when the post-scan filters leave fewer, ef_search is doubled (up to
-    1000) and the query repeated, then an exact scan is used. The best ``candidate_deer`` deer
-    are returned for exact re-scoring on their whole gallery."""
-    found: dict[int, float] = {}
-    for q in q_primary:
-        ef = max(settings.hnsw_ef_search, settings.candidate_deer)
-        while True:
-            rows = nearest.query(q, min(ef, HNSW_MAX_EF))
-            ok = [(d, sim) for d, sim in rows if _eligible(d, settings, sexes, enc_sex, excluded)]
-            if len(ok) >= need or total_index_rows <= ef:
-                break
-            if ef >= HNSW_MAX_EF:
-                ok = [(d, sim) for d, sim in nearest.exact(q)
-                      if _eligible(d, settings, sexes, enc_sex, excluded)]
-                summary.hnsw_exact_fallbacks += 1
-                break
-            ef = min(ef * 2, HNSW_MAX_EF)
-            summary.hnsw_requeries += 1
-        for d, sim in ok:
-            if sim > found.get(d, -np.inf):
-                found[d] = sim
-    return set(sorted(found, key=lambda d: (-found[d], d))[: settings.candidate_deer])

@@ -27,7 +27,7 @@ def pooling_k(pooling: str) -> int:
 
 def pool_by_deer(scores: np.ndarray, deer_of_col: np.ndarray, n_deer: int, pooling: str = "max") -> np.ndarray:
     """(rows x cols) pair scores, the deer of each column -> one pooled score per deer
-    (``-inf`` for a deer without columns)."""
+    (``-inf`` for a deer without columns). Pairs scored ``-inf`` are not compared and do not count."""
     k = pooling_k(pooling)
     s = np.asarray(scores, dtype=np.float64)
     d = np.asarray(deer_of_col, dtype=np.int64)
@@ -39,6 +39,10 @@ def pool_by_deer(scores: np.ndarray, deer_of_col: np.ndarray, n_deer: int, pooli
         return out
     vals = s.ravel()
     dd = np.broadcast_to(d, s.shape).ravel()
+    ok = np.isfinite(vals)                           # -inf: a pair that is not compared (flank-aware)
+    vals, dd = vals[ok], dd[ok]
+    if len(vals) == 0:
+        return out
     order = np.lexsort((-vals, dd))                  # by deer, best first
     vals, dd = vals[order], dd[order]
     starts = np.r_[0, np.flatnonzero(dd[1:] != dd[:-1]) + 1]

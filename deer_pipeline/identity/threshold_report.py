@@ -83,6 +83,7 @@ class ThresholdReport:
     decisions: dict = field(default_factory=dict)       # open-set decision sweep (true_identities)
     grouping: dict = field(default_factory=dict)        # current deer vs true identities
     current_threshold: float | None = None
+    calibration: dict = field(default_factory=dict)     # match-probability calibration fitted on the pairs
     files: dict[str, str] = field(default_factory=dict)
     png_base64: str | None = None
 
@@ -279,6 +280,7 @@ def build_report(engine: Engine, components: Mapping[str, str] | None = None,
                              "sweep": metrics.decision_sweep(dq["best"], dq["correct"], dq["matchable"], thresholds)}
             grouping = current_grouping(conn)
 
+    calibration = _fit_calibration(engine, pairs, components)
     sweep = metrics.threshold_sweep(pairs.scores, pairs.same, thresholds) if pairs.n_pairs else []
     by_sex = {}
     for sex in SEX_GROUPS:
@@ -307,7 +309,7 @@ def build_report(engine: Engine, components: Mapping[str, str] | None = None,
                "same_summary": metrics.score_summary(pairs.scores[pairs.same]),
                "different_summary": metrics.score_summary(pairs.scores[~pairs.same])},
         sweep=sweep, sweep_by_sex=by_sex, recommended=recommended, decisions=decisions,
-        grouping=grouping, current_threshold=current_threshold,
+        grouping=grouping, current_threshold=current_threshold, calibration=calibration,
     )
     write_report(report, pairs, Path(out_dir) if out_dir else db.data_dir() / "reports")
     return report
@@ -351,6 +353,27 @@ def plot_png(report: ThresholdReport, pairs: PairSet) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def _fit_calibration(engine: Engine, pairs: PairSet, components: Mapping[str, str] | None) -> dict:
+    """Isotonic calibration of the ensemble cosine to P(same animal) on the report's labelled
+    pairs (true identities, or the data's own constraints), stored versioned in
+    ``match_calibrations`` (``match_score=fused`` decides with the newest one); returns its
+    version, what it was fitted on and its reliability diagram (or why none was fitted)."""
+    from deer_pipeline.identity import calibration as calib
+
+    if not pairs.n_pairs:
+        return {"not_fitted": "no labelled pairs"}
+    try:
+        cal = calib.fit_calibration(pairs.scores, pairs.same, fitted_on={
+            "source": pairs.source, "components": dict(components or {}),
+            "score": "ensemble cosine (threshold report pairs)"})
+    except calib.CalibrationError as exc:
+        return {"not_fitted": str(exc)}
+    with engine.begin() as conn:
+        calib.save(conn, cal)
+    return {"version": cal.version, "fitted_on": dict(cal.fitted_on), "reliability": list(cal.reliability),
+            "curve": cal.curves[calib.GLOBAL].as_dict()}
 
 
 def write_report(report: ThresholdReport, pairs: PairSet, out_dir: Path) -> None:
@@ -409,6 +432,16 @@ def markdown(report: ThresholdReport) -> str:
         lines.append(f"\nCurrent grouping vs true identities ({g['sightings']} sightings): pairwise "
                      f"precision {g['precision']:.3f}, recall {g['recall']:.3f}, F1 {g['f1']:.3f}, "
                      f"ARI {g['ari']:.3f}; {g['predicted_deer']} deer for {g['true_deer']} true animals.")
+    cal = report.calibration
+    if cal.get("reliability"):
+        lines.append(f"\nMatch-probability calibration **{cal['version']}** (isotonic, {cal['fitted_on'].get('pairs')} "
+                     f"pairs from {cal['fitted_on'].get('source')}); reliability diagram:\n")
+        lines.append("| predicted probability | pairs | mean predicted | observed same-animal share |")
+        lines.append("|---|---|---|---|")
+        for b in cal["reliability"]:
+            lines.append(f"| {b['lo']:.1f}-{b['hi']:.1f} | {b['pairs']} | {b['predicted']:.3f} | {b['observed']:.3f} |")
+    elif cal.get("not_fitted"):
+        lines.append(f"\nNo match-probability calibration: {cal['not_fitted']}.")
     if report.png_base64:
         lines.append(f"\n![threshold report](data:image/png;base64,{report.png_base64})")
     return "\n".join(lines)

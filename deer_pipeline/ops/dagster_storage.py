@@ -88,8 +88,15 @@ def _kwargs(config_value: dict) -> dict:
 
 
 class _Resilient:
+    """Mixed into each of Dagster's postgres storages: connections retried through outages."""
+
     outage_retry_seconds: float = DEFAULT_OUTAGE_RETRY_SECONDS
     _engine: sqlalchemy.Engine
+
+    def __init__(self, postgres_url: str, should_autocreate_tables: bool = True, inst_data=None,
+                 token_provider=None, outage_retry_seconds: int = DEFAULT_OUTAGE_RETRY_SECONDS):
+        self.outage_retry_seconds = outage_retry_seconds
+        super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
 
     def _connect(self):
         return _retrying_connection(self._engine, self.outage_retry_seconds)
@@ -104,24 +111,15 @@ class _Resilient:
 
 
 class ResilientPostgresRunStorage(_Resilient, PostgresRunStorage):
-    def __init__(self, postgres_url: str, should_autocreate_tables: bool = True, inst_data=None,
-                 token_provider=None, outage_retry_seconds: int = DEFAULT_OUTAGE_RETRY_SECONDS):
-        self.outage_retry_seconds = outage_retry_seconds
-        super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
+    pass
 
 
 class ResilientPostgresEventLogStorage(_Resilient, PostgresEventLogStorage):
-    def __init__(self, postgres_url: str, should_autocreate_tables: bool = True, inst_data=None,
-                 token_provider=None, outage_retry_seconds: int = DEFAULT_OUTAGE_RETRY_SECONDS):
-        self.outage_retry_seconds = outage_retry_seconds
-        super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
+    pass
 
 
 class ResilientPostgresScheduleStorage(_Resilient, PostgresScheduleStorage):
-    def __init__(self, postgres_url: str, should_autocreate_tables: bool = True, inst_data=None,
-                 token_provider=None, outage_retry_seconds: int = DEFAULT_OUTAGE_RETRY_SECONDS):
-        self.outage_retry_seconds = outage_retry_seconds
-        super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
+    pass
 
 
 class ResilientPostgresStorage(DagsterPostgresStorage):

@@ -281,7 +281,9 @@ def test_legacy_projection_differs_between_processes():
 
 def test_method_registry_has_every_method():
     names = set(rm.ALL_METHODS)
-    assert {"v1_resnet50", "multiscale", "efficientnet_b0", "v3_ensemble", "default", "legacy"} <= names
+    assert {"v1_resnet50", "multiscale", "efficientnet_b0", "v3_ensemble", "default", "legacy",
+            "local_verified", "fused", "fused_pooled"} <= names
+    assert rm.method_registry()["fused_pooled"].verified and not rm.method_registry()["v3_ensemble"].verified
     assert rm.method_registry()["legacy"].fixed_threshold == 0.60
     with pytest.raises(ValueError, match="unknown method"):
         rm.resolve_methods(["nope"])
@@ -363,6 +365,15 @@ def test_evaluate_command_on_real_photos_writes_a_valid_report(nyala_dir, tmp_pa
         assert cop["open_set"]["n_true"] == 5 and "calibration" in cop["threshold_source"]
     assert report["methods"]["default"]["as_configured"]["threshold"] == 0.60
     assert "default@count" in printed and "default@configured" in printed
+    # the ablation: local verification, calibrated fusion (threshold in probability units), pooling
+    fused = report["methods"]["fused"]
+    art = fused["calibration_artefact"]
+    assert art["version"].startswith("cal1-") and set(art["curves"]) == {"global_cosine", "local_inliers"}
+    assert art["reliability_calibration"] and art["reliability_evaluated"]
+    assert 0.0 <= fused["threshold"] <= 1.0 and "probability" in fused["threshold_source"]
+    assert report["methods"]["fused_pooled"]["encounter_pooling"] == "top2"
+    lv = report["local_verification"]
+    assert lv["pairs_verified"] > 0 and lv["crops_computed"] == 40
     v = report["verdict"]
     assert v["compared"] and v["threshold"] == report["methods"]["default"]["threshold"]
     assert v["default_f1"] == report["methods"]["default"]["open_set"]["cross_encounter_f1"]

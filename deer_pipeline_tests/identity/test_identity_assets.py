@@ -206,6 +206,8 @@ def test_threshold_report_asset(engine, data_dir):
     assert meta["best_f1"].value == pytest.approx(1.0)        # well separated synthetic deer
     assert "would match" in meta["report"].value
     assert meta["plot"].value.startswith(str(data_dir / "reports"))
+    # the plot itself, inline, so the UI shows it (markdown with a PNG data URI)
+    assert meta["plot_image"].value.startswith("![threshold report](data:image/png;base64,iVBOR")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from deer_pipeline import db
-from deer_pipeline.identity import matching, store
+from deer_pipeline.identity import gallery, matching, store
 from deer_pipeline.identity.matching import MatchingError, decide_partition
 from deer_pipeline.settings import MatchingSettings
 
@@ -171,6 +171,23 @@ def truth_groups(world, ids) -> set[frozenset[str]]:
 SETTINGS = MatchingSettings(search="exact")
 
 
+def decide_in_parallel(engine, parts, seed, settings=SETTINGS) -> list:
+    """Decide the (camera, day) partitions on 4 threads in a shuffled order, started together."""
+    order = parts[:]
+    random.Random(seed).shuffle(order)
+    barrier = threading.Barrier(4)
+
+    def run(p):
+        try:
+            barrier.wait(timeout=5)
+        except threading.BrokenBarrierError:
+            pass
+        return decide_partition(engine, p[0], p[1], settings)
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(run, order))
+
+
 # ---------------------------------------------------------------------------------------------
 
 def test_sightings_of_the_same_deer_are_matched_and_strangers_become_new_deer(engine):
@@ -315,19 +332,7 @@ def test_parallel_backfill_in_any_order_equals_a_serial_run(engine):
 
     for trial, seed in enumerate((11, 12)):
         _reset_decisions(engine)
-        order = parts[:]
-        random.Random(seed).shuffle(order)
-        barrier = threading.Barrier(4)
-
-        def run(p):
-            try:
-                barrier.wait(timeout=5)
-            except threading.BrokenBarrierError:
-                pass
-            return decide_partition(engine, p[0], p[1], SETTINGS)
-
-        with ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(run, order))
+        results = decide_in_parallel(engine, parts, seed)
         assert sum(r.replayed for r in results) > 0        # out-of-order runs did replay
         assert grouping(engine) == expected
         with engine.connect() as conn:
@@ -462,15 +467,15 @@ def test_a_failure_while_matching_creates_no_deer(engine, monkeypatch):
                          versions={"multiscale": "ms-test-v2", "efficientnet_b0": "eb0-test-v2"})
     # 4. an error in the middle of the decision, after new deer were decided in memory
     calls = {"n": 0}
-    real_append = matching.Gallery.append
+    real_append = gallery.Gallery.append
 
-    def failing_append(self, deer_ids, vectors):
+    def failing_append(self, deer_ids, vectors, detection_ids=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("simulated failure while matching")
-        return real_append(self, deer_ids, vectors)
+        return real_append(self, deer_ids, vectors, detection_ids)
 
-    monkeypatch.setattr(matching.Gallery, "append", failing_append)
+    monkeypatch.setattr(gallery.Gallery, "append", failing_append)
     with pytest.raises(RuntimeError, match="simulated"):
         decide_partition(engine, "cam1", "2024-05-02", SETTINGS, versions=MODELS)
     monkeypatch.undo()

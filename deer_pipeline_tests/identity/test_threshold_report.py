@@ -87,6 +87,27 @@ def test_without_labels_the_report_uses_frame_and_track_constraints(engine, tmp_
     assert rep.grouping == {} and rep.decisions == {}
     md = threshold_report.markdown(rep)
     assert "constraints" in md and "4 pairs" in md
+    assert "No match-probability calibration" in md and "at least 20" in rep.calibration["not_fitted"]
+
+
+def test_report_fits_and_stores_a_match_probability_calibration_with_a_reliability_diagram(engine, tmp_path):
+    from deer_pipeline.identity import calibration
+
+    w = SyntheticWorld(engine, seed=4, noise=0.9)
+    for k in range(24):
+        w.sighting("cam1", T0 + timedelta(minutes=3 * k), f"D{k % 6}")
+    w.truth_to_db()
+    decide_partition(engine, "cam1", "2024-05-01", MatchingSettings(search="exact", reid_threshold=0.5))
+    rep = threshold_report.build_report(engine, components=MODELS, weights=WEIGHTS, out_dir=tmp_path)
+    cal = rep.calibration
+    assert cal["version"].startswith("cal1-") and cal["fitted_on"]["source"] == rep.truth_source
+    assert cal["fitted_on"]["reliability"] == "2-fold cross-fitted"     # out of sample, not a tautology
+    assert cal["reliability"] and sum(b["pairs"] for b in cal["reliability"]) == rep.pairs["n_pairs"]
+    p = cal["curve"]["p"]
+    assert all(b >= a for a, b in zip(p, p[1:]))                # monotone
+    with engine.connect() as conn:
+        assert calibration.load(conn).version == cal["version"]   # stored, versioned
+    assert "reliability diagram" in threshold_report.markdown(rep)
 
 
 def test_report_on_an_empty_store_says_there_is_nothing_to_recommend(engine, tmp_path):

@@ -54,10 +54,11 @@ def photos() -> Path:
         write_photo(root / "cam-r" / name, size=(320, 240), when=when, seed=40 + i)
     write_photo(outside / "x.jpg", size=(320, 240), when="2025:10:02 07:00:00", seed=50)
     (root / "cam-r" / "link.jpg").symlink_to(outside / "x.jpg")
-    box = [{"category": "1", "conf": 0.9, "bbox": [0.05, 0.05, 0.9, 0.9]}]
+    box = [{"category": "1", "conf": 0.9, "bbox": [0.05, 0.05, 0.9, 0.9], "classifications": [["0", 0.9]]}]
     files = [f"cam-r/{n}" for n, _ in names] + ["../outside/x.jpg", str(outside / "x.jpg"), "cam-r/link.jpg",
                                                 "../../../../../../etc/passwd"]
-    doc = {"detection_categories": {"1": "animal"}, "images": [{"file": f, "detections": box} for f in files]}
+    doc = {"detection_categories": {"1": "animal"}, "classification_categories": {"0": "white-tailed deer"},
+           "images": [{"file": f, "detections": box} for f in files]}
     (root / "detections.json").write_text(json.dumps(doc))
     yield root
     shutil.rmtree(base, ignore_errors=True)

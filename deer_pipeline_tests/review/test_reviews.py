@@ -4,9 +4,6 @@ sightings, partitions nobody reviewed decide exactly as before; the CLI and CSV 
 
 from __future__ import annotations
 
-import random
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -23,6 +20,7 @@ from deer_pipeline_tests.identity.test_matching import (
     SyntheticWorld,
     _reset_decisions,
     _world_for_backfill,
+    decide_in_parallel,
     deer_of,
     grouping,
 )
@@ -34,19 +32,7 @@ def _serial(engine, parts):
 
 
 def _parallel(engine, parts, seed):
-    order = parts[:]
-    random.Random(seed).shuffle(order)
-    barrier = threading.Barrier(4)
-
-    def run(p):
-        try:
-            barrier.wait(timeout=5)
-        except threading.BrokenBarrierError:
-            pass
-        return decide_partition(engine, p[0], p[1], SETTINGS)
-
-    with ThreadPoolExecutor(4) as pool:
-        return list(pool.map(run, order))
+    return decide_in_parallel(engine, parts, seed, SETTINGS)
 
 
 def _named(engine) -> dict[str, frozenset[str]]:

@@ -1,0 +1,1 @@
+"""Standard exports: Camtrap DP packages, flat sightings CSV, camera deployments, the deer roster."""

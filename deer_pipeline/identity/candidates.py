@@ -1,0 +1,290 @@
+"""Candidate deer for an encounter: the search set-up (exact scoring over the in-memory gallery, or pgvector HNSW with re-query), the eligible deer (sex filter, cannot-links, review constraints), the top candidates, and their exact re-scoring by the ensemble and, when configured, local-feature verification and calibrated fusion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+
+from deer_pipeline.detections.encounters import (
+    Encounter,
+)
+from deer_pipeline.embedding.models import unit_rows
+from deer_pipeline.identity import store
+from deer_pipeline.identity.gallery import (
+    Gallery,
+    SexBook,
+    per_deer_max,
+    sex_compatible,
+)
+from deer_pipeline.identity.store import MatchingError
+from deer_pipeline.settings import MatchingSettings
+
+if TYPE_CHECKING:   # the summary is filled in by matching.decide_partition
+    from deer_pipeline.identity.matching import DecisionSummary
+
+
+HNSW_MAX_EF = 1000          # pgvector's upper bound for hnsw.ef_search
+
+
+@dataclass
+class _Search:
+    """What candidate search needs: the in-memory gallery, the sexes of known deer and, for
+    ``hnsw``, the index reader."""
+
+    mode: str
+    gallery: Gallery
+    sexes: SexBook
+    vers: list[str]
+    nearest: store.NearestSightings | None = None
+    total_index_rows: int = 0
+    loaded: set[int] = field(default_factory=set)
+
+
+def _prepare_search(conn, settings: MatchingSettings, models: list[str], weights: Mapping[str, float],
+                    vers: list[str], summary: DecisionSummary) -> _Search:
+    store.check_gallery_vectors(conn, vers)
+    n_static = store.gallery_size(conn)
+    summary.gallery_size = n_static
+    mode = settings.search
+    if mode == "auto":
+        mode = "exact" if n_static < settings.exact_search_max_gallery else "hnsw"
+    summary.search = mode
+    search = _Search(mode, Gallery(models, weights), SexBook(store.gallery_deer_sex_counts(conn)), vers)
+    if mode == "exact" and n_static:
+        g_deer, g_mats, g_ids = store.gallery_vectors(conn, vers)
+        search.gallery.append(g_deer, [unit_rows(m) for m in g_mats], g_ids)
+    if mode == "hnsw":
+        # the index holds every version's vectors: only a scan as large as the index is complete
+        search.total_index_rows = store.embedding_row_count(conn)
+        search.nearest = store.NearestSightings(conn, vers[0])
+    return search
+
+
+def _scored_candidates(conn, enc: Encounter, q: list[np.ndarray], deer0: np.ndarray, enc_M0: np.ndarray,
+                       n0: int, excluded: set[int], search: _Search, settings: MatchingSettings,
+                       summary: DecisionSummary) -> list[tuple]:
+    """The encounter's candidate deer, re-scored exactly (float64, per deer), best first:
+    [(deer, best score, per-detection scores, per-model components)]."""
+    gallery, sexes, enc_sex = search.gallery, search.sexes, enc.sex
+    if search.mode == "hnsw":
+        need = min(settings.candidate_deer, sexes.eligible_static_rows(enc_sex, settings.sex_filter, excluded))
+        if need > 0:
+            found = _hnsw_candidates(search.nearest, q[0], need, settings, sexes, enc_sex,
+                                     excluded, search.total_index_rows, summary)
+            fresh = [d for d in found if d not in search.loaded]
+            if fresh:
+                f_deer, f_mats, f_ids = store.gallery_vectors(conn, search.vers, deer_ids=fresh)
+                gallery.append(f_deer, [unit_rows(m) for m in f_mats], f_ids)
+                search.loaded.update(fresh)
+    deer_ids, M = deer0, enc_M0
+    n1 = gallery.n
+    if n1 > n0:       # rows added since the chunk was scored: decided or loaded since
+        dx, Mx = per_deer_max(gallery.scores(q, n0, n1), gallery.deer[n0:n1])
+        at = np.searchsorted(deer0, dx)
+        known = at < len(deer0)
+        known[known] = deer0[at[known]] == dx[known]
+        M = enc_M0.copy()
+        M[:, at[known]] = np.maximum(M[:, at[known]], Mx[:, known])
+        deer_ids = np.concatenate([deer0, dx[~known]])
+        M = np.hstack([M, Mx[:, ~known]])
+    ranked = _top_candidates(deer_ids, M.max(axis=0) if len(deer_ids) else np.zeros(0),
+                             settings, sexes, enc_sex, excluded)
+    cands = [(cand, float(sims.max()), sims, comp) for (cand, _), (sims, comp)
+             in zip(ranked, gallery.best_pairs(q, [c for c, _ in ranked]))]
+    cands.sort(key=lambda c: (-c[1], c[0]))
+    return cands
+
+
+def _with_candidate(conn, cands: list[tuple], deer: int, q: list[np.ndarray], search: _Search) -> list[tuple]:
+    """``cands`` with ``deer`` among them, scored exactly (a deer a review names need not be
+    among the candidates the scores found)."""
+    if any(c[0] == deer for c in cands):
+        return cands
+    if not search.gallery.rows_of.get(deer):
+        d_deer, d_mats, d_ids = store.gallery_vectors(conn, search.vers, deer_ids=[deer])
+        search.gallery.append(d_deer, [unit_rows(m) for m in d_mats], d_ids)
+        search.loaded.add(deer)
+    (sims, comp), = search.gallery.best_pairs(q, [deer])
+    return cands + [(deer, float(sims.max()), sims, comp)]
+
+
+LOCAL_SCORE_SCALE = 20.0   # match_score=local: inliers n -> n / (n + 20), a monotone map into [0, 1)
+
+
+# Inlier counts and isotonic curves take few distinct values; equal pair scores are ordered by the
+# global cosine through this tiny term (1e-4 local, 1e-6 fused: far below any threshold step), so
+# the best deer does not depend on how ties are broken.
+TIE_BREAK = {"local": 1e-4, "fused": 1e-6}
+
+
+def pair_scores(match_score: str, G: np.ndarray, L: np.ndarray, calibration=None) -> np.ndarray:
+    """Pair scores of ``match_score`` local or fused from global cosines ``G`` and inlier counts
+    ``L`` (NaN: no local score): ``local`` n / (n + 20) (0 without a local score); ``fused`` the
+    mean of the calibrated probabilities, the global probability alone without a local score.
+    Shared by the decision and the evaluation's replay."""
+    G = np.asarray(G, np.float64)
+    L = np.asarray(L, np.float64)
+    if match_score == "local":
+        P = np.where(np.isfinite(L), L / (L + LOCAL_SCORE_SCALE), 0.0)
+    else:
+        P = calibration.fuse(G.ravel(), L.ravel()).reshape(G.shape)
+    return P + TIE_BREAK[match_score] * (1.0 + np.clip(G, -1.0, 1.0)) / 2.0
+
+
+class _Rescorer:
+    """Local verification (and, for ``fused``, calibrated fusion and encounter pooling) of an
+    encounter's candidates.
+
+    For each detection of the encounter the ``verify_top_k`` gallery sightings of the candidate
+    deer with the highest global score are verified (flank-aware: where both flanks are known and
+    differ, the pair is neither verified nor scored; a deer known only from the other flank keeps
+    its global score alone). Pair score: ``local`` - inliers n mapped to
+    n / (n + 20) (0 without a local score); ``fused`` - the mean of the calibrated probabilities
+    of the global cosine and of the inliers, the global probability alone where the pair has no
+    local score. A deer's score pools the pairs of every detection of the encounter with every
+    sighting of the deer (``encounter_pooling``)."""
+
+    def __init__(self, verifier, calibration, settings: MatchingSettings):
+        self.verifier, self.calibration, self.settings = verifier, calibration, settings
+
+    @classmethod
+    def for_settings(cls, conn, engine, settings: MatchingSettings, verifier, summary) -> "_Rescorer":
+        from deer_pipeline.identity import calibration as cal_mod
+        from deer_pipeline.identity.verification import Verifier
+        from deer_pipeline.settings import CropSettings
+
+        cal = None
+        if settings.match_score == "fused":
+            try:
+                cal = cal_mod.load(conn, settings.calibration_version)
+            except cal_mod.CalibrationError as exc:
+                raise MatchingError(f"match_score=fused: {exc}; no deer created") from exc
+            if cal is None:
+                raise MatchingError("match_score=fused needs a stored calibration (match_calibrations is empty): "
+                                    "fit one from labelled pairs, or use match_score=cosine; no deer created")
+        if verifier is None:
+            verifier = Verifier(engine, CropSettings().store_dir, settings.local)
+        summary.local_verification = {"match_score": settings.match_score, "feature_version": verifier.version,
+                                      "calibration_version": cal.version if cal is not None else None,
+                                      "encounter_pooling": settings.encounter_pooling}
+        return cls(verifier, cal, settings)
+
+    def pair_scores(self, G: np.ndarray, L: np.ndarray) -> np.ndarray:
+        return pair_scores(self.settings.match_score, G, L, self.calibration)
+
+    def rescore(self, enc: Encounter, q: list[np.ndarray], cands: list[tuple], gallery: Gallery) -> list[tuple]:
+        from deer_pipeline.identity.pooling import pool_by_deer
+        from deer_pipeline.identity.verification import flank_compatible
+
+        if not cands:
+            return cands
+        s, v = self.settings, self.verifier
+        deer_list = [c[0] for c in cands]
+        segs = [np.asarray(gallery.rows_of[d], np.int64) for d in deer_list]
+        idx = np.concatenate(segs)
+        col_deer = np.repeat(np.arange(len(segs)), [len(g) for g in segs])
+        comps = np.stack([np.asarray(qm, np.float64) @ mat[idx].astype(np.float64).T
+                          for qm, mat in zip(q, gallery.mats)], axis=-1)               # k x R x models
+        G = comps @ np.array([gallery.weights[m] for m in gallery.models])            # k x R
+        qids = [d.detection_id for d in enc.detections]
+        gids = [gallery.detection_ids[r] for r in idx]
+        v.load_sides(qids + gids)
+        compat = np.ones(G.shape, bool)
+        if s.flank_aware:
+            compat = np.array([[flank_compatible(v.side(a), v.side(b)) for b in gids] for a in qids], bool)
+        known = np.array([g is not None for g in gids], bool)
+        chosen = []
+        for i in range(len(qids)):
+            cols = np.flatnonzero(compat[i] & known)
+            chosen.append(cols[np.argsort(-G[i, cols], kind="stable")[: s.verify_top_k]])
+        v.prepare(qids + [gids[c] for top in chosen for c in top])
+        L = np.full(G.shape, np.nan)
+        for i, top in enumerate(chosen):
+            for c in top:
+                n = v.inliers(qids[i], gids[c])
+                L[i, c] = np.nan if n is None else n
+        P = self.pair_scores(G, L)
+        P[~compat] = -np.inf
+        pooled = pool_by_deer(P, col_deer, len(segs), s.encounter_pooling)
+        out = []
+        r = np.arange(len(qids))
+        unflanked = None
+        for j, d in enumerate(deer_list):
+            cols = np.flatnonzero(col_deer == j)
+            if not np.isfinite(pooled[j]):
+                # only the other flank of this deer is known: its global score stands alone
+                if unflanked is None:
+                    unflanked = self.pair_scores(G, np.full(G.shape, np.nan))
+                P[:, cols] = unflanked[:, cols]
+                pooled[j] = float(P[:, cols].max())
+            best = cols[P[:, cols].argmax(axis=1)]
+            sims = P[r, best]
+            comp = np.concatenate([comps[r, best], np.nan_to_num(L[r, best], nan=-1.0)[:, None]], axis=1)
+            out.append((d, float(pooled[j]), sims, comp))
+        out.sort(key=lambda c: (-c[1], c[0]))
+        return out
+
+
+def _eligible(deer_id: int, settings: MatchingSettings, sexes: SexBook, enc_sex: str,
+              excluded: set[int]) -> bool:
+    if deer_id in excluded:
+        return False
+    return not settings.sex_filter or sex_compatible(enc_sex, sexes.sex(deer_id))
+
+
+def _top_candidates(deer_ids: np.ndarray, enc_scores: np.ndarray, settings: MatchingSettings,
+                    sexes: SexBook, enc_sex: str, excluded: set[int]) -> list[tuple[int, float]]:
+    """The best ``candidate_deer`` eligible deer, best first (ties by deer id)."""
+    n = len(deer_ids)
+    if n == 0:
+        return []
+    want = settings.candidate_deer
+    t = min(n, want + len(excluded) + 32)
+    while True:
+        if t < n:
+            part = np.argpartition(-enc_scores, t - 1)[:t]
+        else:
+            part = np.arange(n)
+        part = part[np.lexsort((deer_ids[part], -enc_scores[part]))]
+        out = []
+        for i in part:
+            d = int(deer_ids[i])
+            if _eligible(d, settings, sexes, enc_sex, excluded):
+                out.append((d, float(enc_scores[i])))
+                if len(out) == want:
+                    return out
+        if t >= n:
+            return out
+        t = min(n, t * 4)
+
+
+def _hnsw_candidates(nearest: store.NearestSightings, q_primary: np.ndarray, need: int,
+                     settings: MatchingSettings, sexes: SexBook, enc_sex: str, excluded: set[int],
+                     total_index_rows: int, summary: DecisionSummary) -> set[int]:
+    """Stored deer near any detection of the encounter by the primary model's HNSW index.
+
+    A scan must return at least ``need`` eligible gallery rows (right version, decided, sex and
+    cannot-link allowed); when the post-scan filters leave fewer, ef_search is doubled (up to
+    1000) and the query repeated, then an exact scan is used. The best ``candidate_deer`` deer
+    are returned for exact re-scoring on their whole gallery."""
+    found: dict[int, float] = {}
+    for q in q_primary:
+        ef = max(settings.hnsw_ef_search, settings.candidate_deer)
+        while True:
+            rows = nearest.query(q, min(ef, HNSW_MAX_EF))
+            ok = [(d, sim) for d, sim in rows if _eligible(d, settings, sexes, enc_sex, excluded)]
+            if len(ok) >= need or total_index_rows <= ef:
+                break
+            if ef >= HNSW_MAX_EF:
+                ok = [(d, sim) for d, sim in nearest.exact(q)
+                      if _eligible(d, settings, sexes, enc_sex, excluded)]
+                summary.hnsw_exact_fallbacks += 1
+                break
+            ef = min(ef * 2, HNSW_MAX_EF)
+            summary.hnsw_requeries += 1
+        for d, sim in ok:
+            if sim > found.get(d, -np.inf):
+                found[d] = sim
+    return set(sorted(found, key=lambda d: (-found[d], d))[: settings.candidate_deer])
