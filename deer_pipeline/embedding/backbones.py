@@ -44,13 +44,11 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
 
-import numpy as np
 
 from deer_pipeline import settings
 from deer_pipeline.embedding import models as embedders

@@ -28,7 +28,6 @@ cannot be registered.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -488,7 +487,7 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
             y = labels[rows].to(device)
             if amp:
                 with torch.autocast(device_type="cuda", dtype=torch.float16):
-                    emb = net.trainable(x) if unfrozen else net.trainable(x)
+                    emb = net.trainable(x)   # probe epochs: the blocks have learning rate 0
                 loss = arcface(emb.float(), y)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

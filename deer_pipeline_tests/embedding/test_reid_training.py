@@ -16,7 +16,6 @@ import pytest
 from deer_pipeline import settings
 from deer_pipeline.embedding import config as embedding_config
 from deer_pipeline.embedding import models_cli, registry, train_cli, training
-from deer_pipeline.embedding import models as embedders
 from deer_pipeline.embedding.inference import InferenceEngine
 from deer_pipeline.embedding.networks import clear_cache
 from deer_pipeline.evaluation.labels import read_labels
