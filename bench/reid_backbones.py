@@ -19,7 +19,7 @@ def main() -> None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from deer_pipeline.embedding import backbones, training
+    from deer_pipeline.embedding import backbones, trained_model
 
     p = argparse.ArgumentParser()
     p.add_argument("names", nargs="*", default=["trained", *backbones.NAMES])
@@ -29,8 +29,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for name in args.names:
         if name == "trained":
-            net = training.build_embedder(512, 11, body=training.lite0_module()).eval()
-            size = training.INPUT_SIZE
+            net = trained_model.build_embedder(512, 11, body=trained_model.lite0_module()).eval()
+            size = trained_model.INPUT_SIZE
             x1 = torch.zeros((1, 3, size, size), dtype=torch.uint8)
             with FlopCounterMode(display=False) as fc, torch.no_grad():
                 net(x1)

@@ -121,7 +121,7 @@ NAMES = tuple(BACKBONES)
 
 def tiny_architectures() -> bool:
     """Test-only switch: build each backbone as a tiny network of the same timm family."""
-    return os.environ.get(TINY_ENV, "") == "1"
+    return settings.env(TINY_ENV, "") == "1"
 
 
 def backbone(name: str) -> Backbone:
@@ -449,15 +449,15 @@ def resolve_any(model: str, weights: str = "auto") -> embedders.EmbedderSpec:
     """Spec of ``trained`` (weights = its model folder; ``auto`` = the registered one) or of a
     downloaded backbone (weights = ``auto``: the local cache, or a file)."""
     if model == "trained":
-        from deer_pipeline.embedding import training
+        from deer_pipeline.embedding import trained_model
 
-        return training.resolve_embedder(weights)
+        return trained_model.resolve_embedder(weights)
     return resolve_embedder(model, weights)
 
 
 def load_any(rw: embedders.ResolvedWeights, device: str = "cpu"):
     if rw.backbone == "trained":
-        from deer_pipeline.embedding import training
+        from deer_pipeline.embedding import trained_model
 
-        return training.load_network(rw, device)
+        return trained_model.load_network(rw, device)
     return load_network(rw, device)

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from deer_pipeline.embedding import training
+    from deer_pipeline.embedding import trained_model
     from deer_pipeline.evaluation.labels import EvaluationError, read_labels, split_by_identity
 
     try:
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                                         frozen_blocks=args.frozen_blocks, probe_epochs=args.probe_epochs)
         result = training.train(photos, args.out, options, source=source,
                                 log_fn=lambda s: print(s, file=sys.stderr))
-    except (training.TrainingError, EvaluationError, ValueError) as exc:
+    except (trained_model.TrainingError, EvaluationError, ValueError) as exc:
         print(f"deer-pipeline train: {exc}", file=sys.stderr)
         return 2
     t = result.card["training"]

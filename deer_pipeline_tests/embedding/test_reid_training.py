@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from deer_pipeline import settings
+from deer_pipeline.embedding import trained_model
 from deer_pipeline.embedding import config as embedding_config
 from deer_pipeline.embedding import models_cli, registry, train_cli, training
 from deer_pipeline.embedding.inference import InferenceEngine
@@ -61,14 +62,14 @@ def trained(small_sample, tmp_path_factory):
 
 
 def test_training_lowers_the_loss_and_writes_a_checked_card(trained):
-    card = json.loads((trained / training.CARD_FILE).read_text())
+    card = json.loads((trained / trained_model.CARD_FILE).read_text())
     losses = [r["loss"] for r in card["training"]["loss_curve"]]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert card["embedding_version"].startswith("trained:efficientnet_lite0@trained-")
     assert card["weights"]["sha256"][:12] in card["embedding_version"]
     assert card["data"]["individuals_used"] == 4 and card["data"]["photos_used"] > 6
     assert len(card["data"]["sha256"]) == 64 and card["training"]["seed"] == 0
-    assert training.read_card(trained)["embedding_version"] == card["embedding_version"]
+    assert trained_model.read_card(trained)["embedding_version"] == card["embedding_version"]
 
 
 def test_trained_model_embeds_unit_vectors_and_registering_changes_the_version(trained, small_sample, monkeypatch,
@@ -83,7 +84,7 @@ def test_trained_model_embeds_unit_vectors_and_registering_changes_the_version(t
     assert config.models == ("trained",)
     assert settings.configured_ensemble_weights() == {"trained": 1.0}
     version = embedding_config.versions(config)["trained"]
-    assert version == json.loads((trained / training.CARD_FILE).read_text())["embedding_version"]
+    assert version == json.loads((trained / trained_model.CARD_FILE).read_text())["embedding_version"]
     assert embedding_config.code_version(config) != before             # embeddings partitions go stale
     photos = sorted(small_sample.rglob("*.jpg"))[:3]
     res = InferenceEngine(["trained"], weights={"trained": str(trained)}, device="cpu").embed_images(photos)
@@ -99,12 +100,12 @@ def test_half_written_or_altered_models_are_never_registered(trained, tmp_path, 
     monkeypatch.setenv("DEER_DATA_DIR", str(tmp_path / "data"))
     half = tmp_path / "half"
     half.mkdir()
-    shutil.copy(trained / training.WEIGHTS_FILE, half / training.WEIGHTS_FILE)     # no card: unfinished
+    shutil.copy(trained / trained_model.WEIGHTS_FILE, half / trained_model.WEIGHTS_FILE)     # no card: unfinished
     with pytest.raises(registry.RegistryError, match="holds no model_card.json"):
         registry.register(str(half))
     altered = tmp_path / "altered"
     shutil.copytree(trained, altered)
-    with open(altered / training.WEIGHTS_FILE, "ab") as fh:
+    with open(altered / trained_model.WEIGHTS_FILE, "ab") as fh:
         fh.write(b"\0")
     with pytest.raises(registry.RegistryError, match="does not match the model card"):
         registry.register(str(altered))
@@ -116,7 +117,7 @@ def test_one_photo_per_individual_is_a_clear_error(small_sample, tmp_path, capsy
     rc = train_cli.main(["--labels", str(labels), "--images-root", str(small_sample), "--out", str(tmp_path / "m")])
     err = capsys.readouterr().err
     assert rc == 2 and str(labels) in err and "at least two individuals with at least two" in err
-    assert not (tmp_path / "m" / training.CARD_FILE).exists()
+    assert not (tmp_path / "m" / trained_model.CARD_FILE).exists()
 
 
 def test_unreadable_photos_are_skipped_and_counted(small_sample, tmp_path):
@@ -193,7 +194,7 @@ def test_reid_model_asset_records_the_model_card(small_sample, tmp_path, monkeyp
         "labels_csv": str(labels), "images_root": str(small_sample), "epochs": 2, "views": 0,
         "device": "cpu", "out_dir": str(tmp_path / "model")}}}})
     meta = res.asset_materializations_for_node("reid_model")[0].metadata
-    card = json.loads((tmp_path / "model" / training.CARD_FILE).read_text())
+    card = json.loads((tmp_path / "model" / trained_model.CARD_FILE).read_text())
     assert meta["embedding_version"].value == card["embedding_version"]
     assert meta["model_card"].value["data"]["sha256"] == card["data"]["sha256"]
     assert "| 2 |" in meta["loss_curve"].value
