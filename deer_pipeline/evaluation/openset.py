@@ -186,6 +186,22 @@ def _legacy_open_set(entry: dict, ev: PreparedSet, emb: dict, legacy: rm.LegacyM
     entry["redraws"] = legacy_redraws(ev, legacy.d_in, options.legacy_redraws)
 
 
+def _count_operating_point(engine: Engine, ev: PreparedSet, method: rm.Method, count_rule: dict, emb: dict,
+                           **decide) -> dict:
+    """The pipeline's open set at the threshold whose deer count on the calibration set came
+    closest to the truth (the operating point for population counts)."""
+    d2, f2, _ = run_pipeline_open_set(engine, ev, method, count_rule["threshold"], emb["versions"], **decide)
+    return {"threshold": count_rule["threshold"],
+            "threshold_source": "calibration labels: " + count_rule["rule"],
+            "calibration": {k: count_rule[k] for k in ("f1", "precision", "recall", "n_pred", "n_true")},
+            "open_set": open_set_metrics(ev.identities(), d2, f2, ev.label_encounters())}
+
+
+def _embedding_details(entry: dict, method: rm.Method, emb: dict) -> None:
+    entry["embedding_versions"] = {m: emb["versions"][m] for m in method.models}
+    entry["backbone"] = [emb["weights_used"][m] for m in method.models]
+
+
 def _pipeline_open_set(entry: dict, engine: Engine, method: rm.Method, S: np.ndarray, ev: PreparedSet,
                        cal: PreparedSet | None, emb: dict, legacy, curves: dict) -> None:
     """The threshold (calibrated on the calibration set, else the configured one), then the
@@ -216,14 +232,8 @@ def _pipeline_open_set(entry: dict, engine: Engine, method: rm.Method, S: np.nda
     sim_deer, _ = simulate_open_set(S, ev_feed, threshold, _cannot_link(ev, ev_feed), method.encounter_pooling)
     entry["replay_agreement_ari"] = metrics.adjusted_rand_index(deer, sim_deer)
     if cal_feed:
-        d2, f2, _ = run_pipeline_open_set(engine, ev, method, count_rule["threshold"], emb["versions"])
-        entry["count_operating_point"] = {
-            "threshold": count_rule["threshold"],
-            "threshold_source": "calibration labels: " + count_rule["rule"],
-            "calibration": {k: count_rule[k] for k in ("f1", "precision", "recall", "n_pred", "n_true")},
-            "open_set": open_set_metrics(ev.identities(), d2, f2, ev.label_encounters())}
-    entry["embedding_versions"] = {m: emb["versions"][m] for m in method.models}
-    entry["backbone"] = [emb["weights_used"][m] for m in method.models]
+        entry["count_operating_point"] = _count_operating_point(engine, ev, method, count_rule, emb)
+    _embedding_details(entry, method, emb)
     if method.name == rm.DEFAULT_METHOD and cal_feed:
         t_conf = rm.default_threshold()
         d2, f2, _ = run_pipeline_open_set(engine, ev, method, t_conf, emb["versions"])
@@ -286,15 +296,9 @@ def _verified_open_set(entry: dict, engine: Engine, method: rm.Method, S: np.nda
     if calibration is not None:
         entry["calibration_artefact"]["reliability_evaluated"] = reliability_on(ev, S, Le, ce, calibration)
     if count_rule is not None:
-        d2, f2, _ = run_pipeline_open_set(engine, ev, method, count_rule["threshold"], emb["versions"],
-                                          verified=verified, calibration_version=cal_version)
-        entry["count_operating_point"] = {
-            "threshold": count_rule["threshold"],
-            "threshold_source": "calibration labels: " + count_rule["rule"],
-            "calibration": {k: count_rule[k] for k in ("f1", "precision", "recall", "n_pred", "n_true")},
-            "open_set": open_set_metrics(ev.identities(), d2, f2, ev.label_encounters())}
-    entry["embedding_versions"] = {m: emb["versions"][m] for m in method.models}
-    entry["backbone"] = [emb["weights_used"][m] for m in method.models]
+        entry["count_operating_point"] = _count_operating_point(
+            engine, ev, method, count_rule, emb, verified=verified, calibration_version=cal_version)
+    _embedding_details(entry, method, emb)
     entry["pair_curve_score"] = "global cosine (the candidates' order before verification)"
 
 
