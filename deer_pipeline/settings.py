@@ -33,6 +33,7 @@ BATCH_SIZE = 32                            # crops per forward pass (halved on C
 AMP = True                                 # float16 autocast on CUDA
 CHANNELS_LAST = True
 BACKEND = "auto"                           # auto | eager | onnxruntime (auto: ONNX Runtime without a GPU)
+INFERENCE_BACKENDS = ("eager", "onnxruntime")   # what "auto" resolves to (embedding.backends)
 # matching
 REID_THRESHOLD = 0.60                      # ensemble similarity needed to join a known deer
 ENSEMBLE_WEIGHTS = {"multiscale": 0.6, "efficientnet_b0": 0.4}
@@ -414,7 +415,7 @@ class EmbeddingSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(dict.fromkeys(self.models)))
-        if self.backend not in ("auto", "eager", "onnxruntime"):
+        if self.backend not in ("auto", *INFERENCE_BACKENDS):
             raise SettingsError(f"backend must be auto, eager or onnxruntime, not {self.backend!r}")
         object.__setattr__(self, "weights_files", tuple(sorted(dict(self.weights_files).items())))
         if not self.models:

@@ -49,10 +49,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
 
-
 from deer_pipeline import settings
 from deer_pipeline.embedding import models as embedders
-from deer_pipeline.embedding.models import EmbedderError, WeightsMismatch, WeightsUnavailable
+from deer_pipeline.embedding.models import (
+    EmbedderError,
+    WeightsMismatch,
+    WeightsUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -262,14 +265,6 @@ def load_into(name: str, path, tiny: bool | None = None):
 # The local cache: import (air-gapped) and fetch (internet)
 # --------------------------------------------------------------------------------------------
 
-def sha256_of(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_manifest(name: str) -> dict | None:
     path = weights_root() / name / MANIFEST
     if not path.is_file():
@@ -289,7 +284,7 @@ def import_weights(name: str, file, sha256: str | None = None, source: str = "im
     file = Path(file).expanduser()
     if not file.is_file():
         raise EmbedderError(f"weights file {file} does not exist")
-    digest = sha256_of(file)
+    digest = embedders.read_sha256(file)
     if sha256 and digest.lower() != sha256.strip().lower():
         raise ChecksumMismatch(f"weights file {file}: sha256 {digest} does not match the expected "
                                f"{sha256.strip().lower()} (wrong or incomplete download?); nothing imported")
@@ -302,7 +297,7 @@ def import_weights(name: str, file, sha256: str | None = None, source: str = "im
     os.close(fd)
     try:
         shutil.copyfile(file, tmp)
-        if sha256_of(tmp) != digest:
+        if embedders.read_sha256(tmp) != digest:
             raise ChecksumMismatch(f"copy of {file} to {dest_dir} changed its sha256; nothing imported")
         os.replace(tmp, dest)
     finally:
@@ -325,7 +320,7 @@ def fetch_weights(name: str, revision: str | None = None) -> dict:
     ``huggingface_hub``), verify the file against the sha256 the hub reports, and import it."""
     b = backbone(name)
     try:
-        from huggingface_hub import hf_hub_download, get_hf_file_metadata, hf_hub_url
+        from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     except ImportError as exc:   # pragma: no cover - pinned dependency
         raise EmbedderError("fetching weights needs the package huggingface_hub") from exc
     try:

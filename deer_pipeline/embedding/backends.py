@@ -26,7 +26,7 @@ from deer_pipeline import settings
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "onnxruntime")
+BACKENDS = settings.INFERENCE_BACKENDS
 ONNX_BACKBONES = ("resnet50", "efficientnet_b0", "efficientnet_lite0")
 ONNX_OPSET = 17
 _export_lock = threading.Lock()

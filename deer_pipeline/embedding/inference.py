@@ -223,7 +223,7 @@ class InferenceEngine:
         with torch.inference_mode():
             for key, models in self._groups.items():
                 net = self._nets[key]
-                if key[-1] != "eager":        # ONNX Runtime runs on the CPU
+                if self.specs[models[0]].backend != "eager":        # ONNX Runtime runs on the CPU
                     pooled = net(x)
                     for m in models:
                         out[m] = networks.project(self.specs[m], pooled).float().numpy()

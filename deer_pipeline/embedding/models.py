@@ -197,6 +197,15 @@ _sha_cache: dict[tuple[str, int, int], str] = {}
 _sha_lock = threading.Lock()
 
 
+def read_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read now (weights files, trained models, labelled photos)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file, cached per (path, size, mtime) for the life of the process."""
     st = os.stat(path)
@@ -204,11 +213,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     with _sha_lock:
         if key in _sha_cache:
             return _sha_cache[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = read_sha256(path)
     with _sha_lock:
         _sha_cache[key] = digest
     return digest

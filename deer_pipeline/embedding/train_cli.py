@@ -44,9 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from deer_pipeline.embedding import training
-    from deer_pipeline.embedding import trained_model
-    from deer_pipeline.evaluation.labels import EvaluationError, read_labels, split_by_identity
+    from deer_pipeline.embedding import trained_model, training
+    from deer_pipeline.evaluation.labels import (
+        EvaluationError,
+        read_labels,
+        split_by_identity,
+    )
 
     try:
         photos = read_labels(args.labels, args.images_root)

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-
+from deer_pipeline.embedding.models import read_sha256
 
 WEIGHTS_FILE = "weights.pt"
 
@@ -99,14 +99,6 @@ def build_embedder(dim: int = 512, frozen_blocks: int = 11, body=None):
     return ReidEmbedder()
 
 
-def _sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def trained_version(weights_sha256: str, dim: int = 512) -> str:
     """``trained:efficientnet_lite0@trained-<12 hex of weights.pt>:d<dim>:224sq-pm1-norm``."""
     return f"{TRAINED_PREFIX}:efficientnet_lite0@trained-{weights_sha256[:12]}:d{dim}:{INPUT_SIZE}sq-pm1-norm"
@@ -133,7 +125,7 @@ def save_model(net, card: dict, out_dir) -> str:
     out_dir = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     _atomic_write(out_dir / WEIGHTS_FILE, lambda p: torch.save(state, p))
-    sha = _sha256_file(out_dir / WEIGHTS_FILE)
+    sha = read_sha256(out_dir / WEIGHTS_FILE)
     dim = int(net.proj.weight.shape[0])
     card = dict(card)
     card["weights"] = {"file": WEIGHTS_FILE, "sha256": sha, "dim": dim,
@@ -164,7 +156,7 @@ def read_card(model_dir) -> dict:
     wpath = model_dir / w.get("file", WEIGHTS_FILE)
     if not wpath.is_file():
         raise TrainingError(f"{card_path} names the weights file {wpath}, which does not exist")
-    sha = _sha256_file(wpath)
+    sha = read_sha256(wpath)
     if sha != w["sha256"]:
         raise TrainingError(f"weights file {wpath}: sha256 {sha[:12]}... does not match the model card's "
                             f"{w['sha256'][:12]}... (the file was changed or is incomplete)")

@@ -40,9 +40,21 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
-import numpy as np
-from deer_pipeline.embedding.trained_model import CARD_FILE, CARD_FORMAT, HEAD_DIM, INPUT_SIZE, N_BLOCKS, TrainingError, build_embedder, lite0_module, save_model
 
+import numpy as np
+
+from deer_pipeline.embedding.models import read_sha256
+from deer_pipeline.embedding.trained_model import (
+    CARD_FILE,
+    CARD_FORMAT,
+    HEAD_DIM,
+    INPUT_SIZE,
+    N_BLOCKS,
+    TrainingError,
+    build_embedder,
+    lite0_module,
+    save_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +159,7 @@ def data_hash(photos: Sequence) -> str:
     """sha256 over (identity, encounter, side, box, file sha256) of every photo, sorted."""
     rows = []
     for p in photos:
-        h = hashlib.sha256()
-        with open(p.image_path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        rows.append(json.dumps([p.identity, p.encounter, p.side, p.box, h.hexdigest()]))
+        rows.append(json.dumps([p.identity, p.encounter, p.side, p.box, read_sha256(p.image_path)]))
     return hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()
 
 

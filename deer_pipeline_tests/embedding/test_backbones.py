@@ -50,9 +50,9 @@ def _write_state(name: str, path, seed: int = 0):
                                          ("dinov2", ".safetensors")])
 def test_each_backbone_imports_embeds_unit_vectors_and_versions_its_weights(tiny, name, suffix, capsys):
     f = _write_state(name, tiny / f"{name}{suffix}")
-    assert weights_cli.main(["import", name, str(f), "--sha256", backbones.sha256_of(f)]) == 0
+    assert weights_cli.main(["import", name, str(f), "--sha256", embedders.read_sha256(f)]) == 0
     spec = embedders.resolve_embedder(name)
-    sha = backbones.sha256_of(f)
+    sha = embedders.read_sha256(f)
     assert sha[:12] in spec.version and spec.version.startswith(f"{name}:")
     assert "tiny-test-architecture" in spec.version
     x = torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8)

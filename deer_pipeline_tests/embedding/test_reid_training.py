@@ -14,13 +14,17 @@ import numpy as np
 import pytest
 
 from deer_pipeline import settings
-from deer_pipeline.embedding import trained_model
 from deer_pipeline.embedding import config as embedding_config
-from deer_pipeline.embedding import models_cli, registry, train_cli, training
+from deer_pipeline.embedding import (
+    models_cli,
+    registry,
+    train_cli,
+    trained_model,
+    training,
+)
 from deer_pipeline.embedding.inference import InferenceEngine
 from deer_pipeline.embedding.networks import clear_cache
 from deer_pipeline.evaluation.labels import read_labels
-
 
 
 def _labels_from_sample(sample_dir: Path, out: Path, limit_per_id: int | None = None) -> Path:
