@@ -6,7 +6,7 @@ import time
 import dagster as dg
 
 from deer_pipeline import db
-from deer_pipeline.defs.partitions import camera_day_partitions, partition_key, run_partitions
+from deer_pipeline.defs.partitions import camera_day_partitions, mark_skipped, partition_key, run_partitions
 from deer_pipeline.defs.resources import CropStore, DeerDatabase
 from deer_pipeline.detections import feed
 from deer_pipeline.detections.cropping import crop_partition
@@ -40,10 +40,7 @@ def crops(context: dg.AssetExecutionContext, database: DeerDatabase, crop_store:
         context.add_asset_metadata(_metadata(report, settings), partition_key=partition_key(camera_id, day))
         for k in totals:
             totals[k] += getattr(report, k)
-    for camera_id, day in sorted(set(partitions) - set(todo)):
-        context.add_asset_metadata({"detections": dg.MetadataValue.int(0),
-                                    "skipped": dg.MetadataValue.text("no detections to crop")},
-                                   partition_key=partition_key(camera_id, day))
+    mark_skipped(context, todo, "no detections to crop", detections=dg.MetadataValue.int(0))
     return dg.MaterializeResult(metadata={
         "run_partitions_cropped": dg.MetadataValue.int(len(todo)),
         **{f"run_{k}": dg.MetadataValue.int(v) for k, v in totals.items()},

@@ -25,7 +25,7 @@ import dagster as dg
 
 from deer_pipeline import db
 from deer_pipeline.defs.executors import GPU_POOL, GPU_STEP_TAGS, STEP_RETRY_POLICY
-from deer_pipeline.defs.partitions import camera_day_partitions, run_partitions, split_key
+from deer_pipeline.defs.partitions import camera_day_partitions, mark_skipped, run_partitions, split_key
 from deer_pipeline.defs.resources import CropStore, DeerDatabase, InferenceResource
 from deer_pipeline.detections import feed
 from deer_pipeline.embedding import config as embedding_config
@@ -151,7 +151,9 @@ def _define_embeddings_asset(config: EmbeddingSettings, max_partitions_per_run: 
         # out, the asset starts again and embeds only what is not stored yet.
         # A run may cover many camera x day partitions: those of the run that hold detections
         # are embedded together (one model load), the other partitions of its range are skipped.
-        keys = [f"{c}|{d}" for c, d in feed.partitions_with_work(database.engine(), run_partitions(context))]
+        todo = feed.partitions_with_work(database.engine(), run_partitions(context))
+        mark_skipped(context, todo, "no detections to embed")
+        keys = [f"{c}|{d}" for c, d in todo]
         return db.retry_transient(
             lambda: embed_partitions(context, database, crop_store, inference, keys, code_version),
             "embeddings", on_retry=context.log.warning)

@@ -11,13 +11,14 @@ decision holds a PostgreSQL advisory lock, so parallel backfills (other code loc
 runs) cannot create duplicate deer.
 """
 
+import time
 
 import dagster as dg
 
 from deer_pipeline import db
 from deer_pipeline.defs import checks
 from deer_pipeline.defs.executors import IDENTITY_POOL
-from deer_pipeline.defs.partitions import camera_day_partitions, partition_key, run_partitions
+from deer_pipeline.defs.partitions import camera_day_partitions, mark_skipped, run_partitions
 from deer_pipeline.defs.resources import (
     DeerDatabase,
     IdentitySettings,
@@ -67,20 +68,19 @@ def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
     todo = feed.partitions_with_work(engine, partitions, decided_too=True)
     # Each day is one transaction under the identity lock: a lost connection rolls the day back
     # whole (no half-decided partition) and it is decided again when the database is back.
+    t0 = time.perf_counter()
     summaries = daily.decide_days(engine, todo, settings, versions, on_retry=context.log.warning)
+    seconds = time.perf_counter() - t0
     with engine.connect() as conn:
         for summary in summaries:
             _log(context, summary)
             context.add_asset_metadata(_metadata(summary, reviews.human_confirmed(conn, summary.partition_key)),
                                        partition_key=summary.partition_key)
-    for camera, day in sorted(set(partitions) - set(todo)):
-        context.add_asset_metadata({"sightings_decided": dg.MetadataValue.int(0),
-                                    "skipped": dg.MetadataValue.text("no detections and no decisions")},
-                                   partition_key=str(partition_key(camera, day)))
+    mark_skipped(context, todo, "no detections and no decisions", sightings_decided=dg.MetadataValue.int(0))
     yield dg.MaterializeResult(metadata={
         "run_partitions_decided": dg.MetadataValue.int(len(summaries)),
         "run_days": dg.MetadataValue.int(len(daily.by_day(todo))),
-        "run_seconds": dg.MetadataValue.float(round(sum(s.seconds for s in summaries), 3)),
+        "run_seconds": dg.MetadataValue.float(round(seconds, 3)),
     })
     yield from checks.check_events(context, database, identity, todo)
 
@@ -133,18 +133,14 @@ def _metadata(summary: matching.DecisionSummary, confirmed: int) -> dict:
 def similarity_scores(context: dg.AssetExecutionContext, database: DeerDatabase,
                       identity: IdentitySettings) -> dg.MaterializeResult:
     partitions = run_partitions(context)
-    todo = set(feed.partitions_with_work(database.engine(), partitions, decided_too=True))
+    todo = feed.partitions_with_work(database.engine(), partitions, decided_too=True)
     rows = 0
-    for camera, day in partitions:
+    for camera, day in todo:
         key = identity_store.partition_key_text(camera, day)
-        if (camera, day) not in todo:
-            context.add_asset_metadata({"rows": dg.MetadataValue.int(0),
-                                        "skipped": dg.MetadataValue.text("no detections and no decisions")},
-                                       partition_key=key)
-            continue
         meta = _scores_metadata(context, database, identity, key)
         rows += meta["rows"].value
         context.add_asset_metadata(meta, partition_key=key)
+    mark_skipped(context, todo, "no detections and no decisions", rows=dg.MetadataValue.int(0))
     return dg.MaterializeResult(metadata={"run_rows": dg.MetadataValue.int(rows)})
 
 

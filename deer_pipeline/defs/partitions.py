@@ -72,6 +72,20 @@ def run_partitions(context: dg.AssetExecutionContext) -> list[tuple[str, str]]:
     return sorted(set(keys), key=lambda k: (k[1], k[0]))
 
 
+def mark_skipped(context: dg.AssetExecutionContext, done, nothing_to_do: str, **metadata) -> int:
+    """Per-partition metadata for the partitions of the run's range that the step did not
+    process: the cameras inside the range that the run is not for, and partitions with nothing
+    to do (``nothing_to_do`` says what). Returns how many there were."""
+    only = context.run.tags.get(CAMERAS_TAG)
+    cameras = set(only.split(",")) if only else None
+    skipped = sorted({split_key(k) for k in context.partition_keys} - set(done))
+    for camera, day in skipped:
+        why = nothing_to_do if cameras is None or camera in cameras else "not one of this run's cameras"
+        context.add_asset_metadata({**metadata, "skipped": dg.MetadataValue.text(why)},
+                                   partition_key=str(partition_key(camera, day)))
+    return len(skipped)
+
+
 def camera_order(instance: dg.DagsterInstance, new_cameras=()) -> list[str]:
     """The ``camera`` dimension in Dagster's order (the order cameras were added), with
     ``new_cameras`` appended as a dynamic-partitions request of the same tick adds them."""
