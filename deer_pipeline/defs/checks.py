@@ -124,13 +124,12 @@ CHECK_SPECS = [dg.AssetCheckSpec(c.name, asset=DEER_PROFILES, description=c.desc
                                  partitions_def=camera_day_partitions) for c in CHECKS]
 
 
-def check_events(context: dg.AssetExecutionContext, database: DeerDatabase, identity: IdentitySettings,
-                 partitions: Sequence[tuple[str, str]]) -> Iterator[dg.Output | dg.AssetCheckEvaluation]:
-    """What the ``deer_profiles`` step yields for its checks, after its materialization: for each
-    check its (empty) output, once per step, then one evaluation per decided partition, named by
-    its partition. (``AssetCheckResult`` cannot name a partition: in a run over a range of
-    partitions it would give one evaluation per check for the whole range.) A failed blocking
-    check fails the step once every evaluation has been recorded."""
+def evaluate_partitions(context: dg.AssetExecutionContext, database: DeerDatabase, identity: IdentitySettings,
+                        partitions: Sequence[tuple[str, str]]) -> dict[str, list[dg.AssetCheckEvaluation]]:
+    """Every selected check of every partition (recorded in ``check_results``): check name ->
+    one evaluation per partition, named by its partition. (``AssetCheckResult`` cannot name a
+    partition: in a run over a range of partitions it would give one evaluation per check for the
+    whole range.)"""
     selected = {k.name for k in context.selected_asset_check_keys if k.asset_key == DEER_PROFILES}
     chosen = [c for c in CHECKS if c.name in selected]
     once: dict[str, health.CheckOutcome] = {}
@@ -141,7 +140,15 @@ def check_events(context: dg.AssetExecutionContext, database: DeerDatabase, iden
                 with database.engine().connect() as conn:
                     once[c.name] = c.compute(conn, camera, day, identity)
             evaluations[c.name].append(evaluate(context, database, camera, day, c, identity, once.get(c.name)))
-    for c in chosen:
-        output = context.assets_def.get_output_name_for_asset_check_key(dg.AssetCheckKey(DEER_PROFILES, c.name))
+    return evaluations
+
+
+def check_events(context: dg.AssetExecutionContext,
+                 evaluations: dict[str, list[dg.AssetCheckEvaluation]]) -> Iterator[dg.Output | dg.AssetCheckEvaluation]:
+    """What the ``deer_profiles`` step yields for its checks, after its materialization: for each
+    check its (empty) output, once per step, then its evaluations. A failed blocking check fails
+    the step once every evaluation has been recorded."""
+    for name, found in evaluations.items():
+        output = context.assets_def.get_output_name_for_asset_check_key(dg.AssetCheckKey(DEER_PROFILES, name))
         yield dg.Output(None, output_name=output)
-        yield from evaluations[c.name]
+        yield from found

@@ -77,12 +77,15 @@ def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
             context.add_asset_metadata(_metadata(summary, reviews.human_confirmed(conn, summary.partition_key)),
                                        partition_key=summary.partition_key)
     mark_skipped(context, todo, "no detections and no decisions", sightings_decided=dg.MetadataValue.int(0))
+    t0 = time.perf_counter()
+    evaluations = checks.evaluate_partitions(context, database, identity, todo)
     yield dg.MaterializeResult(metadata={
         "run_partitions_decided": dg.MetadataValue.int(len(summaries)),
         "run_days": dg.MetadataValue.int(len(daily.by_day(todo))),
         "run_seconds": dg.MetadataValue.float(round(seconds, 3)),
+        "run_check_seconds": dg.MetadataValue.float(round(time.perf_counter() - t0, 3)),
     })
-    yield from checks.check_events(context, database, identity, todo)
+    yield from checks.check_events(context, evaluations)
 
 
 def _log(context, summary: matching.DecisionSummary) -> None:

@@ -112,6 +112,32 @@ def test_a_day_of_20_cameras_in_one_run_decides_as_20_separate_runs(engine):
     assert recorded == 20
 
 
+def test_camera_days_without_detections_inside_a_run_s_range_are_skipped(engine):
+    """A run over a rectangle (the demo's: every camera x every day between the first and the
+    last) decides the camera-days with detections and skips the others, saying why."""
+    w = SyntheticWorld(engine, seed=2)
+    day1, day2 = T0.date().isoformat(), (T0 + timedelta(days=1)).date().isoformat()
+    for i, ident in enumerate("ABA"):
+        w.sighting("cam-a", T0 + timedelta(minutes=i), ident)
+    for i, ident in enumerate("BAB"):
+        w.sighting("cam-b", T0 + timedelta(days=1, minutes=i), ident)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(CAMERA_PARTITIONS_NAME, ["cam-a", "cam-b"])
+        tags = range_tags(["cam-a", "cam-b"], day1, day2, ["cam-a", "cam-b"])
+        result = _materialize(instance, [deer_profiles, similarity_scores], tags=tags)
+        assert result.success
+        mats = {str(m.partition): m.metadata for m in result.asset_materializations_for_node("deer_profiles")}
+        assert mats[f"cam-a|{day1}"]["sightings_decided"].value == 3
+        assert mats[f"cam-b|{day2}"]["sightings_decided"].value == 3
+        assert mats[f"cam-b|{day2}"]["matched"].value == 3          # day 2 was decided after day 1
+        for key in (f"cam-b|{day1}", f"cam-a|{day2}"):
+            assert mats[key]["skipped"].value == "no detections and no decisions"
+            assert mats[key]["sightings_decided"].value == 0
+        assert mats[f"cam-a|{day1}"]["run_days"].value == 2
+        assert {e.partition for e in result.get_asset_check_evaluations()} == {f"cam-a|{day1}", f"cam-b|{day2}"}
+    assert _decided_keys(engine) == {f"cam-a|{day1}", f"cam-b|{day2}"}
+
+
 _KILLED_RUN = textwrap.dedent("""
     import json, logging, os, signal, sys
 

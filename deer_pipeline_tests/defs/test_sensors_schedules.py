@@ -110,10 +110,11 @@ def test_nightly_schedule_requests_one_run_for_yesterday_with_every_camera_with_
     assert schedule.cron_schedule == "0 2 * * *"
 
     def tick(instance, day):
-        ctx = dg.build_schedule_context(
-            instance=instance, resources={"database": DeerDatabase()},
-            scheduled_execution_time=dt.datetime(2025, 10, day, 2, 0, tzinfo=dt.timezone.utc))
-        return schedule.evaluate_tick(ctx)
+        # as a context manager: the context opens its own instance from the ref, closed on exit
+        with dg.build_schedule_context(
+                instance=instance, resources={"database": DeerDatabase()},
+                scheduled_execution_time=dt.datetime(2025, 10, day, 2, 0, tzinfo=dt.timezone.utc)) as ctx:
+            return schedule.evaluate_tick(ctx)
 
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(CAMERA_PARTITIONS_NAME, ["cam-a", "cam-c", "cam-b"])
