@@ -21,7 +21,7 @@ import dagster as dg
 import sqlalchemy as sa
 
 from deer_pipeline.defs.partitions import camera_day_partitions, partition_key
-from deer_pipeline.defs.resources import DeerDatabase, IdentitySettings
+from deer_pipeline.defs.resources import IdentitySettings
 from deer_pipeline.identity import health, store
 from deer_pipeline.review import queue as review_queue
 
@@ -51,23 +51,23 @@ def _metadata(outcome: health.CheckOutcome) -> dict:
     return meta
 
 
-def evaluate(context, database: DeerDatabase, camera: str, day: str, check: "ProfilesCheck",
-             identity: IdentitySettings, outcome: "health.CheckOutcome | None" = None) -> dg.AssetCheckEvaluation:
+def evaluate(engine: sa.Engine, camera: str, day: str, check: "ProfilesCheck", identity: IdentitySettings,
+             outcome: "health.CheckOutcome | None" = None) -> tuple[dg.AssetCheckEvaluation, str | None]:
     """Run one health check for the partition (or take ``outcome``, computed once for the run by
-    a check that does not depend on the partition), record it, return Dagster's evaluation."""
+    a check that does not depend on the partition), record it; returns Dagster's evaluation and,
+    when it failed, a line for the log."""
     key = store.partition_key_text(camera, day)
-    with database.engine().begin() as conn:
+    with engine.begin() as conn:
         if outcome is None:
             outcome = check.compute(conn, camera, day, identity)
         health.record_check(conn, outcome.name, key, outcome.passed, outcome.severity,
                            {"description": outcome.description, **outcome.metadata,
                             **({"table": outcome.table} if outcome.table else {})})
-    if not outcome.passed:
-        context.log.warning(f"{outcome.name} ({outcome.severity}) on {key}: {outcome.description}")
+    warning = None if outcome.passed else f"{outcome.name} ({outcome.severity}) on {key}: {outcome.description}"
     return dg.AssetCheckEvaluation(
         asset_key=DEER_PROFILES, check_name=check.name, passed=outcome.passed,
         severity=getattr(dg.AssetCheckSeverity, outcome.severity), description=outcome.description,
-        metadata=_metadata(outcome), blocking=check.blocking, partition=str(partition_key(camera, day)))
+        metadata=_metadata(outcome), blocking=check.blocking, partition=str(partition_key(camera, day))), warning
 
 
 @dataclass(frozen=True)
@@ -124,22 +124,28 @@ CHECK_SPECS = [dg.AssetCheckSpec(c.name, asset=DEER_PROFILES, description=c.desc
                                  partitions_def=camera_day_partitions) for c in CHECKS]
 
 
-def evaluate_partitions(context: dg.AssetExecutionContext, database: DeerDatabase, identity: IdentitySettings,
+def evaluate_partitions(context: dg.AssetExecutionContext, engine: sa.Engine, identity: IdentitySettings,
                         partitions: Sequence[tuple[str, str]]) -> dict[str, list[dg.AssetCheckEvaluation]]:
     """Every selected check of every partition (recorded in ``check_results``): check name ->
     one evaluation per partition, named by its partition. (``AssetCheckResult`` cannot name a
     partition: in a run over a range of partitions it would give one evaluation per check for the
-    whole range.)"""
+    whole range.) The failed ones are logged in one warning (each log line is a stored event)."""
     selected = {k.name for k in context.selected_asset_check_keys if k.asset_key == DEER_PROFILES}
     chosen = [c for c in CHECKS if c.name in selected]
     once: dict[str, health.CheckOutcome] = {}
     evaluations: dict[str, list[dg.AssetCheckEvaluation]] = {c.name: [] for c in chosen}
+    warnings: list[str] = []
     for camera, day in partitions:
         for c in chosen:
             if not c.per_partition and c.name not in once:
-                with database.engine().connect() as conn:
+                with engine.connect() as conn:
                     once[c.name] = c.compute(conn, camera, day, identity)
-            evaluations[c.name].append(evaluate(context, database, camera, day, c, identity, once.get(c.name)))
+            evaluation, warning = evaluate(engine, camera, day, c, identity, once.get(c.name))
+            evaluations[c.name].append(evaluation)
+            if warning:
+                warnings.append(warning)
+    if warnings:
+        context.log.warning(f"{len(warnings)} check(s) failed:\n" + "\n".join(warnings))
     return evaluations
 
 

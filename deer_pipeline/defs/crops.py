@@ -6,7 +6,13 @@ import time
 import dagster as dg
 
 from deer_pipeline import db
-from deer_pipeline.defs.partitions import camera_day_partitions, mark_skipped, partition_key, run_partitions
+from deer_pipeline.defs.partitions import (
+    camera_day_partitions,
+    partition_key,
+    run_partitions,
+    skipped_metadata,
+    skipped_partitions,
+)
 from deer_pipeline.defs.resources import CropStore, DeerDatabase
 from deer_pipeline.detections import feed
 from deer_pipeline.detections.cropping import crop_partition
@@ -31,20 +37,24 @@ def crops(context: dg.AssetExecutionContext, database: DeerDatabase, crop_store:
     todo = feed.partitions_with_work(engine, partitions)
     totals = {"detections": 0, "cropped": 0, "too_small": 0, "failed": 0}
     t0 = time.perf_counter()
+    summaries: list[str] = []
     for camera_id, day in todo:
         # one transaction, content-addressed files: repeated whole when the database drops out
         report = db.retry_transient(lambda: crop_partition(engine, camera_id, day, settings,
                                                            progress_log=context.log.info),
                                     f"crops {camera_id}|{day}", on_retry=context.log.warning)
-        context.log.info(report.summary())
+        summaries.append(report.summary())
         context.add_asset_metadata(_metadata(report, settings), partition_key=partition_key(camera_id, day))
         for k in totals:
             totals[k] += getattr(report, k)
-    mark_skipped(context, todo, "no detections to crop", detections=dg.MetadataValue.int(0))
+    if summaries:    # one log line for the step: each line is an event Dagster stores
+        context.log.info("\n".join(summaries))
+    skipped = skipped_partitions(context, todo, "no detections to crop")
     return dg.MaterializeResult(metadata={
         "run_partitions_cropped": dg.MetadataValue.int(len(todo)),
         **{f"run_{k}": dg.MetadataValue.int(v) for k, v in totals.items()},
         "run_seconds": dg.MetadataValue.float(round(time.perf_counter() - t0, 3)),
+        **skipped_metadata(skipped),
     })
 
 

@@ -25,7 +25,13 @@ import dagster as dg
 
 from deer_pipeline import db
 from deer_pipeline.defs.executors import GPU_POOL, GPU_STEP_TAGS, STEP_RETRY_POLICY
-from deer_pipeline.defs.partitions import camera_day_partitions, mark_skipped, run_partitions, split_key
+from deer_pipeline.defs.partitions import (
+    camera_day_partitions,
+    run_partitions,
+    skipped_metadata,
+    skipped_partitions,
+    split_key,
+)
 from deer_pipeline.defs.resources import CropStore, DeerDatabase, InferenceResource
 from deer_pipeline.detections import feed
 from deer_pipeline.embedding import config as embedding_config
@@ -48,7 +54,8 @@ def _failure_table(failures: list[tuple[str, str, str]], limit: int = 20) -> str
 
 
 def embed_partitions(context, database: DeerDatabase, crop_store: CropStore,
-                     inference: InferenceResource, partition_keys: Sequence, code_version: str):
+                     inference: InferenceResource, partition_keys: Sequence, code_version: str,
+                     skipped: dict[str, str] | None = None):
     """The asset body: embed the missing vectors of every partition, return metadata and checks."""
     config = inference.embedding_settings()
     configured_code_version = embedding_config.code_version(config)
@@ -63,7 +70,8 @@ def embed_partitions(context, database: DeerDatabase, crop_store: CropStore,
                                                 progress_log=context.log.info)
     for line in run.weights_used:
         context.log.info("weights used: %s", line)
-    metadata = _metadata(run, partition_keys, config, configured_code_version == code_version)
+    metadata = {**_metadata(run, partition_keys, config, configured_code_version == code_version),
+                **skipped_metadata(skipped or {})}
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(_data_version(run, partition_keys)),
                                 check_results=[_every_crop_embedded(run)])
 
@@ -152,10 +160,10 @@ def _define_embeddings_asset(config: EmbeddingSettings, max_partitions_per_run: 
         # A run may cover many camera x day partitions: those of the run that hold detections
         # are embedded together (one model load), the other partitions of its range are skipped.
         todo = feed.partitions_with_work(database.engine(), run_partitions(context))
-        mark_skipped(context, todo, "no detections to embed")
+        skipped = skipped_partitions(context, todo, "no detections to embed")
         keys = [f"{c}|{d}" for c, d in todo]
         return db.retry_transient(
-            lambda: embed_partitions(context, database, crop_store, inference, keys, code_version),
+            lambda: embed_partitions(context, database, crop_store, inference, keys, code_version, skipped),
             "embeddings", on_retry=context.log.warning)
 
     return embeddings

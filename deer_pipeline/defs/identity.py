@@ -18,7 +18,12 @@ import dagster as dg
 from deer_pipeline import db
 from deer_pipeline.defs import checks
 from deer_pipeline.defs.executors import IDENTITY_POOL
-from deer_pipeline.defs.partitions import camera_day_partitions, mark_skipped, run_partitions
+from deer_pipeline.defs.partitions import (
+    camera_day_partitions,
+    run_partitions,
+    skipped_metadata,
+    skipped_partitions,
+)
 from deer_pipeline.defs.resources import (
     DeerDatabase,
     IdentitySettings,
@@ -71,29 +76,36 @@ def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
     t0 = time.perf_counter()
     summaries = daily.decide_days(engine, todo, settings, versions, on_retry=context.log.warning)
     seconds = time.perf_counter() - t0
+    _log(context, summaries)
     with engine.connect() as conn:
         for summary in summaries:
-            _log(context, summary)
             context.add_asset_metadata(_metadata(summary, reviews.human_confirmed(conn, summary.partition_key)),
                                        partition_key=summary.partition_key)
-    mark_skipped(context, todo, "no detections and no decisions", sightings_decided=dg.MetadataValue.int(0))
+    skipped = skipped_partitions(context, todo, "no detections and no decisions")
     t0 = time.perf_counter()
-    evaluations = checks.evaluate_partitions(context, database, identity, todo)
+    evaluations = checks.evaluate_partitions(context, engine, identity, todo)
     yield dg.MaterializeResult(metadata={
         "run_partitions_decided": dg.MetadataValue.int(len(summaries)),
         "run_days": dg.MetadataValue.int(len(daily.by_day(todo))),
         "run_seconds": dg.MetadataValue.float(round(seconds, 3)),
         "run_check_seconds": dg.MetadataValue.float(round(time.perf_counter() - t0, 3)),
+        **skipped_metadata(skipped),
     })
     yield from checks.check_events(context, evaluations)
 
 
-def _log(context, summary: matching.DecisionSummary) -> None:
-    if summary.unassigned:
-        context.log.warning(f"{summary.unassigned} detection(s) of {summary.partition_key} have no embedding "
-                            f"and stay unassigned: {summary.unassigned_reasons}")
-    if summary.replayed:
-        context.log.info(f"replayed {summary.replayed} later sighting(s) of {summary.replayed_partitions}")
+def _log(context, summaries: list[matching.DecisionSummary]) -> None:
+    """One log line for the step (each line is an event Dagster stores), not one per partition."""
+    unassigned = [f"{s.partition_key}: {s.unassigned} {s.unassigned_reasons}" for s in summaries if s.unassigned]
+    if unassigned:
+        context.log.warning("detections without an embedding stay unassigned: " + "; ".join(unassigned))
+    replays = {}   # a day's partitions share one replay
+    for s in summaries:
+        if s.replayed:
+            replays[s.partition_key.split("|")[1]] = (s.replayed, s.replayed_partitions)
+    if replays:
+        context.log.info("replayed later sightings: " + "; ".join(
+            f"deciding {day}: {n} of {parts}" for day, (n, parts) in sorted(replays.items())))
 
 
 def _metadata(summary: matching.DecisionSummary, confirmed: int) -> dict:
@@ -136,20 +148,21 @@ def _metadata(summary: matching.DecisionSummary, confirmed: int) -> dict:
 def similarity_scores(context: dg.AssetExecutionContext, database: DeerDatabase,
                       identity: IdentitySettings) -> dg.MaterializeResult:
     partitions = run_partitions(context)
-    todo = feed.partitions_with_work(database.engine(), partitions, decided_too=True)
+    engine = database.engine()
+    todo = feed.partitions_with_work(engine, partitions, decided_too=True)
     rows = 0
     for camera, day in todo:
         key = identity_store.partition_key_text(camera, day)
-        meta = _scores_metadata(context, database, identity, key)
+        meta = _scores_metadata(context, engine, identity, key)
         rows += meta["rows"].value
         context.add_asset_metadata(meta, partition_key=key)
-    mark_skipped(context, todo, "no detections and no decisions", rows=dg.MetadataValue.int(0))
-    return dg.MaterializeResult(metadata={"run_rows": dg.MetadataValue.int(rows)})
+    skipped = skipped_partitions(context, todo, "no detections and no decisions")
+    return dg.MaterializeResult(metadata={"run_rows": dg.MetadataValue.int(rows), **skipped_metadata(skipped)})
 
 
-def _scores_metadata(context, database: DeerDatabase, identity: IdentitySettings, key: str) -> dict:
+def _scores_metadata(context, engine, identity: IdentitySettings, key: str) -> dict:
     def read_scores():
-        with database.engine().connect() as conn:
+        with engine.connect() as conn:
             return identity_store.partition_scores(conn, key)
 
     scores = db.retry_transient(read_scores, f"similarity scores {key}", on_retry=context.log.warning)

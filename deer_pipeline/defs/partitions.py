@@ -72,18 +72,22 @@ def run_partitions(context: dg.AssetExecutionContext) -> list[tuple[str, str]]:
     return sorted(set(keys), key=lambda k: (k[1], k[0]))
 
 
-def mark_skipped(context: dg.AssetExecutionContext, done, nothing_to_do: str, **metadata) -> int:
-    """Per-partition metadata for the partitions of the run's range that the step did not
-    process: the cameras inside the range that the run is not for, and partitions with nothing
-    to do (``nothing_to_do`` says what). Returns how many there were."""
+def skipped_partitions(context: dg.AssetExecutionContext, done, nothing_to_do: str) -> dict[str, str]:
+    """The partitions of the run's range that the step did not process, with why: the cameras
+    inside the range that the run is not for, and partitions with nothing to do (``nothing_to_do``
+    says what). Assets put this in their run-wide metadata (``run_skipped``), which every
+    partition's materialization carries: one call instead of one per partition (each
+    ``add_asset_metadata`` call reloads the run's partition keys from the instance)."""
     only = context.run.tags.get(CAMERAS_TAG)
     cameras = set(only.split(",")) if only else None
-    skipped = sorted({split_key(k) for k in context.partition_keys} - set(done))
-    for camera, day in skipped:
-        why = nothing_to_do if cameras is None or camera in cameras else "not one of this run's cameras"
-        context.add_asset_metadata({**metadata, "skipped": dg.MetadataValue.text(why)},
-                                   partition_key=str(partition_key(camera, day)))
-    return len(skipped)
+    skipped = sorted({split_key(k) for k in context.partition_keys} - set(done), key=lambda k: (k[1], k[0]))
+    return {f"{camera}|{day}": (nothing_to_do if cameras is None or camera in cameras
+                                else "not one of this run's cameras") for camera, day in skipped}
+
+
+def skipped_metadata(skipped: dict[str, str]) -> dict:
+    """``run_skipped`` metadata: partition -> why it was skipped (only when some were)."""
+    return {"run_skipped": dg.MetadataValue.json(skipped)} if skipped else {}
 
 
 def camera_order(instance: dg.DagsterInstance, new_cameras=()) -> list[str]:

@@ -85,14 +85,14 @@ def test_a_day_of_20_cameras_in_one_run_decides_as_20_separate_runs(engine):
         # has its own figures, the idle camera says why it was skipped
         mats = {str(m.partition): m.metadata for m in one.asset_materializations_for_node("deer_profiles")}
         assert set(mats) == {f"{c}|{day}" for c in order}
-        assert mats[f"cam-idle|{day}"]["skipped"].value == "not one of this run's cameras"
+        assert mats[f"cam-idle|{day}"]["run_skipped"].value == {f"cam-idle|{day}": "not one of this run's cameras"}
         with engine.connect() as conn:
             per_part = dict(conn.execute(sa.text("SELECT partition_key, count(*) FROM sightings GROUP BY 1")).all())
         for c in cameras:
             meta = mats[f"{c}|{day}"]
             assert meta["sightings_decided"].value == per_part[f"{c}|{day}"] == 3
             assert meta["replayed"].value == 0          # decided together: nothing to replay
-            assert "skipped" not in meta
+            assert "sightings_decided" in meta
         assert mats[f"cam00|{day}"]["run_partitions_decided"].value == 20
         scores = {str(m.partition): m.metadata for m in one.asset_materializations_for_node("similarity_scores")}
         with engine.connect() as conn:
@@ -130,9 +130,11 @@ def test_camera_days_without_detections_inside_a_run_s_range_are_skipped(engine)
         assert mats[f"cam-a|{day1}"]["sightings_decided"].value == 3
         assert mats[f"cam-b|{day2}"]["sightings_decided"].value == 3
         assert mats[f"cam-b|{day2}"]["matched"].value == 3          # day 2 was decided after day 1
-        for key in (f"cam-b|{day1}", f"cam-a|{day2}"):
-            assert mats[key]["skipped"].value == "no detections and no decisions"
-            assert mats[key]["sightings_decided"].value == 0
+        skipped = {f"cam-b|{day1}": "no detections and no decisions",
+                   f"cam-a|{day2}": "no detections and no decisions"}
+        for key in skipped:     # their materialization carries the run's figures and the skip list
+            assert mats[key]["run_skipped"].value == skipped
+            assert "sightings_decided" not in mats[key]
         assert mats[f"cam-a|{day1}"]["run_days"].value == 2
         assert {e.partition for e in result.get_asset_check_evaluations()} == {f"cam-a|{day1}", f"cam-b|{day2}"}
     assert _decided_keys(engine) == {f"cam-a|{day1}", f"cam-b|{day2}"}
