@@ -149,8 +149,8 @@ def evaluate_partitions(context: dg.AssetExecutionContext, engine: sa.Engine, id
     return evaluations
 
 
-def check_events(context: dg.AssetExecutionContext,
-                 evaluations: dict[str, list[dg.AssetCheckEvaluation]]) -> Iterator[dg.Output | dg.AssetCheckEvaluation]:
+def check_events(context: dg.AssetExecutionContext, evaluations: dict[str, list[dg.AssetCheckEvaluation]]
+                 ) -> Iterator[dg.Output | dg.AssetCheckEvaluation]:
     """What the ``deer_profiles`` step yields for its checks, after its materialization: for each
     check its (empty) output, once per step, then its evaluations. A failed blocking check fails
     the step once every evaluation has been recorded."""

@@ -50,10 +50,6 @@ def split_key(key) -> tuple[str, str]:
     return camera, day
 
 
-def camera_and_day(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> tuple[str, str]:
-    return split_key(context.partition_key)
-
-
 # Dagster's run tags for a run over a range of partitions (what a single-run backfill sets)
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
