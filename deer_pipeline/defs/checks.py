@@ -1,5 +1,6 @@
-"""Asset checks on ``deer_profiles``, evaluated in the asset's own step for its camera x day
-partition (no separate check steps). Thin over the health checks in
+"""Asset checks on ``deer_profiles``, evaluated in the asset's own step for every camera x day
+partition the step decided (no separate check steps; one evaluation per check and partition, so
+a run over a day of many cameras reports each camera's checks). Thin over the health checks in
 ``deer_pipeline.identity.health``; every result is also recorded in the ``check_results`` table
 (which the alert sensor in ``defs/alerts.py`` reads).
 
@@ -14,13 +15,13 @@ partition (no separate check steps). Thin over the health checks in
 """
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import dagster as dg
 import sqlalchemy as sa
 
-from deer_pipeline.defs.partitions import camera_day_partitions
-from deer_pipeline.defs.resources import DeerDatabase, IdentitySettings
+from deer_pipeline.defs.partitions import camera_day_partitions, partition_key
+from deer_pipeline.defs.resources import IdentitySettings
 from deer_pipeline.identity import health, store
 from deer_pipeline.review import queue as review_queue
 
@@ -50,20 +51,23 @@ def _metadata(outcome: health.CheckOutcome) -> dict:
     return meta
 
 
-def evaluate(context, database: DeerDatabase, camera: str, day: str, check: "ProfilesCheck",
-             identity: IdentitySettings) -> dg.AssetCheckResult:
-    """Run one health check for the partition, record it, return the Dagster result."""
+def evaluate(engine: sa.Engine, camera: str, day: str, check: "ProfilesCheck", identity: IdentitySettings,
+             outcome: "health.CheckOutcome | None" = None) -> tuple[dg.AssetCheckEvaluation, str | None]:
+    """Run one health check for the partition (or take ``outcome``, computed once for the run by
+    a check that does not depend on the partition), record it; returns Dagster's evaluation and,
+    when it failed, a line for the log."""
     key = store.partition_key_text(camera, day)
-    with database.engine().begin() as conn:
-        outcome: health.CheckOutcome = check.compute(conn, camera, day, identity)
+    with engine.begin() as conn:
+        if outcome is None:
+            outcome = check.compute(conn, camera, day, identity)
         health.record_check(conn, outcome.name, key, outcome.passed, outcome.severity,
                            {"description": outcome.description, **outcome.metadata,
                             **({"table": outcome.table} if outcome.table else {})})
-    if not outcome.passed:
-        context.log.warning(f"{outcome.name} ({outcome.severity}) on {key}: {outcome.description}")
-    return dg.AssetCheckResult(
-        check_name=check.name, passed=outcome.passed, severity=getattr(dg.AssetCheckSeverity, outcome.severity),
-        description=outcome.description, metadata=_metadata(outcome))
+    warning = None if outcome.passed else f"{outcome.name} ({outcome.severity}) on {key}: {outcome.description}"
+    return dg.AssetCheckEvaluation(
+        asset_key=DEER_PROFILES, check_name=check.name, passed=outcome.passed,
+        severity=getattr(dg.AssetCheckSeverity, outcome.severity), description=outcome.description,
+        metadata=_metadata(outcome), blocking=check.blocking, partition=str(partition_key(camera, day))), warning
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class ProfilesCheck:
     description: str
     compute: Callable[[sa.Connection, str, str, IdentitySettings], health.CheckOutcome]
     blocking: bool = False
+    per_partition: bool = True     # False: the outcome does not depend on the partition (once per run)
 
 
 CHECKS = (
@@ -110,7 +115,8 @@ CHECKS = (
         "The review queue (decisions near the threshold, merge candidates) is short and nothing has "
         "waited long for a person (WARN).",
         lambda conn, cam, day, i: review_queue.check_review_queue(
-            conn, i.review_margin, i.review_queue_max_items, i.review_queue_max_age_days)),
+            conn, i.review_margin, i.review_queue_max_items, i.review_queue_max_age_days),
+        per_partition=False),
 )
 CHECK_NAMES = tuple(c.name for c in CHECKS)
 # partitioned like the asset, so that each evaluation names its camera x day (a Dagster preview feature)
@@ -118,7 +124,37 @@ CHECK_SPECS = [dg.AssetCheckSpec(c.name, asset=DEER_PROFILES, description=c.desc
                                  partitions_def=camera_day_partitions) for c in CHECKS]
 
 
-def check_results(context, database: DeerDatabase, identity: IdentitySettings, camera: str,
-                  day: str) -> list[dg.AssetCheckResult]:
-    """Every check of the partition, in the order of ``CHECKS``."""
-    return [evaluate(context, database, camera, day, c, identity) for c in CHECKS]
+def evaluate_partitions(context: dg.AssetExecutionContext, engine: sa.Engine, identity: IdentitySettings,
+                        partitions: Sequence[tuple[str, str]]) -> dict[str, list[dg.AssetCheckEvaluation]]:
+    """Every selected check of every partition (recorded in ``check_results``): check name ->
+    one evaluation per partition, named by its partition. (``AssetCheckResult`` cannot name a
+    partition: in a run over a range of partitions it would give one evaluation per check for the
+    whole range.) The failed ones are logged in one warning (each log line is a stored event)."""
+    selected = {k.name for k in context.selected_asset_check_keys if k.asset_key == DEER_PROFILES}
+    chosen = [c for c in CHECKS if c.name in selected]
+    once: dict[str, health.CheckOutcome] = {}
+    evaluations: dict[str, list[dg.AssetCheckEvaluation]] = {c.name: [] for c in chosen}
+    warnings: list[str] = []
+    for camera, day in partitions:
+        for c in chosen:
+            if not c.per_partition and c.name not in once:
+                with engine.connect() as conn:
+                    once[c.name] = c.compute(conn, camera, day, identity)
+            evaluation, warning = evaluate(engine, camera, day, c, identity, once.get(c.name))
+            evaluations[c.name].append(evaluation)
+            if warning:
+                warnings.append(warning)
+    if warnings:
+        context.log.warning(f"{len(warnings)} check(s) failed:\n" + "\n".join(warnings))
+    return evaluations
+
+
+def check_events(context: dg.AssetExecutionContext, evaluations: dict[str, list[dg.AssetCheckEvaluation]]
+                 ) -> Iterator[dg.Output | dg.AssetCheckEvaluation]:
+    """What the ``deer_profiles`` step yields for its checks, after its materialization: for each
+    check its (empty) output, once per step, then its evaluations. A failed blocking check fails
+    the step once every evaluation has been recorded."""
+    for name, found in evaluations.items():
+        output = context.assets_def.get_output_name_for_asset_check_key(dg.AssetCheckKey(DEER_PROFILES, name))
+        yield dg.Output(None, output_name=output)
+        yield from found

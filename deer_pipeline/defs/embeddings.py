@@ -25,13 +25,22 @@ import dagster as dg
 
 from deer_pipeline import db
 from deer_pipeline.defs.executors import GPU_POOL, GPU_STEP_TAGS, STEP_RETRY_POLICY
-from deer_pipeline.defs.partitions import camera_day_partitions, split_key
+from deer_pipeline.defs.partitions import (
+    camera_day_partitions,
+    run_partitions,
+    skipped_metadata,
+    skipped_partitions,
+    split_key,
+)
 from deer_pipeline.defs.resources import CropStore, DeerDatabase, InferenceResource
+from deer_pipeline.detections import feed
 from deer_pipeline.embedding import config as embedding_config
 from deer_pipeline.embedding import partitions as embedding_partitions
 from deer_pipeline.settings import EmbeddingSettings
 
-MAX_PARTITIONS_PER_RUN = 7
+# None: a backfill runs as one run per range of partitions (one per day, like the sensor's runs),
+# with crops, deer_profiles and similarity_scores in the same run
+MAX_PARTITIONS_PER_RUN: int | None = None
 CHECK_NAME = "every_crop_embedded"
 
 
@@ -45,7 +54,8 @@ def _failure_table(failures: list[tuple[str, str, str]], limit: int = 20) -> str
 
 
 def embed_partitions(context, database: DeerDatabase, crop_store: CropStore,
-                     inference: InferenceResource, partition_keys: Sequence, code_version: str):
+                     inference: InferenceResource, partition_keys: Sequence, code_version: str,
+                     skipped: dict[str, str] | None = None):
     """The asset body: embed the missing vectors of every partition, return metadata and checks."""
     config = inference.embedding_settings()
     configured_code_version = embedding_config.code_version(config)
@@ -60,7 +70,8 @@ def embed_partitions(context, database: DeerDatabase, crop_store: CropStore,
                                                 progress_log=context.log.info)
     for line in run.weights_used:
         context.log.info("weights used: %s", line)
-    metadata = _metadata(run, partition_keys, config, configured_code_version == code_version)
+    metadata = {**_metadata(run, partition_keys, config, configured_code_version == code_version),
+                **skipped_metadata(skipped or {})}
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(_data_version(run, partition_keys)),
                                 check_results=[_every_crop_embedded(run)])
 
@@ -109,7 +120,7 @@ def _every_crop_embedded(run: embedding_partitions.EmbeddingRun) -> dg.AssetChec
 
 
 def build_embeddings_asset(config: EmbeddingSettings | None = None,
-                           max_partitions_per_run: int = MAX_PARTITIONS_PER_RUN) -> dg.AssetsDefinition:
+                           max_partitions_per_run: int | None = MAX_PARTITIONS_PER_RUN) -> dg.AssetsDefinition:
     """The ``embeddings`` asset for an embedding configuration (default: the environment's, the
     one the inference resource is built from). Its code_version hashes the resolved versions."""
     config = embedding_config.check_models(config or EmbeddingSettings.from_environment())
@@ -119,7 +130,7 @@ def build_embeddings_asset(config: EmbeddingSettings | None = None,
         return _define_embeddings_asset(config, max_partitions_per_run, code_version)
 
 
-def _define_embeddings_asset(config: EmbeddingSettings, max_partitions_per_run: int, code_version: str):
+def _define_embeddings_asset(config: EmbeddingSettings, max_partitions_per_run: int | None, code_version: str):
     extra = {"retry_policy": STEP_RETRY_POLICY} if STEP_RETRY_POLICY is not None else {}
 
     @dg.asset(
@@ -130,7 +141,8 @@ def _define_embeddings_asset(config: EmbeddingSettings, max_partitions_per_run: 
         op_tags=dict(GPU_STEP_TAGS),
         group_name="identification",
         code_version=code_version,
-        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=max_partitions_per_run),
+        backfill_policy=(dg.BackfillPolicy.single_run() if max_partitions_per_run is None
+                         else dg.BackfillPolicy.multi_run(max_partitions_per_run=max_partitions_per_run)),
         kinds={"pytorch", "postgres"},
         check_specs=[dg.AssetCheckSpec(CHECK_NAME, asset="embeddings",
                                        description="every ok crop of the partition has a vector "
@@ -145,9 +157,13 @@ def _define_embeddings_asset(config: EmbeddingSettings, max_partitions_per_run: 
                    inference: InferenceResource) -> dg.MaterializeResult:
         # Vectors are written per batch, keyed by detection and version: when the database drops
         # out, the asset starts again and embeds only what is not stored yet.
+        # A run may cover many camera x day partitions: those of the run that hold detections
+        # are embedded together (one model load), the other partitions of its range are skipped.
+        todo = feed.partitions_with_work(database.engine(), run_partitions(context))
+        skipped = skipped_partitions(context, todo, "no detections to embed")
+        keys = [f"{c}|{d}" for c, d in todo]
         return db.retry_transient(
-            lambda: embed_partitions(context, database, crop_store, inference, context.partition_keys,
-                                     code_version),
+            lambda: embed_partitions(context, database, crop_store, inference, keys, code_version, skipped),
             "embeddings", on_retry=context.log.warning)
 
     return embeddings

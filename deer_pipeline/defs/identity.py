@@ -1,25 +1,36 @@
 """Identity assets: ``deer_profiles`` (match-or-create per camera x day) and
-``similarity_scores`` (what the decisions looked at). Thin over ``deer_pipeline.identity.matching``.
+``similarity_scores`` (what the decisions looked at). Thin over ``deer_pipeline.identity.daily``
+and ``matching``.
 
-Decisions are made in capture-time order and never concurrently: the asset runs in the Dagster
-pool ``identity`` (limit 1, set by the operator: ``dagster instance concurrency set identity 1``)
-AND ``matching.decide_partition`` holds a PostgreSQL advisory lock for the whole decision, so
-parallel backfills (other code locations, manual runs) cannot create duplicate deer.
+A run covers many partitions (one run per day of all cameras with work, from the sensor and the
+schedule); its partitions are decided one day at a time in capture order, each day jointly
+(``matching.decide_partitions``: one transaction, one replay). Metadata and check evaluations are
+per partition. Decisions are never concurrent: the asset runs in the Dagster pool ``identity``
+(limit 1, set by the operator: ``dagster instance concurrency set identity 1``) AND every
+decision holds a PostgreSQL advisory lock, so parallel backfills (other code locations, manual
+runs) cannot create duplicate deer.
 """
 
+import time
 
 import dagster as dg
 
 from deer_pipeline import db
 from deer_pipeline.defs import checks
 from deer_pipeline.defs.executors import IDENTITY_POOL
-from deer_pipeline.defs.partitions import camera_and_day, camera_day_partitions
+from deer_pipeline.defs.partitions import (
+    camera_day_partitions,
+    run_partitions,
+    skipped_metadata,
+    skipped_partitions,
+)
 from deer_pipeline.defs.resources import (
     DeerDatabase,
     IdentitySettings,
     InferenceResource,
 )
-from deer_pipeline.identity import matching, metrics, reviews, threshold_report
+from deer_pipeline.detections import feed
+from deer_pipeline.identity import daily, matching, metrics, reviews, threshold_report
 from deer_pipeline.identity import store as identity_store
 
 
@@ -43,33 +54,62 @@ def _summary_markdown(s: matching.DecisionSummary) -> str:
     partitions_def=camera_day_partitions,
     pool=IDENTITY_POOL,
     deps=["embeddings"],
-    # one partition per run: each decision is its own transaction under the identity lock
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    # a run covers many partitions (the sensor's and the schedule's: one run per day); each day is
+    # decided jointly, in its own transaction under the identity lock, days in capture order
+    backfill_policy=dg.BackfillPolicy.single_run(),
     group_name="identification",
     kinds={"postgres"},
     check_specs=checks.CHECK_SPECS,
     description="Which deer each sighting of the camera x day is: joins a known deer when its best "
                 "ensemble similarity reaches the threshold, else founds a new deer. Decided in capture-time "
-                "order under the identity lock; later decisions are replayed so that the grouping does not "
-                "depend on the order partitions run in.",
+                "order under the identity lock, one day of all cameras at a time; later decisions are "
+                "replayed so that the grouping does not depend on the order partitions run in.",
 )
 def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
-                  identity: IdentitySettings, inference: InferenceResource) -> dg.MaterializeResult:
-    camera, day = camera_and_day(context)
+                  identity: IdentitySettings, inference: InferenceResource):
     engine = database.engine()
     settings, versions = identity.matching_settings(), identity.versions(inference.embedding_settings())
-    # The decision is one transaction under the identity lock: a lost connection rolls it back
-    # whole (no half-decided partition), and it is decided again when the database is back.
-    summary = db.retry_transient(lambda: matching.decide_partition(engine, camera, day, settings, versions),
-                                 f"deciding {camera}|{day}", on_retry=context.log.warning)
-    if summary.unassigned:
-        context.log.warning(f"{summary.unassigned} detection(s) of {summary.partition_key} have no embedding "
-                            f"and stay unassigned: {summary.unassigned_reasons}")
-    if summary.replayed:
-        context.log.info(f"replayed {summary.replayed} later sighting(s) of {summary.replayed_partitions}")
+    partitions = run_partitions(context)
+    todo = feed.partitions_with_work(engine, partitions, decided_too=True)
+    # Each day is one transaction under the identity lock: a lost connection rolls the day back
+    # whole (no half-decided partition) and it is decided again when the database is back.
+    t0 = time.perf_counter()
+    summaries = daily.decide_days(engine, todo, settings, versions, on_retry=context.log.warning)
+    seconds = time.perf_counter() - t0
+    _log(context, summaries)
     with engine.connect() as conn:
-        confirmed = reviews.human_confirmed(conn, summary.partition_key)
-    return dg.MaterializeResult(metadata={
+        for summary in summaries:
+            context.add_asset_metadata(_metadata(summary, reviews.human_confirmed(conn, summary.partition_key)),
+                                       partition_key=summary.partition_key)
+    skipped = skipped_partitions(context, todo, "no detections and no decisions")
+    t0 = time.perf_counter()
+    evaluations = checks.evaluate_partitions(context, engine, identity, todo)
+    yield dg.MaterializeResult(metadata={
+        "run_partitions_decided": dg.MetadataValue.int(len(summaries)),
+        "run_days": dg.MetadataValue.int(len(daily.by_day(todo))),
+        "run_seconds": dg.MetadataValue.float(round(seconds, 3)),
+        "run_check_seconds": dg.MetadataValue.float(round(time.perf_counter() - t0, 3)),
+        **skipped_metadata(skipped),
+    })
+    yield from checks.check_events(context, evaluations)
+
+
+def _log(context, summaries: list[matching.DecisionSummary]) -> None:
+    """One log line for the step (each line is an event Dagster stores), not one per partition."""
+    unassigned = [f"{s.partition_key}: {s.unassigned} {s.unassigned_reasons}" for s in summaries if s.unassigned]
+    if unassigned:
+        context.log.warning("detections without an embedding stay unassigned: " + "; ".join(unassigned))
+    replays = {}   # a day's partitions share one replay
+    for s in summaries:
+        if s.replayed:
+            replays[s.partition_key.split("|")[1]] = (s.replayed, s.replayed_partitions)
+    if replays:
+        context.log.info("replayed later sightings: " + "; ".join(
+            f"deciding {day}: {n} of {parts}" for day, (n, parts) in sorted(replays.items())))
+
+
+def _metadata(summary: matching.DecisionSummary, confirmed: int) -> dict:
+    return {
         "sightings_decided": dg.MetadataValue.int(summary.decided),
         "matched": dg.MetadataValue.int(summary.matched),
         "new_deer": dg.MetadataValue.int(summary.new_deer),
@@ -93,13 +133,13 @@ def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
         "review_decided": dg.MetadataValue.int(summary.reviewed),
         "review_excluded": dg.MetadataValue.int(summary.excluded_by_review),
         "human_confirmed": dg.MetadataValue.int(confirmed),
-    }, check_results=checks.check_results(context, database, identity, camera, day))
+    }
 
 
 @dg.asset(
     partitions_def=camera_day_partitions,
     deps=[deer_profiles],
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    backfill_policy=dg.BackfillPolicy.single_run(),
     group_name="identification",
     kinds={"postgres"},
     description="Every score the partition's decisions looked at (one row per sighting x candidate deer in "
@@ -107,11 +147,22 @@ def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
 )
 def similarity_scores(context: dg.AssetExecutionContext, database: DeerDatabase,
                       identity: IdentitySettings) -> dg.MaterializeResult:
-    camera, day = camera_and_day(context)
-    key = identity_store.partition_key_text(camera, day)
+    partitions = run_partitions(context)
+    engine = database.engine()
+    todo = feed.partitions_with_work(engine, partitions, decided_too=True)
+    rows = 0
+    for camera, day in todo:
+        key = identity_store.partition_key_text(camera, day)
+        meta = _scores_metadata(context, engine, identity, key)
+        rows += meta["rows"].value
+        context.add_asset_metadata(meta, partition_key=key)
+    skipped = skipped_partitions(context, todo, "no detections and no decisions")
+    return dg.MaterializeResult(metadata={"run_rows": dg.MetadataValue.int(rows), **skipped_metadata(skipped)})
 
+
+def _scores_metadata(context, engine, identity: IdentitySettings, key: str) -> dict:
     def read_scores():
-        with database.engine().connect() as conn:
+        with engine.connect() as conn:
             return identity_store.partition_scores(conn, key)
 
     scores = db.retry_transient(read_scores, f"similarity scores {key}", on_retry=context.log.warning)
@@ -132,4 +183,4 @@ def similarity_scores(context: dg.AssetExecutionContext, database: DeerDatabase,
     for k in ("max", "q50", "q95"):
         if k in summary:
             meta[f"similarity_{k}"] = dg.MetadataValue.float(float(summary[k]))
-    return dg.MaterializeResult(metadata=meta)
+    return meta

@@ -84,6 +84,35 @@ def partitions_with_detections(engine: Engine) -> list[tuple[str, str]]:
     return [(r[0], r[1]) for r in rows]
 
 
+def partitions_with_work(engine: Engine, partitions, decided_too: bool = False) -> list[tuple[str, str]]:
+    """The (camera, day) partitions of ``partitions`` that hold ``ok`` detections, in the given
+    order (one query). With ``decided_too`` also those that hold decisions (deciding such a
+    partition again withdraws decisions about detections that are no longer ``ok``). A run over
+    a rectangle of partitions skips the rest: there is nothing to crop, embed or decide."""
+    partitions = [(str(c), str(d)) for c, d in partitions]
+    if not partitions:
+        return []
+    cams, days = [c for c, _ in partitions], [d for _, d in partitions]
+    sql = ("SELECT DISTINCT d.camera_id, d.day::text FROM detections d "
+           "JOIN unnest(CAST(:cams AS text[]), CAST(:days AS date[])) AS p(camera_id, day) "
+           "  ON d.camera_id = p.camera_id AND d.day = p.day WHERE d.status = 'ok'")
+    if decided_too:
+        sql += (" UNION SELECT split_part(s.partition_key, '|', 1), split_part(s.partition_key, '|', 2) "
+                "FROM sightings s WHERE s.partition_key = ANY(CAST(:keys AS text[]))")
+    with engine.connect() as conn:
+        found = {(r[0], r[1]) for r in conn.execute(sa.text(sql), {
+            "cams": cams, "days": days, "keys": [f"{c}|{d}" for c, d in partitions]})}
+    return [p for p in partitions if p in found]
+
+
+def cameras_with_detections(engine: Engine, day: str | date) -> list[str]:
+    """The cameras with ``ok`` detections captured on ``day``."""
+    with engine.connect() as conn:
+        return list(conn.execute(sa.text(
+            "SELECT DISTINCT camera_id FROM detections WHERE day = :d AND status = 'ok' "
+            "AND camera_id IS NOT NULL ORDER BY 1"), {"d": str(day)}).scalars())
+
+
 @dataclass(frozen=True)
 class UnassignedWork:
     camera_id: str

@@ -12,7 +12,9 @@ The decision for partition P runs in ONE transaction holding the identity adviso
 
 Because every run leaves the store as if all decided encounters had been decided in capture-time
 order, the grouping of sightings into deer does not depend on the order partitions are run in
-(serial, parallel, re-runs). Deer are keyed by ``founding_detection_id``; a deer withdrawn and
+(serial, parallel, re-runs). ``decide_partitions`` decides several partitions (for example every
+camera of a day) jointly in one such transaction: one withdrawal from the earliest moment of any
+of them, one replay; ``decide_partition`` is its one-partition case. Deer are keyed by ``founding_detection_id``; a deer withdrawn and
 founded again by the same detection keeps its ``deer_id``.
 
 The unit of decision is the encounter (a burst track, ``encounters.py``): all its detections go
@@ -47,6 +49,7 @@ Plain logic: no Dagster here.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -93,7 +96,7 @@ CHUNK_ENCOUNTERS = 64       # encounters scored together against the gallery (on
 BLAS_THREADS = 1
 
 
-__all__ = ["MatchingError", "DecisionSummary", "decide_partition",
+__all__ = ["MatchingError", "DecisionSummary", "decide_partition", "decide_partitions",
            "ensemble_version", "sex_compatible", "primary_model"]
 
 
@@ -179,60 +182,101 @@ def decide_partition(engine: Engine, camera_id: str, day: str | date,
                      settings: MatchingSettings | None = None,
                      versions: Mapping[str, str] | None = None,
                      link: LinkSettings = LinkSettings(), verifier=None) -> DecisionSummary:
-    """Decide (or re-decide) every sighting of one camera x day partition; see module doc.
+    """Decide (or re-decide) every sighting of one camera x day partition; see module doc. The
+    one-partition case of :func:`decide_partitions`."""
+    return decide_partitions(engine, [(camera_id, day)], settings, versions, link, verifier)[0]
+
+
+def decide_partitions(engine: Engine, partitions: Sequence[tuple[str, str | date]],
+                      settings: MatchingSettings | None = None,
+                      versions: Mapping[str, str] | None = None,
+                      link: LinkSettings = LinkSettings(), verifier=None) -> list[DecisionSummary]:
+    """Decide several camera x day partitions jointly, in ONE transaction under the identity
+    lock: one withdrawal from the earliest moment of any of them, one replay, all their
+    encounters decided in capture-time order. Returns one summary per partition, in the given
+    order, with that partition's own counts; what the call shares (``replayed``, the search,
+    the gallery size, ``deer_total``, ``deer_removed``, timings) is the same in every summary.
+    ``replayed`` counts sightings of partitions NOT in ``partitions`` that were decided again.
+
+    Decisions do not depend on the order partitions are decided in, so the store ends exactly as
+    if the partitions had been decided one by one with :func:`decide_partition` (tested).
 
     ``versions`` maps each model of ``settings.ensemble_weights`` to an embedding version; when
     None the newest stored version of each model is used. Raises ``MatchingError`` (nothing is
-    written, no deer created) when vectors for the configured versions are missing.
+    written, no deer created, for any of the partitions) when vectors for the configured versions
+    are missing.
 
     ``settings.match_score`` ``local`` or ``fused``: the best candidate sightings are verified
     with local features (``verifier``, a :class:`verification.Verifier`; by default one on the
     configured crop store) and, for ``fused``, scored by the stored calibration (see
     :class:`_Rescorer`)."""
+    parts = [(str(c), str(d)) for c, d in partitions]
+    keys = [store.partition_key_text(c, d) for c, d in parts]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"decide_partitions: a partition is named twice in {keys}")
+    if not keys:
+        return []
     settings = settings or MatchingSettings()
     if settings.match_score != "cosine":
         settings = dataclasses.replace(settings, candidate_deer=max(settings.candidate_deer, settings.verify_top_k))
     t_start = time.perf_counter()
-    pkey = store.partition_key_text(camera_id, str(day))
     weights = dict(settings.ensemble_weights)
     models = sorted(weights, key=lambda m: (-weights[m], m))   # primary model first
-    summary = DecisionSummary(partition_key=pkey, threshold=settings.reid_threshold,
-                              thresholds_by_sex=dict(settings.thresholds_by_sex))
+    summaries = {k: DecisionSummary(partition_key=k, threshold=settings.reid_threshold,
+                                    thresholds_by_sex=dict(settings.thresholds_by_sex)) for k in keys}
+    run = DecisionSummary(partition_key=",".join(keys))        # what the partitions share
     with _blas_threads(BLAS_THREADS), engine.begin() as conn, db.advisory_lock(conn, db.IDENTITY_LOCK_KEY):
         comps = store.resolve_versions(conn, models, versions)
         vers = [comps[m] for m in models]
-        summary.components, summary.embedding_version = comps, ensemble_version(comps, weights)
-        dets, decidable = _decidable_detections(conn, camera_id, str(day), comps, vers, summary)
+        run.components, run.embedding_version = comps, ensemble_version(comps, weights)
         # -- people in the loop: standing review decisions (identity/reviews.py) --------------
         constraints = reviews.load_constraints(conn)
-        if constraints.excluded:
-            summary.excluded_by_review = sum(d.detection_id in constraints.excluded for d in decidable)
-            decidable = [d for d in decidable if d.detection_id not in constraints.excluded]
-        new_encs = build_encounters([_box(d) for d in decidable], link)
-        encounters, replay_part, withdrawn = _withdraw_for_replay(conn, dets, new_encs, summary,
-                                                                  constraints.excluded)
+        own_dets, new_encs, part_of = [], [], {}
+        for (camera_id, day), k in zip(parts, keys):
+            sm = summaries[k]
+            dets, decidable = _decidable_detections(conn, camera_id, day, comps, vers, sm)
+            if constraints.excluded:
+                sm.excluded_by_review = sum(d.detection_id in constraints.excluded for d in decidable)
+                decidable = [d for d in decidable if d.detection_id not in constraints.excluded]
+            encs = build_encounters([_box(d) for d in decidable], link)
+            sm.encounters = len(encs)
+            own_dets += dets
+            new_encs += encs
+            part_of.update((d.detection_id, k) for d in decidable)
+        encounters, withdrawn = _withdraw_for_replay(conn, keys, own_dets, new_encs, part_of, run,
+                                                     constraints.excluded)
         review = reviews.ReviewTracker(constraints, reviews.stored_deer(conn, constraints.involved())) \
             if constraints else None
-        search = _prepare_search(conn, settings, models, weights, vers, summary)
+        search = _prepare_search(conn, settings, models, weights, vers, run)
         qv = _query_vectors(conn, encounters, models, vers)
-        rescorer = _Rescorer.for_settings(conn, engine, settings, verifier, summary) \
+        rescorer = _Rescorer.for_settings(conn, engine, settings, verifier, run) \
             if settings.match_score != "cosine" else None
         t_loaded = time.perf_counter()
-        summary.phase_seconds["prepare"] = round(t_loaded - t_start, 3)
-        out = _decide_in_time_order(conn, encounters, qv, search, settings, models, replay_part, summary,
+        run.phase_seconds["prepare"] = round(t_loaded - t_start, 3)
+        out = _decide_in_time_order(conn, encounters, qv, search, settings, models, part_of, summaries, run,
                                     review, rescorer)
         if rescorer is not None:
-            summary.local_verification.update(rescorer.verifier.metadata())
+            run.local_verification.update(rescorer.verifier.metadata())
         t_decided = time.perf_counter()
-        summary.phase_seconds["decide"] = round(t_decided - t_loaded, 3)
-        _write_decisions(conn, out, withdrawn, vers, summary)
+        run.phase_seconds["decide"] = round(t_decided - t_loaded, 3)
+        _write_decisions(conn, out, withdrawn, vers, summaries, run)
         reviews.record_decision_settings(conn, settings, comps)
-    summary.seconds = time.perf_counter() - t_start
-    summary.phase_seconds["write"] = round(summary.seconds - (t_decided - t_start), 3)
-    log.info("decided %s: %d sightings, %d matched, %d new deer, %d unassigned, %d replayed (%s, %.2fs)",
-             pkey, summary.decided, summary.matched, summary.new_deer, summary.unassigned,
-             summary.replayed, summary.search, summary.seconds)
-    return summary
+    run.seconds = time.perf_counter() - t_start
+    run.phase_seconds["write"] = round(run.seconds - (t_decided - t_start), 3)
+    for sm in summaries.values():
+        for name in SHARED_FIELDS:
+            setattr(sm, name, copy.deepcopy(getattr(run, name)))
+        sm.score_rows += run.score_rows
+        log.info("decided %s: %d sightings, %d matched, %d new deer, %d unassigned, %d replayed (%s, %.2fs)",
+                 sm.partition_key, sm.decided, sm.matched, sm.new_deer, sm.unassigned,
+                 sm.replayed, sm.search, sm.seconds)
+    return [summaries[k] for k in keys]
+
+
+# Summary fields that describe the whole call, copied into every partition's summary.
+SHARED_FIELDS = ("replayed", "replayed_partitions", "embedding_version", "components", "search",
+                 "gallery_size", "deer_total", "deer_removed", "hnsw_requeries", "hnsw_exact_fallbacks",
+                 "local_verification", "seconds", "phase_seconds")
 
 
 def _decidable_detections(conn, camera_id: str, day: str, comps: Mapping[str, str], vers: list[str],
@@ -260,31 +304,30 @@ def _decidable_detections(conn, camera_id: str, day: str, comps: Mapping[str, st
     return dets, decidable
 
 
-def _withdraw_for_replay(conn, dets, new_encs: list[Encounter], summary: DecisionSummary,
-                         excluded: Mapping[str, int] = {}) -> tuple[list[Encounter], dict[str, str], list]:
-    """Withdraw this partition's decisions and every decision from its first moment on; returns
-    (every encounter to decide, in capture-time order; replayed detection -> its partition;
-    the withdrawn rows). Detections a review made unidentifiable are withdrawn, not replayed."""
-    pkey = summary.partition_key
+def _withdraw_for_replay(conn, keys: list[str], dets, new_encs: list[Encounter], part_of: dict[str, str],
+                         run: DecisionSummary, excluded: Mapping[str, int] = {}) -> tuple[list[Encounter], list]:
+    """Withdraw the partitions' decisions and every decision from their first moment on; returns
+    (every encounter to decide, in capture-time order; the withdrawn rows) and adds each replayed
+    detection's partition to ``part_of``. Detections a review made unidentifiable are withdrawn,
+    not replayed."""
     starts = [e.started_at for e in new_encs if e.started_at is not None]
-    prior = store.earliest_decided_time(conn, pkey)
+    prior = store.earliest_decided_time(conn, keys)
     if prior is not None:
         starts.append(prior)
     since = min(starts) if starts else None
-    withdrawn = store.withdraw(conn, pkey, since)
-    own_ids = {d.detection_id for d in dets}
-    replay_rows = [w for w in withdrawn if w.partition_key != pkey and w.detection_id not in own_ids
+    withdrawn = store.withdraw(conn, keys, since)
+    own_keys, own_ids = set(keys), {d.detection_id for d in dets}
+    replay_rows = [w for w in withdrawn if w.partition_key not in own_keys and w.detection_id not in own_ids
                    and w.detection_id not in excluded]
-    replay_part = {w.detection_id: w.partition_key for w in replay_rows}
-    summary.replayed = len(replay_rows)
-    summary.replayed_partitions = sorted(set(replay_part.values()))
-    replay_dets = store.detections_by_id(conn, list(replay_part))
+    part_of.update((w.detection_id, w.partition_key) for w in replay_rows)
+    run.replayed = len(replay_rows)
+    run.replayed_partitions = sorted({w.partition_key for w in replay_rows})
+    replay_dets = store.detections_by_id(conn, [w.detection_id for w in replay_rows])
     groups: dict[str, list[DetectionBox]] = defaultdict(list)
     for w in replay_rows:
         groups[w.encounter_key].append(_box(replay_dets[w.detection_id]))
     replay_encs = [Encounter(k, sorted(v, key=order_key)) for k, v in groups.items()]
-    summary.encounters = len(new_encs)
-    return sorted(new_encs + replay_encs, key=lambda e: e.sort_key), replay_part, withdrawn
+    return sorted(new_encs + replay_encs, key=lambda e: e.sort_key), withdrawn
 
 
 def _query_vectors(conn, encounters: list[Encounter], models: list[str], vers: list[str]) -> dict:
@@ -310,16 +353,19 @@ class _Outcome:
     sighting_rows: list[list] = field(default_factory=list)
     score_rows: list[list] = field(default_factory=list)
     next_prov: int = -1                                              # provisional ids of new deer
-    max_sim: float | None = None
+    max_sim: dict[str, float] = field(default_factory=dict)          # partition -> best score seen
 
 
 def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _Search,
-                          settings: MatchingSettings, models: list[str], replay_part: Mapping[str, str],
-                          summary: DecisionSummary, review: reviews.ReviewTracker | None = None,
+                          settings: MatchingSettings, models: list[str], part_of: Mapping[str, str],
+                          summaries: Mapping[str, DecisionSummary], run: DecisionSummary,
+                          review: reviews.ReviewTracker | None = None,
                           rescorer: "_Rescorer | None" = None) -> _Outcome:
     """Match-or-create for every encounter in capture-time order; each decided encounter joins
     the gallery before the next one is decided. Encounters are scored in chunks (one matmul).
-    ``review`` applies people's decisions: must-link forces the deer, cannot-link excludes deer."""
+    ``part_of``: detection -> its partition; ``summaries``: the partitions being decided (the
+    others' encounters are replayed). ``review`` applies people's decisions: must-link forces
+    the deer, cannot-link excludes deer."""
     out = _Outcome()
     no_link = cannot_link(encounters)
     gallery = search.gallery
@@ -336,21 +382,22 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
             q = [qa[pos: pos + k] for qa in q_all]
             enc_M0 = M0[pos: pos + k]
             pos += k
+            own = summaries.get(part_of[enc.detections[0].detection_id])
             excluded = {out.deer_of[o] for o in no_link.get(enc.encounter_key, ()) if o in out.deer_of}
             forced = None                # review hook: must-link -> forced deer, cannot-link -> excluded
             if review is not None and review.constrained(enc.detection_ids):
                 forced, refused = review.verdict(enc.detection_ids)
                 excluded |= refused
-                if (forced is not None or refused) and enc.detections[0].detection_id not in replay_part:
-                    summary.reviewed += k
-            cands = _scored_candidates(conn, enc, q, deer0, enc_M0, n0, excluded, search, settings, summary)
+                if (forced is not None or refused) and own is not None:
+                    own.reviewed += k
+            cands = _scored_candidates(conn, enc, q, deer0, enc_M0, n0, excluded, search, settings, run)
             if forced is not None:
                 cands = _with_candidate(conn, cands, forced, q, search)
             names = models
             if rescorer is not None:
                 cands = rescorer.rescore(enc, q, cands, search.gallery)
                 names = models + ["local_inliers"]
-            _decide_encounter(enc, q, cands, out, search, settings, names, replay_part, summary, forced)
+            _decide_encounter(enc, q, cands, out, search, settings, names, part_of, own, run, forced)
             if review is not None:
                 review.decided(enc.detection_ids, out.deer_of[enc.encounter_key])
     return out
@@ -358,18 +405,20 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
 
 def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], out: _Outcome,
                       search: _Search, settings: MatchingSettings, models: list[str],
-                      replay_part: Mapping[str, str], summary: DecisionSummary, forced: int | None = None) -> None:
+                      part_of: Mapping[str, str], own: DecisionSummary | None, run: DecisionSummary,
+                      forced: int | None = None) -> None:
     """Join the best candidate at or above the threshold, else found a new deer; record the
-    sightings and every score looked at; the encounter joins the gallery. ``forced``: the deer a
-    person said this is (joined whatever the score; the score is recorded as it is)."""
-    pkey, vkey, enc_sex, k = summary.partition_key, summary.embedding_version, enc.sex, len(enc.detections)
+    sightings and every score looked at; the encounter joins the gallery. ``own``: the summary
+    of the encounter's partition when it is one being decided (None: replayed). ``forced``: the
+    deer a person said this is (joined whatever the score; the score is recorded as it is)."""
+    vkey, enc_sex, k = run.embedding_version, enc.sex, len(enc.detections)
+    pkey = part_of[enc.detections[0].detection_id]
     threshold = settings.threshold_for(enc_sex)
     best_deer, best_score = (cands[0][:2] if cands else (None, None))
     if forced is not None:
         best_deer, best_score = forced, next(c[1] for c in cands if c[0] == forced)
-    own = enc.detections[0].detection_id not in replay_part
-    if best_score is not None and own:
-        out.max_sim = best_score if out.max_sim is None else max(out.max_sim, best_score)
+    if best_score is not None and own is not None:
+        out.max_sim[pkey] = max(out.max_sim.get(pkey, best_score), best_score)
     if best_deer is not None and (best_score >= threshold or best_deer == forced):
         deer, decision = best_deer, "matched"
     else:
@@ -383,37 +432,44 @@ def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], o
                 continue
             out.score_rows.append([d.detection_id, enc.encounter_key, cand, float(s),
                                    _components_json(models, cm), sm, cand == deer, threshold,
-                                   vkey, replay_part.get(d.detection_id, pkey)])
+                                   vkey, part_of[d.detection_id]])
     for d in enc.detections:
-        out.sighting_rows.append([d.detection_id, deer, enc.encounter_key,
-                                  replay_part.get(d.detection_id, pkey), decision,
-                                  best_score, threshold, vkey, d.captured_at])
+        out.sighting_rows.append([d.detection_id, deer, enc.encounter_key, part_of[d.detection_id],
+                                  decision, best_score, threshold, vkey, d.captured_at])
     out.deer_of[enc.encounter_key] = deer
     search.gallery.append(np.full(k, deer, np.int64), q, [d.detection_id for d in enc.detections])
     search.sexes.add(deer, [d.sex for d in enc.detections])
-    if own:
-        summary.decided += k
+    if own is not None:
+        own.decided += k
         if decision == "matched":
-            summary.matched += k
+            own.matched += k
         else:
-            summary.new_deer += 1
+            own.new_deer += 1
 
 
-def _write_decisions(conn, out: _Outcome, withdrawn: list, vers: list[str], summary: DecisionSummary) -> None:
+def _write_decisions(conn, out: _Outcome, withdrawn: list, vers: list[str],
+                     summaries: Mapping[str, DecisionSummary], run: DecisionSummary) -> None:
     """New deer get real ids; sightings and scores are written with COPY; the deer touched get
-    their counts and profile vectors."""
+    their counts and profile vectors. Score rows of replayed partitions count in ``run``."""
     real = store.create_deer(conn, out.founders)
     for r in out.sighting_rows:
         r[1] = real.get(r[1], r[1])
     for r in out.score_rows:
         r[2] = real.get(r[2], r[2])
     store.copy_rows(conn, "sightings", store.SIGHTING_COLUMNS, out.sighting_rows)
-    summary.score_rows = store.copy_rows(conn, "similarity_scores", store.SCORE_COLUMNS, out.score_rows)
+    store.copy_rows(conn, "similarity_scores", store.SCORE_COLUMNS, out.score_rows)
+    rows_by_part = Counter(r[9] for r in out.score_rows)
+    deer_by_part: dict[str, set[int]] = defaultdict(set)
+    for r in out.sighting_rows:
+        deer_by_part[r[3]].add(r[1])
+    for k, sm in summaries.items():
+        sm.score_rows = rows_by_part.pop(k, 0)
+        sm.deer_ids = sorted(deer_by_part.get(k, ()))
+        sm.max_similarity = None if k not in out.max_sim else float(out.max_sim[k])
+    run.score_rows = sum(rows_by_part.values())
     affected = {w.deer_id for w in withdrawn} | {r[1] for r in out.sighting_rows}
-    summary.deer_removed = store.finish_deer(conn, affected, vers)
-    summary.deer_total = store.deer_total(conn)
-    summary.deer_ids = sorted({r[1] for r in out.sighting_rows if r[3] == summary.partition_key})
-    summary.max_similarity = None if out.max_sim is None else float(out.max_sim)
+    run.deer_removed = store.finish_deer(conn, affected, vers)
+    run.deer_total = store.deer_total(conn)
 
 
 def _blas_threads(n: int):

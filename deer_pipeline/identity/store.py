@@ -178,25 +178,30 @@ class Withdrawn:
     captured_at: datetime | None
 
 
-def earliest_decided_time(conn: sa.Connection, partition_key: str) -> datetime | None:
-    return conn.execute(sa.text("SELECT min(captured_at) FROM sightings WHERE partition_key = :p"),
-                        {"p": partition_key}).scalar()
+def _keys(partition_keys: str | Sequence[str]) -> list[str]:
+    return [partition_keys] if isinstance(partition_keys, str) else list(partition_keys)
 
 
-def withdraw(conn: sa.Connection, partition_key: str, since: datetime | None) -> list[Withdrawn]:
-    """Withdraw the partition's decisions and every decided encounter that started at or after
+def earliest_decided_time(conn: sa.Connection, partition_keys: str | Sequence[str]) -> datetime | None:
+    """The earliest capture time decided in any of these partitions."""
+    return conn.execute(sa.text("SELECT min(captured_at) FROM sightings WHERE partition_key = ANY(:p)"),
+                        {"p": _keys(partition_keys)}).scalar()
+
+
+def withdraw(conn: sa.Connection, partition_keys: str | Sequence[str], since: datetime | None) -> list[Withdrawn]:
+    """Withdraw the partitions' decisions and every decided encounter that started at or after
     ``since`` (those are replayed). Their similarity scores go with them. Returns what was
     withdrawn; deer left without sightings are removed later (see ``finish_deer``)."""
-    params = {"p": partition_key, "t": since}
+    params = {"p": _keys(partition_keys), "t": since}
     later = ("OR encounter_key IN (SELECT encounter_key FROM sightings GROUP BY encounter_key "
              "HAVING min(captured_at) >= :t)") if since is not None else ""
     rows = conn.execute(sa.text(
-        f"DELETE FROM sightings WHERE partition_key = :p {later} "
+        f"DELETE FROM sightings WHERE partition_key = ANY(:p) {later} "
         "RETURNING detection_id, encounter_key, deer_id, partition_key, captured_at"), params).all()
     out = [Withdrawn(*r) for r in rows]
-    conn.execute(sa.text("DELETE FROM similarity_scores WHERE partition_key = :p "
+    conn.execute(sa.text("DELETE FROM similarity_scores WHERE partition_key = ANY(:p) "
                          "OR detection_id = ANY(:ids)"),
-                 {"p": partition_key, "ids": [w.detection_id for w in out]})
+                 {"p": params["p"], "ids": [w.detection_id for w in out]})
     return out
 
 

@@ -5,8 +5,15 @@ the daemon or the webserver raises: a PostgreSQL restart (an upgrade, a failover
 server stopped by hand) in the middle of a run crashed the run and left it STARTED holding its
 pool slots. These classes are dagster-postgres's storages whose connections are retried for
 ``outage_retry_seconds`` (default 300) with a bounded backoff (1 s doubling to 15 s). They open
-a fresh connection for every operation (dagster-postgres's NullPool), so an operation that
-starts during an outage waits for the database and then goes on.
+a connection for every operation, so an operation that starts during an outage waits for the
+database and then goes on.
+
+Connections are pooled (one kept idle per storage, a few more while threads need them), not
+opened afresh for every operation as dagster-postgres's NullPool does: storing one event takes
+about four connections, and opening them was most of the time a run spent writing its events
+(BENCHMARKS.md, the demo's Dagster share). A pooled connection is pinged when it is taken, so one
+that died in an outage is replaced; a reconnect that fails is retried as above. ``dispose()``
+closes the pool's connections.
 
 Configured in ``dagster.yaml``::
 
@@ -29,18 +36,21 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
 import sqlalchemy
+import sqlalchemy.pool
 from dagster import Field, IntSource
 from dagster._core.storage.config import pg_config
 from dagster._serdes import ConfigurableClassData
 from dagster_postgres import (DagsterPostgresStorage, PostgresEventLogStorage, PostgresRunStorage,
                               PostgresScheduleStorage)
-from dagster_postgres.utils import get_token_provider_from_config, pg_url_from_config
+from dagster_postgres.utils import create_pg_engine, get_token_provider_from_config, pg_url_from_config
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 DEFAULT_OUTAGE_RETRY_SECONDS = 300
 MAX_DELAY_S = 15.0
+POOL_SIZE = 1          # connections kept open per storage
+POOL_OVERFLOW = 4      # more, closed when returned, while several threads write at once
 MODULE = __name__
 
 
@@ -97,6 +107,14 @@ class _Resilient:
                  token_provider=None, outage_retry_seconds: int = DEFAULT_OUTAGE_RETRY_SECONDS):
         self.outage_retry_seconds = outage_retry_seconds
         super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
+        self._engine.dispose()
+        self._engine = create_pg_engine(postgres_url, token_provider, isolation_level="AUTOCOMMIT",
+                                        poolclass=sqlalchemy.pool.QueuePool, pool_size=POOL_SIZE,
+                                        max_overflow=POOL_OVERFLOW, pool_pre_ping=True)
+
+    def dispose(self) -> None:
+        super().dispose()
+        self._engine.dispose()
 
     def _connect(self):
         return _retrying_connection(self._engine, self.outage_retry_seconds)

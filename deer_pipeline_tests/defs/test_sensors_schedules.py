@@ -34,7 +34,20 @@ def _evaluate(instance, cursor=None) -> dg.SensorResult:
     return new_detections_sensor(ctx)
 
 
-def test_sensor_adds_cameras_and_requests_each_partition_once(engine):
+def _partitions_of(request, instance) -> list[str]:
+    """The camera x day partitions a run request is for: its range as Dagster resolves it
+    (cameras in the order they were added x days), narrowed to the cameras it names."""
+    from deer_pipeline.defs.partitions import CAMERAS_TAG, RANGE_END_TAG, RANGE_START_TAG, camera_day_partitions
+
+    assert request.partition_key is None
+    keys = camera_day_partitions.get_partition_keys_in_range(
+        dg.PartitionKeyRange(request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]),
+        dynamic_partitions_store=instance)
+    cameras = set(request.tags[CAMERAS_TAG].split(","))
+    return sorted(str(k) for k in keys if k.keys_by_dimension["camera"] in cameras)
+
+
+def test_sensor_adds_cameras_and_requests_one_run_per_day(engine):
     _add_detections(engine, "cam-a", "2025-10-01", 3)
     _add_detections(engine, "cam-a", "2025-10-02", 2)
     _add_detections(engine, "cam-b", "2025-10-01", 1)
@@ -42,15 +55,19 @@ def test_sensor_adds_cameras_and_requests_each_partition_once(engine):
 
     with dg.instance_for_test() as instance:
         result = _evaluate(instance)
-        keys = sorted(str(r.partition_key) for r in result.run_requests)
-        assert keys == ["cam-a|2025-10-01", "cam-a|2025-10-02", "cam-b|2025-10-01"]
-        assert len({r.run_key for r in result.run_requests}) == 3
+        # one run per day, covering every camera of the day with new detections
+        assert len(result.run_requests) == 2
         (add,) = result.dynamic_partitions_requests
         assert add.partitions_def_name == CAMERA_PARTITIONS_NAME
         assert sorted(add.partition_keys) == ["cam-a", "cam-b"]
+        instance.add_dynamic_partitions(CAMERA_PARTITIONS_NAME, list(add.partition_keys))
+        first, second = result.run_requests
+        assert _partitions_of(first, instance) == ["cam-a|2025-10-01", "cam-b|2025-10-01"]
+        assert _partitions_of(second, instance) == ["cam-a|2025-10-02"]
+        assert first.tags["deer/new_detections"] == "4" and second.tags["deer/new_detections"] == "2"
+        assert len({r.run_key for r in result.run_requests}) == 2
 
         # The next tick with the returned cursor has nothing to do.
-        instance.add_dynamic_partitions(CAMERA_PARTITIONS_NAME, list(add.partition_keys))
         again = _evaluate(instance, cursor=result.cursor)
         assert not again.run_requests
         assert again.skip_reason is not None
@@ -58,25 +75,56 @@ def test_sensor_adds_cameras_and_requests_each_partition_once(engine):
         # New detections on a known day give one new run with a new run key, no new camera.
         _add_detections(engine, "cam-a", "2025-10-02", 1, start=50)
         later = _evaluate(instance, cursor=result.cursor)
-        assert [str(r.partition_key) for r in later.run_requests] == ["cam-a|2025-10-02"]
+        assert [_partitions_of(r, instance) for r in later.run_requests] == [["cam-a|2025-10-02"]]
         assert later.run_requests[0].run_key not in {r.run_key for r in result.run_requests}
         assert not later.dynamic_partitions_requests
         assert int(later.cursor) > int(result.cursor)
 
 
-def test_nightly_schedule_targets_yesterday_for_each_camera():
+def test_a_day_run_skips_the_cameras_between_those_with_work(engine):
+    """Dagster names a run's partitions by a range: a rectangle of the camera order. Cameras
+    inside it without new work are in the range but not in the run's ``deer/cameras``."""
+    from deer_pipeline.defs.partitions import CAMERAS_TAG, RANGE_END_TAG, RANGE_START_TAG
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(CAMERA_PARTITIONS_NAME, ["cam-a", "cam-b", "cam-c"])
+        _add_detections(engine, "cam-a", "2025-10-01", 1)
+        _add_detections(engine, "cam-c", "2025-10-01", 1)
+        _add_detections(engine, "cam-d", "2025-10-01", 1)          # a new camera, added last
+        (request,) = _evaluate(instance).run_requests
+        assert (request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]) == ("cam-a|2025-10-01",
+                                                                               "cam-d|2025-10-01")
+        assert request.tags[CAMERAS_TAG] == "cam-a,cam-c,cam-d"
+        instance.add_dynamic_partitions(CAMERA_PARTITIONS_NAME, ["cam-d"])
+        assert _partitions_of(request, instance) == ["cam-a|2025-10-01", "cam-c|2025-10-01", "cam-d|2025-10-01"]
+
+
+def test_nightly_schedule_requests_one_run_for_yesterday_with_every_camera_with_detections(engine):
     from deer_pipeline.definitions import defs
 
+    _add_detections(engine, "cam-a", "2025-10-04", 2)
+    _add_detections(engine, "cam-b", "2025-10-04", 1)
+    _add_detections(engine, "cam-b", "2025-10-03", 1)           # another day: not this night's run
+    _add_detections(engine, "cam-new", "2025-10-04", 1)         # not a partition yet: the sensor's
     schedule = defs.get_schedule_def("nightly_identification_schedule")
     assert schedule.cron_schedule == "0 2 * * *"
+
+    def tick(instance, day):
+        # as a context manager: the context opens its own instance from the ref, closed on exit
+        with dg.build_schedule_context(
+                instance=instance, resources={"database": DeerDatabase()},
+                scheduled_execution_time=dt.datetime(2025, 10, day, 2, 0, tzinfo=dt.timezone.utc)) as ctx:
+            return schedule.evaluate_tick(ctx)
+
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(CAMERA_PARTITIONS_NAME, ["cam-a", "cam-b"])
-        ctx = dg.build_schedule_context(
-            instance=instance,
-            scheduled_execution_time=dt.datetime(2025, 10, 5, 2, 0, tzinfo=dt.timezone.utc))
-        data = schedule.evaluate_tick(ctx)
-        keys = sorted(str(r.partition_key) for r in data.run_requests)
-        assert keys == ["cam-a|2025-10-04", "cam-b|2025-10-04"]
+        instance.add_dynamic_partitions(CAMERA_PARTITIONS_NAME, ["cam-a", "cam-c", "cam-b"])
+        data = tick(instance, 5)
+        (request,) = data.run_requests
+        assert _partitions_of(request, instance) == ["cam-a|2025-10-04", "cam-b|2025-10-04"]
+        assert request.run_key == "nightly|2025-10-04"
+        # a night without detections the day before is skipped
+        empty = tick(instance, 3)
+        assert not empty.run_requests and "no camera has detections on 2025-10-02" in empty.skip_message
 
 
 def test_definitions_load():
@@ -108,7 +156,8 @@ def test_unassigned_sensor_requests_partitions_with_unassigned_detections_once_p
     with dg.instance_for_test() as instance:
         ctx = dg.build_sensor_context(instance=instance, resources={"database": DeerDatabase()})
         result = unassigned_detections_sensor(ctx)
-        assert [str(r.partition_key) for r in result.run_requests] == ["cam-a|2025-10-01"]
+        instance.add_dynamic_partitions(CAMERA_PARTITIONS_NAME, ["cam-a", "cam-b"])
+        assert [_partitions_of(r, instance) for r in result.run_requests] == [["cam-a|2025-10-01"]]
         assert result.run_requests[0].tags["deer/unassigned_detections"] == "1"
         first_key = result.run_requests[0].run_key
         # Same state, same run key: Dagster never launches it twice.
@@ -145,9 +194,9 @@ def test_sensor_skips_detections_outside_the_day_partitions_and_its_cursor_advan
 
     with dg.instance_for_test() as instance:
         result = _evaluate(instance)
-        keys = sorted(str(r.partition_key) for r in result.run_requests)
-        assert keys == ["cam-a|2025-10-01", "cam-b|2025-10-02"]
         instance.add_dynamic_partitions(CAMERA_PARTITIONS_NAME, ["cam-a", "cam-b"])
+        keys = sorted(k for r in result.run_requests for k in _partitions_of(r, instance))
+        assert keys == ["cam-a|2025-10-01", "cam-b|2025-10-02"]
         valid = set(camera_day_partitions.get_partition_keys(dynamic_partitions_store=instance))
         assert set(keys) <= valid                       # no DagsterUnknownPartitionError
         assert int(result.cursor) >= top_seq             # moved past the odd ones

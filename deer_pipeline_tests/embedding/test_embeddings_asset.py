@@ -92,7 +92,8 @@ def test_embeddings_materialise_rematerialise_switch_version_and_roll_back(engin
     asset_a = build_embeddings_asset(EmbeddingSettings(models=(MODEL,), pooling="avg"))
     asset_b = build_embeddings_asset(EmbeddingSettings(models=(MODEL,), pooling="gem"))
     assert asset_a.code_versions_by_key[asset_a.key] != asset_b.code_versions_by_key[asset_b.key]
-    assert asset_a.backfill_policy.max_partitions_per_run >= 1
+    # a backfill runs a range of partitions in one run, with the other camera x day assets
+    assert asset_a.backfill_policy == dg.BackfillPolicy.single_run()
 
     # 1. Version A: every ok crop of the partition gets a vector, the corrupt one a failure row.
     mat, check = _materialize(asset_a, instance, crop_dir, "avg")

@@ -424,6 +424,68 @@ def test_partitioned_run_launched_through_graphql_fills_the_database(dagster_ser
     assert {"key": "dagster/partition", "value": key} in runs["tags"]
 
 
+def test_a_day_run_over_two_cameras_launched_through_graphql(dagster_services, session_engine, tmp_path):
+    """The run the sensor and the nightly schedule launch: one run for a day, over a range of
+    camera x day partitions (Dagster's range tags plus ``deer/cameras``), through the queue, the
+    daemon and the launcher; one step per asset decides both cameras."""
+    from deer_pipeline import sample
+    from deer_pipeline.defs.partitions import range_tags
+    from deer_pipeline.detections import ingest
+
+    port = dagster_services["port"]
+    client = dagster_services["client"]
+    state_id = {s["name"]: s for s in _repository(port)["sensors"]}[SENSOR]["sensorState"]["id"]
+    graphql(port, "mutation($id: String) { stopSensor(id: $id) { __typename } }", {"id": state_id})
+
+    info = sample.write_sample(tmp_path / "sample", seed=9, n_cameras=2, n_days=1, n_deer=3,
+                               encounters_per_day=(2, 2))
+    report = ingest.ingest(session_engine, info.detections_json)
+    cameras = sorted({c for c, _ in report.partitions})
+    (day,) = {d for _, d in report.partitions}
+    assert len(cameras) == 2, report.summary()
+    for camera in cameras:
+        added = graphql(port, """
+            mutation($repo: RepositorySelector!, $name: String!, $key: String!) {
+              addDynamicPartition(repositorySelector: $repo, partitionsDefName: $name, partitionKey: $key) {
+                __typename ... on PythonError { message } } }""",
+                        {"repo": {"repositoryName": REPOSITORY, "repositoryLocationName": LOCATION},
+                         "name": "camera", "key": camera})["addDynamicPartition"]
+        assert added["__typename"] in ("AddDynamicPartitionSuccess", "DuplicateDynamicPartitionError"), added
+    dagster_db = sa.create_engine(dagster_services["env"]["DAGSTER_POSTGRES_URL"])
+    with dagster_db.connect() as conn:
+        order = list(conn.execute(sa.text("SELECT partition FROM dynamic_partitions "
+                                          "WHERE partitions_def_name = 'camera' ORDER BY id")).scalars())
+    dagster_db.dispose()
+    tags = range_tags(cameras, day, day, order)
+
+    run_id = client.submit_job_execution(
+        JOB, repository_location_name=LOCATION, repository_name=REPOSITORY,
+        run_config={"execution": {"config": {"in_process": {}}}}, tags=tags)
+
+    def finished():
+        for service in dagster_services["services"]:
+            service.check_alive()
+        status = client.get_run_status(run_id).value
+        return status if status in ("SUCCESS", "FAILURE", "CANCELED") else None
+
+    status = wait_for(finished, 300, f"day run {run_id} of {JOB} for {day}", interval=3)
+    assert status == "SUCCESS", f"{_run_progress(port, run_id)}\n{_run_errors(port, run_id)}"
+    run = graphql(port, """query($id: ID!) { runOrError(runId: $id) { __typename
+        ... on Run { stepStats { stepKey status } tags { key value } } } }""", {"id": run_id})["runOrError"]
+    assert sorted(s["stepKey"] for s in run["stepStats"]) == ["crops", "deer_profiles", "embeddings",
+                                                            "similarity_scores"]
+    assert {"key": "deer/cameras", "value": ",".join(cameras)} in run["tags"]
+    with session_engine.connect() as conn:
+        decided = set(conn.execute(sa.text(
+            "SELECT DISTINCT s.partition_key FROM sightings s JOIN detections d USING (detection_id) "
+            "WHERE d.day = :d AND d.camera_id = ANY(:c)"), {"d": day, "c": cameras}).scalars())
+        undecided = conn.execute(sa.text(
+            "SELECT count(*) FROM detections d JOIN crops c USING (detection_id) "
+            "LEFT JOIN sightings s USING (detection_id) WHERE d.day = :d AND d.camera_id = ANY(:c) "
+            "AND c.status = 'ok' AND s.detection_id IS NULL"), {"d": day, "c": cameras}).scalar_one()
+    assert decided == {f"{c}|{day}" for c in cameras} and undecided == 0
+
+
 def _run_progress(port: int, run_id: str) -> str:
     """Run status and the status of each step, for an assertion message."""
     try:
