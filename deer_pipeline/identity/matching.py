@@ -70,6 +70,7 @@ from deer_pipeline.detections.encounters import (
 from deer_pipeline.embedding import models as embedders
 from deer_pipeline.embedding.models import unit_rows
 from deer_pipeline.identity import reviews, store
+from deer_pipeline.identity.flanks import SideBook, flank_filtered
 from deer_pipeline.identity.candidates import (
     _prepare_search,
     _Rescorer,
@@ -138,6 +139,7 @@ class DecisionSummary:
     reviewed: int = 0                # sightings of this partition whose decision a review fixed
     excluded_by_review: int = 0      # detections of this partition a review made unidentifiable
     local_verification: dict = field(default_factory=dict)   # local/fused: verifier counts and reasons
+    other_flank_only: int = 0        # cosine, flank-aware: candidate deer not compared (only their other flank known)
     seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)   # prepare / decide / write
 
@@ -217,10 +219,11 @@ def decide_partition(engine: Engine, camera_id: str, day: str | date,
         qv = _query_vectors(conn, encounters, models, vers)
         rescorer = _Rescorer.for_settings(conn, engine, settings, verifier, summary) \
             if settings.match_score != "cosine" else None
+        sides = SideBook() if settings.flank_aware and rescorer is None else None
         t_loaded = time.perf_counter()
         summary.phase_seconds["prepare"] = round(t_loaded - t_start, 3)
         out = _decide_in_time_order(conn, encounters, qv, search, settings, models, replay_part, summary,
-                                    review, rescorer)
+                                    review, rescorer, sides)
         if rescorer is not None:
             summary.local_verification.update(rescorer.verifier.metadata())
         t_decided = time.perf_counter()
@@ -316,7 +319,7 @@ class _Outcome:
 def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _Search,
                           settings: MatchingSettings, models: list[str], replay_part: Mapping[str, str],
                           summary: DecisionSummary, review: reviews.ReviewTracker | None = None,
-                          rescorer: "_Rescorer | None" = None) -> _Outcome:
+                          rescorer: "_Rescorer | None" = None, sides: SideBook | None = None) -> _Outcome:
     """Match-or-create for every encounter in capture-time order; each decided encounter joins
     the gallery before the next one is decided. Encounters are scored in chunks (one matmul).
     ``review`` applies people's decisions: must-link forces the deer, cannot-link excludes deer."""
@@ -346,6 +349,9 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
             cands = _scored_candidates(conn, enc, q, deer0, enc_M0, n0, excluded, search, settings, summary)
             if forced is not None:
                 cands = _with_candidate(conn, cands, forced, q, search)
+            if sides is not None:        # flank-aware: the other flank of a deer is not compared
+                cands, n_other = flank_filtered(conn, enc.detection_ids, q, cands, search.gallery, sides, forced)
+                summary.other_flank_only += n_other
             names = models
             if rescorer is not None:
                 cands = rescorer.rescore(enc, q, cands, search.gallery)

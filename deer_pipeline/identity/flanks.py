@@ -1,0 +1,89 @@
+"""Flank-aware galleries: a sighting is not compared with the other flank of a deer.
+
+The two flanks of a deer carry different marks, so a photo of the left flank says nothing about
+a photo of the right flank; comparing them only adds chance look-alikes. Where the side is known
+(``detections.side``: left | right, read at ingestion from a side / flank / viewpoint field), a
+pair of sightings with opposite known sides is not compared; a sighting whose side is unknown is
+compared with both flanks.
+
+For the cosine decision (``match_score=cosine``) each candidate deer is scored on the sightings
+of it whose flank is compatible with each detection of the encounter; a deer known only from the
+other flank is not a candidate (unless a person said this is that deer). The local and fused
+scores do the same in their own re-scoring (``candidates._Rescorer``).
+
+Plain logic; no Dagster.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import sqlalchemy as sa
+
+SIDES = ("left", "right")
+
+
+def flank_compatible(a: str | None, b: str | None) -> bool:
+    """Two sightings may show the same flank unless both sides are known and differ."""
+    return a is None or b is None or a == b
+
+
+class SideBook:
+    """The known sides of detections, read from the database once per detection."""
+
+    def __init__(self):
+        self._side: dict[str, str | None] = {}
+
+    def load(self, conn: sa.Connection, detection_ids: Iterable[str | None]) -> None:
+        want = [d for d in dict.fromkeys(detection_ids) if d is not None and d not in self._side]
+        if not want:
+            return
+        got = dict(conn.execute(sa.text("SELECT detection_id, side FROM detections WHERE detection_id = ANY(:i) "
+                                        "AND side IN ('left', 'right')"), {"i": want}).all())
+        for d in want:
+            self._side[d] = got.get(d)
+
+    def side(self, detection_id: str | None) -> str | None:
+        return self._side.get(detection_id) if detection_id is not None else None
+
+
+def flank_filtered(conn, detection_ids: Sequence[str], q: list[np.ndarray], cands: list[tuple], gallery,
+                   book: SideBook, keep: int | None = None) -> tuple[list[tuple], int]:
+    """``cands`` ([(deer, score, per-detection scores, per-model components)], best first)
+    re-scored on flank-compatible sightings only; returns (candidates, deer dropped because
+    only their other flank is known). Unchanged when no detection of the encounter has a known
+    side. A detection not compared with a deer gets score -inf there (no score row is written);
+    ``keep`` (a deer a person named) stays a candidate as it was."""
+    book.load(conn, detection_ids)
+    q_sides = [book.side(d) for d in detection_ids]
+    if not cands or all(s is None for s in q_sides):
+        return cands, 0
+    book.load(conn, [gallery.detection_ids[r] for c in cands for r in gallery.rows_of[c[0]]])
+    w = np.array([gallery.weights[m] for m in gallery.models], np.float64)
+    out, dropped = [], 0
+    rows_k = np.arange(len(detection_ids))
+    for cand in cands:
+        deer = cand[0]
+        rows = np.asarray(gallery.rows_of[deer], np.int64)
+        g_sides = [book.side(gallery.detection_ids[r]) for r in rows]
+        compat = np.array([[flank_compatible(a, b) for b in g_sides] for a in q_sides], bool)
+        if compat.all():
+            out.append(cand)
+            continue
+        if not compat.any():
+            if deer == keep:
+                out.append(cand)
+            else:
+                dropped += 1
+            continue
+        comps = np.stack([np.asarray(qm, np.float64) @ mat[rows].astype(np.float64).T
+                          for qm, mat in zip(q, gallery.mats)], axis=-1)          # k x rows x models
+        G = comps @ w
+        G[~compat] = -np.inf
+        best = G.argmax(axis=1)
+        sims = G[rows_k, best]
+        comp = comps[rows_k, best]
+        out.append((deer, float(sims.max()), sims, comp))
+    out.sort(key=lambda c: (-c[1], c[0]))
+    return out, dropped
