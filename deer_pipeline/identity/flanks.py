@@ -6,10 +6,12 @@ a photo of the right flank; comparing them only adds chance look-alikes. Where t
 pair of sightings with opposite known sides is not compared; a sighting whose side is unknown is
 compared with both flanks.
 
-For the cosine decision (``match_score=cosine``) each candidate deer is scored on the sightings
-of it whose flank is compatible with each detection of the encounter; a deer known only from the
-other flank is not a candidate (unless a person said this is that deer). The local and fused
-scores do the same in their own re-scoring (``candidates._Rescorer``).
+For the cosine decision (``match_score=cosine``) the scores of opposite flanks are removed before
+the candidate deer are ranked (exact search; with ``hnsw`` the index proposes candidates by the
+unmasked score), and each candidate is then scored on its sightings whose flank is compatible
+with each detection of the encounter; a deer known only from the other flank is not a candidate
+(unless a person said this is that deer). The local and fused scores keep their own rule in
+their re-scoring (``candidates._Rescorer``).
 
 Plain logic; no Dagster.
 """
@@ -29,11 +31,16 @@ def flank_compatible(a: str | None, b: str | None) -> bool:
     return a is None or b is None or a == b
 
 
+_CODE = {None: 0, "left": 1, "right": 2}      # code(a) * code(b) == 2 exactly for opposite flanks
+
+
 class SideBook:
-    """The known sides of detections, read from the database once per detection."""
+    """The known sides of detections, read from the database once per detection, and a side
+    code per gallery row (kept up to date as the gallery grows)."""
 
     def __init__(self):
         self._side: dict[str, str | None] = {}
+        self._rows = np.zeros(0, np.int8)
 
     def load(self, conn: sa.Connection, detection_ids: Iterable[str | None]) -> None:
         want = [d for d in dict.fromkeys(detection_ids) if d is not None and d not in self._side]
@@ -46,6 +53,24 @@ class SideBook:
 
     def side(self, detection_id: str | None) -> str | None:
         return self._side.get(detection_id) if detection_id is not None else None
+
+    def row_codes(self, conn, gallery) -> np.ndarray:
+        """Side code (0 unknown, 1 left, 2 right) of every gallery row."""
+        n = gallery.n
+        if len(self._rows) < n:
+            ids = gallery.detection_ids[len(self._rows):n]
+            self.load(conn, ids)
+            self._rows = np.concatenate([self._rows, np.array([_CODE[self.side(d)] for d in ids], np.int8)])
+        return self._rows[:n]
+
+    def mask(self, conn, scores: np.ndarray, query_ids: Sequence[str], gallery, lo: int, hi: int) -> None:
+        """Set the scores (query rows x gallery rows ``lo:hi``) of opposite known flanks to -inf."""
+        self.load(conn, query_ids)
+        qc = np.array([_CODE[self.side(d)] for d in query_ids], np.int8)
+        if not qc.any() or hi <= lo:
+            return
+        gc = self.row_codes(conn, gallery)[lo:hi]
+        scores[(qc[:, None].astype(np.int16) * gc[None, :]) == 2] = -np.inf
 
 
 def flank_filtered(conn, detection_ids: Sequence[str], q: list[np.ndarray], cands: list[tuple], gallery,

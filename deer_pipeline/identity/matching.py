@@ -220,6 +220,7 @@ def decide_partition(engine: Engine, camera_id: str, day: str | date,
         rescorer = _Rescorer.for_settings(conn, engine, settings, verifier, summary) \
             if settings.match_score != "cosine" else None
         sides = SideBook() if settings.flank_aware and rescorer is None else None
+        search.flanks = sides
         t_loaded = time.perf_counter()
         summary.phase_seconds["prepare"] = round(t_loaded - t_start, 3)
         out = _decide_in_time_order(conn, encounters, qv, search, settings, models, replay_part, summary,
@@ -331,8 +332,13 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
         q_all = [unit_rows(np.vstack([qv[m][d.detection_id] for e in chunk for d in e.detections]))
                  for m in models]
         n0 = gallery.n
-        deer0, M0 = per_deer_max(gallery.scores(q_all, 0, n0), gallery.deer[:n0]) if n0 else \
-            (np.zeros(0, np.int64), np.zeros((len(q_all[0]), 0), np.float32))
+        if n0:
+            scores0 = gallery.scores(q_all, 0, n0)
+            if sides is not None:        # flank-aware: opposite flanks are not compared
+                sides.mask(conn, scores0, [d.detection_id for e in chunk for d in e.detections], gallery, 0, n0)
+            deer0, M0 = per_deer_max(scores0, gallery.deer[:n0])
+        else:
+            deer0, M0 = np.zeros(0, np.int64), np.zeros((len(q_all[0]), 0), np.float32)
         pos = 0
         for enc in chunk:
             k = len(enc.detections)
