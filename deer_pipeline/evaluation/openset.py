@@ -50,14 +50,14 @@ def flank_masked(S: np.ndarray, ps: PreparedSet) -> np.ndarray:
     """``S`` with the pairs of opposite known flanks at -inf: the pipeline's cosine decision does
     not compare them (``identity/flanks.py``), so the in-memory replay of the open set must not
     either. Unchanged when no photo has a known side or flank awareness is off."""
+    from deer_pipeline.identity.flanks import opposite_flanks, side_codes
     from deer_pipeline.settings import MatchingSettings
 
-    sides = [(ps.photos[i].side or "").strip().lower() for i in ps.ok]
-    code = np.array([{"left": 1, "right": 2}.get(s, 0) for s in sides], np.int16)
+    code = side_codes((ps.photos[i].side or "").strip().lower() for i in ps.ok)
     if not MatchingSettings().flank_aware or not code.any():
         return S
     out = np.array(S, dtype=np.float64, copy=True)
-    out[(code[:, None] * code[None, :]) == 2] = -np.inf
+    out[opposite_flanks(code, code)] = -np.inf
     return out
 
 

@@ -34,13 +34,23 @@ def flank_compatible(a: str | None, b: str | None) -> bool:
 _CODE = {None: 0, "left": 1, "right": 2}      # code(a) * code(b) == 2 exactly for opposite flanks
 
 
+def side_codes(sides: Iterable[str | None]) -> np.ndarray:
+    """0 unknown, 1 left, 2 right per side (anything else counts as unknown)."""
+    return np.array([_CODE.get(s, 0) for s in sides], np.int16)
+
+
+def opposite_flanks(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a) x len(b)) True where both sides are known and differ (codes of :func:`side_codes`)."""
+    return (np.asarray(a, np.int16)[:, None] * np.asarray(b, np.int16)[None, :]) == 2
+
+
 class SideBook:
     """The known sides of detections, read from the database once per detection, and a side
     code per gallery row (kept up to date as the gallery grows)."""
 
     def __init__(self):
         self._side: dict[str, str | None] = {}
-        self._rows = np.zeros(0, np.int8)
+        self._rows = np.zeros(0, np.int16)
 
     def load(self, conn: sa.Connection, detection_ids: Iterable[str | None]) -> None:
         want = [d for d in dict.fromkeys(detection_ids) if d is not None and d not in self._side]
@@ -60,17 +70,16 @@ class SideBook:
         if len(self._rows) < n:
             ids = gallery.detection_ids[len(self._rows):n]
             self.load(conn, ids)
-            self._rows = np.concatenate([self._rows, np.array([_CODE[self.side(d)] for d in ids], np.int8)])
+            self._rows = np.concatenate([self._rows, side_codes(self.side(d) for d in ids)])
         return self._rows[:n]
 
     def mask(self, conn, scores: np.ndarray, query_ids: Sequence[str], gallery, lo: int, hi: int) -> None:
         """Set the scores (query rows x gallery rows ``lo:hi``) of opposite known flanks to -inf."""
         self.load(conn, query_ids)
-        qc = np.array([_CODE[self.side(d)] for d in query_ids], np.int8)
+        qc = side_codes(self.side(d) for d in query_ids)
         if not qc.any() or hi <= lo:
             return
-        gc = self.row_codes(conn, gallery)[lo:hi]
-        scores[(qc[:, None].astype(np.int16) * gc[None, :]) == 2] = -np.inf
+        scores[opposite_flanks(qc, self.row_codes(conn, gallery)[lo:hi])] = -np.inf
 
 
 def flank_filtered(conn, detection_ids: Sequence[str], q: list[np.ndarray], cands: list[tuple], gallery,
@@ -85,14 +94,14 @@ def flank_filtered(conn, detection_ids: Sequence[str], q: list[np.ndarray], cand
     if not cands or all(s is None for s in q_sides):
         return cands, 0
     book.load(conn, [gallery.detection_ids[r] for c in cands for r in gallery.rows_of[c[0]]])
+    q_codes = side_codes(q_sides)
     w = np.array([gallery.weights[m] for m in gallery.models], np.float64)
     out, dropped = [], 0
     rows_k = np.arange(len(detection_ids))
     for cand in cands:
         deer = cand[0]
         rows = np.asarray(gallery.rows_of[deer], np.int64)
-        g_sides = [book.side(gallery.detection_ids[r]) for r in rows]
-        compat = np.array([[flank_compatible(a, b) for b in g_sides] for a in q_sides], bool)
+        compat = ~opposite_flanks(q_codes, side_codes(book.side(gallery.detection_ids[r]) for r in rows))
         if compat.all():
             out.append(cand)
             continue
