@@ -48,13 +48,15 @@ def _original_swin_layout(state: dict, n_classes: int = 10) -> dict:
 
 def _write_state(name: str, path, seed: int = 0, layout: str = "published"):
     """A random state dict of ``name``'s tiny architecture, in the published file's layout
-    (miewid: MiewIdNet's keys plus its sub-center ArcFace training head ``final.*``;
+    (miewid: MiewIdNet's keys plus its training head ``final.*``, a Linear for the hub's
+    ``loss_module: softmax``;
     megadescriptor: ``layout`` "published" = the original Swin layout, "timm" = timm's)."""
     torch.manual_seed(seed)
     net = backbones.build_architecture(name, tiny=True)
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    if name == "miewid":
-        state["final.wmetric_classify.weight"] = torch.zeros(3 * 10, net.bn.num_features)
+    if name == "miewid":      # the hub config: loss_module "softmax", n_classes 10 -> final = Linear(dim, 10)
+        state["final.weight"] = torch.zeros(10, net.bn.num_features)
+        state["final.bias"] = torch.zeros(10)
     if name == "megadescriptor" and layout == "published":
         state = _original_swin_layout(state)
     if str(path).endswith(".safetensors"):
@@ -143,9 +145,11 @@ def _meta(name):
 
 
 def _published_miewid_keys(net) -> dict:
-    """MiewIdNet (WildMeOrg/wbia-plugin-miew-id wbia_miew_id/models/model.py): timm's
-    efficientnetv2_rw_m as ``backbone`` with its classifier replaced by Identity, GeM as
-    ``pooling``, BatchNorm1d(2152) as ``bn``, a sub-center ArcFace ``final`` head."""
+    """MiewIdNet (WildMeOrg/wbia-plugin-miew-id wbia_miew_id/models/model.py, the hub's
+    modeling_miewid.py): timm's efficientnetv2_rw_m as ``backbone`` with its classifier replaced
+    by Identity, GeM as ``pooling``, BatchNorm1d(2152) as ``bn``, and the training head ``final``
+    of the hub config (conservationxlabs/miewid-msv2 config.json: loss_module softmax, n_classes
+    10 -> Linear(2152, 10))."""
     import timm
 
     with torch.device("meta"):
@@ -156,7 +160,7 @@ def _published_miewid_keys(net) -> dict:
     for k in ("weight", "bias", "running_mean", "running_var"):
         keys[f"bn.{k}"] = (2152,)
     keys["bn.num_batches_tracked"] = ()
-    keys["final.wmetric_classify.weight"] = (3 * 100, 2152)
+    keys["final.weight"], keys["final.bias"] = (10, 2152), (10,)
     return keys
 
 
