@@ -157,6 +157,20 @@ def test_a_tiny_training_run_from_reviews_lowers_its_loss(engine, tmp_path, caps
     assert trained_model.read_card(out)["embedding_version"] == card["embedding_version"]
     assert json.loads(captured.out)["embedding_version"] == card["embedding_version"]
 
+    # the reid_model asset trains from the same reviews when configured to
+    import dagster as dg
+
+    from deer_pipeline.defs.reid_model import reid_model
+    from deer_pipeline.defs.resources import CropStore, DeerDatabase
+
+    res = dg.materialize([reid_model], resources={"database": DeerDatabase(), "crop_store": CropStore(root=str(store))},
+                         run_config={"ops": {"reid_model": {"config": {
+                             "from_reviews": True, "min_deer": 4, "epochs": 1, "views": 0, "device": "cpu",
+                             "out_dir": str(tmp_path / "asset-model")}}}})
+    meta = res.asset_materializations_for_node("reid_model")[0].metadata
+    assert meta["data_source"].value == "reviews" and meta["data_sha256"].value == rs.sha256
+    assert meta["individuals_used"].value == 4
+
 
 def test_the_reid_model_asset_reads_reviews_when_configured_and_refuses_clearly(engine, tmp_path,
                                                                                   monkeypatch):
