@@ -71,6 +71,8 @@ REVIEWER_ENV = "DEER_REVIEWER"             # default reviewer name (else the log
 REVIEW_MARGIN = 0.10                       # queue: decisions whose score lies this close to the threshold
 REVIEW_QUEUE_MAX_ITEMS = 50                # check: WARN when more items wait
 REVIEW_QUEUE_MAX_AGE_DAYS = 14             # check: WARN when an item waits longer (days since its detection arrived)
+REVIEW_TRAINING_MIN_DEER = 4               # train --from-reviews: confirmed deer needed (each with MIN_PHOTOS)
+REVIEW_TRAINING_MIN_PHOTOS = 2             # train --from-reviews: confirmed photos a deer needs to train
 # executors
 EXECUTOR = "multiprocess"                  # multiprocess | in_process | celery
 GPU_SLOTS = 1
@@ -109,6 +111,7 @@ ENVIRONMENT = {
     "DEER_TRAIN_LABELS": "labels CSV the reid_model asset trains on",
     "DEER_TRAIN_IMAGES_ROOT": "images root of the reid_model asset",
     "DEER_TRAIN_SPLIT_SEED": "reid_model trains on the calibration half of this identity split",
+    "DEER_TRAIN_FROM_REVIEWS": "1: the reid_model asset trains on the confirmed review decisions in the database",
     "DEER_EVAL_IMAGES_ROOT": "images root of the reid_evaluation asset",
     "DEER_EVAL_SPLIT_SEED": "split the reid_evaluation labels by identity with this seed",
     "DEER_EVAL_CALIBRATION_LABELS": "calibration labels CSV of the reid_evaluation asset",

@@ -6,7 +6,9 @@ training a model never changes what the pipeline embeds with until the model is 
 (``register_model: true`` in the run config, or ``deer-pipeline models register MODEL_DIR``).
 
 Labels come from the run config, else ``DEER_TRAIN_LABELS`` / ``DEER_TRAIN_IMAGES_ROOT`` /
-``DEER_TRAIN_SPLIT_SEED``; with none configured the asset records "no labels configured". The
+``DEER_TRAIN_SPLIT_SEED``; ``from_reviews: true`` (or ``DEER_TRAIN_FROM_REVIEWS=1``) trains on
+the sightings people confirmed in the review app instead (``embedding.reviewed_data``); with
+neither configured the asset records "no labels configured". The
 model card is the materialisation's metadata (embedding version, held-out top-1, loss curve,
 photos and individuals used, skipped photos, time).
 """
@@ -20,6 +22,7 @@ from pydantic import Field
 
 from deer_pipeline import settings
 from deer_pipeline.defs.executors import GPU_POOL, GPU_STEP_TAGS
+from deer_pipeline.defs.resources import CropStore, DeerDatabase
 
 ENV = {"labels_csv": "DEER_TRAIN_LABELS", "images_root": "DEER_TRAIN_IMAGES_ROOT",
        "split_by_identity_seed": "DEER_TRAIN_SPLIT_SEED"}
@@ -29,6 +32,9 @@ class ReidModelConfig(dg.Config):
     """What to train on (each field falls back to its DEER_TRAIN_* variable)."""
 
     labels_csv: Optional[str] = Field(default=None, description="labels CSV (image_path, identity[, encounter_id, side, x, y, w, h])")
+    from_reviews: Optional[bool] = Field(
+        default=None, description="train on the sightings people confirmed in the review app (default: DEER_TRAIN_FROM_REVIEWS)")
+    min_deer: Optional[int] = Field(default=None, description="from_reviews: confirmed deer needed (default: settings)")
     images_root: Optional[str] = Field(default=None, description="folder of the photos")
     split_by_identity_seed: Optional[int] = Field(
         default=None, description="train only on the calibration half of this identity split (keep the other half to evaluate)")
@@ -46,6 +52,8 @@ class ReidModelConfig(dg.Config):
             if value is None and settings.env(env):
                 value = int(settings.env(env)) if name == "split_by_identity_seed" else settings.env(env)
             out[name] = value
+        out["from_reviews"] = (self.from_reviews if self.from_reviews is not None
+                               else settings.env_bool("DEER_TRAIN_FROM_REVIEWS", False))
         return out
 
 
@@ -65,6 +73,7 @@ def card_metadata(card: dict, model_dir: Path) -> dict:
         "individuals_used": dg.MetadataValue.int(int(d["individuals_used"])),
         "photos_skipped": dg.MetadataValue.json(d["skipped"]),
         "data_sha256": dg.MetadataValue.text(d["sha256"]),
+        "data_source": dg.MetadataValue.text(d.get("source_kind", "labels")),
         "seconds": dg.MetadataValue.float(float(t["seconds"]["total"])),
         "loss_curve": dg.MetadataValue.md(curve),
         "model_card": dg.MetadataValue.json({k: v for k, v in card.items() if not k.startswith("_")}),
@@ -81,22 +90,34 @@ def card_metadata(card: dict, model_dir: Path) -> dict:
                 "EfficientNet-Lite0 blocks); the model card is the metadata. Not on the nightly path; "
                 "register it to make it the pipeline's embedder.",
 )
-def reid_model(context: dg.AssetExecutionContext, config: ReidModelConfig) -> dg.MaterializeResult:
+def reid_model(context: dg.AssetExecutionContext, config: ReidModelConfig, database: DeerDatabase,
+               crop_store: CropStore) -> dg.MaterializeResult:
     cfg = config.resolved()
-    if not cfg["labels_csv"]:
+    if cfg["from_reviews"] and cfg["labels_csv"]:
+        raise dg.Failure("reid_model: configure either labels_csv or from_reviews, not both")
+    if not cfg["labels_csv"] and not cfg["from_reviews"]:
         context.log.info("no labels configured: set labels_csv in the run config or DEER_TRAIN_LABELS")
         return dg.MaterializeResult(metadata={
             "status": dg.MetadataValue.text("no labels configured"),
             "how_to_configure": dg.MetadataValue.md(
                 "Set `labels_csv` (and `images_root`, optionally `split_by_identity_seed`) in the run "
-                "config, or " + ", ".join(f"`{v}`" for v in ENV.values()) + ".")})
+                "config, or " + ", ".join(f"`{v}`" for v in ENV.values()) + "; or `from_reviews: true` "
+                "(`DEER_TRAIN_FROM_REVIEWS=1`) to train on the confirmed review decisions.")})
     from deer_pipeline import db
     from deer_pipeline.embedding import registry, training
     from deer_pipeline.evaluation.labels import read_labels, split_by_identity
 
-    photos = read_labels(cfg["labels_csv"], cfg["images_root"])
-    source = str(cfg["labels_csv"])
-    if cfg["split_by_identity_seed"] is not None:
+    data = None
+    if cfg["from_reviews"]:
+        from deer_pipeline.embedding import reviewed_data
+
+        rs = reviewed_data.reviewed_training_set(database.engine(), crop_store.settings().store_dir,
+                                                 min_deer=config.min_deer)
+        photos, source, data = rs.photos, reviewed_data.SOURCE, rs.card_data()
+    else:
+        photos = read_labels(cfg["labels_csv"], cfg["images_root"])
+        source = str(cfg["labels_csv"])
+    if cfg["split_by_identity_seed"] is not None and not cfg["from_reviews"]:
         photos, _ = split_by_identity(photos, cfg["split_by_identity_seed"])
         source += f" (calibration half, split by identity with seed {cfg['split_by_identity_seed']})"
     extra = {k: v for k, v in (("epochs", config.epochs), ("views", config.views)) if v is not None}
@@ -104,7 +125,7 @@ def reid_model(context: dg.AssetExecutionContext, config: ReidModelConfig) -> dg
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(config.out_dir) if config.out_dir else db.data_dir() / "models" / f"reid-{stamp}"
     result = training.train(photos, out, options, source=source, progress=False,
-                            log_fn=lambda s: context.log.info(s))
+                            log_fn=lambda s: context.log.info(s), data=data)
     meta = card_metadata(result.card, out)
     if config.register_model:
         reg = registry.register(str(out))

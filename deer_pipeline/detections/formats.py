@@ -15,6 +15,7 @@ import json
 import math
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +32,10 @@ CAMERA_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CSV_REQUIRED = ("image_path", "x", "y", "w", "h")
 
 
-CSV_OPTIONAL = ("detection_id", "camera_id", "captured_at", "classification", "confidence")
+CSV_OPTIONAL = ("detection_id", "camera_id", "captured_at", "classification", "confidence", "side")
+
+
+SIDE_FIELDS = ("side", "flank", "viewpoint")     # CSV columns / detection keys naming the flank seen
 
 
 MD_ANIMAL = "animal"
@@ -76,6 +80,8 @@ class _Record:
     category: str | None = None           # MegaDetector category name
     reject_record: str | None = None      # cannot become a detection at all
     classified: bool = False              # ``classification`` comes from a species classifier
+    side: str | None = None               # flank seen: left | right | None (unknown)
+    side_raw: str | None = None           # the input's side value when it could not be read (stored as unknown)
 
 
 def parse_time(value) -> datetime | None:
@@ -98,6 +104,54 @@ def parse_time(value) -> datetime | None:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
     return dt.astimezone(timezone.utc)
+
+
+_SIDE_UNKNOWN = {"", "unknown", "u", "?", "none", "na", "n/a", "null", "both", "front", "back", "rear", "up",
+                 "down", "top", "bottom", "frontal", "head"}
+
+
+def parse_side(value) -> tuple[str | None, bool]:
+    """``(side, understood)``: the flank of a side / flank / viewpoint value. ``left`` / ``l`` /
+    viewpoints on the left (Wildbook's ``frontleft``, ``backleft``) -> ``left``, likewise right;
+    ``unknown``, empty, ``front``, ``back``, ... -> None (unknown: matched with both flanks);
+    anything else -> ``(None, False)`` (stored as unknown, counted in a note)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None, True
+    t = re.sub(r"[\s_-]+", "", str(value).strip().lower())
+    if t in _SIDE_UNKNOWN:
+        return None, True
+    if t in ("l", "left", "leftside", "leftflank") or (t.endswith("left") and "right" not in t):
+        return "left", True
+    if t in ("r", "right", "rightside", "rightflank") or (t.endswith("right") and "left" not in t):
+        return "right", True
+    return None, False
+
+
+def _with_side(rec: "_Record", value) -> "_Record":
+    side, understood = parse_side(value)
+    rec.side = side
+    if not understood:
+        rec.side_raw = _readable(str(value))[:40]
+    return rec
+
+
+def _side_value(fields: dict):
+    """The first side / flank / viewpoint value a record has (None when it has none)."""
+    for k in SIDE_FIELDS:
+        v = fields.get(k)
+        if v not in (None, ""):
+            return v
+    return None
+
+
+def side_note(records) -> str | None:
+    """A note for the summary when some side values could not be read."""
+    bad = Counter(r.side_raw for r in records if getattr(r, "side_raw", None))
+    if not bad:
+        return None
+    shown = ", ".join(f"{v!r}" for v, _ in bad.most_common(5))
+    return (f"{sum(bad.values())} box(es) with a side value that is not left or right ({shown}"
+            f"{', ...' if len(bad) > 5 else ''}): stored as unknown (matched with both flanks)")
 
 
 def _float(value) -> float:
@@ -381,14 +435,14 @@ def parse_megadetector(path: Path) -> ParsedFile:
                     classification = cls_names.get(str(top[0]), f"unknown classification category {top[0]!r}")
                 except (TypeError, ValueError, IndexError):
                     classification = "<malformed classifications>"
-            records.append(_Record(
+            records.append(_with_side(_Record(
                 line=i, raw=raw, image_path=file_, box=box, normalised=True,
                 input_id=str(det["id"]) if det.get("id") not in (None, "") else None,
                 camera_id=str(camera) if camera else None, input_time=input_time,
                 classification=None if classification is None else str(classification),
                 confidence=_float(det.get("conf")), category=category,
                 classified=has_classifier or classified,
-            ))
+            ), _side_value(det)))
             has_classifier = has_classifier or classified
     _note_repeats(repeated, notes)
     if has_classifier:          # a classifier ran: an unclassified animal box is not a deer yet
@@ -448,12 +502,12 @@ def parse_speciesnet(path: Path) -> ParsedFile:
             box = tuple(_float(v) for v in bbox) if isinstance(bbox, (list, tuple)) and len(bbox) == 4 else None
             label = str(det.get("label") or MD_DEFAULT_CATEGORIES.get(str(det.get("category")),
                                                                      f"unknown category {det.get('category')!r}"))
-            records.append(_Record(
+            records.append(_with_side(_Record(
                 line=i, raw=raw, image_path=file_, box=box, normalised=True,
                 input_time=parse_time(entry.get("datetime")),
                 classification=str(prediction) if prediction else None,
                 confidence=_float(det.get("conf")), category=label.strip().lower(), classified=True,
-            ))
+            ), _side_value(det)))
     notes: list[str] = []
     _note_repeats(repeated, notes)
     info = dict(info or {})
@@ -500,6 +554,7 @@ def parse_csv(path: Path) -> list[_Record]:
                     classification=r.get("classification") or None,
                     confidence=_float(r["confidence"]) if r.get("confidence") else None,
                 )
+                _with_side(rec, _side_value(r))
                 if rec.image_path is None:
                     rec.reject_record = "no image_path"
                 records.append(rec)

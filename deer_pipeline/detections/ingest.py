@@ -79,7 +79,7 @@ _detections = sa.table(
     *(sa.column(c) for c in (
         "detection_id", "image_id", "camera_id", "captured_at", "day", "bbox_x", "bbox_y",
         "bbox_w", "bbox_h", "confidence", "classification", "sex", "status", "reason",
-        "source_format", "batch_id")),
+        "source_format", "batch_id", "side")),
 )
 
 
@@ -264,6 +264,9 @@ def _species_and_confidence_rules(src: Path, records, report: IngestReport, min_
     report.min_confidence, report.min_confidence_source = min_confidence, source
     report.all_animals_are_deer = bool(unclassified and all_animals_are_deer)
     report.notes = list(getattr(records, "notes", []))
+    note = formats.side_note(records)
+    if note:
+        report.notes.append(note)
     return min_confidence
 
 
@@ -514,7 +517,7 @@ def _detection_row(rec: _Record, img: _Image, fmt: str, min_confidence: float | 
         "bbox_x": safe_box[0], "bbox_y": safe_box[1], "bbox_w": safe_box[2], "bbox_h": safe_box[3],
         "confidence": conf, "classification": classification,
         "sex": sex_of(classification) if classification else "unknown",
-        "status": status, "reason": reason, "source_format": fmt,
+        "status": status, "reason": reason, "source_format": fmt, "side": rec.side,
         "_path": img.path, "_rec": rec,
     }
 
@@ -524,7 +527,7 @@ def main(argv: list[str]) -> int:
         prog="deer-pipeline ingest",
         description="Ingest detections: a MegaDetector batch-output JSON, a SpeciesNet predictions.json, "
                     "a CSV (image_path,x,y,w,h [,detection_id,camera_id,captured_at,classification,"
-                    "confidence]) or a folder of photos.")
+                    "confidence,side]) or a folder of photos.")
     parser.add_argument("path", help="input file or folder")
     parser.add_argument("--format", choices=FORMATS, help="default: from the name (.json, .csv, folder)")
     parser.add_argument("--camera", help="camera id for records without one (default: the photo's folder name)")

@@ -4,12 +4,19 @@ Plain PyTorch + ``timm`` (architectures) + ``huggingface_hub`` (downloads), no D
 
 * ``miewid``: MiewID-msv3 (Wild Me / Conservation X Labs), an EfficientNetV2 (timm
   ``efficientnetv2_rw_m``) with GeM pooling and a batch-norm neck, trained for individual
-  identification on many species; 2152-d; 440x440 input, ImageNet normalisation.
-  Hugging Face: ``conservationxlabs/miewid-msv3`` file ``model.safetensors``.
+  identification on many species; 2152-d; 440x440 input (squashed), ImageNet normalisation.
+  Hugging Face: ``conservationxlabs/miewid-msv3`` file ``model.safetensors``. Key layout of
+  ``MiewIdNet`` (WildMeOrg/wbia-plugin-miew-id ``wbia_miew_id/models/model.py``):
+  ``backbone.*`` (timm's model without ``classifier``), ``pooling.p`` (GeM), ``bn.*``
+  (BatchNorm1d(2152)) and, from training, a ``final.*`` head, which is not used.
 * ``megadescriptor``: MegaDescriptor-L-384 (BVRA), a Swin-L (timm
   ``swin_large_patch4_window12_384``) trained on many animal re-identification datasets; 1536-d;
-  384x384 input, normalised to [-1, 1]. Hugging Face: ``BVRA/MegaDescriptor-L-384`` file
-  ``pytorch_model.bin``. **Licence CC BY-NC 4.0: non-commercial use only.**
+  384x384 input (squashed), ImageNet normalisation (as in the authors' training and inference
+  notebooks, WildlifeDatasets/wildlife-tools ``baselines/*/MegaDescriptor-L-384.ipynb``).
+  Hugging Face: ``BVRA/MegaDescriptor-L-384`` file ``pytorch_model.bin``, read through timm's
+  own Swin ``checkpoint_filter_fn`` (as ``timm.create_model("hf-hub:...")`` does), which accepts
+  both the original Swin layout (downsample at the end of a stage, ``head.*``, stored
+  ``relative_position_index``) and timm's. **Licence CC BY-NC 4.0: non-commercial use only.**
 * ``dinov2``: DINOv2 ViT-S/14 (Meta, self-supervised; timm ``vit_small_patch14_dinov2.lvd142m``),
   the class token, 384-d; 224x224 input (position embeddings interpolated), ImageNet
   normalisation. Hugging Face: ``timm/vit_small_patch14_dinov2.lvd142m`` file ``model.safetensors``.
@@ -63,7 +70,6 @@ TINY_ENV = "DEER_TINY_ARCHITECTURES"
 MANIFEST = "manifest.json"
 EMBEDDING_DIM = embedders.EMBEDDING_DIM
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-PM1 = (0.5, 0.5, 0.5)
 
 
 class ChecksumMismatch(EmbedderError):
@@ -101,14 +107,15 @@ BACKBONES: dict[str, Backbone] = {
         "miewid", "MiewID-msv3 (Wild Me / Conservation X Labs)", "efficientnetv2_rw_m",
         {"num_classes": 0, "global_pool": ""}, "test_efficientnet", {"num_classes": 0, "global_pool": ""},
         repo="conservationxlabs/miewid-msv3", filename="model.safetensors", input_size=440,
-        dim=2152, neck="miewid", licence="MIT (see the model card on the hub)",
+        dim=2152, neck="miewid",
+        licence="not stated in the sources checked here: read the model card of conservationxlabs/miewid-msv3",
         projection_seed=20240520),
     "megadescriptor": Backbone(
         "megadescriptor", "MegaDescriptor-L-384 (BVRA)", "swin_large_patch4_window12_384",
         {"num_classes": 0}, "swin_large_patch4_window12_384",
         {"num_classes": 0, "embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1)},
         repo="BVRA/MegaDescriptor-L-384", filename="pytorch_model.bin", input_size=384,
-        mean=PM1, std=PM1, dim=1536, licence="CC BY-NC 4.0",
+        dim=1536, licence="CC BY-NC 4.0",
         licence_warning=("MegaDescriptor-L-384 is licensed CC BY-NC 4.0: non-commercial use only. "
                          "Do not use it where the pipeline's results serve a commercial purpose."),
         projection_seed=20240521),
@@ -199,18 +206,25 @@ def _output_dim(name: str, tiny: bool) -> int:
     return int(getattr(net, "num_features", None) or net.bn.num_features)
 
 
-def _remap(name: str, state: Mapping) -> dict:
-    """Key layouts of the published files -> our module's keys."""
+def _remap(name: str, state: Mapping, net) -> dict:
+    """Key layouts of the published files -> our module's keys.
+
+    * miewid: ``MiewIdNet``'s own keys (``backbone.*``, ``pooling.p``, ``bn.*``) are ours; its
+      training heads (``final.*``; ``fc.*`` when built with ``use_fc``) are dropped;
+    * megadescriptor: timm's Swin ``checkpoint_filter_fn`` (original or timm layout -> timm's),
+      then the classifier (``head.fc.*``) is dropped: the pipeline uses the pooled features;
+    * dinov2: timm's own layout; a classifier head, if any, is dropped."""
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
     if name == "miewid":
-        out = {}
-        for k, v in state.items():
-            if k.startswith(("final.", "classifier.", "fc.")):      # training heads, unused
-                continue
-            if k == "backbone.global_pool.p":                       # GeM stored inside timm's model
-                k = "pooling.p"
-            out[k] = v
-        return out
+        return {k: v for k, v in state.items() if not k.startswith(("final.", "fc."))}
+    if name == "megadescriptor":
+        from timm.models.swin_transformer import checkpoint_filter_fn
+
+        try:
+            state = checkpoint_filter_fn(state, net)
+        except Exception as exc:   # a file of another shape: the strict load names the keys
+            log.debug("swin checkpoint filter failed (%s); loading the keys as they are", exc)
+        return {k: v for k, v in state.items() if not k.startswith("head.fc.")}
     return {k: v for k, v in state.items() if not k.startswith(("head.fc.", "head.weight", "head.bias"))}
 
 
@@ -242,7 +256,7 @@ def load_into(name: str, path, tiny: bool | None = None):
     file, the architecture and the keys."""
     tiny = tiny_architectures() if tiny is None else tiny
     net = build_architecture(name, tiny)
-    state = _remap(name, read_state_dict(path))
+    state = _remap(name, read_state_dict(path), net)
     own = net.state_dict()
     mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
                   if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]

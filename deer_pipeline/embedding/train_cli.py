@@ -2,6 +2,7 @@
 
     deer-pipeline train --labels CSV [--images-root DIR] --out MODEL_DIR [--epochs N]
         [--device auto|cpu|cuda:N] [--seed N] [--split-by-identity SEED]
+    deer-pipeline train --from-reviews --out MODEL_DIR [--min-deer N] [...]
 
 The labels CSV is the one ``deer-pipeline evaluate`` reads (``image_path, identity`` and
 optionally ``encounter_id, side`` and a box ``x, y, w, h``). ``--split-by-identity SEED`` trains
@@ -9,6 +10,12 @@ on the calibration half of the split ``evaluate --split-by-identity SEED`` makes
 half can be evaluated honestly. Writes ``weights.pt`` and ``model_card.json`` into MODEL_DIR and
 prints the new embedding version; ``deer-pipeline models register MODEL_DIR`` makes it the
 pipeline's embedder.
+
+``--from-reviews`` trains on the pipeline database instead: the deer whose sightings people
+confirmed in the review app (same / merge / split decisions; unidentifiable sightings left out;
+different / new decisions respected), their crops from the crop store, one encounter per burst
+track (``embedding.reviewed_data``). It refuses, naming what is missing, when fewer than
+``--min-deer`` deer have at least two confirmed photos.
 """
 
 from __future__ import annotations
@@ -19,11 +26,20 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from deer_pipeline import settings
     from deer_pipeline.embedding.training import TrainOptions
 
     d = TrainOptions()
     p = argparse.ArgumentParser(prog="deer-pipeline train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--labels", required=True, help="labels CSV (image_path, identity[, encounter_id, side, x, y, w, h])")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--labels", help="labels CSV (image_path, identity[, encounter_id, side, x, y, w, h])")
+    src.add_argument("--from-reviews", action="store_true",
+                     help="train on the sightings people confirmed in the review app (the pipeline database)")
+    p.add_argument("--min-deer", type=int, default=settings.REVIEW_TRAINING_MIN_DEER,
+                   help="--from-reviews: refuse with fewer confirmed deer (each with at least "
+                        f"{settings.REVIEW_TRAINING_MIN_PHOTOS} confirmed photos; default "
+                        f"{settings.REVIEW_TRAINING_MIN_DEER})")
+    p.add_argument("--crop-store", help="--from-reviews: crop store folder (default: DEER_CROP_STORE or <data dir>/crops)")
     p.add_argument("--images-root", help="folder relative image paths are under (default: the CSV's folder)")
     p.add_argument("--out", required=True, help="new folder for weights.pt and model_card.json")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"most epochs (default {d.epochs}; stops early)")
@@ -51,9 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         split_by_identity,
     )
 
+    data = None
     try:
-        photos = read_labels(args.labels, args.images_root)
-        source = str(args.labels)
+        if args.from_reviews:
+            if args.split_by_identity is not None:
+                raise trained_model.TrainingError("--split-by-identity splits a labels CSV; it does not apply "
+                                                  "to --from-reviews")
+            photos, source, data = _from_reviews(args)
+        else:
+            photos = read_labels(args.labels, args.images_root)
+            source = str(args.labels)
         if args.split_by_identity is not None:
             photos, _ = split_by_identity(photos, args.split_by_identity)
             source += f" (calibration half, split by identity with seed {args.split_by_identity})"
@@ -61,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                                         views=args.views, threads=args.threads,
                                         frozen_blocks=args.frozen_blocks, probe_epochs=args.probe_epochs)
         result = training.train(photos, args.out, options, source=source,
-                                log_fn=lambda s: print(s, file=sys.stderr))
+                                log_fn=lambda s: print(s, file=sys.stderr), data=data)
     except (trained_model.TrainingError, EvaluationError, ValueError) as exc:
         print(f"deer-pipeline train: {exc}", file=sys.stderr)
         return 2
@@ -71,3 +94,17 @@ def main(argv: list[str] | None = None) -> int:
                       "epochs_run": t["epochs_run"], "seconds": t["seconds"]["total"],
                       "skipped": result.card["data"]["skipped"]}, indent=2))
     return 0
+
+
+def _from_reviews(args):
+    """(photos, source, card data) of the confirmed review decisions in the pipeline database."""
+    from deer_pipeline import db
+    from deer_pipeline.embedding import reviewed_data
+    from deer_pipeline.settings import CropSettings
+
+    store = args.crop_store or CropSettings().store_dir
+    rs = reviewed_data.reviewed_training_set(db.get_engine(), store, min_deer=args.min_deer)
+    print(f"from reviews: {len(rs.photos)} confirmed photos of {len(rs.identities())} deer "
+          f"({rs.decisions_used} standing decisions); left out: "
+          f"{ {k: len(v) for k, v in rs.skipped.items()} or 'none'}", file=sys.stderr)
+    return rs.photos, reviewed_data.SOURCE, rs.card_data()

@@ -321,9 +321,12 @@ def _resolve_device(device: str) -> str:
 
 
 def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, source: str = "labels",
-          progress: bool | None = None, log_fn: Callable[[str], None] | None = None) -> TrainResult:
+          progress: bool | None = None, log_fn: Callable[[str], None] | None = None,
+          data: dict | None = None) -> TrainResult:
     """Train on labelled ``photos`` (``LabelledPhoto``) and write ``weights.pt`` and
-    ``model_card.json`` into ``out_dir``. Returns the card and the new embedding version."""
+    ``model_card.json`` into ``out_dir``. Returns the card and the new embedding version.
+    ``data`` is merged into the card's data block (a source such as the review decisions gives
+    its own ``sha256`` there, computed over what identifies its photos)."""
     import torch
 
     options = options or TrainOptions()
@@ -456,7 +459,8 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
                    "views_cached": options.views, "probe_epochs": options.probe_epochs,
                    "lr_head": options.lr_head, "lr_blocks": options.lr_blocks, "batch_size": options.batch_size,
                    "weight_decay": options.weight_decay, "batch_norm": "statistics frozen"},
-        "data": {"source": source, "sha256": data_hash(ts.photos), "photos_used": len(ts.photos),
+        "data": {"source": source, "source_kind": "labels",
+                 "sha256": (data or {}).get("sha256") or data_hash(ts.photos), "photos_used": len(ts.photos),
                  "individuals_used": len({p.identity for p in ts.photos}),
                  "identities": sorted({p.identity for p in ts.photos}),
                  "validation_identities": sorted(set(va_ids)),
@@ -476,6 +480,7 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
                         "cpus": os.cpu_count(), "platform": platform.platform()},
         "options": asdict(options),
     }
+    card["data"].update(data or {})
     card["training"]["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
     version = save_model(net, card, out_dir)
     return TrainResult(json.loads((out_dir / CARD_FILE).read_text()), out_dir, version)

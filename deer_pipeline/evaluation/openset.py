@@ -46,6 +46,21 @@ def method_similarity(ps: PreparedSet, method: rm.Method, legacy: rm.LegacyMatch
     return np.asarray(weighted_cosine(vs, vs, dict(method.ensemble_weights)), np.float64)
 
 
+def flank_masked(S: np.ndarray, ps: PreparedSet) -> np.ndarray:
+    """``S`` with the pairs of opposite known flanks at -inf: the pipeline's cosine decision does
+    not compare them (``identity/flanks.py``), so the in-memory replay of the open set must not
+    either. Unchanged when no photo has a known side or flank awareness is off."""
+    from deer_pipeline.identity.flanks import opposite_flanks, side_codes
+    from deer_pipeline.settings import MatchingSettings
+
+    code = side_codes((ps.photos[i].side or "").strip().lower() for i in ps.ok)
+    if not MatchingSettings().flank_aware or not code.any():
+        return S
+    out = np.array(S, dtype=np.float64, copy=True)
+    out[opposite_flanks(code, code)] = -np.inf
+    return out
+
+
 def reset_identities(engine: Engine) -> None:
     with engine.begin() as conn:
         conn.execute(sa.text("TRUNCATE sightings, similarity_scores, deer_profile_vectors, deer "
@@ -209,7 +224,7 @@ def _pipeline_open_set(entry: dict, engine: Engine, method: rm.Method, S: np.nda
     the configured thresholds)."""
     cal_feed = cal.feed_encounters() if cal is not None and cal.ok else None
     if cal_feed:
-        Sc = method_similarity(cal, method, legacy)
+        Sc = flank_masked(method_similarity(cal, method, legacy), cal)
         rec = calibrate_threshold(Sc, cal.identities(), cal_feed, _cannot_link(cal, cal_feed),
                                   method.encounter_pooling)
         threshold = float(rec["threshold"])
@@ -229,7 +244,8 @@ def _pipeline_open_set(entry: dict, engine: Engine, method: rm.Method, S: np.nda
     entry["assignments"] = assignment_rows(method.name, ev, deer, details, threshold)
     entry["open_set_seconds"] = round(secs, 2)
     ev_feed = ev.feed_encounters()
-    sim_deer, _ = simulate_open_set(S, ev_feed, threshold, _cannot_link(ev, ev_feed), method.encounter_pooling)
+    sim_deer, _ = simulate_open_set(flank_masked(S, ev), ev_feed, threshold, _cannot_link(ev, ev_feed),
+                                    method.encounter_pooling)
     entry["replay_agreement_ari"] = metrics.adjusted_rand_index(deer, sim_deer)
     if cal_feed:
         entry["count_operating_point"] = _count_operating_point(engine, ev, method, count_rule, emb)

@@ -40,6 +40,7 @@ class _Search:
     nearest: store.NearestSightings | None = None
     total_index_rows: int = 0
     loaded: set[int] = field(default_factory=set)
+    flanks: object = None            # flanks.SideBook when the cosine decision is flank-aware
 
 
 def _prepare_search(conn, settings: MatchingSettings, models: list[str], weights: Mapping[str, float],
@@ -81,7 +82,10 @@ def _scored_candidates(conn, enc: Encounter, q: list[np.ndarray], deer0: np.ndar
     deer_ids, M = deer0, enc_M0
     n1 = gallery.n
     if n1 > n0:       # rows added since the chunk was scored: decided or loaded since
-        dx, Mx = per_deer_max(gallery.scores(q, n0, n1), gallery.deer[n0:n1])
+        new_scores = gallery.scores(q, n0, n1)
+        if search.flanks is not None:
+            search.flanks.mask(conn, new_scores, enc.detection_ids, gallery, n0, n1)
+        dx, Mx = per_deer_max(new_scores, gallery.deer[n0:n1])
         at = np.searchsorted(deer0, dx)
         known = at < len(deer0)
         known[known] = deer0[at[known]] == dx[known]

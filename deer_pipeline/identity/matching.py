@@ -73,6 +73,7 @@ from deer_pipeline.detections.encounters import (
 from deer_pipeline.embedding import models as embedders
 from deer_pipeline.embedding.models import unit_rows
 from deer_pipeline.identity import reviews, store
+from deer_pipeline.identity.flanks import SideBook, flank_filtered
 from deer_pipeline.identity.candidates import (
     _prepare_search,
     _Rescorer,
@@ -141,6 +142,7 @@ class DecisionSummary:
     reviewed: int = 0                # sightings of this partition whose decision a review fixed
     excluded_by_review: int = 0      # detections of this partition a review made unidentifiable
     local_verification: dict = field(default_factory=dict)   # local/fused: verifier counts and reasons
+    other_flank_only: int = 0        # cosine, flank-aware: candidate deer not compared (only their other flank known)
     seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)   # prepare / decide / write
 
@@ -251,10 +253,12 @@ def decide_partitions(engine: Engine, partitions: Sequence[tuple[str, str | date
         qv = _query_vectors(conn, encounters, models, vers)
         rescorer = _Rescorer.for_settings(conn, engine, settings, verifier, run) \
             if settings.match_score != "cosine" else None
+        sides = SideBook() if settings.flank_aware and rescorer is None else None
+        search.flanks = sides
         t_loaded = time.perf_counter()
         run.phase_seconds["prepare"] = round(t_loaded - t_start, 3)
         out = _decide_in_time_order(conn, encounters, qv, search, settings, models, part_of, summaries, run,
-                                    review, rescorer)
+                                    review, rescorer, sides)
         if rescorer is not None:
             run.local_verification.update(rescorer.verifier.metadata())
         t_decided = time.perf_counter()
@@ -276,7 +280,7 @@ def decide_partitions(engine: Engine, partitions: Sequence[tuple[str, str | date
 # Summary fields that describe the whole call, copied into every partition's summary.
 SHARED_FIELDS = ("replayed", "replayed_partitions", "embedding_version", "components", "search",
                  "gallery_size", "deer_total", "deer_removed", "hnsw_requeries", "hnsw_exact_fallbacks",
-                 "local_verification", "seconds", "phase_seconds")
+                 "local_verification", "other_flank_only", "seconds", "phase_seconds")
 
 
 def _decidable_detections(conn, camera_id: str, day: str, comps: Mapping[str, str], vers: list[str],
@@ -360,7 +364,7 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
                           settings: MatchingSettings, models: list[str], part_of: Mapping[str, str],
                           summaries: Mapping[str, DecisionSummary], run: DecisionSummary,
                           review: reviews.ReviewTracker | None = None,
-                          rescorer: "_Rescorer | None" = None) -> _Outcome:
+                          rescorer: "_Rescorer | None" = None, sides: SideBook | None = None) -> _Outcome:
     """Match-or-create for every encounter in capture-time order; each decided encounter joins
     the gallery before the next one is decided. Encounters are scored in chunks (one matmul).
     ``part_of``: detection -> its partition; ``summaries``: the partitions being decided (the
@@ -374,8 +378,13 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
         q_all = [unit_rows(np.vstack([qv[m][d.detection_id] for e in chunk for d in e.detections]))
                  for m in models]
         n0 = gallery.n
-        deer0, M0 = per_deer_max(gallery.scores(q_all, 0, n0), gallery.deer[:n0]) if n0 else \
-            (np.zeros(0, np.int64), np.zeros((len(q_all[0]), 0), np.float32))
+        if n0:
+            scores0 = gallery.scores(q_all, 0, n0)
+            if sides is not None:        # flank-aware: opposite flanks are not compared
+                sides.mask(conn, scores0, [d.detection_id for e in chunk for d in e.detections], gallery, 0, n0)
+            deer0, M0 = per_deer_max(scores0, gallery.deer[:n0])
+        else:
+            deer0, M0 = np.zeros(0, np.int64), np.zeros((len(q_all[0]), 0), np.float32)
         pos = 0
         for enc in chunk:
             k = len(enc.detections)
@@ -393,6 +402,9 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
             cands = _scored_candidates(conn, enc, q, deer0, enc_M0, n0, excluded, search, settings, run)
             if forced is not None:
                 cands = _with_candidate(conn, cands, forced, q, search)
+            if sides is not None:        # flank-aware: the other flank of a deer is not compared
+                cands, n_other = flank_filtered(conn, enc.detection_ids, q, cands, search.gallery, sides, forced)
+                run.other_flank_only += n_other
             names = models
             if rescorer is not None:
                 cands = rescorer.rescore(enc, q, cands, search.gallery)

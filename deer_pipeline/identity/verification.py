@@ -29,6 +29,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from deer_pipeline.identity import local_features as lf
+from deer_pipeline.identity.flanks import flank_compatible  # noqa: F401  (re-exported: one definition)
 from deer_pipeline.settings import LocalFeatureSettings
 
 log = logging.getLogger(__name__)
@@ -192,8 +193,3 @@ class Verifier:
         return {"feature_version": self.version, "crops_computed": self.computed, "crops_cached": self.cached,
                 "pairs_verified": self.pairs_verified, "no_local_score": dict(self.reasons),
                 "background_keypoints_removed": self.background_keypoints_removed}
-
-
-def flank_compatible(a: str | None, b: str | None) -> bool:
-    """Two sightings may show the same flank unless both sides are known and differ."""
-    return a is None or b is None or a == b

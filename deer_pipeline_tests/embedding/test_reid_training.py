@@ -188,13 +188,16 @@ def test_reid_model_asset_records_the_model_card(small_sample, tmp_path, monkeyp
     import dagster as dg
 
     from deer_pipeline.defs.reid_model import reid_model
+    from deer_pipeline.defs.resources import CropStore, DeerDatabase
 
+    resources = {"database": DeerDatabase(), "crop_store": CropStore()}
     monkeypatch.delenv("DEER_TRAIN_LABELS", raising=False)
-    res = dg.materialize([reid_model])
+    monkeypatch.delenv("DEER_TRAIN_FROM_REVIEWS", raising=False)
+    res = dg.materialize([reid_model], resources=resources)
     meta = res.asset_materializations_for_node("reid_model")[0].metadata
     assert meta["status"].value == "no labels configured"
     labels = _labels_from_sample(small_sample, tmp_path / "l.csv")
-    res = dg.materialize([reid_model], run_config={"ops": {"reid_model": {"config": {
+    res = dg.materialize([reid_model], resources=resources, run_config={"ops": {"reid_model": {"config": {
         "labels_csv": str(labels), "images_root": str(small_sample), "epochs": 2, "views": 0,
         "device": "cpu", "out_dir": str(tmp_path / "model")}}}})
     meta = res.asset_materializations_for_node("reid_model")[0].metadata
@@ -202,4 +205,5 @@ def test_reid_model_asset_records_the_model_card(small_sample, tmp_path, monkeyp
     assert meta["embedding_version"].value == card["embedding_version"]
     assert meta["model_card"].value["data"]["sha256"] == card["data"]["sha256"]
     assert "| 2 |" in meta["loss_curve"].value
+    assert meta["data_source"].value == "labels"
     assert settings.registered_embedder() is None          # training alone never registers
