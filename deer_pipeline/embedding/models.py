@@ -207,16 +207,57 @@ def read_sha256(path: str | os.PathLike) -> str:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, cached per (path, size, mtime) for the life of the process."""
+    """sha256 of a file, cached per (path, size, mtime): in the process, and on disk in the data
+    directory (``file-hashes.json``), so that loading the code location in every step process
+    does not read the weights files again."""
     st = os.stat(path)
     key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     with _sha_lock:
         if key in _sha_cache:
             return _sha_cache[key]
-    digest = read_sha256(path)
+        stored = _stored_hashes().get(_disk_key(key))
+    digest = stored if isinstance(stored, str) and len(stored) == 64 else read_sha256(path)
     with _sha_lock:
         _sha_cache[key] = digest
+        if stored != digest:
+            _store_hash(_disk_key(key), digest)
     return digest
+
+
+def _disk_key(key: tuple[str, int, int]) -> str:
+    return f"{key[0]}|{key[1]}|{key[2]}"
+
+
+def _hash_file() -> Path:
+    from deer_pipeline.settings import data_dir_setting
+
+    return Path(data_dir_setting()) / "file-hashes.json"
+
+
+def _stored_hashes() -> dict:
+    """The on-disk hash cache; an unreadable or corrupt file counts as empty (hashes are read again)."""
+    try:
+        data = json.loads(_hash_file().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _store_hash(key: str, digest: str) -> None:
+    """Add one hash to the on-disk cache (written to a temporary file and renamed: readers never
+    see half a file). A cache that cannot be written is only slower, never wrong."""
+    path = _hash_file()
+    try:
+        data = _stored_hashes()
+        data[key] = digest
+        if len(data) > 1000:      # entries of files since replaced: keep the newest
+            data = dict(list(data.items())[-1000:])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=0))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.debug("file hash cache not written (%s): %s", path, e)
 
 
 # The files torchvision downloads for _TORCHVISION_WEIGHTS (its enums' ``url``; a test checks that
@@ -389,6 +430,25 @@ def projection_matrix(d_in: int, seed: int, d_out: int = EMBEDDING_DIM) -> tuple
     return mat, digest
 
 
+# sha256 of the projection matrices the configured models use, (input width, seed, output width)
+# -> digest, recorded so that resolving a version (which the code location does when it loads)
+# does not draw the matrix; ``test_recorded_projection_digests`` draws each and compares.
+PROJECTION_SHA256 = {
+    (1280, 20240501, 512): "c2f603868b0adcbdae13c23be89623601546f8498238d47a3ff8bdb313986f29",
+    (1280, 20240503, 512): "94f5606677ef21b71d985f8f247b205f21c3d2191bd29de57d738accab761e1b",
+    (1280, 20240504, 512): "40c7b5c249d7d8dc197410747c3a6c0aa56ba3c1c69f97a377654a9e4244f829",
+    (1712, 20240502, 512): "4577e97a4786b4987dc175cb2421392be6e69abf8db1da3feed600f52065e0c0",
+    (2048, 20240501, 512): "1e3b09eea651bc8144fba9e86939f7f38c645002117b4b5cc1a264fd33bdf657",
+    (3584, 20240502, 512): "fc1b2a7b3cfa8775d2642b068eb98b14067fa06bcdd983e8979a9b8200df7868",
+}
+
+
+def projection_sha256(d_in: int, seed: int, d_out: int = EMBEDDING_DIM) -> str:
+    """sha256 of :func:`projection_matrix`'s bytes: recorded for the configured models, drawn otherwise."""
+    recorded = PROJECTION_SHA256.get((d_in, seed, d_out))
+    return recorded if recorded is not None else projection_matrix(d_in, seed, d_out)[1]
+
+
 @dataclass(frozen=True)
 class EmbedderSpec:
     """Everything that determines a model's vectors; ``version`` names all of it."""
@@ -479,7 +539,7 @@ def resolve_embedder(model: str, weights: str = "auto", pooling: str = "avg",
     features = MODEL_FEATURES[(model, rw.backbone)]
     d_in = sum(BACKBONE_FEATURES[rw.backbone][f] for f in features)
     seed = PROJECTION_SEEDS[model] if projection_seed is None else int(projection_seed)
-    _, proj_sha = projection_matrix(d_in, seed)
+    proj_sha = projection_sha256(d_in, seed)
     red = _reduction_hash(features, pooling, proj_sha)
     pre = BACKBONE_PREPROCESSING[rw.backbone]
     backbone_label = rw.backbone if not rw.substituted_for else f"{rw.backbone}-for-{rw.substituted_for}"

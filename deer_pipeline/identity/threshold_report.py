@@ -35,16 +35,18 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from deer_pipeline import db
 from deer_pipeline.embedding.models import unit_rows, weighted_cosine
 from deer_pipeline.identity import metrics, reviews, store
+
+if TYPE_CHECKING:   # pandas is imported where it is used: loading the code location does not need it
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,8 @@ class ThresholdReport:
 # --------------------------------------------------------------------------------------------
 
 def load_scores(conn: sa.Connection) -> pd.DataFrame:
+    import pandas as pd
+
     return pd.read_sql(sa.text(
         "SELECT s.detection_id, s.encounter_key, s.candidate_deer_id, s.similarity, s.matched, "
         "s.sex_match, s.threshold, s.partition_key, coalesce(d.sex, 'unknown') AS sex "
@@ -208,6 +212,8 @@ def decision_quality(conn: sa.Connection, scores: pd.DataFrame) -> pd.DataFrame:
     """Per scored sighting with a true identity: best score, whether its best candidate deer
     is the right animal (the deer's identity = its founding detection's true identity), and
     whether a right deer was among its candidates."""
+    import pandas as pd
+
     truth = dict(conn.execute(sa.text("SELECT detection_id, identity FROM true_identities")).all())
     founder_truth = {r.deer_id: truth.get(r.founding_detection_id) for r in conn.execute(sa.text(
         "SELECT deer_id, founding_detection_id FROM deer"))}
@@ -390,6 +396,8 @@ def write_report(report: ThresholdReport, pairs: PairSet, out_dir: Path) -> None
     sweep_rows = [dict(r, sex="all", truth_source=pairs.source, pairs=pairs.n_pairs) for r in report.sweep]
     for sex, rows in report.sweep_by_sex.items():
         sweep_rows += [dict(r, sex=sex, truth_source=pairs.source) for r in rows]
+    import pandas as pd
+
     pd.DataFrame(sweep_rows).to_csv(files["sweep_csv"], index=False)
     pd.DataFrame(report.would_match).to_csv(files["would_match_csv"], index=False)
     pd.DataFrame(report.buckets).to_csv(files["buckets_csv"], index=False)

@@ -351,7 +351,43 @@ def test_weight_urls_and_hub_dir_agree_with_torchvision(monkeypatch, tmp_path):
 
 def test_loading_the_code_location_imports_no_torch():
     code = ("import sys, deer_pipeline.definitions as d; d.defs.resolve_asset_graph(); "
-            "print('torch' in sys.modules, 'torchvision' in sys.modules)")
+            "print('torch' in sys.modules, 'torchvision' in sys.modules, 'pandas' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "False False", out.stdout
+    # neither the networks nor pandas (imported where scores are tabulated) load with the definitions
+    assert out.stdout.strip().splitlines()[-1] == "False False False", out.stdout
+
+
+def test_recorded_projection_digests():
+    """The digests a version is resolved from without drawing the matrix are the matrices' own."""
+    for (d_in, seed, d_out), digest in embedders.PROJECTION_SHA256.items():
+        assert embedders.projection_matrix(d_in, seed, d_out)[1] == digest
+    # every configured model's projection is recorded (the code location draws none)
+    for (model, backbone), feats in embedders.MODEL_FEATURES.items():
+        if model in embedders.PROJECTION_SEEDS:
+            d_in = sum(embedders.BACKBONE_FEATURES[backbone][f] for f in feats)
+            assert (d_in, embedders.PROJECTION_SEEDS[model], embedders.EMBEDDING_DIM) in embedders.PROJECTION_SHA256
+
+
+def test_weights_hashes_are_kept_on_disk(tmp_path, monkeypatch):
+    """file_sha256 keeps hashes in the data directory by (path, size, mtime): a new process does
+    not read the file again, a changed file is read again, a corrupt cache is ignored."""
+    monkeypatch.setenv("DEER_DATA_DIR", str(tmp_path / "data"))
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"weights" * 1000)
+    monkeypatch.setattr(embedders, "_sha_cache", {})
+    first = embedders.file_sha256(f)
+    assert first == embedders.read_sha256(f)
+    stored = json.loads((tmp_path / "data" / "file-hashes.json").read_text())
+    assert list(stored.values()) == [first]
+    monkeypatch.setattr(embedders, "_sha_cache", {})             # a new process
+    monkeypatch.setattr(embedders, "read_sha256", lambda p: pytest.fail("read again"))
+    assert embedders.file_sha256(f) == first
+    monkeypatch.undo()
+    monkeypatch.setenv("DEER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(embedders, "_sha_cache", {})
+    f.write_bytes(b"other weights" * 1000)                       # size and mtime change
+    assert embedders.file_sha256(f) == embedders.read_sha256(f) != first
+    (tmp_path / "data" / "file-hashes.json").write_text("{not json")
+    monkeypatch.setattr(embedders, "_sha_cache", {})
+    assert embedders.file_sha256(f) == embedders.read_sha256(f)
