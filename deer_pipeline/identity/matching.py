@@ -71,16 +71,16 @@ from deer_pipeline.detections.encounters import (
     order_key,
 )
 from deer_pipeline.embedding import models as embedders
-from deer_pipeline.embedding.models import unit_rows
-from deer_pipeline.identity import reviews, store
+from deer_pipeline.identity import gallery_cache, reviews, store
 from deer_pipeline.identity.candidates import (
+    _chunk_scores,
     _prepare_search,
     _Rescorer,
     _scored_candidates,
     _Search,
     _with_candidate,
 )
-from deer_pipeline.identity.gallery import per_deer_max, sex_compatible
+from deer_pipeline.identity.gallery import sex_compatible
 from deer_pipeline.identity.store import MatchingError
 from deer_pipeline.settings import MatchingSettings
 
@@ -138,6 +138,7 @@ class DecisionSummary:
     deer_ids: list[int] = field(default_factory=list)
     hnsw_requeries: int = 0
     hnsw_exact_fallbacks: int = 0
+    gallery_cache: str = ""          # hit (kept in memory) | none / stale (read from the store) | off
     reviewed: int = 0                # sightings of this partition whose decision a review fixed
     excluded_by_review: int = 0      # detections of this partition a review made unidentifiable
     local_verification: dict = field(default_factory=dict)   # local/fused: verifier counts and reasons
@@ -225,10 +226,15 @@ def decide_partitions(engine: Engine, partitions: Sequence[tuple[str, str | date
     summaries = {k: DecisionSummary(partition_key=k, threshold=settings.reid_threshold,
                                     thresholds_by_sex=dict(settings.thresholds_by_sex)) for k in keys}
     run = DecisionSummary(partition_key=",".join(keys))        # what the partitions share
+    keep = None                  # (cache key, generation, gallery) to keep once committed
     with _blas_threads(BLAS_THREADS), engine.begin() as conn, db.advisory_lock(conn, db.IDENTITY_LOCK_KEY):
+        generation = store.lock_gallery_generation(conn)
         comps = store.resolve_versions(conn, models, versions)
         vers = [comps[m] for m in models]
         run.components, run.embedding_version = comps, ensemble_version(comps, weights)
+        key = gallery_cache.cache_key(engine, vers, weights)
+        cached, run.gallery_cache = gallery_cache.checkout(key, generation) if settings.gallery_cache \
+            else (None, "off")
         # -- people in the loop: standing review decisions (identity/reviews.py) --------------
         constraints = reviews.load_constraints(conn)
         own_dets, new_encs, part_of = [], [], {}
@@ -247,7 +253,8 @@ def decide_partitions(engine: Engine, partitions: Sequence[tuple[str, str | date
                                                      constraints.excluded)
         review = reviews.ReviewTracker(constraints, reviews.stored_deer(conn, constraints.involved())) \
             if constraints else None
-        search = _prepare_search(conn, settings, models, weights, vers, run)
+        search = _prepare_search(conn, settings, models, weights, vers, run, cached,
+                                 [w.detection_id for w in withdrawn])
         qv = _query_vectors(conn, encounters, models, vers)
         rescorer = _Rescorer.for_settings(conn, engine, settings, verifier, run) \
             if settings.match_score != "cosine" else None
@@ -259,8 +266,12 @@ def decide_partitions(engine: Engine, partitions: Sequence[tuple[str, str | date
             run.local_verification.update(rescorer.verifier.metadata())
         t_decided = time.perf_counter()
         run.phase_seconds["decide"] = round(t_decided - t_loaded, 3)
-        _write_decisions(conn, out, withdrawn, vers, summaries, run)
+        _write_decisions(conn, out, withdrawn, vers, summaries, run, search)
         reviews.record_decision_settings(conn, settings, comps)
+        if settings.gallery_cache and search.complete:
+            keep = (key, store.gallery_generation(conn), search.gallery)
+    if keep is not None:
+        gallery_cache.checkin(*keep)
     run.seconds = time.perf_counter() - t_start
     run.phase_seconds["write"] = round(run.seconds - (t_decided - t_start), 3)
     for sm in summaries.values():
@@ -275,7 +286,7 @@ def decide_partitions(engine: Engine, partitions: Sequence[tuple[str, str | date
 
 # Summary fields that describe the whole call, copied into every partition's summary.
 SHARED_FIELDS = ("replayed", "replayed_partitions", "embedding_version", "components", "search",
-                 "gallery_size", "deer_total", "deer_removed", "hnsw_requeries", "hnsw_exact_fallbacks",
+                 "gallery_size", "gallery_cache", "deer_total", "deer_removed", "hnsw_requeries", "hnsw_exact_fallbacks",
                  "local_verification", "seconds", "phase_seconds")
 
 
@@ -371,11 +382,10 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
     gallery = search.gallery
     for c0 in range(0, len(encounters), CHUNK_ENCOUNTERS):
         chunk = encounters[c0: c0 + CHUNK_ENCOUNTERS]
-        q_all = [unit_rows(np.vstack([qv[m][d.detection_id] for e in chunk for d in e.detections]))
+        q_all = [np.vstack([qv[m][d.detection_id] for e in chunk for d in e.detections]).astype(np.float32)
                  for m in models]
         n0 = gallery.n
-        deer0, M0 = per_deer_max(gallery.scores(q_all, 0, n0), gallery.deer[:n0]) if n0 else \
-            (np.zeros(0, np.int64), np.zeros((len(q_all[0]), 0), np.float32))
+        deer0, M0 = _chunk_scores(search, q_all, n0)
         pos = 0
         for enc in chunk:
             k = len(enc.detections)
@@ -437,7 +447,8 @@ def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], o
         out.sighting_rows.append([d.detection_id, deer, enc.encounter_key, part_of[d.detection_id],
                                   decision, best_score, threshold, vkey, d.captured_at])
     out.deer_of[enc.encounter_key] = deer
-    search.gallery.append(np.full(k, deer, np.int64), q, [d.detection_id for d in enc.detections])
+    search.gallery.append(np.full(k, deer, np.int64), q, [d.detection_id for d in enc.detections],
+                          [d.sex for d in enc.detections])
     search.sexes.add(deer, [d.sex for d in enc.detections])
     if own is not None:
         own.decided += k
@@ -448,10 +459,12 @@ def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], o
 
 
 def _write_decisions(conn, out: _Outcome, withdrawn: list, vers: list[str],
-                     summaries: Mapping[str, DecisionSummary], run: DecisionSummary) -> None:
-    """New deer get real ids; sightings and scores are written with COPY; the deer touched get
-    their counts and profile vectors. Score rows of replayed partitions count in ``run``."""
+                     summaries: Mapping[str, DecisionSummary], run: DecisionSummary, search: _Search) -> None:
+    """New deer get real ids (in the in-memory gallery too); sightings and scores are written
+    with COPY; the deer touched get their counts and profile vectors (from the gallery when it
+    holds every sighting). Score rows of replayed partitions count in ``run``."""
     real = store.create_deer(conn, out.founders)
+    search.gallery.relabel(real)
     for r in out.sighting_rows:
         r[1] = real.get(r[1], r[1])
     for r in out.score_rows:
@@ -468,7 +481,7 @@ def _write_decisions(conn, out: _Outcome, withdrawn: list, vers: list[str],
         sm.max_similarity = None if k not in out.max_sim else float(out.max_sim[k])
     run.score_rows = sum(rows_by_part.values())
     affected = {w.deer_id for w in withdrawn} | {r[1] for r in out.sighting_rows}
-    run.deer_removed = store.finish_deer(conn, affected, vers)
+    run.deer_removed = store.finish_deer(conn, affected, vers, search.gallery if search.complete else None)
     run.deer_total = store.deer_total(conn)
 
 

@@ -344,9 +344,11 @@ def copy_rows(conn: sa.Connection, table: str, columns: Sequence[str], rows: Ite
     return n
 
 
-def finish_deer(conn: sa.Connection, affected: Iterable[int], versions: Sequence[str]) -> int:
+def finish_deer(conn: sa.Connection, affected: Iterable[int], versions: Sequence[str], gallery=None) -> int:
     """Bring affected deer up to date (sex, first/last seen, sighting count, profile vectors)
-    and delete those left with no sightings. Returns how many were deleted."""
+    and delete those left with no sightings. Returns how many were deleted. With ``gallery``
+    (the whole gallery in memory, current) the profile vectors are taken from it and written
+    with one COPY; otherwise they are averaged in SQL."""
     ids = sorted(set(int(a) for a in affected))
     if not ids:
         return 0
@@ -363,6 +365,9 @@ def finish_deer(conn: sa.Connection, affected: Iterable[int], versions: Sequence
     deleted = conn.execute(sa.text(
         "DELETE FROM deer k WHERE k.deer_id = ANY(:ids) AND NOT EXISTS "
         "(SELECT 1 FROM sightings s WHERE s.deer_id = k.deer_id) RETURNING deer_id"), {"ids": ids}).all()
+    if gallery is not None:
+        write_profiles(conn, ids, *gallery.exact_profiles(ids), versions)   # removed deer: none written
+        return len(deleted)
     conn.execute(sa.text("DELETE FROM deer_profile_vectors WHERE deer_id = ANY(:ids)"), {"ids": ids})
     cur = vector_cursor(conn)
     cur.execute("SELECT s.deer_id, e.embedding_version, avg(e.vector), count(*) FROM sightings s "
@@ -404,3 +409,122 @@ def partition_decisions(conn: sa.Connection, partition_key: str) -> dict:
 def as_date(day: str | date) -> date:
     return day if isinstance(day, date) else date.fromisoformat(str(day))
 
+
+
+# --------------------------------------------------------------------------------------------
+# The in-memory gallery: its generation, a binary read of every decided sighting's vectors,
+# profile vectors written with COPY (see gallery.py and gallery_cache.py)
+# --------------------------------------------------------------------------------------------
+
+def lock_gallery_generation(conn: sa.Connection) -> tuple[str, int]:
+    """(epoch, generation) of the stored gallery, locking the counter until the transaction
+    ends: any other writer of sightings waits (its triggers bump the counter), so what this
+    transaction reads stays the gallery of this generation."""
+    conn.execute(sa.text("INSERT INTO gallery_generation (id) VALUES (1) ON CONFLICT DO NOTHING"))
+    r = conn.execute(sa.text("SELECT epoch::text, generation FROM gallery_generation WHERE id = 1 "
+                             "FOR UPDATE")).one()
+    return (r[0], int(r[1]))
+
+
+def gallery_generation(conn: sa.Connection) -> tuple[str, int] | None:
+    r = conn.execute(sa.text("SELECT epoch::text, generation FROM gallery_generation WHERE id = 1")).first()
+    return None if r is None else (r[0], int(r[1]))
+
+
+SEX_SQL = "CASE d.sex WHEN 'female' THEN 1 WHEN 'male' THEN 2 ELSE 0 END::int2"
+_COPY_HEADER = 19           # PGCOPY signature (11), flags (4), header extension length (4)
+
+
+def _row_dtype(n_vectors: int, dim: int) -> np.dtype:
+    """One binary COPY row of (deer_id bigint, sex int2, vector x n_vectors), big-endian."""
+    f = [("nf", ">i2"), ("l_deer", ">i4"), ("deer", ">i8"), ("l_sex", ">i4"), ("sex", ">i2")]
+    for i in range(n_vectors):
+        f += [(f"l{i}", ">i4"), (f"dim{i}", ">i2"), (f"u{i}", ">i2"), (f"v{i}", ">f4", (dim,))]
+    return np.dtype(f)
+
+
+def load_gallery(conn: sa.Connection, versions: Sequence[str], gallery, headroom: int = 0) -> None:
+    """Read every decided sighting (deer, sex, one vector per version) into ``gallery`` (an
+    empty ``gallery.Gallery``) with one binary COPY parsed by numpy straight into the
+    preallocated matrix (no per-row Python), the detection ids with one text COPY.
+    ``MatchingError`` when a sighting lacks a vector of a version (see
+    ``check_gallery_vectors``)."""
+    n = gallery_size(conn)
+    if n == 0:
+        return
+    raw = conn.connection.driver_connection
+    joins = " ".join(
+        f"JOIN embeddings e{i} ON e{i}.detection_id = s.detection_id AND e{i}.embedding_version = "
+        f"{_literal(v)} AND e{i}.status = 'ok' AND e{i}.vector IS NOT NULL" for i, v in enumerate(versions))
+    cols = ", ".join(f"e{i}.vector" for i in range(len(versions)))
+    sql = (f"COPY (SELECT s.deer_id, {SEX_SQL}, {cols} FROM sightings s "
+           f"JOIN detections d ON d.detection_id = s.detection_id {joins} "
+           f"ORDER BY s.detection_id) TO STDOUT (FORMAT BINARY)")
+    got, dtype, buf = 0, None, bytearray()
+    with raw.cursor() as cur, cur.copy(sql) as cp:
+        skip = _COPY_HEADER
+        for chunk in cp:
+            buf += chunk
+            if skip:
+                if len(buf) < skip:
+                    continue
+                del buf[:skip]
+                skip = 0
+            if dtype is None:
+                if len(buf) < 26:
+                    continue
+                l0 = int.from_bytes(buf[20:24], "big", signed=True)     # first vector's byte length
+                dim = (l0 - 4) // 4
+                dtype = _row_dtype(len(versions), dim)
+                gallery.reserve(n + headroom, dim)
+            k = min(len(buf) // dtype.itemsize, n - got)
+            if k:
+                rec = np.frombuffer(buf, dtype=dtype, count=k)
+                gallery.vec[got: got + k] = np.hstack([rec[f"v{i}"] for i in range(len(versions))])
+                gallery.deer[got: got + k] = rec["deer"]
+                gallery.sex[got: got + k] = rec["sex"]
+                del rec
+                del buf[: k * dtype.itemsize]
+                got += k
+    if got != n:
+        check_gallery_vectors(conn, versions)
+        raise MatchingError(f"the gallery has {n} sightings but {got} rows with every version's vector")
+    with raw.cursor() as cur, cur.copy("COPY (SELECT detection_id FROM sightings ORDER BY detection_id) "
+                                       "TO STDOUT") as cp:
+        text = b"".join(bytes(c) for c in cp).decode()
+    ids = text.split("\n")[:-1]
+    if len(ids) != n or "\\" in text:        # text COPY escapes backslashes: read them plainly
+        ids = list(conn.execute(sa.text("SELECT detection_id FROM sightings ORDER BY detection_id")).scalars())
+    gallery.detection_ids = ids
+    gallery.n = n
+    gallery.reindex()
+
+
+def _literal(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def write_profiles(conn: sa.Connection, replaced: Sequence[int], deer_ids: np.ndarray, profiles: np.ndarray,
+                   counts: np.ndarray, versions: Sequence[str]) -> int:
+    """Replace the profile vectors of the deer ``replaced`` by these (one unit mean per deer and
+    version, computed from the in-memory gallery), written with one binary COPY."""
+    conn.execute(sa.text("DELETE FROM deer_profile_vectors WHERE deer_id = ANY(:ids)"),
+                 {"ids": [int(d) for d in replaced]})
+    ids = [int(d) for d in deer_ids]
+    if not ids:
+        return 0
+    dim = profiles.shape[1] // len(versions)
+    raw = conn.connection.driver_connection
+    out = bytearray(b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0))
+    vhead = struct.pack(">ihh", 4 + 4 * dim, dim, 0)
+    vbytes = [[p[i * dim:(i + 1) * dim].astype(">f4").tobytes() for i in range(len(versions))]
+              for p in profiles]
+    vers_b = [v.encode() for v in versions]
+    for d, vb, c in zip(ids, vbytes, counts.tolist()):
+        for i, v in enumerate(vers_b):
+            out += struct.pack(">hiqi", 4, 8, d, len(v)) + v + vhead + vb[i] + struct.pack(">ii", 4, c)
+    out += struct.pack(">h", -1)
+    with raw.cursor() as cur, cur.copy("COPY deer_profile_vectors (deer_id, embedding_version, vector, "
+                                       "n_sightings) FROM STDIN (FORMAT BINARY)") as cp:
+        cp.write(bytes(out))
+    return len(ids) * len(versions)

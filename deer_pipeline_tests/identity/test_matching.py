@@ -469,11 +469,11 @@ def test_a_failure_while_matching_creates_no_deer(engine, monkeypatch):
     calls = {"n": 0}
     real_append = gallery.Gallery.append
 
-    def failing_append(self, deer_ids, vectors, detection_ids=None):
+    def failing_append(self, *args, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("simulated failure while matching")
-        return real_append(self, deer_ids, vectors, detection_ids)
+        return real_append(self, *args, **kw)
 
     monkeypatch.setattr(gallery.Gallery, "append", failing_append)
     with pytest.raises(RuntimeError, match="simulated"):
