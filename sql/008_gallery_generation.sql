@@ -35,3 +35,17 @@ CREATE OR REPLACE TRIGGER embeddings_truncate_bumps_gallery_generation
 CREATE OR REPLACE TRIGGER detections_sex_bumps_gallery_generation
     AFTER UPDATE OF sex ON detections
     FOR EACH STATEMENT EXECUTE FUNCTION bump_gallery_generation();
+
+-- Similarity scores written with binary COPY: the per-model cosines in real columns (the models
+-- named once per row in ``component_models``, their cosines in the same order in
+-- ``component_scores``) instead of JSON text. ``components`` (jsonb) stays for rows written
+-- before; read both through ``score_components(component_models, component_scores, components)``.
+ALTER TABLE similarity_scores ADD COLUMN IF NOT EXISTS component_models text[];
+ALTER TABLE similarity_scores ADD COLUMN IF NOT EXISTS component_scores real[];
+
+CREATE OR REPLACE FUNCTION score_components(models text[], scores real[], legacy jsonb DEFAULT '{}'::jsonb)
+RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN models IS NULL THEN coalesce(legacy, '{}'::jsonb)
+                ELSE (SELECT coalesce(jsonb_object_agg(m, s), '{}'::jsonb) FROM unnest(models, scores) AS t(m, s))
+           END
+$$;

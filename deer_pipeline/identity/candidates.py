@@ -12,9 +12,9 @@ from deer_pipeline.detections.encounters import (
 )
 from deer_pipeline.identity import store
 from deer_pipeline.identity.gallery import (
+    FREE,
     Gallery,
     SexBook,
-    merge_max,
     per_deer_max,
     sex_compatible,
 )
@@ -86,7 +86,7 @@ def _chunk_scores(search: _Search, q_all: list[np.ndarray], n0: int) -> tuple[np
     if not len(pdeer):
         return np.zeros(0, np.int64), np.zeros((len(folded), 0), np.float32)
     S = folded @ P.T
-    S[:, pdeer < 0] = -np.inf
+    S[:, pdeer == FREE] = -np.inf
     return pdeer, S
 
 
@@ -123,12 +123,18 @@ def _scored_candidates(conn, enc: Encounter, q: list[np.ndarray], deer0: np.ndar
                 f_deer, f_mats, f_ids = store.gallery_vectors(conn, search.vers, deer_ids=fresh)
                 gallery.append(f_deer, f_mats, f_ids)
                 search.loaded.update(fresh)
-    deer_ids, M = deer0, enc_M0
+    deer_ids, best = deer0, (enc_M0.max(axis=0) if len(deer0) else np.zeros(0, np.float32))
     n1 = gallery.n
     if n1 > n0:       # rows added since the chunk was scored: decided or loaded since
-        deer_ids, M = merge_max(deer0, enc_M0, *per_deer_max(gallery.scores(q, n0, n1), gallery.deer[n0:n1]))
-    ranked = _top_candidates(deer_ids, M.max(axis=0) if len(deer_ids) else np.zeros(0),
-                             settings, sexes, enc_sex, excluded)
+        dx, Mx = per_deer_max(gallery.scores(q, n0, n1), gallery.deer[n0:n1])
+        sx = Mx.max(axis=0)
+        at = np.searchsorted(deer0, dx)
+        known = at < len(deer0)
+        known[known] = deer0[at[known]] == dx[known]
+        best = best.copy()
+        best[at[known]] = np.maximum(best[at[known]], sx[known])
+        deer_ids, best = np.concatenate([deer0, dx[~known]]), np.concatenate([best, sx[~known]])
+    ranked = _top_candidates(deer_ids, best, settings, sexes, enc_sex, excluded)
     cands = [(cand, float(sims.max()), sims, comp) for (cand, _), (sims, comp)
              in zip(ranked, gallery.best_pairs(q, [c for c, _ in ranked]))]
     cands.sort(key=lambda c: (-c[1], c[0]))

@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 SEX_CODE = {"unknown": 0, "female": 1, "male": 2}
+FREE = np.iinfo(np.int64).min      # a profile row that belongs to no deer (new deer have negative ids)
 
 
 def sex_compatible(sighting_sex: str, deer_sex: str) -> bool:
@@ -160,7 +161,7 @@ class Gallery:
                     t = self._prow[b]
                     self._psum[t] += self._psum[r]
                     self._pcount[t] += self._pcount[r]
-                    self._psum[r], self.prof[r], self._pcount[r], self.prof_deer[r] = 0, 0, 0, -1
+                    self._psum[r], self.prof[r], self._pcount[r], self.prof_deer[r] = 0, 0, 0, FREE
                     self._normalise(np.array([t]))
                     continue
                 self._prow[b] = r
@@ -216,6 +217,18 @@ class Gallery:
             deer, M = merge_max(deer, M, *per_deer_max(f @ self.vec[ns:n0].T, self.deer[ns:n0]))
         return deer, M
 
+    def gather(self, deer_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(row indices of these deer one after the other, their lengths)."""
+        if not any(d in self._tail for d in deer_ids):
+            js = np.array([self._seg_of.get(d, -1) for d in deer_ids], np.int64)
+            if (js >= 0).all():
+                st = self._starts[js]
+                lens = self._ends[js] - st
+                offs = np.cumsum(lens) - lens
+                return self._order[np.repeat(st - offs, lens) + np.arange(int(lens.sum()))], lens
+        segs = [self.rows(d) for d in deer_ids]
+        return (np.concatenate(segs) if segs else np.zeros(0, np.int64)), np.array([len(g) for g in segs], np.int64)
+
     def best_pairs(self, query: Sequence[np.ndarray], deer_ids: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
         """For each deer: per query row, the best ensemble similarity to the deer's rows and the
         per-model cosines of that best pair (query rows x models).
@@ -223,22 +236,24 @@ class Gallery:
         The best row is found in float32; its similarity is then recomputed in float64 from the
         two vectors alone, so the value stored and compared with the threshold does not depend
         on what else is in the gallery or on BLAS blocking (a re-run reproduces it exactly)."""
-        segs = [self.rows(d) for d in deer_ids]
-        if not segs:
+        if not len(deer_ids):
             return []
-        idx = np.concatenate(segs)
+        idx, lens = self.gather(deer_ids)
+        if (lens == 0).any():
+            raise KeyError(f"deer without sightings in the gallery: {[d for d, n in zip(deer_ids, lens) if not n]}")
         ens = self.fold(query) @ self.vec[idx].T                                    # k x rows
-        k = ens.shape[0]
-        bounds = np.cumsum([0] + [len(g) for g in segs])
-        best_rows = np.stack([idx[lo + ens[:, lo:hi].argmax(axis=1)]
-                              for lo, hi in zip(bounds[:-1], bounds[1:])], axis=1)  # k x deer
-        flat = best_rows.ravel()
+        k, R, nd = ens.shape[0], len(idx), len(lens)
+        bounds = np.r_[0, np.cumsum(lens)[:-1]]
+        mx = np.maximum.reduceat(ens, bounds, axis=1)                                # k x deer
+        pos = np.where(ens == np.repeat(mx, lens, axis=1), np.arange(R), R)
+        first = np.minimum.reduceat(pos, bounds, axis=1)                             # first best row
+        flat = idx[first].ravel()
         d = self.dim
         comps = np.stack([np.einsum("kd,kjd->kj", np.asarray(q, np.float64),
-                                    self.vec[flat, i * d:(i + 1) * d].astype(np.float64).reshape(k, len(segs), -1))
+                                    self.vec[flat, i * d:(i + 1) * d].astype(np.float64).reshape(k, nd, -1))
                           for i, q in enumerate(query)], axis=-1)          # k x deer x models
         sims = comps @ self.w                                                       # k x deer
-        return [(sims[:, j], comps[:, j, :]) for j in range(len(segs))]
+        return [(sims[:, j], comps[:, j, :]) for j in range(nd)]
 
     # -- per deer -------------------------------------------------------------------------------
     def sex_counts(self) -> dict[int, tuple[int, int, int]]:
@@ -263,7 +278,7 @@ class Gallery:
         cap = max(1024, int(nd * 1.25))
         self._psum = np.zeros((cap, D), np.float32)
         self.prof = np.zeros((cap, D), np.float32)
-        self.prof_deer = np.full(cap, -1, np.int64)       # profile row -> deer (-1: free)
+        self.prof_deer = np.full(cap, FREE, np.int64)     # profile row -> deer (FREE: none)
         self._pcount = np.zeros(cap, np.int64)
         self._prow: dict[int, int] = {}
         self._pn = nd
@@ -304,7 +319,7 @@ class Gallery:
             self._psum[r] = 0
             self.prof[r] = 0
             self._pcount[r] = 0
-            self.prof_deer[r] = -1
+            self.prof_deer[r] = FREE
             del self._prow[deer_id]
         else:
             self._normalise(np.array([r]))
@@ -316,7 +331,7 @@ class Gallery:
             b = np.zeros((cap, a.shape[1]), np.float32)
             b[: len(a)] = a
             setattr(self, name, b)
-        self.prof_deer = np.r_[self.prof_deer, np.full(cap - len(self.prof_deer), -1, np.int64)]
+        self.prof_deer = np.r_[self.prof_deer, np.full(cap - len(self.prof_deer), FREE, np.int64)]
         self._pcount = np.r_[self._pcount, np.zeros(cap - len(self._pcount), np.int64)]
 
     def profiles(self, deer_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -346,7 +361,7 @@ class Gallery:
         return np.asarray(ids, np.int64), P, counts
 
     def profile_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """(profile matrix with free rows zero, deer per row, -1 for free rows): for ranking."""
+        """(profile matrix with free rows zero, deer per row, ``FREE`` for free rows): for ranking."""
         if not self._sums_ok:
             self._init_profiles()
         return self.prof[: self._pn], self.prof_deer[: self._pn]

@@ -156,10 +156,6 @@ class DecisionSummary:
         return d
 
 
-def _components_json(models: Sequence[str], values: Sequence[float]) -> str:
-    return "{" + ", ".join(f'"{m}": {v:.6f}' for m, v in zip(models, values)) + "}"
-
-
 def _box(d: store.DetectionRow) -> DetectionBox:
     return DetectionBox(d.detection_id, d.image_id, d.captured_at, d.burst_id,
                         d.x, d.y, d.w, d.h, d.sex)
@@ -365,6 +361,7 @@ class _Outcome:
     score_rows: list[list] = field(default_factory=list)
     next_prov: int = -1                                              # provisional ids of new deer
     max_sim: dict[str, float] = field(default_factory=dict)          # partition -> best score seen
+    score_models: list[str] = field(default_factory=list)            # the components of each score row
 
 
 def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _Search,
@@ -424,6 +421,7 @@ def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], o
     vkey, enc_sex, k = run.embedding_version, enc.sex, len(enc.detections)
     pkey = part_of[enc.detections[0].detection_id]
     threshold = settings.threshold_for(enc_sex)
+    out.score_models = models
     best_deer, best_score = (cands[0][:2] if cands else (None, None))
     if forced is not None:
         best_deer, best_score = forced, next(c[1] for c in cands if c[0] == forced)
@@ -441,8 +439,7 @@ def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], o
             if not np.isfinite(s):       # flank-aware: this detection was not compared with the deer
                 continue
             out.score_rows.append([d.detection_id, enc.encounter_key, cand, float(s),
-                                   _components_json(models, cm), sm, cand == deer, threshold,
-                                   vkey, part_of[d.detection_id]])
+                                   cm, sm, cand == deer, threshold, vkey, part_of[d.detection_id]])
     for d in enc.detections:
         out.sighting_rows.append([d.detection_id, deer, enc.encounter_key, part_of[d.detection_id],
                                   decision, best_score, threshold, vkey, d.captured_at])
@@ -470,7 +467,7 @@ def _write_decisions(conn, out: _Outcome, withdrawn: list, vers: list[str],
     for r in out.score_rows:
         r[2] = real.get(r[2], r[2])
     store.copy_rows(conn, "sightings", store.SIGHTING_COLUMNS, out.sighting_rows)
-    store.copy_rows(conn, "similarity_scores", store.SCORE_COLUMNS, out.score_rows)
+    store.copy_scores(conn, out.score_rows, out.score_models)
     rows_by_part = Counter(r[9] for r in out.score_rows)
     deer_by_part: dict[str, set[int]] = defaultdict(set)
     for r in out.sighting_rows:

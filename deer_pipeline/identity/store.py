@@ -328,8 +328,49 @@ SIGHTING_COLUMNS = ("detection_id", "deer_id", "encounter_key", "partition_key",
                     "score", "threshold", "embedding_version", "captured_at")
 
 
-SCORE_COLUMNS = ("detection_id", "encounter_key", "candidate_deer_id", "similarity", "components",
-                 "sex_match", "matched", "threshold", "embedding_version", "partition_key")
+SCORE_COLUMNS = ("detection_id", "encounter_key", "candidate_deer_id", "similarity", "component_models",
+                 "component_scores", "sex_match", "matched", "threshold", "embedding_version", "partition_key")
+
+# The per-model cosines of a score row as {model: cosine} (rows of any age), for SELECT lists.
+COMPONENTS_SQL = "score_components(component_models, component_scores, components)"
+
+
+def copy_scores(conn: sa.Connection, rows: Sequence[Sequence], models: Sequence[str]) -> int:
+    """Write similarity score rows with one binary COPY: (detection_id, encounter_key,
+    candidate deer, similarity, per-model cosines in the order of ``models``, sex_match, matched,
+    threshold, embedding_version, partition_key)."""
+    if not rows:
+        return 0
+    i4, i8, f4, h = struct.Struct(">i").pack, struct.Struct(">iq").pack, struct.Struct(">if").pack, struct.pack
+    names = [m.encode() for m in models]
+    # text[]: ndim 1, no nulls, element oid 25, length, lower bound 1, then (length, bytes) each
+    models_b = h(">iiiii", 1, 0, 25, len(names), 1) + b"".join(i4(len(n)) + n for n in names)
+    models_field = i4(len(models_b)) + models_b
+    arr_head = h(">iiiii", 1, 0, 700, len(names), 1)
+    arr_len = i4(len(arr_head) + 8 * len(names))
+    cache: dict[str, bytes] = {}
+
+    def text(v: str) -> bytes:
+        b = cache.get(v)
+        if b is None:
+            e = v.encode()
+            b = cache[v] = i4(len(e)) + e
+        return b
+
+    t, f = h(">ib", 1, 1), h(">ib", 1, 0)
+    out = [b"PGCOPY\n\xff\r\n\x00" + h(">ii", 0, 0)]
+    n_fields = h(">h", 11)
+    for r in rows:
+        comp = b"".join(h(">if", 4, float(x)) for x in r[4])
+        out.append(b"".join((n_fields, text(r[0]), text(r[1]), i8(8, int(r[2])), f4(4, float(r[3])),
+                             models_field, arr_len, arr_head, comp, t if r[5] else f, t if r[6] else f,
+                             f4(4, float(r[7])), text(r[8]), text(r[9]))))
+    out.append(h(">h", -1))
+    raw = conn.connection.driver_connection
+    with raw.cursor() as cur, cur.copy(f"COPY similarity_scores ({', '.join(SCORE_COLUMNS)}) "
+                                       "FROM STDIN (FORMAT BINARY)") as cp:
+        cp.write(b"".join(out))
+    return len(rows)
 
 
 def copy_rows(conn: sa.Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence]) -> int:
@@ -392,7 +433,7 @@ def partition_scores(conn: sa.Connection, partition_key: str):
     import pandas as pd
 
     return pd.read_sql(sa.text(
-        "SELECT detection_id, encounter_key, candidate_deer_id, similarity, components, sex_match, "
+        f"SELECT detection_id, encounter_key, candidate_deer_id, similarity, {COMPONENTS_SQL} AS components, sex_match, "
         "matched, threshold, embedding_version FROM similarity_scores WHERE partition_key = :p"),
         conn, params={"p": partition_key})
 

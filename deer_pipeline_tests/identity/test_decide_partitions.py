@@ -49,7 +49,8 @@ def _state(engine):
         scores = {(r.detection_id, founder.get(r.candidate_deer_id, r.candidate_deer_id)):
                   (r.similarity, r.matched, r.partition_key, r.components)
                   for r in conn.execute(sa.text(
-                      "SELECT detection_id, candidate_deer_id, similarity, matched, partition_key, components "
+                      "SELECT detection_id, candidate_deer_id, similarity, matched, partition_key, "
+                      "score_components(component_models, component_scores, components) components "
                       "FROM similarity_scores"))}
     groups: dict[str, set[str]] = {}
     for det, (f, *_rest) in sightings.items():
