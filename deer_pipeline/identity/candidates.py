@@ -96,23 +96,28 @@ def _scored_candidates(conn, enc: Encounter, q: list[np.ndarray], deer0: np.ndar
     """The encounter's candidate deer, re-scored exactly (float64, per deer), best first:
     [(deer, best score, per-detection scores, per-model components)].
 
-    ``two_stage``: the ``profile_candidate_deer`` eligible deer with the best profile score,
-    and every deer that gained sightings since the chunk was scored, are re-scored exactly on all
-    their sightings; the best ``candidate_deer`` of them are the candidates."""
+    ``two_stage``: the ``profile_candidate_deer`` eligible deer with the best profile score (the
+    profile as it is now for deer that gained sightings since the chunk was scored) are re-scored
+    exactly on all their sightings; the best ``candidate_deer`` of them are the candidates."""
     gallery, sexes, enc_sex = search.gallery, search.sexes, enc.sex
     if search.mode == "two_stage":
         n1 = gallery.n
-        shortlist = _top_candidates(deer0, enc_M0.max(axis=0) if len(deer0) else np.zeros(0),
-                                    settings, sexes, enc_sex, excluded, want=settings.profile_candidate_deer)
-        ids = {c for c, _ in shortlist}
-        if n1 > n0:
-            ids.update(d for d in np.unique(gallery.deer[n0:n1]).tolist()
-                       if _eligible(d, settings, sexes, enc_sex, excluded))
-        ids = sorted(ids)
-        cands = [(cand, float(sims.max()), sims, comp) for cand, (sims, comp)
-                 in zip(ids, gallery.best_pairs(q, ids))]
-        cands.sort(key=lambda c: (-c[1], c[0]))
-        return cands[: settings.candidate_deer]
+        deer_ids, score = deer0, (enc_M0.max(axis=0) if len(deer0) else np.zeros(0, np.float32))
+        if n1 > n0:       # deer that gained sightings since the chunk was scored: their profile now
+            changed = np.unique(gallery.deer[n0:n1])
+            keep = ~np.isin(deer_ids, changed)
+            c_ids, P, _ = gallery.profiles(changed.tolist())
+            deer_ids = np.concatenate([deer_ids[keep], c_ids])
+            score = np.concatenate([score[keep], (gallery.fold(q) @ P.T).max(axis=0)])
+        shortlist = _top_candidates(deer_ids, score, settings, sexes, enc_sex, excluded,
+                                    want=settings.profile_candidate_deer)
+        if not shortlist:
+            return []
+        ids_a = np.array(sorted(c for c, _ in shortlist), np.int64)
+        sims, comps = gallery.best_pair_arrays(q, ids_a)
+        best = sims.max(axis=0)
+        top = np.lexsort((ids_a, -best))[: settings.candidate_deer]
+        return [(int(ids_a[j]), float(best[j]), sims[:, j], comps[:, j, :]) for j in top]
     if search.mode == "hnsw":
         need = min(settings.candidate_deer, sexes.eligible_static_rows(enc_sex, settings.sex_filter, excluded))
         if need > 0:

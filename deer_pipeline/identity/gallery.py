@@ -218,26 +218,33 @@ class Gallery:
         return deer, M
 
     def gather(self, deer_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(row indices of these deer one after the other, their lengths)."""
-        if not any(d in self._tail for d in deer_ids):
-            js = np.array([self._seg_of.get(d, -1) for d in deer_ids], np.int64)
-            if (js >= 0).all():
-                st = self._starts[js]
-                lens = self._ends[js] - st
-                offs = np.cumsum(lens) - lens
-                return self._order[np.repeat(st - offs, lens) + np.arange(int(lens.sum()))], lens
-        segs = [self.rows(d) for d in deer_ids]
-        return (np.concatenate(segs) if segs else np.zeros(0, np.int64)), np.array([len(g) for g in segs], np.int64)
+        """(row indices of these deer one deer after the other, rows per deer)."""
+        nd = len(deer_ids)
+        js = np.array([self._seg_of.get(d, -1) for d in deer_ids], np.int64)
+        ok = js >= 0
+        st = np.where(ok, self._starts[np.maximum(js, 0)] if len(self._starts) else 0, 0)
+        lens = np.where(ok, (self._ends[np.maximum(js, 0)] if len(self._ends) else 0) - st, 0)
+        offs = np.cumsum(lens) - lens
+        idx = self._order[np.repeat(st - offs, lens) + np.arange(int(lens.sum()))]
+        if not self._tail:
+            return idx, lens
+        tails = [(j, self._tail[d]) for j, d in enumerate(deer_ids) if d in self._tail]
+        if not tails:
+            return idx, lens
+        t_rows = np.concatenate([np.asarray(r, np.int64) for _, r in tails])
+        t_seg = np.repeat([j for j, _ in tails], [len(r) for _, r in tails])
+        seg = np.concatenate([np.repeat(np.arange(nd), lens), t_seg])
+        order = np.argsort(seg, kind="stable")
+        lens = lens + np.bincount(t_seg, minlength=nd)
+        return np.concatenate([idx, t_rows])[order], lens
 
-    def best_pairs(self, query: Sequence[np.ndarray], deer_ids: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """For each deer: per query row, the best ensemble similarity to the deer's rows and the
-        per-model cosines of that best pair (query rows x models).
+    def best_pair_arrays(self, query: Sequence[np.ndarray], deer_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(sims: query rows x deer, comps: query rows x deer x models): per query row and deer
+        the best ensemble similarity to the deer's rows and the per-model cosines of that pair.
 
         The best row is found in float32; its similarity is then recomputed in float64 from the
         two vectors alone, so the value stored and compared with the threshold does not depend
         on what else is in the gallery or on BLAS blocking (a re-run reproduces it exactly)."""
-        if not len(deer_ids):
-            return []
         idx, lens = self.gather(deer_ids)
         if (lens == 0).any():
             raise KeyError(f"deer without sightings in the gallery: {[d for d, n in zip(deer_ids, lens) if not n]}")
@@ -252,8 +259,15 @@ class Gallery:
         comps = np.stack([np.einsum("kd,kjd->kj", np.asarray(q, np.float64),
                                     self.vec[flat, i * d:(i + 1) * d].astype(np.float64).reshape(k, nd, -1))
                           for i, q in enumerate(query)], axis=-1)          # k x deer x models
-        sims = comps @ self.w                                                       # k x deer
-        return [(sims[:, j], comps[:, j, :]) for j in range(nd)]
+        return comps @ self.w, comps
+
+    def best_pairs(self, query: Sequence[np.ndarray], deer_ids: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each deer: per query row, the best ensemble similarity to the deer's rows and the
+        per-model cosines of that best pair (query rows x models); see ``best_pair_arrays``."""
+        if not len(deer_ids):
+            return []
+        sims, comps = self.best_pair_arrays(query, deer_ids)
+        return [(sims[:, j], comps[:, j, :]) for j in range(len(deer_ids))]
 
     # -- per deer -------------------------------------------------------------------------------
     def sex_counts(self) -> dict[int, tuple[int, int, int]]:
