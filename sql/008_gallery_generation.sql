@@ -49,3 +49,7 @@ RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
                 ELSE (SELECT coalesce(jsonb_object_agg(m, s), '{}'::jsonb) FROM unnest(models, scores) AS t(m, s))
            END
 $$;
+
+-- Withdrawal for replay finds the encounters that began at or after a moment through this index
+-- (and sightings_time) instead of grouping every sighting.
+CREATE INDEX IF NOT EXISTS sightings_encounter ON sightings (encounter_key);

@@ -34,15 +34,23 @@ either; a mean profile would blur poses together and an average over pairs would
 varied galleries. The price is that a large gallery offers more chances for a chance look-alike,
 which the threshold report and the merge-candidate check watch.
 
-Candidate retrieval: ``exact`` scores every gallery vector in batched numpy (the gallery is
-loaded once per partition; encounters are scored in chunks against it, and sightings decided
-during the run are added as they are decided). ``hnsw`` asks pgvector's HNSW index for the
-nearest stored sightings of the primary (highest-weight) model per detection and re-scores the
-candidate deer exactly on their whole gallery and all models. pgvector 0.6 applies WHERE filters
-(version, gallery membership, sex) after the index scan and returns at most ``hnsw.ef_search``
-rows, so when too few eligible deer come back the query is repeated with a doubled ef_search (up
-to 1000) and finally replaced by an exact sequential scan. ``auto`` = exact below
-``exact_search_max_gallery`` stored sightings, else hnsw.
+Candidate retrieval. The gallery is held in memory (``gallery.py``: every stored sighting's
+vectors in one matrix, the models side by side, rows grouped by deer) and kept across decisions
+of a process (``gallery_cache.py``): each decision applies its own changes to it, and a gallery
+whose generation differs from the store's (``gallery_generation``, bumped by triggers on every
+write to sightings) is reloaded with one binary COPY, never used. ``exact`` scores every gallery
+row (one matmul per chunk of encounters, the ensemble weights folded into the query; sightings
+decided during the run are added as they are decided). ``two_stage`` ranks deer by their profile
+vectors (per model the unit mean of the deer's sightings, kept up to date in memory) and re-scores
+the best ``profile_candidate_deer`` exactly on all their sightings (bench/matching.py measures its
+agreement with ``exact``). In every mode the score kept and compared with the threshold is the
+float64 weighted sum of the best pair's per-model cosines. ``hnsw`` asks pgvector's HNSW index
+for the nearest stored sightings of the primary (highest-weight) model per detection and
+re-scores the candidate deer exactly on their whole gallery and all models. pgvector 0.6 applies
+WHERE filters (version, gallery membership, sex) after the index scan and returns at most
+``hnsw.ef_search`` rows, so when too few eligible deer come back the query is repeated with a
+doubled ef_search (up to 1000) and finally replaced by an exact sequential scan. ``auto`` =
+exact below ``exact_search_max_gallery`` stored sightings, else two_stage.
 
 Plain logic: no Dagster here.
 """

@@ -193,8 +193,11 @@ def withdraw(conn: sa.Connection, partition_keys: str | Sequence[str], since: da
     ``since`` (those are replayed). Their similarity scores go with them. Returns what was
     withdrawn; deer left without sightings are removed later (see ``finish_deer``)."""
     params = {"p": _keys(partition_keys), "t": since}
-    later = ("OR encounter_key IN (SELECT encounter_key FROM sightings GROUP BY encounter_key "
-             "HAVING min(captured_at) >= :t)") if since is not None else ""
+    # encounters with a sighting at or after ``since`` and none before it: found through the
+    # capture-time and encounter indexes, not by grouping the whole gallery
+    later = ("OR encounter_key IN (SELECT l.encounter_key FROM sightings l WHERE l.captured_at >= :t "
+             "AND NOT EXISTS (SELECT 1 FROM sightings e WHERE e.encounter_key = l.encounter_key "
+             "AND e.captured_at < :t))") if since is not None else ""
     rows = conn.execute(sa.text(
         f"DELETE FROM sightings WHERE partition_key = ANY(:p) {later} "
         "RETURNING detection_id, encounter_key, deer_id, partition_key, captured_at"), params).all()
