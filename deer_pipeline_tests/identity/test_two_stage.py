@@ -41,7 +41,7 @@ def _world(engine):
     def sighting(deer, pose):
         return {m: _unit(poses[m][deer, pose] + 0.5 * rng.standard_normal(DIM) / np.sqrt(DIM)) for m in MODELS}
 
-    images, dets, crops, deer_rows, sights, embs = [], [], [], [], [], []
+    images, dets, deer_rows, sights, embs = [], [], [], [], []
     for k in range(N_DEER):
         deer_rows.append((k + 1, f"g{k * PER_DEER:05d}", sexes[k], PER_DEER))
         for j in range(PER_DEER):
