@@ -52,6 +52,7 @@ def _prepare_search(conn, settings: MatchingSettings, models: list[str], weights
     the gallery is read from the store (after the withdrawal)."""
     if cached is not None:
         cached.remove(withdrawn_ids)
+        cached.grouped()                 # rows added by the last decision join the deer order
         n_static = cached.n
     else:
         n_static = store.gallery_size(conn)

@@ -181,6 +181,11 @@ class Gallery:
         self._sorted_n = self.n
         self._tail: dict[int, list[int]] = {}
 
+    def grouped(self) -> None:
+        """Every row in the precomputed deer order (reindex only when rows were added since)."""
+        if self._sorted_n != self.n:
+            self.reindex()
+
     def rows(self, deer_id: int) -> np.ndarray:
         """Row indices of one deer."""
         j = self._seg_of.get(deer_id)
