@@ -226,7 +226,8 @@ def ensure_partition(engine, n: int, gallery_size: int) -> tuple[str, str, float
         for sql in ("DELETE FROM similarity_scores WHERE partition_key LIKE :p",
                     "DELETE FROM sightings WHERE partition_key LIKE :p"):
             conn.execute(sa.text(sql), {"p": f"{camera}|%"})
-        for sql in ("DELETE FROM embeddings WHERE detection_id LIKE :p", "DELETE FROM crops WHERE detection_id LIKE :p",
+        for sql in ("DELETE FROM deer WHERE founding_detection_id LIKE :p",
+                    "DELETE FROM embeddings WHERE detection_id LIKE :p", "DELETE FROM crops WHERE detection_id LIKE :p",
                     "DELETE FROM detections WHERE detection_id LIKE :p", "DELETE FROM images WHERE path LIKE :q"):
             conn.execute(sa.text(sql), {"p": f"{camera}-%", "q": f"/bench/{camera}/%"})
         store.copy_rows(conn, "images", ("image_id", "path", "camera_id", "captured_at"), img_rows)
