@@ -78,7 +78,7 @@ def _prepare_search(conn, settings: MatchingSettings, models: list[str], weights
 def _chunk_scores(search: _Search, q_all: list[np.ndarray], n0: int) -> tuple[np.ndarray, np.ndarray]:
     """Scores of a chunk of query rows, computed once per chunk (one matmul): ``exact`` the best
     score per deer over gallery rows 0..n0; ``two_stage`` the score against each deer's profile
-    (free profile rows -inf); ``hnsw`` the rows loaded so far, like exact."""
+    (free profile rows left out); ``hnsw`` the rows loaded so far, like exact."""
     g = search.gallery
     folded = g.fold(q_all)
     if search.mode != "two_stage":
@@ -86,9 +86,10 @@ def _chunk_scores(search: _Search, q_all: list[np.ndarray], n0: int) -> tuple[np
     P, pdeer = g.profile_rows()
     if not len(pdeer):
         return np.zeros(0, np.int64), np.zeros((len(folded), 0), np.float32)
-    S = folded @ P.T
-    S[:, pdeer == FREE] = -np.inf
-    return pdeer, S
+    live = pdeer != FREE              # rows of deer whose sightings were all withdrawn are free
+    if not live.all():
+        P, pdeer = P[live], pdeer[live]
+    return pdeer, folded @ P.T
 
 
 def _scored_candidates(conn, enc: Encounter, q: list[np.ndarray], deer0: np.ndarray, enc_M0: np.ndarray,

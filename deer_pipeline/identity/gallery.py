@@ -357,6 +357,8 @@ class Gallery:
         """(deer ids, profile matrix deer x dim*models: per model the unit mean of the deer's
         rows, float32, row counts) for these deer (default: every deer)."""
         if not self._sums_ok:
+            if not self.dim:                 # nothing stored yet
+                return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
             self._init_profiles()
         ids = [d for d in (self._prow if deer_ids is None else deer_ids) if d in self._prow]
         rows = np.array([self._prow[d] for d in ids], np.int64)
@@ -382,6 +384,8 @@ class Gallery:
     def profile_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """(profile matrix with free rows zero, deer per row, ``FREE`` for free rows): for ranking."""
         if not self._sums_ok:
+            if not self.dim:                 # nothing stored yet
+                return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
             self._init_profiles()
         return self.prof[: self._pn], self.prof_deer[: self._pn]
 

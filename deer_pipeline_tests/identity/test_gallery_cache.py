@@ -159,3 +159,24 @@ def test_an_empty_or_tiny_gallery_scores(n):
         g.append(np.array([3]), [np.ones((1, 4), np.float32) / 2], ["x"])
     deer, M = g.deer_max([np.ones((2, 4), np.float32) / 2], g.n)
     assert len(deer) == n and M.shape == (2, n)
+
+
+def test_two_stage_after_withdrawals_in_a_small_gallery_decides_like_exact(engine):
+    """Re-deciding withdraws the partition's deer (their profile rows become free); with fewer
+    deer than profile_candidate_deer the shortlist must hold only deer that have sightings."""
+    gallery_cache.clear()
+    w = SyntheticWorld(engine, seed=4)
+    for i, ident in enumerate("ABCABDEA"):
+        w.sighting("cam1", T0 + timedelta(minutes=5 * i), ident, cls="unknown")
+    for i, ident in enumerate("FAGB"):
+        w.sighting("cam2", T0 + timedelta(days=1, minutes=5 * i), ident, cls="unknown")
+    two = MatchingSettings(search="two_stage")
+    decide_partition(engine, "cam1", "2024-05-01", two)
+    for _ in range(2):                      # kept gallery, own deer withdrawn and founded again
+        s = decide_partition(engine, "cam2", "2024-05-02", two)
+        assert s.gallery_cache == "hit" and s.search == "two_stage"
+    got = _snapshot(engine)
+    gallery_cache.clear()
+    decide_partition(engine, "cam2", "2024-05-02", SETTINGS)      # exhaustive exact, cold
+    assert _snapshot(engine)[0] == got[0]
+    assert (s.decided, s.matched, s.new_deer) == (4, 2, 2)
