@@ -479,21 +479,24 @@ SEX_SQL = "CASE d.sex WHEN 'female' THEN 1 WHEN 'male' THEN 2 ELSE 0 END::int2"
 _COPY_HEADER = 19           # PGCOPY signature (11), flags (4), header extension length (4)
 
 
-def _row_dtype(n_vectors: int, dim: int) -> np.dtype:
-    """One binary COPY row of (deer_id bigint, sex int2, vector x n_vectors), big-endian."""
-    f = [("nf", ">i2"), ("l_deer", ">i4"), ("deer", ">i8"), ("l_sex", ">i4"), ("sex", ">i2")]
+def _row_dtype(n_vectors: int, dim: int, id_bytes: int) -> np.dtype:
+    """One binary COPY row of (deer_id bigint, sex int2, detection id as bytea of a fixed width,
+    vector x n_vectors), big-endian."""
+    f = [("nf", ">i2"), ("l_deer", ">i4"), ("deer", ">i8"), ("l_sex", ">i4"), ("sex", ">i2"),
+         ("l_id", ">i4"), ("id", f"S{id_bytes}")]
     for i in range(n_vectors):
         f += [(f"l{i}", ">i4"), (f"dim{i}", ">i2"), (f"u{i}", ">i2"), (f"v{i}", ">f4", (dim,))]
     return np.dtype(f)
 
 
 def load_gallery(conn: sa.Connection, versions: Sequence[str], gallery, headroom: int = 0) -> None:
-    """Read every decided sighting (deer, sex, one vector per version) into ``gallery`` (an
-    empty ``gallery.Gallery``) with one binary COPY parsed by numpy straight into the
-    preallocated matrix (no per-row Python), the detection ids with one text COPY.
-    ``MatchingError`` when a sighting lacks a vector of a version (see
-    ``check_gallery_vectors``)."""
-    n = gallery_size(conn)
+    """Read every decided sighting (deer, sex, detection id, one vector per version) into
+    ``gallery`` (an empty ``gallery.Gallery``) with one binary COPY parsed by numpy straight into
+    the preallocated matrix (no per-row Python, no sort in the server: the detection id travels
+    as a zero-padded bytea of one width, so every row has the same size). ``MatchingError`` when
+    a sighting lacks a vector of a version (see ``check_gallery_vectors``)."""
+    n, width = conn.execute(sa.text(
+        "SELECT count(*), coalesce(max(octet_length(detection_id)), 1) FROM sightings")).one()
     if n == 0:
         return
     raw = conn.connection.driver_connection
@@ -501,10 +504,11 @@ def load_gallery(conn: sa.Connection, versions: Sequence[str], gallery, headroom
         f"JOIN embeddings e{i} ON e{i}.detection_id = s.detection_id AND e{i}.embedding_version = "
         f"{_literal(v)} AND e{i}.status = 'ok' AND e{i}.vector IS NOT NULL" for i, v in enumerate(versions))
     cols = ", ".join(f"e{i}.vector" for i in range(len(versions)))
-    sql = (f"COPY (SELECT s.deer_id, {SEX_SQL}, {cols} FROM sightings s "
-           f"JOIN detections d ON d.detection_id = s.detection_id {joins} "
-           f"ORDER BY s.detection_id) TO STDOUT (FORMAT BINARY)")
-    got, dtype, buf = 0, None, bytearray()
+    padded_id = f"decode(rpad(encode(convert_to(s.detection_id, 'UTF8'), 'hex'), {2 * width}, '0'), 'hex')"
+    sql = (f"COPY (SELECT s.deer_id, {SEX_SQL}, {padded_id}, {cols} FROM sightings s "
+           f"JOIN detections d ON d.detection_id = s.detection_id {joins}) TO STDOUT (FORMAT BINARY)")
+    got, dtype, buf, ids = 0, None, bytearray(), []
+    at_vec = 24 + width                      # byte offset of the first vector's length in a row
     with raw.cursor() as cur, cur.copy(sql) as cp:
         skip = _COPY_HEADER
         for chunk in cp:
@@ -515,11 +519,10 @@ def load_gallery(conn: sa.Connection, versions: Sequence[str], gallery, headroom
                 del buf[:skip]
                 skip = 0
             if dtype is None:
-                if len(buf) < 26:
+                if len(buf) < at_vec + 4:
                     continue
-                l0 = int.from_bytes(buf[20:24], "big", signed=True)     # first vector's byte length
-                dim = (l0 - 4) // 4
-                dtype = _row_dtype(len(versions), dim)
+                dim = (int.from_bytes(buf[at_vec:at_vec + 4], "big", signed=True) - 4) // 4
+                dtype = _row_dtype(len(versions), dim, width)
                 gallery.reserve(n + headroom, dim)
             k = min(len(buf) // dtype.itemsize, n - got)
             if k:
@@ -527,18 +530,13 @@ def load_gallery(conn: sa.Connection, versions: Sequence[str], gallery, headroom
                 gallery.vec[got: got + k] = np.hstack([rec[f"v{i}"] for i in range(len(versions))])
                 gallery.deer[got: got + k] = rec["deer"]
                 gallery.sex[got: got + k] = rec["sex"]
+                ids += [b.decode() for b in rec["id"].tolist()]      # numpy drops the zero padding
                 del rec
                 del buf[: k * dtype.itemsize]
                 got += k
     if got != n:
         check_gallery_vectors(conn, versions)
         raise MatchingError(f"the gallery has {n} sightings but {got} rows with every version's vector")
-    with raw.cursor() as cur, cur.copy("COPY (SELECT detection_id FROM sightings ORDER BY detection_id) "
-                                       "TO STDOUT") as cp:
-        text = b"".join(bytes(c) for c in cp).decode()
-    ids = text.split("\n")[:-1]
-    if len(ids) != n or "\\" in text:        # text COPY escapes backslashes: read them plainly
-        ids = list(conn.execute(sa.text("SELECT detection_id FROM sightings ORDER BY detection_id")).scalars())
     gallery.detection_ids = ids
     gallery.n = n
     gallery.reindex()
