@@ -1,23 +1,25 @@
-"""Match-or-create throughput: assignments per second for partitions of 1k / 10k sightings
-against galleries of 1k / 10k / 100k stored sightings, exact (batched numpy) and HNSW search,
-next to a one-query-per-detection loop like the system we start from; and HNSW recall@10
-against exact search at the largest gallery.
+"""Match-or-create throughput: assignments per second for a partition of 1k sightings against
+galleries of 1k / 10k / 100k (/ 1M) stored sightings, with exhaustive exact scoring, the two-stage
+search (deer ranked by profile vector, the best ``profile_candidate_deer`` re-scored exactly) and
+pgvector HNSW, all in the same run; the two-stage search's recall and agreement with exhaustive
+exact; HNSW recall@10 for interactive look-ups; the HNSW index's build and insert cost.
 
     DEER_DATA_DIR=/tmp/dbench .venv/bin/python bench/matching.py --quick   # 1k + 10k galleries
-    DEER_DATA_DIR=/tmp/dbench .venv/bin/python bench/matching.py           # + 100k, 10k partitions
+    DEER_DATA_DIR=/tmp/dbench .venv/bin/python bench/matching.py           # 1k, 10k, 100k
+    DEER_DATA_DIR=/tmp/dbench nice .venv/bin/python bench/matching.py --galleries 1000000 --no-hnsw
 
 Synthetic clustered unit vectors (two models, 512-d: one random centre per deer and model, each
 sighting = centre + noise, re-normalised; same-deer cosine ~0.8, different deer ~0). Galleries
-are stored as decided sightings (deer + sightings + embeddings rows, COPY); the HNSW index is
-dropped before the bulk load and rebuilt after (much faster than maintaining it row by row).
-Each gallery size has its own database (``bench_g<size>``) in the embedded server in
-DEER_DATA_DIR, reused by the next run (nothing is rebuilt). Each measured partition is the
-newest one, so deciding it again withdraws only its own earlier decision (no replay). 70% of a
-partition's sightings are deer of the gallery, 30% new animals.
+are stored as decided sightings (deer + sightings + embeddings rows, binary COPY in blocks); the
+HNSW index is dropped before the bulk load and built after. Each gallery size has its own
+database (``bench_g<size>``) in the embedded server in DEER_DATA_DIR, reused by the next run.
+The measured partition is the newest one, so deciding it again withdraws only its own earlier
+decision (no replay). 70% of its sightings are deer of the gallery, 30% new animals.
 
-The 'old loop' column is one SQL nearest-neighbour query per detection (primary model, HNSW,
-LIMIT 1) and nothing else: a lower bound for the old system's per-detection cost, which also
-inserted and re-read rows per detection. It is timed on the first 300 detections.
+Modes, in this order on one partition: ``exact cold`` (nothing in memory: the gallery is read
+from the store), ``exact`` (the gallery kept in memory by the previous decision), ``two_stage``
+(second run; the first builds the profiles), ``hnsw`` (ef_search 200). Assignments/s = decided
+sightings / wall seconds of the whole decision (withdrawal, search, scoring, writes).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import argparse
 import datetime as dt
 import os
 import platform
+import resource
+import struct
 import sys
 import time
 from pathlib import Path
@@ -39,7 +43,7 @@ import sqlalchemy as sa  # noqa: E402
 
 from deer_pipeline import db  # noqa: E402
 from deer_pipeline.embedding.models import unit_rows as unit  # noqa: E402
-from deer_pipeline.identity import store  # noqa: E402
+from deer_pipeline.identity import gallery_cache, store  # noqa: E402
 from deer_pipeline.identity.matching import decide_partition  # noqa: E402
 from deer_pipeline.settings import MatchingSettings  # noqa: E402
 
@@ -48,20 +52,28 @@ VERSIONS = {"multiscale": "bench-ms", "efficientnet_b0": "bench-eb0"}
 SIGHTINGS_PER_DEER = 10
 GALLERY_IMAGE_ID0 = 10_000_000      # gallery images; partitions' images count up from 1
 NOISE = 0.5
+BLOCK_DEER = 5000                   # deer written per COPY block while building a gallery
 T_GALLERY = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
 INDEX_SQL = ("CREATE INDEX IF NOT EXISTS embeddings_vector_hnsw ON embeddings "
              "USING hnsw (vector vector_cosine_ops) WITH (m = 16, ef_construction = 64)")
 
 
-def centres(n_deer: int) -> dict[str, np.ndarray]:
-    """Deterministic centres for deer 0..n_deer-1 (the same deer has the same centre in every run)."""
-    rng = np.random.default_rng(12345)
-    return {m: unit(rng.standard_normal((n_deer, DIM))) for m in VERSIONS}
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def noisy(c: np.ndarray, seed: int) -> np.ndarray:
+def centres(first: int, last: int, model: str) -> np.ndarray:
+    """Deterministic centres of deer first..last-1 (each deer's own seed: any block size)."""
+    out = np.empty((last - first, DIM), np.float32)
+    salt = 1 if model == "multiscale" else 2
+    for k in range(first, last):
+        out[k - first] = np.random.default_rng((salt, k)).standard_normal(DIM)
+    return unit(out)
+
+
+def noisy(c: np.ndarray, seed) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return unit(c + NOISE * rng.standard_normal(c.shape) / np.sqrt(DIM))
+    return unit(c + NOISE * rng.standard_normal(c.shape).astype(np.float32) / np.sqrt(DIM))
 
 
 def vec_text(v: np.ndarray) -> str:
@@ -100,243 +112,287 @@ def set_meta(conn, key: str, value: int) -> None:
                  {"k": key, "v": value})
 
 
-def bulk_load(engine, rows_fn, label: str, drop_index: bool = True) -> float:
-    """Run rows_fn(conn) (COPYs), by default with the HNSW index dropped and rebuilt after;
-    seconds spent."""
+def copy_embeddings(conn, ids: list[str], version: str, mat: np.ndarray) -> None:
+    """Embeddings rows (detection_id, embedding_version, vector) with one binary COPY built by numpy
+    (ids of one length)."""
+    n, L, vb = len(ids), len(ids[0]), version.encode()
+    dt_ = np.dtype([("nf", ">i2"), ("l_id", ">i4"), ("id", f"S{L}"), ("l_v", ">i4"), ("v", f"S{len(vb)}"),
+                    ("l_vec", ">i4"), ("dim", ">i2"), ("u", ">i2"), ("vec", ">f4", (DIM,))])
+    rec = np.zeros(n, dt_)
+    rec["nf"], rec["l_id"], rec["id"], rec["l_v"], rec["v"] = 3, L, ids, len(vb), vb
+    rec["l_vec"], rec["dim"], rec["vec"] = 4 + 4 * DIM, DIM, mat
+    raw = conn.connection.driver_connection
+    with raw.cursor() as cur, cur.copy("COPY embeddings (detection_id, embedding_version, vector) "
+                                       "FROM STDIN (FORMAT BINARY)") as cp:
+        cp.write(b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0))
+        cp.write(rec.tobytes())
+        cp.write(struct.pack(">h", -1))
+
+
+def build_index(engine, label: str) -> float:
     t = time.perf_counter()
     with engine.begin() as conn:
-        if drop_index:
-            conn.execute(sa.text("DROP INDEX IF EXISTS embeddings_vector_hnsw"))
-        rows_fn(conn)
-    t_copy = time.perf_counter() - t
-    if not drop_index:
-        print(f"  {label}: COPY with index maintenance {t_copy:.1f} s", flush=True)
-        return t_copy
-    t = time.perf_counter()
-    with engine.begin() as conn:
-        conn.execute(sa.text("SET LOCAL maintenance_work_mem = '1GB'"))
+        conn.execute(sa.text("SET LOCAL maintenance_work_mem = '2GB'"))
         conn.execute(sa.text("SET LOCAL max_parallel_maintenance_workers = 2"))
         conn.execute(sa.text(INDEX_SQL))
         n = conn.execute(sa.text("SELECT count(*) FROM embeddings")).scalar_one()
     t_index = time.perf_counter() - t
-    print(f"  {label}: COPY {t_copy:.1f} s, HNSW index over {n} vectors {t_index:.1f} s", flush=True)
-    return t_copy + t_index
+    print(f"  {label}: HNSW index built after the bulk load over {n} vectors: {t_index:.1f} s "
+          f"({n / t_index:,.0f} vectors/s)", flush=True)
+    return t_index
 
 
-def grow_gallery(engine, size: int) -> None:
+def grow_gallery(engine, size: int, index: bool) -> None:
     have = meta(engine, "gallery")
-    if have >= size:
-        return
-    n_deer_total = size // SIGHTINGS_PER_DEER
-    c = centres(n_deer_total)
-
-    def rows(conn):
-        deer_from, deer_to = have // SIGHTINGS_PER_DEER, n_deer_total
-        # images: one per sighting; detections; deer; sightings; embeddings
-        img_rows, det_rows, deer_rows, sight_rows, emb_rows = [], [], [], [], []
-        for k in range(deer_from, deer_to):
-            for j in range(SIGHTINGS_PER_DEER):
-                i = k * SIGHTINGS_PER_DEER + j
-                t = T_GALLERY + dt.timedelta(seconds=37 * i)
-                det = f"g{i:07d}"
-                img_rows.append((GALLERY_IMAGE_ID0 + i, f"/bench/gallery/{i}.jpg", "gallery", t))
-                det_rows.append((det, GALLERY_IMAGE_ID0 + i, "gallery", t, t.date(), 10.0, 10.0, 200.0, 150.0, 0.9, "unknown",
-                                 "unknown", None))
-                sight_rows.append((det, k + 1, f"enc:{det}", f"gallery|{t.date()}",
-                                   "new" if j == 0 else "matched", 0.8, 0.6, "bench", t))
-            deer_rows.append((k + 1, f"g{k * SIGHTINGS_PER_DEER:07d}", "unknown", SIGHTINGS_PER_DEER))
-        for m, v in VERSIONS.items():
-            for k in range(deer_from, deer_to):
-                vecs = noisy(np.repeat(c[m][k:k + 1], SIGHTINGS_PER_DEER, axis=0),
-                             seed=2 * k + (m == "multiscale"))
-                for j in range(SIGHTINGS_PER_DEER):
-                    emb_rows.append((f"g{k * SIGHTINGS_PER_DEER + j:07d}", v, vec_text(vecs[j])))
-        store.copy_rows(conn, "images", ("image_id", "path", "camera_id", "captured_at"), img_rows)
-        store.copy_rows(conn, "detections", ("detection_id", "image_id", "camera_id", "captured_at", "day",
-                                             "bbox_x", "bbox_y", "bbox_w", "bbox_h", "confidence",
-                                             "classification", "sex", "encounter_id"), det_rows)
-        store.copy_rows(conn, "crops", ("detection_id", "status"), [(d[0], "ok") for d in det_rows])
-        store.copy_rows(conn, "deer", ("deer_id", "founding_detection_id", "sex", "sighting_count"), deer_rows)
-        store.copy_rows(conn, "sightings", store.SIGHTING_COLUMNS, sight_rows)
-        store.copy_rows(conn, "embeddings", ("detection_id", "embedding_version", "vector"), emb_rows)
-        conn.execute(sa.text("SELECT setval('deer_deer_id_seq', (SELECT max(deer_id) FROM deer))"))
-        set_meta(conn, "gallery", size)
-
-    print(f"building gallery {have} -> {size} sightings", flush=True)
-    bulk_load(engine, rows, f"gallery {size}")
-    with engine.begin() as conn:
-        conn.execute(sa.text("ANALYZE"))
+    if have < size:
+        print(f"building gallery {have} -> {size} sightings", flush=True)
+        t = time.perf_counter()
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP INDEX IF EXISTS embeddings_vector_hnsw"))
+        for b0 in range(have // SIGHTINGS_PER_DEER, size // SIGHTINGS_PER_DEER, BLOCK_DEER):
+            b1 = min(b0 + BLOCK_DEER, size // SIGHTINGS_PER_DEER)
+            with engine.begin() as conn:
+                _gallery_block(conn, b0, b1)
+        with engine.begin() as conn:
+            conn.execute(sa.text("SELECT setval('deer_deer_id_seq', (SELECT max(deer_id) FROM deer))"))
+            set_meta(conn, "gallery", size)
+        print(f"  gallery {size}: COPY {time.perf_counter() - t:.1f} s (index dropped)", flush=True)
+        with engine.begin() as conn:
+            conn.execute(sa.text("ANALYZE"))
+    with engine.connect() as conn:
+        has_index = conn.execute(sa.text("SELECT to_regclass('embeddings_vector_hnsw') IS NOT NULL")).scalar_one()
+    if index and not has_index:
+        build_index(engine, f"gallery {size}")
+    elif not index and has_index:
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP INDEX embeddings_vector_hnsw"))
 
 
-def ensure_partition(engine, n: int, gallery_size: int) -> tuple[str, str]:
-    """A partition of n sightings (70% of gallery deer, 30% new), on a day after the gallery."""
-    camera = f"p{n}"
-    day_date = dt.date(2025, 1, 1)
-    key = f"partition_{n}"
+def _gallery_block(conn, deer_from: int, deer_to: int) -> None:
+    img, det, deer, sight, ids = [], [], [], [], []
+    for k in range(deer_from, deer_to):
+        for j in range(SIGHTINGS_PER_DEER):
+            i = k * SIGHTINGS_PER_DEER + j
+            t = T_GALLERY + dt.timedelta(seconds=37 * i)
+            d = f"g{i:07d}"
+            ids.append(d)
+            img.append((GALLERY_IMAGE_ID0 + i, f"/bench/gallery/{i}.jpg", "gallery", t))
+            det.append((d, GALLERY_IMAGE_ID0 + i, "gallery", t, t.date(), 10.0, 10.0, 200.0, 150.0, 0.9,
+                        "unknown", "unknown", None))
+            sight.append((d, k + 1, f"enc:{d}", f"gallery|{t.date()}", "new" if j == 0 else "matched",
+                          0.8, 0.6, "bench", t))
+        deer.append((k + 1, f"g{k * SIGHTINGS_PER_DEER:07d}", "unknown", SIGHTINGS_PER_DEER))
+    store.copy_rows(conn, "images", ("image_id", "path", "camera_id", "captured_at"), img)
+    store.copy_rows(conn, "detections", ("detection_id", "image_id", "camera_id", "captured_at", "day",
+                                         "bbox_x", "bbox_y", "bbox_w", "bbox_h", "confidence",
+                                         "classification", "sex", "encounter_id"), det)
+    store.copy_rows(conn, "crops", ("detection_id", "status"), [(d[0], "ok") for d in det])
+    store.copy_rows(conn, "deer", ("deer_id", "founding_detection_id", "sex", "sighting_count"), deer)
+    store.copy_rows(conn, "sightings", store.SIGHTING_COLUMNS, sight)
+    for m, v in VERSIONS.items():
+        c = np.repeat(centres(deer_from, deer_to, m), SIGHTINGS_PER_DEER, axis=0)
+        copy_embeddings(conn, ids, v, noisy(c, (deer_from, m == "multiscale")))
+
+
+def ensure_partition(engine, n: int, gallery_size: int) -> tuple[str, str, float]:
+    """A partition of n sightings (70% of gallery deer, 30% new), on a day after the gallery;
+    returns (camera, day, seconds per vector written through the HNSW index, 0 when none)."""
+    # the day after the gallery's last sighting (37 s apart from 2024-01-01), so that deciding
+    # the partition replays nothing; 2025-01-01 for galleries up to ~850k sightings
+    gallery_end = (T_GALLERY + dt.timedelta(seconds=37 * gallery_size)).date()
+    day_date = max(dt.date(2025, 1, 1), gallery_end + dt.timedelta(days=1))
+    camera, key = f"p{n}", f"partition_{n}_{day_date:%Y%m%d}"
     if meta(engine, key) == n:
-        return camera, str(day_date)
+        return camera, str(day_date), 0.0
     n_gallery_deer = gallery_size // SIGHTINGS_PER_DEER
     rng = np.random.default_rng(n)
     known = rng.random(n) < 0.7
     who = np.where(known, rng.integers(0, max(n_gallery_deer, 1), n), -1)
-    n_new = int((~known).sum())
-    new_c = {m: unit(np.random.default_rng(999 + n).standard_normal((max(n_new // 3, 1), DIM))) for m in VERSIONS}
-    new_ids = rng.integers(0, max(n_new // 3, 1), n)
-    c = centres(max(n_gallery_deer, 1))
-
-    def rows(conn):
-        start = conn.execute(sa.text("SELECT coalesce(max(image_id), 0) FROM images "
-                                     "WHERE image_id < :g"), {"g": GALLERY_IMAGE_ID0}).scalar_one() + 1
-        img_rows, det_rows, emb_rows = [], [], []
-        for i in range(n):
-            t = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(seconds=8 * i)
-            det = f"{camera}-{i:06d}"
-            img_rows.append((start + i, f"/bench/{camera}/{i}.jpg", camera, t))
-            det_rows.append((det, start + i, camera, t, day_date, 10.0, 10.0, 200.0, 150.0, 0.9, "unknown",
-                             "unknown", None))
-            for m, v in VERSIONS.items():
-                centre = c[m][who[i]] if who[i] >= 0 else new_c[m][new_ids[i]]
-                emb_rows.append((det, v, vec_text(noisy(centre[None, :], seed=7 * i + len(m))[0])))
+    n_new = max(int((~known).sum()) // 3, 1)
+    new_ids = rng.integers(0, n_new, n)
+    img_rows, det_rows, emb_rows = [], [], []
+    for i in range(n):
+        t = dt.datetime.combine(day_date, dt.time(), dt.timezone.utc) + dt.timedelta(seconds=8 * i)
+        det = f"{camera}-{i:06d}"
+        img_rows.append((1 + i, f"/bench/{camera}/{i}.jpg", camera, t))
+        det_rows.append((det, 1 + i, camera, t, day_date, 10.0, 10.0, 200.0, 150.0, 0.9, "unknown",
+                         "unknown", None))
+        for m, v in VERSIONS.items():
+            centre = centres(int(who[i]), int(who[i]) + 1, m)[0] if who[i] >= 0 else \
+                centres(10**8 + int(new_ids[i]), 10**8 + int(new_ids[i]) + 1, m)[0]
+            emb_rows.append((det, v, vec_text(noisy(centre[None, :], (7, i, len(m)))[0])))
+    with engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO cameras (camera_id) VALUES (:c) ON CONFLICT DO NOTHING"), {"c": camera})
-        conn.execute(sa.text("DELETE FROM similarity_scores WHERE partition_key LIKE :p"), {"p": f"{camera}|%"})
-        conn.execute(sa.text("DELETE FROM sightings WHERE partition_key LIKE :p"), {"p": f"{camera}|%"})
-        conn.execute(sa.text("DELETE FROM embeddings WHERE detection_id LIKE :p"), {"p": f"{camera}-%"})
-        conn.execute(sa.text("DELETE FROM crops WHERE detection_id LIKE :p"), {"p": f"{camera}-%"})
-        conn.execute(sa.text("DELETE FROM detections WHERE camera_id = :c"), {"c": camera})
+        for sql in ("DELETE FROM similarity_scores WHERE partition_key LIKE :p",
+                    "DELETE FROM sightings WHERE partition_key LIKE :p"):
+            conn.execute(sa.text(sql), {"p": f"{camera}|%"})
+        for sql in ("DELETE FROM deer WHERE founding_detection_id LIKE :p",
+                    "DELETE FROM embeddings WHERE detection_id LIKE :p", "DELETE FROM crops WHERE detection_id LIKE :p",
+                    "DELETE FROM detections WHERE detection_id LIKE :p", "DELETE FROM images WHERE path LIKE :q"):
+            conn.execute(sa.text(sql), {"p": f"{camera}-%", "q": f"/bench/{camera}/%"})
         store.copy_rows(conn, "images", ("image_id", "path", "camera_id", "captured_at"), img_rows)
         store.copy_rows(conn, "detections", ("detection_id", "image_id", "camera_id", "captured_at", "day",
                                              "bbox_x", "bbox_y", "bbox_w", "bbox_h", "confidence",
                                              "classification", "sex", "encounter_id"), det_rows)
         store.copy_rows(conn, "crops", ("detection_id", "status"), [(d[0], "ok") for d in det_rows])
+        has_index = conn.execute(sa.text("SELECT to_regclass('embeddings_vector_hnsw') IS NOT NULL")).scalar_one()
+        t = time.perf_counter()
         store.copy_rows(conn, "embeddings", ("detection_id", "embedding_version", "vector"), emb_rows)
+        per_vector = (time.perf_counter() - t) / len(emb_rows) if has_index else 0.0
+        conn.execute(sa.text("DELETE FROM bench_meta WHERE key LIKE :k"), {"k": f"partition_{n}%"})
         set_meta(conn, key, n)
-
-    # small next to the gallery: insert through the index instead of rebuilding it
-    bulk_load(engine, rows, f"partition {n}", drop_index=meta(engine, "gallery") < 5 * n)
-    return camera, str(day_date)
+    return camera, str(day_date), per_vector
 
 
-def withdraw_partitions(engine) -> None:
-    """Undo every measured partition's decisions so the gallery is back to its stored size."""
-    with engine.begin() as conn:
-        conn.execute(sa.text("DELETE FROM similarity_scores WHERE partition_key NOT LIKE 'gallery|%'"))
-        gone = conn.execute(sa.text("DELETE FROM sightings WHERE partition_key NOT LIKE 'gallery|%' "
-                                    "RETURNING deer_id")).scalars().all()
-        store.finish_deer(conn, set(gone), list(VERSIONS.values()))
-
-
-def old_loop(engine, camera: str, day: str, limit: int = 300) -> float:
-    """Detections per second of one HNSW query per detection (primary model, LIMIT 1)."""
+def partition_state(engine, camera: str) -> tuple[dict, dict]:
+    """(detection -> (founding detection of its deer, decision), detection -> candidate founders)."""
     with engine.connect() as conn:
-        ids = conn.execute(sa.text("SELECT detection_id FROM detections WHERE camera_id = :c AND day = :d "
-                                   "ORDER BY captured_at LIMIT :n"), {"c": camera, "d": day, "n": limit}).scalars().all()
-        vecs = store.load_vectors(conn, ids, VERSIONS["multiscale"])
-    t = time.perf_counter()
-    with engine.connect() as conn:
-        for i in ids:
-            conn.execute(sa.text(
-                "WITH nn AS MATERIALIZED (SELECT detection_id, vector <=> CAST(:q AS vector) d "
-                "  FROM embeddings WHERE embedding_version = :v ORDER BY vector <=> CAST(:q AS vector) LIMIT 40) "
-                "SELECT s.deer_id, nn.d FROM nn JOIN sightings s USING (detection_id) ORDER BY nn.d LIMIT 1"),
-                {"q": db.vector_literal(vecs[i]), "v": VERSIONS["multiscale"]}).all()
-    return len(ids) / (time.perf_counter() - t)
+        founder = dict(conn.execute(sa.text("SELECT deer_id, founding_detection_id FROM deer")).all())
+        dec = {r[0]: (founder[r[1]], r[2]) for r in conn.execute(sa.text(
+            "SELECT detection_id, deer_id, decision FROM sightings WHERE partition_key LIKE :p"), {"p": f"{camera}|%"})}
+        cands: dict[str, set] = {}
+        for d, c in conn.execute(sa.text("SELECT detection_id, candidate_deer_id FROM similarity_scores "
+                                         "WHERE partition_key LIKE :p"), {"p": f"{camera}|%"}):
+            cands.setdefault(d, set()).add(founder.get(c, c))
+    return dec, cands
 
 
-def recall_at_10(engine, n_queries: int = 100, ef_values=(40, 100, 200)) -> dict[int, float]:
-    """Recall@10 of the HNSW index (primary version rows) against exact search on the same rows."""
+def run_mode(engine, camera: str, day: str, search: str, ef: int = 200):
+    cpu = time.process_time()
+    s = decide_partition(engine, camera, day, MatchingSettings(search=search, hnsw_ef_search=ef),
+                         versions=VERSIONS)
+    return {"rate": s.decided / s.seconds, "s": s.seconds, "cpu": time.process_time() - cpu,
+            "matched": s.matched / max(s.decided, 1), "cache": s.gallery_cache, "phases": s.phase_seconds,
+            "decided": s.decided, "replayed": s.replayed, "state": partition_state(engine, camera)}
+
+
+def hnsw_recall_at_10(engine, n_queries: int = 100, ef_values=(40, 100, 200)) -> dict[int, float]:
+    """Recall@10 of the HNSW index for interactive look-ups ("which deer is this photo?": one
+    query vector, primary model) against exact search over the same rows."""
     v = VERSIONS["multiscale"]
     with engine.connect() as conn:
+        ids = np.array(conn.execute(sa.text("SELECT detection_id FROM embeddings WHERE embedding_version = :v "
+                                            "ORDER BY detection_id"), {"v": v}).scalars().all())
+        rng = np.random.default_rng(1)
+        probe = rng.choice(len(ids), size=min(n_queries, len(ids)), replace=False)
+        base = store.load_vectors(conn, list(ids[probe]), v)
+    queries = unit(np.vstack([base[i] for i in ids[probe]]) + 0.3 * rng.standard_normal((len(probe), DIM)) / np.sqrt(DIM))
+    scores = np.full((len(queries), 0), 0.0, np.float32)
+    top_ids = np.empty((len(queries), 0), object)
+    with engine.connect() as conn:       # exact top 10 by streaming the primary vectors in blocks
         cur = store.vector_cursor(conn)
         cur.execute("SELECT detection_id, vector FROM embeddings WHERE embedding_version = %s", (v,))
-        rows = cur.fetchall()
-    ids = np.array([r[0] for r in rows])
-    mat = np.vstack([r[1] for r in rows])
-    rng = np.random.default_rng(1)
-    qi = rng.choice(len(ids), size=min(n_queries, len(ids)), replace=False)
-    queries = unit(mat[qi] + 0.3 * rng.standard_normal((len(qi), DIM)) / np.sqrt(DIM))
-    exact = np.argsort(-(queries @ mat.T), axis=1)[:, :10]
+        while True:
+            rows = cur.fetchmany(50_000)
+            if not rows:
+                break
+            mat = np.vstack([r[1] for r in rows])
+            s = np.hstack([scores, queries @ mat.T])
+            i = np.hstack([top_ids, np.tile(np.array([r[0] for r in rows], object), (len(queries), 1))])
+            keep = np.argsort(-s, axis=1)[:, :10]
+            scores, top_ids = np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
     out = {}
     for ef in ef_values:
         hits = 0
         with engine.begin() as conn:
             conn.execute(sa.text("SELECT set_config('hnsw.ef_search', :e, true)"), {"e": str(ef)})
-            for q, ex in zip(queries, exact):
+            for q, ex in zip(queries, top_ids):
                 got = conn.execute(sa.text(
                     "SELECT detection_id FROM embeddings WHERE embedding_version = :v "
                     "ORDER BY vector <=> CAST(:q AS vector) LIMIT 10"),
                     {"q": db.vector_literal(q), "v": v}).scalars().all()
-                hits += len(set(got) & set(ids[ex]))
+                hits += len(set(got) & set(ex))
         out[ef] = hits / (10 * len(queries))
     return out
 
 
-def uses_index(engine) -> bool:
-    with engine.connect() as conn:
-        plan = "\n".join(conn.execute(sa.text(
-            "EXPLAIN SELECT detection_id FROM embeddings WHERE embedding_version = 'bench-ms' "
-            "ORDER BY vector <=> CAST(:q AS vector) LIMIT 10"), {"q": vec_text(np.ones(DIM) / np.sqrt(DIM))}).scalars())
-    return "embeddings_vector_hnsw" in plan
+def compare(exact_state, other_state) -> tuple[float, float, float]:
+    """(decision agreement, recall of exact's best candidate, recall of exact's candidate set)."""
+    (dec_e, cand_e), (dec_o, cand_o) = exact_state, other_state
+    agree = sum(dec_o.get(d) == v for d, v in dec_e.items()) / max(len(dec_e), 1)
+    best_hits, set_hits, set_total, n = 0, 0, 0, 0
+    for d, (founder, decision) in dec_e.items():
+        ce, co = cand_e.get(d, set()), cand_o.get(d, set())
+        set_hits += len(ce & co)
+        set_total += len(ce)
+        if decision == "matched":
+            n += 1
+            best_hits += founder in co
+    return agree, best_hits / max(n, 1), set_hits / max(set_total, 1)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="galleries 1k and 10k, partitions of 1k only")
+    ap.add_argument("--quick", action="store_true", help="galleries 1k and 10k")
     ap.add_argument("--galleries", type=int, nargs="*", help="gallery sizes (default 1000 10000 100000)")
-    ap.add_argument("--partitions", type=int, nargs="*", help="partition sizes (default 1000 10000)")
+    ap.add_argument("--partition", type=int, default=1000, help="sightings per partition (default 1000)")
+    ap.add_argument("--no-hnsw", action="store_true", help="no HNSW index, mode or recall (large galleries)")
     args = ap.parse_args()
     galleries = args.galleries or ([1000, 10000] if args.quick else [1000, 10000, 100000])
-    partitions = args.partitions or ([1000] if args.quick else [1000, 10000])
-
     started = time.perf_counter()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"# bench/matching.py {'--quick ' if args.quick else ''}on {platform.node()} "
+    print(f"# bench/matching.py {' '.join(sys.argv[1:])} on {platform.node()} "
           f"({platform.processor() or platform.machine()}, {os.cpu_count()} cpu, load average {load:.1f}), "
-          f"{dt.datetime.now().isoformat(timespec='minutes')}, data dir {db.data_dir()}", flush=True)
+          f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}, data dir {db.data_dir()}", flush=True)
     results = []
     for g in sorted(galleries):
+        gallery_cache.clear()
         engine = engine_for(g)
         setup(engine)
-        grow_gallery(engine, g)
-        withdraw_partitions(engine)
-        for n in partitions:
-            camera, day = ensure_partition(engine, n, g)
-            row = {"gallery": g, "partition": n}
-            for mode, search, ef in (("exact", "exact", 200), ("hnsw", "hnsw", 200), ("hnsw40", "hnsw", 40)):
-                withdraw_partitions(engine)
-                cpu = time.process_time()
-                s = decide_partition(engine, camera, day,
-                                     MatchingSettings(search=search, hnsw_ef_search=ef),
-                                     versions=VERSIONS)
-                row[f"{mode}_cpu"] = time.process_time() - cpu
-                row[mode] = s.decided / s.seconds
-                row[f"{mode}_matched"] = s.matched / max(s.decided, 1)
-                row[f"{mode}_s"] = s.seconds
-                if mode.startswith("hnsw"):
-                    row[f"{mode}_requeries"] = s.hnsw_requeries
-                    row[f"{mode}_fallbacks"] = s.hnsw_exact_fallbacks
-            row["old_loop"] = old_loop(engine, camera, day)
-            withdraw_partitions(engine)
-            results.append(row)
-            print(f"  gallery {g:>7} partition {n:>6}: exact {row['exact']:8.0f}/s ({row['exact_s']:.1f} s) "
-                  f"hnsw {row['hnsw']:8.0f}/s ({row['hnsw_s']:.1f} s) hnsw ef40 {row['hnsw40']:8.0f}/s "
-                  f"old loop {row['old_loop']:6.0f}/s", flush=True)
-    recall = recall_at_10(engine)
+        grow_gallery(engine, g, index=not args.no_hnsw)
+        camera, day, insert_s = ensure_partition(engine, args.partition, g)
+        row = {"gallery": g, "partition": args.partition, "insert_s": insert_s}
+        row["exact_cold"] = run_mode(engine, camera, day, "exact")
+        row["exact"] = run_mode(engine, camera, day, "exact")
+        row["two_stage_first"] = run_mode(engine, camera, day, "two_stage")
+        row["two_stage"] = run_mode(engine, camera, day, "two_stage")
+        if not args.no_hnsw:
+            row["hnsw"] = run_mode(engine, camera, day, "hnsw")
+            row["hnsw_recall"] = hnsw_recall_at_10(engine)
+        exact_state = row["exact"]["state"]
+        for m in ("exact_cold", "two_stage", "hnsw"):
+            if m in row:
+                row[m]["agree"], row[m]["best_recall"], row[m]["set_recall"] = compare(exact_state, row[m]["state"])
+        row["rss_mb"] = peak_rss_mb()
+        results.append(row)
+        r = row
+        print(f"  gallery {g:>8,}: exact cold {r['exact_cold']['rate']:7,.0f}/s ({r['exact_cold']['s']:.2f} s) "
+              f"exact {r['exact']['rate']:7,.0f}/s ({r['exact']['s']:.2f} s) "
+              f"two_stage {r['two_stage']['rate']:7,.0f}/s ({r['two_stage']['s']:.2f} s, first "
+              f"{r['two_stage_first']['s']:.2f} s, agreement {r['two_stage']['agree']:.2%})"
+              + (f" hnsw {r['hnsw']['rate']:5,.0f}/s" if "hnsw" in r else "")
+              + f"; peak RSS {r['rss_mb']:,.0f} MB", flush=True)
+        print(f"    phases exact {r['exact']['phases']} two_stage {r['two_stage']['phases']}; replayed sightings "
+              f"(should be 0) {r['exact']['replayed']}", flush=True)
     print()
-    print("| gallery sightings | partition sightings | exact assign/s (wall s, client cpu s) | "
-          "hnsw ef_search 200 assign/s (wall s, client cpu s) | hnsw ef_search 40 assign/s (wall s) | "
-          "old 1-query loop det/s (query only) | matched share exact / hnsw / hnsw40 | "
-          "re-queries / exact fallbacks (ef 200; ef 40) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| gallery sightings | exact, cold (gallery read) assign/s (wall s) | exact, in memory assign/s (wall s, client cpu s) "
+          "| two-stage assign/s (wall s, client cpu s) | two-stage / exact | two-stage agreement with exact "
+          "| recall of exact's best deer / of its candidates | hnsw ef 200 assign/s (wall s) | hnsw / exact "
+          "| hnsw agreement | peak RSS MB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['gallery']:,} | {r['partition']:,} | {r['exact']:,.0f} ({r['exact_s']:.1f}, {r['exact_cpu']:.1f}) | "
-              f"{r['hnsw']:,.0f} ({r['hnsw_s']:.1f}, {r['hnsw_cpu']:.1f}) | {r['hnsw40']:,.0f} ({r['hnsw40_s']:.1f}) | "
-              f"{r['old_loop']:,.0f} | {r['exact_matched']:.3f} / {r['hnsw_matched']:.3f} / {r['hnsw40_matched']:.3f} | "
-              f"{r['hnsw_requeries']} / {r['hnsw_fallbacks']}; {r['hnsw40_requeries']} / {r['hnsw40_fallbacks']} |")
-    g = max(galleries)
-    print(f"\nHNSW recall@10 vs exact at {g:,} gallery sightings (+ partition rows; primary model, "
-          f"planner uses the index: {uses_index(engine)}): "
-          + ", ".join(f"ef_search={ef}: {r:.3f}" for ef, r in recall.items()))
-    print(f"total bench time {time.perf_counter() - started:.0f} s")
+        e, c, t, h = r["exact"], r["exact_cold"], r["two_stage"], r.get("hnsw")
+        print(f"| {r['gallery']:,} | {c['rate']:,.0f} ({c['s']:.2f}) | {e['rate']:,.0f} ({e['s']:.2f}, {e['cpu']:.2f}) "
+              f"| {t['rate']:,.0f} ({t['s']:.2f}, {t['cpu']:.2f}) | {t['rate'] / e['rate']:.2f}x | {t['agree']:.2%} "
+              f"| {t['best_recall']:.4f} / {t['set_recall']:.4f} "
+              + (f"| {h['rate']:,.0f} ({h['s']:.2f}) | {h['rate'] / e['rate']:.2f}x | {h['agree']:.2%} " if h else "| - | - | - ")
+              + f"| {r['rss_mb']:,.0f} |")
+    for r in results:
+        if "hnsw_recall" in r:
+            print(f"HNSW recall@10 for one-vector look-ups at {r['gallery']:,} gallery sightings: "
+                  + ", ".join(f"ef_search={ef}: {v:.3f}" for ef, v in r["hnsw_recall"].items())
+                  + (f"; insert through the index {r['insert_s'] * 1e3:.2f} ms per vector" if r["insert_s"] else ""))
+    print(f"total bench time {time.perf_counter() - started:.0f} s, peak RSS {peak_rss_mb():,.0f} MB")
+    by = {r["gallery"]: r for r in results}
+
+    def auto(g):             # the mode search=auto takes at this gallery size
+        if g not in by:
+            return "n/a"
+        mode = "exact" if g < MatchingSettings().exact_search_max_gallery else "two_stage"
+        return f"{by[g][mode]['rate']:.0f}"
+    agree = min((r["two_stage"]["agree"] for r in results), default=float("nan"))
+    print(f"assignments/s gallery=10000: {auto(10000)}; gallery=100000: {auto(100000)}; "
+          f"agreement with exact: {100 * agree:.2f}%")
     return 0
 
 

@@ -39,9 +39,12 @@ REID_THRESHOLD = 0.60                      # ensemble similarity needed to join 
 ENSEMBLE_WEIGHTS = {"multiscale": 0.6, "efficientnet_b0": 0.4}
 SEX_FILTER = True                          # a female sighting never joins a male deer
 CANDIDATE_DEER = 20                        # candidate deer re-scored and recorded per sighting
-SEARCH = "auto"                            # auto | exact | hnsw
+SEARCH = "auto"                            # auto | exact | two_stage | hnsw
 HNSW_EF_SEARCH = 200
-EXACT_SEARCH_MAX_GALLERY = 200_000         # auto: exact scoring below this many sightings
+EXACT_SEARCH_MAX_GALLERY = 20_000          # auto: exhaustive exact scoring below this many sightings, two_stage above
+PROFILE_CANDIDATE_DEER = 50                # two_stage: deer ranked best by profile vector, then re-scored exactly
+GALLERY_CACHE = True                       # keep the gallery in memory across decisions of a process
+GALLERY_CACHE_ENTRIES = 2                  # galleries kept (database x embedding versions)
 # match score: cosine (global ensemble cosine) | local (inliers of local-feature verification) |
 # fused (mean of calibrated probabilities of both; the threshold is then a probability)
 MATCH_SCORE = "cosine"
@@ -323,9 +326,11 @@ class MatchingSettings:
     ensemble_weights: dict[str, float] = field(default_factory=lambda: dict(ENSEMBLE_WEIGHTS))
     sex_filter: bool = SEX_FILTER
     candidate_deer: int = CANDIDATE_DEER   # candidates re-scored exactly per encounter
-    search: str = SEARCH                   # auto | exact | hnsw
+    search: str = SEARCH                   # auto | exact | two_stage | hnsw
     hnsw_ef_search: int = HNSW_EF_SEARCH
     exact_search_max_gallery: int = EXACT_SEARCH_MAX_GALLERY
+    profile_candidate_deer: int = PROFILE_CANDIDATE_DEER
+    gallery_cache: bool = GALLERY_CACHE
     match_score: str = MATCH_SCORE          # cosine | local | fused
     verify_top_k: int = VERIFY_TOP_K
     encounter_pooling: str = ENCOUNTER_POOLING
@@ -340,8 +345,10 @@ class MatchingSettings:
                 raise SettingsError(f"thresholds_by_sex: unknown sex {sex!r}; use one of {SEXES}")
             check_threshold(f"thresholds_by_sex[{sex}]", t)
         check_weights(self.ensemble_weights)
-        if self.search not in ("auto", "exact", "hnsw"):
-            raise SettingsError(f"search must be auto, exact or hnsw, not {self.search!r}")
+        if self.search not in ("auto", "exact", "two_stage", "hnsw"):
+            raise SettingsError(f"search must be auto, exact, two_stage or hnsw, not {self.search!r}")
+        if self.profile_candidate_deer < 1:
+            raise SettingsError("profile_candidate_deer must be at least 1")
         if self.candidate_deer < 1:
             raise SettingsError("candidate_deer must be at least 1")
         if isinstance(self.local, dict):          # read back from JSON (e.g. the recorded decision settings)

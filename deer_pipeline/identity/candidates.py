@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from deer_pipeline.detections.encounters import (
     Encounter,
 )
-from deer_pipeline.embedding.models import unit_rows
 from deer_pipeline.identity import store
 from deer_pipeline.identity.gallery import (
+    FREE,
     Gallery,
     SexBook,
     per_deer_max,
@@ -31,7 +31,8 @@ HNSW_MAX_EF = 1000          # pgvector's upper bound for hnsw.ef_search
 @dataclass
 class _Search:
     """What candidate search needs: the in-memory gallery, the sexes of known deer and, for
-    ``hnsw``, the index reader."""
+    ``hnsw``, the index reader. ``complete``: the gallery holds every stored sighting (exact,
+    two_stage), so it can be kept in memory after the decision."""
 
     mode: str
     gallery: Gallery
@@ -40,35 +41,94 @@ class _Search:
     nearest: store.NearestSightings | None = None
     total_index_rows: int = 0
     loaded: set[int] = field(default_factory=set)
+    complete: bool = False
     flanks: object = None            # flanks.SideBook when the cosine decision is flank-aware
 
 
 def _prepare_search(conn, settings: MatchingSettings, models: list[str], weights: Mapping[str, float],
-                    vers: list[str], summary: DecisionSummary) -> _Search:
-    store.check_gallery_vectors(conn, vers)
-    n_static = store.gallery_size(conn)
+                    vers: list[str], summary: DecisionSummary, cached: Gallery | None = None,
+                    withdrawn_ids: Sequence[str] = ()) -> _Search:
+    """The search for this decision. ``cached``: the gallery kept in memory, of the store's
+    generation before the withdrawal (``withdrawn_ids`` are removed from it here); without it
+    the gallery is read from the store (after the withdrawal)."""
+    if cached is not None:
+        cached.remove(withdrawn_ids)
+        cached.grouped()                 # rows added by the last decision join the deer order
+        n_static = cached.n
+    else:
+        n_static = store.gallery_size(conn)
     summary.gallery_size = n_static
     mode = settings.search
     if mode == "auto":
-        mode = "exact" if n_static < settings.exact_search_max_gallery else "hnsw"
+        mode = "exact" if n_static < settings.exact_search_max_gallery else "two_stage"
     summary.search = mode
-    search = _Search(mode, Gallery(models, weights), SexBook(store.gallery_deer_sex_counts(conn)), vers)
-    if mode == "exact" and n_static:
-        g_deer, g_mats, g_ids = store.gallery_vectors(conn, vers)
-        search.gallery.append(g_deer, [unit_rows(m) for m in g_mats], g_ids)
     if mode == "hnsw":
+        store.check_gallery_vectors(conn, vers)
+        search = _Search(mode, Gallery(models, weights), SexBook(store.gallery_deer_sex_counts(conn)), vers)
         # the index holds every version's vectors: only a scan as large as the index is complete
         search.total_index_rows = store.embedding_row_count(conn)
         search.nearest = store.NearestSightings(conn, vers[0])
-    return search
+        return search
+    gallery = cached
+    if gallery is None:
+        gallery = Gallery(models, weights)
+        store.load_gallery(conn, vers, gallery, headroom=max(4096, n_static // 8))
+    return _Search(mode, gallery, SexBook(gallery.sex_counts()), vers, complete=True)
+
+
+def _chunk_scores(search: _Search, q_all: list[np.ndarray], n0: int, conn=None,
+                  query_ids: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of a chunk of query rows, computed once per chunk (one matmul): ``exact`` the best
+    score per deer over gallery rows 0..n0; ``two_stage`` the score against each deer's profile
+    (free profile rows left out); ``hnsw`` the rows loaded so far, like exact. Flank-aware
+    (``search.flanks``, exact and hnsw): when a query row has a known side, the scores of the
+    other flank's rows are masked before the per-deer maximum (two-stage's profiles mix flanks;
+    its candidates are masked in their exact re-scoring, ``flanks.flank_filtered``)."""
+    g = search.gallery
+    folded = g.fold(q_all)
+    if search.mode != "two_stage":
+        if search.flanks is not None and n0 and search.flanks.any_known(conn, query_ids):
+            S = g.scores(q_all, 0, n0, folded)
+            search.flanks.mask(conn, S, query_ids, g, 0, n0)
+            return per_deer_max(S, g.deer[:n0])
+        return g.deer_max(q_all, n0, folded)
+    P, pdeer = g.profile_rows()
+    if not len(pdeer):
+        return np.zeros(0, np.int64), np.zeros((len(folded), 0), np.float32)
+    live = pdeer != FREE              # rows of deer whose sightings were all withdrawn are free
+    if not live.all():
+        P, pdeer = P[live], pdeer[live]
+    return pdeer, folded @ P.T
 
 
 def _scored_candidates(conn, enc: Encounter, q: list[np.ndarray], deer0: np.ndarray, enc_M0: np.ndarray,
                        n0: int, excluded: set[int], search: _Search, settings: MatchingSettings,
                        summary: DecisionSummary) -> list[tuple]:
     """The encounter's candidate deer, re-scored exactly (float64, per deer), best first:
-    [(deer, best score, per-detection scores, per-model components)]."""
+    [(deer, best score, per-detection scores, per-model components)].
+
+    ``two_stage``: the ``profile_candidate_deer`` eligible deer with the best profile score (the
+    profile as it is now for deer that gained sightings since the chunk was scored) are re-scored
+    exactly on all their sightings; the best ``candidate_deer`` of them are the candidates."""
     gallery, sexes, enc_sex = search.gallery, search.sexes, enc.sex
+    if search.mode == "two_stage":
+        n1 = gallery.n
+        deer_ids, score = deer0, (enc_M0.max(axis=0) if len(deer0) else np.zeros(0, np.float32))
+        if n1 > n0:       # deer that gained sightings since the chunk was scored: their profile now
+            changed = np.unique(gallery.deer[n0:n1])
+            keep = ~np.isin(deer_ids, changed)
+            c_ids, P, _ = gallery.profiles(changed.tolist())
+            deer_ids = np.concatenate([deer_ids[keep], c_ids])
+            score = np.concatenate([score[keep], (gallery.fold(q) @ P.T).max(axis=0)])
+        shortlist = _top_candidates(deer_ids, score, settings, sexes, enc_sex, excluded,
+                                    want=settings.profile_candidate_deer)
+        if not shortlist:
+            return []
+        ids_a = np.array(sorted(c for c, _ in shortlist), np.int64)
+        sims, comps = gallery.best_pair_arrays(q, ids_a)
+        best = sims.max(axis=0)
+        top = np.lexsort((ids_a, -best))[: settings.candidate_deer]
+        return [(int(ids_a[j]), float(best[j]), sims[:, j], comps[:, j, :]) for j in top]
     if search.mode == "hnsw":
         need = min(settings.candidate_deer, sexes.eligible_static_rows(enc_sex, settings.sex_filter, excluded))
         if need > 0:
@@ -77,24 +137,23 @@ def _scored_candidates(conn, enc: Encounter, q: list[np.ndarray], deer0: np.ndar
             fresh = [d for d in found if d not in search.loaded]
             if fresh:
                 f_deer, f_mats, f_ids = store.gallery_vectors(conn, search.vers, deer_ids=fresh)
-                gallery.append(f_deer, [unit_rows(m) for m in f_mats], f_ids)
+                gallery.append(f_deer, f_mats, f_ids)
                 search.loaded.update(fresh)
-    deer_ids, M = deer0, enc_M0
+    deer_ids, best = deer0, (enc_M0.max(axis=0) if len(deer0) else np.zeros(0, np.float32))
     n1 = gallery.n
     if n1 > n0:       # rows added since the chunk was scored: decided or loaded since
         new_scores = gallery.scores(q, n0, n1)
         if search.flanks is not None:
             search.flanks.mask(conn, new_scores, enc.detection_ids, gallery, n0, n1)
         dx, Mx = per_deer_max(new_scores, gallery.deer[n0:n1])
+        sx = Mx.max(axis=0)
         at = np.searchsorted(deer0, dx)
         known = at < len(deer0)
         known[known] = deer0[at[known]] == dx[known]
-        M = enc_M0.copy()
-        M[:, at[known]] = np.maximum(M[:, at[known]], Mx[:, known])
-        deer_ids = np.concatenate([deer0, dx[~known]])
-        M = np.hstack([M, Mx[:, ~known]])
-    ranked = _top_candidates(deer_ids, M.max(axis=0) if len(deer_ids) else np.zeros(0),
-                             settings, sexes, enc_sex, excluded)
+        best = best.copy()
+        best[at[known]] = np.maximum(best[at[known]], sx[known])
+        deer_ids, best = np.concatenate([deer0, dx[~known]]), np.concatenate([best, sx[~known]])
+    ranked = _top_candidates(deer_ids, best, settings, sexes, enc_sex, excluded)
     cands = [(cand, float(sims.max()), sims, comp) for (cand, _), (sims, comp)
              in zip(ranked, gallery.best_pairs(q, [c for c, _ in ranked]))]
     cands.sort(key=lambda c: (-c[1], c[0]))
@@ -106,9 +165,9 @@ def _with_candidate(conn, cands: list[tuple], deer: int, q: list[np.ndarray], se
     among the candidates the scores found)."""
     if any(c[0] == deer for c in cands):
         return cands
-    if not search.gallery.rows_of.get(deer):
+    if not search.gallery.has(deer):
         d_deer, d_mats, d_ids = store.gallery_vectors(conn, search.vers, deer_ids=[deer])
-        search.gallery.append(d_deer, [unit_rows(m) for m in d_mats], d_ids)
+        search.gallery.append(d_deer, d_mats, d_ids)
         search.loaded.add(deer)
     (sims, comp), = search.gallery.best_pairs(q, [deer])
     return cands + [(deer, float(sims.max()), sims, comp)]
@@ -186,7 +245,7 @@ class _Rescorer:
             return cands
         s, v = self.settings, self.verifier
         deer_list = [c[0] for c in cands]
-        segs = [np.asarray(gallery.rows_of[d], np.int64) for d in deer_list]
+        segs = [gallery.rows(d) for d in deer_list]
         idx = np.concatenate(segs)
         col_deer = np.repeat(np.arange(len(segs)), [len(g) for g in segs])
         comps = np.stack([np.asarray(qm, np.float64) @ mat[idx].astype(np.float64).T
@@ -239,12 +298,12 @@ def _eligible(deer_id: int, settings: MatchingSettings, sexes: SexBook, enc_sex:
 
 
 def _top_candidates(deer_ids: np.ndarray, enc_scores: np.ndarray, settings: MatchingSettings,
-                    sexes: SexBook, enc_sex: str, excluded: set[int]) -> list[tuple[int, float]]:
-    """The best ``candidate_deer`` eligible deer, best first (ties by deer id)."""
+                    sexes: SexBook, enc_sex: str, excluded: set[int], want: int | None = None) -> list[tuple[int, float]]:
+    """The best ``want`` (default ``candidate_deer``) eligible deer, best first (ties by deer id)."""
     n = len(deer_ids)
     if n == 0:
         return []
-    want = settings.candidate_deer
+    want = settings.candidate_deer if want is None else want
     t = min(n, want + len(excluded) + 32)
     while True:
         if t < n:

@@ -73,6 +73,13 @@ class SideBook:
             self._rows = np.concatenate([self._rows, side_codes(self.side(d) for d in ids)])
         return self._rows[:n]
 
+    def any_known(self, conn, query_ids: Sequence[str] | None) -> bool:
+        """Has any of these detections a known side (then scores need masking)?"""
+        if not query_ids:
+            return False
+        self.load(conn, query_ids)
+        return any(self.side(d) is not None for d in query_ids)
+
     def mask(self, conn, scores: np.ndarray, query_ids: Sequence[str], gallery, lo: int, hi: int) -> None:
         """Set the scores (query rows x gallery rows ``lo:hi``) of opposite known flanks to -inf."""
         self.load(conn, query_ids)
@@ -93,14 +100,14 @@ def flank_filtered(conn, detection_ids: Sequence[str], q: list[np.ndarray], cand
     q_sides = [book.side(d) for d in detection_ids]
     if not cands or all(s is None for s in q_sides):
         return cands, 0
-    book.load(conn, [gallery.detection_ids[r] for c in cands for r in gallery.rows_of[c[0]]])
+    book.load(conn, [gallery.detection_ids[r] for c in cands for r in gallery.rows(c[0])])
     q_codes = side_codes(q_sides)
     w = np.array([gallery.weights[m] for m in gallery.models], np.float64)
     out, dropped = [], 0
     rows_k = np.arange(len(detection_ids))
     for cand in cands:
         deer = cand[0]
-        rows = np.asarray(gallery.rows_of[deer], np.int64)
+        rows = np.asarray(gallery.rows(deer), np.int64)
         compat = ~opposite_flanks(q_codes, side_codes(book.side(gallery.detection_ids[r]) for r in rows))
         if compat.all():
             out.append(cand)

@@ -1,11 +1,28 @@
-"""The in-memory gallery of decided sightings that match-or-create scores against: unit vectors per model with their deer, the ensemble score of queries against row ranges, the best pair per candidate deer, and the sexes of known deer."""
+"""The in-memory gallery of decided sightings that match-or-create scores against.
+
+One float32 matrix holds every sighting's vectors, the component models side by side
+(``[v_model1, v_model2]``, each a stored unit vector, never re-normalised), with a deer id, a
+sex code and a detection id per row. The ensemble score of queries against rows is ONE matmul:
+the weights are folded into the query (``[w1*q1, w2*q2] @ [g1, g2]^T``). Rows are kept grouped
+by deer through a precomputed order (rebuilt once per decision, not per chunk), so the best
+score per deer is a gather and a ``maximum.reduceat``; rows added during a decision (the
+"tail") are reduced on their own and merged. Each deer also has a running sum of its vectors per
+model, so its profile (the unit mean per model, ``deer_profile_vectors``) is known without
+reading the store: the two-stage search ranks deer by profile first (``candidates.py``).
+
+``gallery_cache.py`` keeps one gallery per database and embedding versions across decisions of
+a process, invalidated by the generation counter the store keeps.
+"""
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Mapping, Sequence
+
 import numpy as np
-from deer_pipeline.embedding.models import weighted_cosine
+
+SEX_CODE = {"unknown": 0, "female": 1, "male": 2}
+FREE = np.iinfo(np.int64).min      # a profile row that belongs to no deer (new deer have negative ids)
 
 
 def sex_compatible(sighting_sex: str, deer_sex: str) -> bool:
@@ -14,7 +31,7 @@ def sex_compatible(sighting_sex: str, deer_sex: str) -> bool:
 
 
 def per_deer_max(scores: np.ndarray, row_deer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reduce a (k x n) score matrix over gallery rows to (deer ids, k x n_deer) maxima."""
+    """Reduce a (k x n) score matrix over gallery rows to (sorted deer ids, k x n_deer) maxima."""
     if scores.shape[1] == 0:
         return np.zeros(0, np.int64), np.zeros((scores.shape[0], 0), np.float32)
     order = np.argsort(row_deer, kind="stable")
@@ -23,74 +40,363 @@ def per_deer_max(scores: np.ndarray, row_deer: np.ndarray) -> tuple[np.ndarray, 
     return sd[starts], np.maximum.reduceat(scores[:, order], starts, axis=1)
 
 
+def merge_max(deer_a: np.ndarray, M_a: np.ndarray, deer_b: np.ndarray, M_b: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-deer maxima of two (sorted deer ids, k x deer) results, as one sorted result."""
+    if len(deer_b) == 0:
+        return deer_a, M_a
+    if len(deer_a) == 0:
+        return deer_b, M_b
+    deer = np.union1d(deer_a, deer_b)
+    M = np.full((M_a.shape[0], len(deer)), -np.inf, np.float32)
+    M[:, np.searchsorted(deer, deer_a)] = M_a
+    ib = np.searchsorted(deer, deer_b)
+    M[:, ib] = np.maximum(M[:, ib], M_b)
+    return deer, M
+
+
 class Gallery:
-    """Gallery vectors held in memory: one growing matrix per model, a deer id per row."""
+    """Gallery vectors held in memory: one growing matrix (models side by side), a deer id, a
+    sex code and a detection id per row, rows grouped by deer through a precomputed order."""
 
     def __init__(self, models: Sequence[str], weights: Mapping[str, float]):
         self.models = list(models)
         self.weights = dict(weights)
+        self.w = np.array([self.weights[m] for m in self.models], np.float64)
+        self.dim = 0                      # per model
         self.n = 0
         self._cap = 0
-        self.mats: list[np.ndarray] = []
+        self.vec = np.zeros((0, 0), np.float32)
         self.deer = np.zeros(0, np.int64)
-        self.rows_of: dict[int, list[int]] = defaultdict(list)
-        self.detection_ids: list[str | None] = []       # per row (None when not given)
+        self.sex = np.zeros(0, np.int8)
+        self.detection_ids: list[str | None] = []
+        self._row_of: dict[str, int] | None = None       # detection id -> row (built when needed)
+        self._sums_ok = False                            # profiles built (see _init_profiles)
+        self.reindex()
 
-    def _grow(self, need: int, dim: int) -> None:
-        if self.n + need <= self._cap:
+    # -- storage ------------------------------------------------------------------------------
+    def reserve(self, rows: int, dim: int) -> None:
+        """Capacity for ``rows`` rows of ``dim`` per model (one allocation, no regrowth copies)."""
+        self.dim = self.dim or dim
+        if rows <= self._cap:
             return
-        cap = max(1024, 2 * self._cap, self.n + need)
-        mats = [np.zeros((cap, dim), np.float32) for _ in self.models]
-        for new, old in zip(mats, self.mats):
-            new[: self.n] = old[: self.n]
-        deer = np.zeros(cap, np.int64)
+        vec = np.empty((rows, self.dim * len(self.models)), np.float32)
+        if self.n:
+            vec[: self.n] = self.vec[: self.n]
+        deer = np.zeros(rows, np.int64)
         deer[: self.n] = self.deer[: self.n]
-        self.mats, self.deer, self._cap = mats, deer, cap
+        sex = np.zeros(rows, np.int8)
+        sex[: self.n] = self.sex[: self.n]
+        self.vec, self.deer, self.sex, self._cap = vec, deer, sex, rows
 
-    def append(self, deer_ids: np.ndarray, vectors: Sequence[np.ndarray],
-               detection_ids: Sequence[str] | None = None) -> None:
+    @property
+    def mats(self) -> list[np.ndarray]:
+        """One (rows x dim) view per model."""
+        d = self.dim
+        return [self.vec[:, i * d:(i + 1) * d] for i in range(len(self.models))]
+
+    def append(self, deer_ids: np.ndarray, vectors: Sequence[np.ndarray] | np.ndarray,
+               detection_ids: Sequence[str] | None = None, sexes: Sequence[str] | None = None) -> None:
+        """Add rows: ``vectors`` one (k x dim) matrix per model, or (k x dim*models)."""
         k = len(deer_ids)
         if k == 0:
             return
-        self.detection_ids += list(detection_ids) if detection_ids is not None else [None] * k
-        self._grow(k, vectors[0].shape[1])
-        for mat, v in zip(self.mats, vectors):
-            mat[self.n: self.n + k] = v
-        self.deer[self.n: self.n + k] = deer_ids
-        for i, d in enumerate(np.asarray(deer_ids).tolist()):
-            self.rows_of[d].append(self.n + i)
+        v = np.hstack(list(vectors)) if not isinstance(vectors, np.ndarray) else vectors
+        if self.n + k > self._cap:
+            self.reserve(max(1024, self.n + k, int(1.5 * self._cap)), v.shape[1] // len(self.models))
+        lo = self.n
+        self.vec[lo: lo + k] = v
+        self.deer[lo: lo + k] = deer_ids
+        self.sex[lo: lo + k] = [SEX_CODE.get(s, 0) for s in sexes] if sexes is not None else 0
+        ids = list(detection_ids) if detection_ids is not None else [None] * k
+        self.detection_ids += ids
+        if self._row_of is not None:
+            self._row_of.update((d, lo + i) for i, d in enumerate(ids) if d is not None)
         self.n += k
+        for i, d in enumerate(np.asarray(deer_ids).tolist()):
+            self._tail.setdefault(d, []).append(lo + i)
+        if self._sums_ok:
+            for d, rows in _group(np.asarray(deer_ids), np.arange(lo, lo + k)):
+                self._profile_add(d, rows, +1)
 
-    def scores(self, query: Sequence[np.ndarray], lo: int, hi: int) -> np.ndarray:
-        w = self.weights
-        return weighted_cosine({m: q for m, q in zip(self.models, query)},
-                                   {m: mat[lo:hi] for m, mat in zip(self.models, self.mats)},
-                                   {m: w[m] for m in self.models})
+    def remove(self, detection_ids: Sequence[str]) -> int:
+        """Remove the rows of these detections (those present); the last rows move into the holes.
+        Returns how many rows were removed."""
+        if self._row_of is None:
+            self._row_of = {d: i for i, d in enumerate(self.detection_ids) if d is not None}
+        rows = sorted((self._row_of.pop(d) for d in set(detection_ids) if d in self._row_of), reverse=True)
+        if self._sums_ok and rows:
+            rr = np.array(rows, np.int64)
+            for d, grp in _group(self.deer[rr], rr):
+                self._profile_add(d, grp, -1)
+        for r in rows:                          # highest first: a moved row is never a hole
+            last = self.n - 1
+            if r != last:
+                self.vec[r] = self.vec[last]
+                self.deer[r] = self.deer[last]
+                self.sex[r] = self.sex[last]
+                moved = self.detection_ids[last]
+                self.detection_ids[r] = moved
+                if moved is not None:
+                    self._row_of[moved] = r
+            self.detection_ids.pop()
+            self.n -= 1
+        if rows:
+            self.reindex()
+        return len(rows)
 
-    def best_pairs(self, query: Sequence[np.ndarray], deer_ids: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """For each deer: per query row, the best ensemble similarity to the deer's rows and the
-        per-model cosines of that best pair (query rows x models).
+    def relabel(self, mapping: Mapping[int, int]) -> None:
+        """Rename deer (provisional ids of new deer -> their real ids)."""
+        if not mapping:
+            return
+        d = self.deer[: self.n]
+        hit = np.isin(d, np.fromiter(mapping, np.int64))
+        d[hit] = [mapping[x] for x in d[hit].tolist()]
+        if self._sums_ok:
+            for a, b in mapping.items():
+                r = self._prow.pop(a, None)
+                if r is None:
+                    continue
+                if b in self._prow:          # the id of a deer with rows already: merge the sums
+                    t = self._prow[b]
+                    self._psum[t] += self._psum[r]
+                    self._pcount[t] += self._pcount[r]
+                    self._psum[r], self.prof[r], self._pcount[r], self.prof_deer[r] = 0, 0, 0, FREE
+                    self._normalise(np.array([t]))
+                    continue
+                self._prow[b] = r
+                self.prof_deer[r] = b
+        self.reindex()
+
+    # -- grouping by deer -----------------------------------------------------------------------
+    def reindex(self) -> None:
+        """Group the rows by deer (the precomputed order); later rows form the tail."""
+        d = self.deer[: self.n]
+        self._order = np.argsort(d, kind="stable")
+        sd = d[self._order]
+        self._starts = np.flatnonzero(np.r_[True, sd[1:] != sd[:-1]]) if self.n else np.zeros(0, np.int64)
+        self.seg_deer = sd[self._starts] if self.n else np.zeros(0, np.int64)
+        self._ends = np.r_[self._starts[1:], self.n].astype(np.int64)
+        self._seg_of = dict(zip(self.seg_deer.tolist(), range(len(self.seg_deer))))
+        self._sorted_n = self.n
+        self._tail: dict[int, list[int]] = {}
+
+    def grouped(self) -> None:
+        """Every row in the precomputed deer order (reindex only when rows were added since)."""
+        if self._sorted_n != self.n:
+            self.reindex()
+
+    def rows(self, deer_id: int) -> np.ndarray:
+        """Row indices of one deer."""
+        j = self._seg_of.get(deer_id)
+        base = self._order[self._starts[j]: self._ends[j]] if j is not None else np.zeros(0, np.int64)
+        tail = self._tail.get(deer_id)
+        return np.concatenate([base, np.asarray(tail, np.int64)]) if tail else base
+
+    def has(self, deer_id: int) -> bool:
+        return deer_id in self._seg_of or deer_id in self._tail
+
+    # -- scoring --------------------------------------------------------------------------------
+    def fold(self, query: Sequence[np.ndarray]) -> np.ndarray:
+        """The query rows with the ensemble weights folded in: ``[w1*q1, w2*q2]`` (float32)."""
+        return np.hstack([np.asarray(q, np.float32) * np.float32(w) for q, w in zip(query, self.w)])
+
+    def scores(self, query: Sequence[np.ndarray], lo: int, hi: int, folded: np.ndarray | None = None) -> np.ndarray:
+        """Ensemble similarity (float32) of the query rows to gallery rows lo..hi: one matmul."""
+        f = self.fold(query) if folded is None else folded
+        return f @ self.vec[lo:hi].T
+
+    def deer_max(self, query: Sequence[np.ndarray], n0: int, folded: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted deer ids, query rows x deer) best ensemble score per deer over rows 0..n0."""
+        k = len(query[0])
+        if n0 == 0:
+            return np.zeros(0, np.int64), np.zeros((k, 0), np.float32)
+        f = self.fold(query) if folded is None else folded
+        ns = min(self._sorted_n, n0)
+        deer, M = np.zeros(0, np.int64), np.zeros((k, 0), np.float32)
+        if ns:
+            S = f @ self.vec[:ns].T
+            deer, M = self.seg_deer, np.maximum.reduceat(S[:, self._order], self._starts, axis=1)
+        if n0 > ns:
+            deer, M = merge_max(deer, M, *per_deer_max(f @ self.vec[ns:n0].T, self.deer[ns:n0]))
+        return deer, M
+
+    def gather(self, deer_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(row indices of these deer one deer after the other, rows per deer)."""
+        nd = len(deer_ids)
+        js = np.array([self._seg_of.get(d, -1) for d in deer_ids], np.int64)
+        ok = js >= 0
+        st = np.where(ok, self._starts[np.maximum(js, 0)] if len(self._starts) else 0, 0)
+        lens = np.where(ok, (self._ends[np.maximum(js, 0)] if len(self._ends) else 0) - st, 0)
+        offs = np.cumsum(lens) - lens
+        idx = self._order[np.repeat(st - offs, lens) + np.arange(int(lens.sum()))]
+        if not self._tail:
+            return idx, lens
+        tails = [(j, self._tail[d]) for j, d in enumerate(deer_ids) if d in self._tail]
+        if not tails:
+            return idx, lens
+        t_rows = np.concatenate([np.asarray(r, np.int64) for _, r in tails])
+        t_seg = np.repeat([j for j, _ in tails], [len(r) for _, r in tails])
+        seg = np.concatenate([np.repeat(np.arange(nd), lens), t_seg])
+        order = np.argsort(seg, kind="stable")
+        lens = lens + np.bincount(t_seg, minlength=nd)
+        return np.concatenate([idx, t_rows])[order], lens
+
+    def best_pair_arrays(self, query: Sequence[np.ndarray], deer_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(sims: query rows x deer, comps: query rows x deer x models): per query row and deer
+        the best ensemble similarity to the deer's rows and the per-model cosines of that pair.
 
         The best row is found in float32; its similarity is then recomputed in float64 from the
         two vectors alone, so the value stored and compared with the threshold does not depend
         on what else is in the gallery or on BLAS blocking (a re-run reproduces it exactly)."""
-        segs = [np.asarray(self.rows_of[d]) for d in deer_ids]
-        if not segs:
-            return []
-        idx = np.concatenate(segs)
-        w32 = [np.float32(self.weights[m]) for m in self.models]
-        ens = sum(w * (q @ mat[idx].T) for w, q, mat in zip(w32, query, self.mats))   # k x rows
-        k = ens.shape[0]
-        bounds = np.cumsum([0] + [len(g) for g in segs])
-        best_rows = np.stack([idx[lo + ens[:, lo:hi].argmax(axis=1)]
-                              for lo, hi in zip(bounds[:-1], bounds[1:])], axis=1)  # k x deer
-        flat = best_rows.ravel()
+        idx, lens = self.gather(deer_ids)
+        if (lens == 0).any():
+            raise KeyError(f"deer without sightings in the gallery: {[d for d, n in zip(deer_ids, lens) if not n]}")
+        ens = self.fold(query) @ self.vec[idx].T                                    # k x rows
+        k, R, nd = ens.shape[0], len(idx), len(lens)
+        bounds = np.r_[0, np.cumsum(lens)[:-1]]
+        mx = np.maximum.reduceat(ens, bounds, axis=1)                                # k x deer
+        pos = np.where(ens == np.repeat(mx, lens, axis=1), np.arange(R), R)
+        first = np.minimum.reduceat(pos, bounds, axis=1)                             # first best row
+        flat = idx[first].ravel()
+        d = self.dim
         comps = np.stack([np.einsum("kd,kjd->kj", np.asarray(q, np.float64),
-                                    mat[flat].astype(np.float64).reshape(k, len(segs), -1))
-                          for q, mat in zip(query, self.mats)], axis=-1)          # k x deer x models
-        w64 = np.array([self.weights[m] for m in self.models])
-        sims = comps @ w64                                                        # k x deer
-        return [(sims[:, j], comps[:, j, :]) for j in range(len(segs))]
+                                    self.vec[flat, i * d:(i + 1) * d].astype(np.float64).reshape(k, nd, -1))
+                          for i, q in enumerate(query)], axis=-1)          # k x deer x models
+        return comps @ self.w, comps
+
+    def best_pairs(self, query: Sequence[np.ndarray], deer_ids: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each deer: per query row, the best ensemble similarity to the deer's rows and the
+        per-model cosines of that best pair (query rows x models); see ``best_pair_arrays``."""
+        if not len(deer_ids):
+            return []
+        sims, comps = self.best_pair_arrays(query, deer_ids)
+        return [(sims[:, j], comps[:, j, :]) for j in range(len(deer_ids))]
+
+    # -- per deer -------------------------------------------------------------------------------
+    def sex_counts(self) -> dict[int, tuple[int, int, int]]:
+        """deer -> (female rows, male rows, rows), from the rows themselves."""
+        d = self.deer[: self.n]
+        if not self.n:
+            return {}
+        ids, inv = np.unique(d, return_inverse=True)
+        s = self.sex[: self.n]
+        f = np.bincount(inv, weights=(s == 1), minlength=len(ids)).astype(np.int64)
+        m = np.bincount(inv, weights=(s == 2), minlength=len(ids)).astype(np.int64)
+        n = np.bincount(inv, minlength=len(ids))
+        return dict(zip(ids.tolist(), zip(f.tolist(), m.tolist(), n.tolist())))
+
+    def _init_profiles(self) -> None:
+        """Per deer: the sum of its rows and the profile (per model the unit mean), one row per
+        deer, kept up to date by append/remove/relabel from now on."""
+        if self._sorted_n != self.n:
+            self.reindex()
+        nd = len(self.seg_deer)
+        D = self.dim * len(self.models)
+        cap = max(1024, int(nd * 1.25))
+        self._psum = np.zeros((cap, D), np.float32)
+        self.prof = np.zeros((cap, D), np.float32)
+        self.prof_deer = np.full(cap, FREE, np.int64)     # profile row -> deer (FREE: none)
+        self._pcount = np.zeros(cap, np.int64)
+        self._prow: dict[int, int] = {}
+        self._pn = nd
+        step = 65536                                      # rows per block: no copy of the gallery
+        j = 0
+        while j < nd:
+            k = int(np.searchsorted(self._starts, self._starts[j] + step, side="left"))
+            k = max(k, j + 1)
+            lo, hi = self._starts[j], self._ends[k - 1]
+            block = self.vec[self._order[lo:hi]]
+            self._psum[j:k] = np.add.reduceat(block, self._starts[j:k] - lo, axis=0)
+            j = k
+        self._pcount[:nd] = self._ends - self._starts
+        self.prof_deer[:nd] = self.seg_deer
+        self._prow = dict(zip(self.seg_deer.tolist(), range(nd)))
+        self._normalise(np.arange(nd))
+        self._sums_ok = True
+
+    def _normalise(self, prow: np.ndarray) -> None:
+        d = self.dim
+        for i in range(len(self.models)):
+            blk = self._psum[prow, i * d:(i + 1) * d]
+            self.prof[prow, i * d:(i + 1) * d] = blk / np.maximum(
+                np.linalg.norm(blk, axis=1, keepdims=True), np.float32(1e-12))
+
+    def _profile_add(self, deer_id: int, rows: np.ndarray, sign: int) -> None:
+        r = self._prow.get(deer_id)
+        if r is None:
+            if self._pn == len(self.prof_deer):
+                self._grow_profiles()
+            r = self._prow[deer_id] = self._pn
+            self._pn += 1
+            self.prof_deer[r] = deer_id
+        v = self.vec[rows].sum(axis=0)
+        self._psum[r] += v if sign > 0 else -v
+        self._pcount[r] += sign * len(rows)
+        if self._pcount[r] <= 0:
+            self._psum[r] = 0
+            self.prof[r] = 0
+            self._pcount[r] = 0
+            self.prof_deer[r] = FREE
+            del self._prow[deer_id]
+        else:
+            self._normalise(np.array([r]))
+
+    def _grow_profiles(self) -> None:
+        cap = 2 * len(self.prof_deer)
+        for name in ("_psum", "prof"):
+            a = getattr(self, name)
+            b = np.zeros((cap, a.shape[1]), np.float32)
+            b[: len(a)] = a
+            setattr(self, name, b)
+        self.prof_deer = np.r_[self.prof_deer, np.full(cap - len(self.prof_deer), FREE, np.int64)]
+        self._pcount = np.r_[self._pcount, np.zeros(cap - len(self._pcount), np.int64)]
+
+    def profiles(self, deer_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(deer ids, profile matrix deer x dim*models: per model the unit mean of the deer's
+        rows, float32, row counts) for these deer (default: every deer)."""
+        if not self._sums_ok:
+            if not self.dim:                 # nothing stored yet
+                return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+            self._init_profiles()
+        ids = [d for d in (self._prow if deer_ids is None else deer_ids) if d in self._prow]
+        rows = np.array([self._prow[d] for d in ids], np.int64)
+        return np.asarray(ids, np.int64), self.prof[rows], self._pcount[rows]
+
+    def exact_profiles(self, deer_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Like ``profiles`` but summed afresh in float64 from each deer's rows in detection-id
+        order, so the stored profile does not depend on the order rows came and went."""
+        ids = [d for d in deer_ids if self.has(d)]
+        P = np.zeros((len(ids), self.dim * len(self.models)), np.float32)
+        counts = np.zeros(len(ids), np.int64)
+        d = self.dim
+        for j, deer in enumerate(ids):
+            rows = self.rows(deer)
+            rows = rows[np.argsort([self.detection_ids[r] or "" for r in rows.tolist()], kind="stable")]
+            total = self.vec[rows].astype(np.float64).sum(axis=0)
+            for i in range(len(self.models)):
+                blk = total[i * d:(i + 1) * d]
+                P[j, i * d:(i + 1) * d] = blk / max(np.linalg.norm(blk), 1e-12)
+            counts[j] = len(rows)
+        return np.asarray(ids, np.int64), P, counts
+
+    def profile_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(profile matrix with free rows zero, deer per row, ``FREE`` for free rows): for ranking."""
+        if not self._sums_ok:
+            if not self.dim:                 # nothing stored yet
+                return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+            self._init_profiles()
+        return self.prof[: self._pn], self.prof_deer[: self._pn]
+
+
+def _group(deer: np.ndarray, rows: np.ndarray):
+    """(deer, its rows) for rows given with their deer."""
+    order = np.argsort(deer, kind="stable")
+    sd, sr = deer[order], rows[order]
+    cuts = np.flatnonzero(np.r_[True, sd[1:] != sd[:-1]])
+    for a, b in zip(cuts, np.r_[cuts[1:], len(sd)]):
+        yield int(sd[a]), sr[a:b]
 
 
 class SexBook:

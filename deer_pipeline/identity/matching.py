@@ -34,15 +34,23 @@ either; a mean profile would blur poses together and an average over pairs would
 varied galleries. The price is that a large gallery offers more chances for a chance look-alike,
 which the threshold report and the merge-candidate check watch.
 
-Candidate retrieval: ``exact`` scores every gallery vector in batched numpy (the gallery is
-loaded once per partition; encounters are scored in chunks against it, and sightings decided
-during the run are added as they are decided). ``hnsw`` asks pgvector's HNSW index for the
-nearest stored sightings of the primary (highest-weight) model per detection and re-scores the
-candidate deer exactly on their whole gallery and all models. pgvector 0.6 applies WHERE filters
-(version, gallery membership, sex) after the index scan and returns at most ``hnsw.ef_search``
-rows, so when too few eligible deer come back the query is repeated with a doubled ef_search (up
-to 1000) and finally replaced by an exact sequential scan. ``auto`` = exact below
-``exact_search_max_gallery`` stored sightings, else hnsw.
+Candidate retrieval. The gallery is held in memory (``gallery.py``: every stored sighting's
+vectors in one matrix, the models side by side, rows grouped by deer) and kept across decisions
+of a process (``gallery_cache.py``): each decision applies its own changes to it, and a gallery
+whose generation differs from the store's (``gallery_generation``, bumped by triggers on every
+write to sightings) is reloaded with one binary COPY, never used. ``exact`` scores every gallery
+row (one matmul per chunk of encounters, the ensemble weights folded into the query; sightings
+decided during the run are added as they are decided). ``two_stage`` ranks deer by their profile
+vectors (per model the unit mean of the deer's sightings, kept up to date in memory) and re-scores
+the best ``profile_candidate_deer`` exactly on all their sightings (bench/matching.py measures its
+agreement with ``exact``). In every mode the score kept and compared with the threshold is the
+float64 weighted sum of the best pair's per-model cosines. ``hnsw`` asks pgvector's HNSW index
+for the nearest stored sightings of the primary (highest-weight) model per detection and
+re-scores the candidate deer exactly on their whole gallery and all models. pgvector 0.6 applies
+WHERE filters (version, gallery membership, sex) after the index scan and returns at most
+``hnsw.ef_search`` rows, so when too few eligible deer come back the query is repeated with a
+doubled ef_search (up to 1000) and finally replaced by an exact sequential scan. ``auto`` =
+exact below ``exact_search_max_gallery`` stored sightings, else two_stage.
 
 Plain logic: no Dagster here.
 """
@@ -71,17 +79,17 @@ from deer_pipeline.detections.encounters import (
     order_key,
 )
 from deer_pipeline.embedding import models as embedders
-from deer_pipeline.embedding.models import unit_rows
-from deer_pipeline.identity import reviews, store
+from deer_pipeline.identity import gallery_cache, reviews, store
 from deer_pipeline.identity.flanks import SideBook, flank_filtered
 from deer_pipeline.identity.candidates import (
+    _chunk_scores,
     _prepare_search,
     _Rescorer,
     _scored_candidates,
     _Search,
     _with_candidate,
 )
-from deer_pipeline.identity.gallery import per_deer_max, sex_compatible
+from deer_pipeline.identity.gallery import sex_compatible
 from deer_pipeline.identity.store import MatchingError
 from deer_pipeline.settings import MatchingSettings
 
@@ -139,6 +147,7 @@ class DecisionSummary:
     deer_ids: list[int] = field(default_factory=list)
     hnsw_requeries: int = 0
     hnsw_exact_fallbacks: int = 0
+    gallery_cache: str = ""          # hit (kept in memory) | none / stale (read from the store) | off
     reviewed: int = 0                # sightings of this partition whose decision a review fixed
     excluded_by_review: int = 0      # detections of this partition a review made unidentifiable
     local_verification: dict = field(default_factory=dict)   # local/fused: verifier counts and reasons
@@ -155,10 +164,6 @@ class DecisionSummary:
         d = {k: v for k, v in self.__dict__.items() if k not in ("unassigned_ids", "deer_ids")}
         d["assignment_rate"] = self.assignment_rate
         return d
-
-
-def _components_json(models: Sequence[str], values: Sequence[float]) -> str:
-    return "{" + ", ".join(f'"{m}": {v:.6f}' for m, v in zip(models, values)) + "}"
 
 
 def _box(d: store.DetectionRow) -> DetectionBox:
@@ -227,10 +232,15 @@ def decide_partitions(engine: Engine, partitions: Sequence[tuple[str, str | date
     summaries = {k: DecisionSummary(partition_key=k, threshold=settings.reid_threshold,
                                     thresholds_by_sex=dict(settings.thresholds_by_sex)) for k in keys}
     run = DecisionSummary(partition_key=",".join(keys))        # what the partitions share
+    keep = None                  # (cache key, generation, gallery) to keep once committed
     with _blas_threads(BLAS_THREADS), engine.begin() as conn, db.advisory_lock(conn, db.IDENTITY_LOCK_KEY):
+        generation = store.lock_gallery_generation(conn)
         comps = store.resolve_versions(conn, models, versions)
         vers = [comps[m] for m in models]
         run.components, run.embedding_version = comps, ensemble_version(comps, weights)
+        key = gallery_cache.cache_key(engine, vers, weights)
+        cached, run.gallery_cache = gallery_cache.checkout(key, generation) if settings.gallery_cache \
+            else (None, "off")
         # -- people in the loop: standing review decisions (identity/reviews.py) --------------
         constraints = reviews.load_constraints(conn)
         own_dets, new_encs, part_of = [], [], {}
@@ -249,7 +259,8 @@ def decide_partitions(engine: Engine, partitions: Sequence[tuple[str, str | date
                                                      constraints.excluded)
         review = reviews.ReviewTracker(constraints, reviews.stored_deer(conn, constraints.involved())) \
             if constraints else None
-        search = _prepare_search(conn, settings, models, weights, vers, run)
+        search = _prepare_search(conn, settings, models, weights, vers, run, cached,
+                                 [w.detection_id for w in withdrawn])
         qv = _query_vectors(conn, encounters, models, vers)
         rescorer = _Rescorer.for_settings(conn, engine, settings, verifier, run) \
             if settings.match_score != "cosine" else None
@@ -263,8 +274,12 @@ def decide_partitions(engine: Engine, partitions: Sequence[tuple[str, str | date
             run.local_verification.update(rescorer.verifier.metadata())
         t_decided = time.perf_counter()
         run.phase_seconds["decide"] = round(t_decided - t_loaded, 3)
-        _write_decisions(conn, out, withdrawn, vers, summaries, run)
+        _write_decisions(conn, out, withdrawn, vers, summaries, run, search)
         reviews.record_decision_settings(conn, settings, comps)
+        if settings.gallery_cache and search.complete:
+            keep = (key, store.gallery_generation(conn), search.gallery)
+    if keep is not None:
+        gallery_cache.checkin(*keep)
     run.seconds = time.perf_counter() - t_start
     run.phase_seconds["write"] = round(run.seconds - (t_decided - t_start), 3)
     for sm in summaries.values():
@@ -279,8 +294,8 @@ def decide_partitions(engine: Engine, partitions: Sequence[tuple[str, str | date
 
 # Summary fields that describe the whole call, copied into every partition's summary.
 SHARED_FIELDS = ("replayed", "replayed_partitions", "embedding_version", "components", "search",
-                 "gallery_size", "deer_total", "deer_removed", "hnsw_requeries", "hnsw_exact_fallbacks",
-                 "local_verification", "other_flank_only", "seconds", "phase_seconds")
+                 "gallery_size", "gallery_cache", "deer_total", "deer_removed", "hnsw_requeries",
+                 "hnsw_exact_fallbacks", "local_verification", "other_flank_only", "seconds", "phase_seconds")
 
 
 def _decidable_detections(conn, camera_id: str, day: str, comps: Mapping[str, str], vers: list[str],
@@ -358,6 +373,7 @@ class _Outcome:
     score_rows: list[list] = field(default_factory=list)
     next_prov: int = -1                                              # provisional ids of new deer
     max_sim: dict[str, float] = field(default_factory=dict)          # partition -> best score seen
+    score_models: list[str] = field(default_factory=list)            # the components of each score row
 
 
 def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _Search,
@@ -375,16 +391,10 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
     gallery = search.gallery
     for c0 in range(0, len(encounters), CHUNK_ENCOUNTERS):
         chunk = encounters[c0: c0 + CHUNK_ENCOUNTERS]
-        q_all = [unit_rows(np.vstack([qv[m][d.detection_id] for e in chunk for d in e.detections]))
+        q_all = [np.vstack([qv[m][d.detection_id] for e in chunk for d in e.detections]).astype(np.float32)
                  for m in models]
         n0 = gallery.n
-        if n0:
-            scores0 = gallery.scores(q_all, 0, n0)
-            if sides is not None:        # flank-aware: opposite flanks are not compared
-                sides.mask(conn, scores0, [d.detection_id for e in chunk for d in e.detections], gallery, 0, n0)
-            deer0, M0 = per_deer_max(scores0, gallery.deer[:n0])
-        else:
-            deer0, M0 = np.zeros(0, np.int64), np.zeros((len(q_all[0]), 0), np.float32)
+        deer0, M0 = _chunk_scores(search, q_all, n0, conn, [d.detection_id for e in chunk for d in e.detections])
         pos = 0
         for enc in chunk:
             k = len(enc.detections)
@@ -426,6 +436,7 @@ def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], o
     vkey, enc_sex, k = run.embedding_version, enc.sex, len(enc.detections)
     pkey = part_of[enc.detections[0].detection_id]
     threshold = settings.threshold_for(enc_sex)
+    out.score_models = models
     best_deer, best_score = (cands[0][:2] if cands else (None, None))
     if forced is not None:
         best_deer, best_score = forced, next(c[1] for c in cands if c[0] == forced)
@@ -443,13 +454,13 @@ def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], o
             if not np.isfinite(s):       # flank-aware: this detection was not compared with the deer
                 continue
             out.score_rows.append([d.detection_id, enc.encounter_key, cand, float(s),
-                                   _components_json(models, cm), sm, cand == deer, threshold,
-                                   vkey, part_of[d.detection_id]])
+                                   cm, sm, cand == deer, threshold, vkey, part_of[d.detection_id]])
     for d in enc.detections:
         out.sighting_rows.append([d.detection_id, deer, enc.encounter_key, part_of[d.detection_id],
                                   decision, best_score, threshold, vkey, d.captured_at])
     out.deer_of[enc.encounter_key] = deer
-    search.gallery.append(np.full(k, deer, np.int64), q, [d.detection_id for d in enc.detections])
+    search.gallery.append(np.full(k, deer, np.int64), q, [d.detection_id for d in enc.detections],
+                          [d.sex for d in enc.detections])
     search.sexes.add(deer, [d.sex for d in enc.detections])
     if own is not None:
         own.decided += k
@@ -460,16 +471,18 @@ def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], o
 
 
 def _write_decisions(conn, out: _Outcome, withdrawn: list, vers: list[str],
-                     summaries: Mapping[str, DecisionSummary], run: DecisionSummary) -> None:
-    """New deer get real ids; sightings and scores are written with COPY; the deer touched get
-    their counts and profile vectors. Score rows of replayed partitions count in ``run``."""
+                     summaries: Mapping[str, DecisionSummary], run: DecisionSummary, search: _Search) -> None:
+    """New deer get real ids (in the in-memory gallery too); sightings and scores are written
+    with COPY; the deer touched get their counts and profile vectors (from the gallery when it
+    holds every sighting). Score rows of replayed partitions count in ``run``."""
     real = store.create_deer(conn, out.founders)
+    search.gallery.relabel(real)
     for r in out.sighting_rows:
         r[1] = real.get(r[1], r[1])
     for r in out.score_rows:
         r[2] = real.get(r[2], r[2])
     store.copy_rows(conn, "sightings", store.SIGHTING_COLUMNS, out.sighting_rows)
-    store.copy_rows(conn, "similarity_scores", store.SCORE_COLUMNS, out.score_rows)
+    store.copy_scores(conn, out.score_rows, out.score_models)
     rows_by_part = Counter(r[9] for r in out.score_rows)
     deer_by_part: dict[str, set[int]] = defaultdict(set)
     for r in out.sighting_rows:
@@ -480,7 +493,7 @@ def _write_decisions(conn, out: _Outcome, withdrawn: list, vers: list[str],
         sm.max_similarity = None if k not in out.max_sim else float(out.max_sim[k])
     run.score_rows = sum(rows_by_part.values())
     affected = {w.deer_id for w in withdrawn} | {r[1] for r in out.sighting_rows}
-    run.deer_removed = store.finish_deer(conn, affected, vers)
+    run.deer_removed = store.finish_deer(conn, affected, vers, search.gallery if search.complete else None)
     run.deer_total = store.deer_total(conn)
 
 

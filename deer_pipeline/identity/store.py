@@ -193,8 +193,11 @@ def withdraw(conn: sa.Connection, partition_keys: str | Sequence[str], since: da
     ``since`` (those are replayed). Their similarity scores go with them. Returns what was
     withdrawn; deer left without sightings are removed later (see ``finish_deer``)."""
     params = {"p": _keys(partition_keys), "t": since}
-    later = ("OR encounter_key IN (SELECT encounter_key FROM sightings GROUP BY encounter_key "
-             "HAVING min(captured_at) >= :t)") if since is not None else ""
+    # encounters with a sighting at or after ``since`` and none before it: found through the
+    # capture-time and encounter indexes, not by grouping the whole gallery
+    later = ("OR encounter_key IN (SELECT l.encounter_key FROM sightings l WHERE l.captured_at >= :t "
+             "AND NOT EXISTS (SELECT 1 FROM sightings e WHERE e.encounter_key = l.encounter_key "
+             "AND e.captured_at < :t))") if since is not None else ""
     rows = conn.execute(sa.text(
         f"DELETE FROM sightings WHERE partition_key = ANY(:p) {later} "
         "RETURNING detection_id, encounter_key, deer_id, partition_key, captured_at"), params).all()
@@ -328,8 +331,49 @@ SIGHTING_COLUMNS = ("detection_id", "deer_id", "encounter_key", "partition_key",
                     "score", "threshold", "embedding_version", "captured_at")
 
 
-SCORE_COLUMNS = ("detection_id", "encounter_key", "candidate_deer_id", "similarity", "components",
-                 "sex_match", "matched", "threshold", "embedding_version", "partition_key")
+SCORE_COLUMNS = ("detection_id", "encounter_key", "candidate_deer_id", "similarity", "component_models",
+                 "component_scores", "sex_match", "matched", "threshold", "embedding_version", "partition_key")
+
+# The per-model cosines of a score row as {model: cosine} (rows of any age), for SELECT lists.
+COMPONENTS_SQL = "score_components(component_models, component_scores, components)"
+
+
+def copy_scores(conn: sa.Connection, rows: Sequence[Sequence], models: Sequence[str]) -> int:
+    """Write similarity score rows with one binary COPY: (detection_id, encounter_key,
+    candidate deer, similarity, per-model cosines in the order of ``models``, sex_match, matched,
+    threshold, embedding_version, partition_key)."""
+    if not rows:
+        return 0
+    i4, i8, f4, h = struct.Struct(">i").pack, struct.Struct(">iq").pack, struct.Struct(">if").pack, struct.pack
+    names = [m.encode() for m in models]
+    # text[]: ndim 1, no nulls, element oid 25, length, lower bound 1, then (length, bytes) each
+    models_b = h(">iiiii", 1, 0, 25, len(names), 1) + b"".join(i4(len(n)) + n for n in names)
+    models_field = i4(len(models_b)) + models_b
+    arr_head = h(">iiiii", 1, 0, 700, len(names), 1)
+    arr_len = i4(len(arr_head) + 8 * len(names))
+    cache: dict[str, bytes] = {}
+
+    def text(v: str) -> bytes:
+        b = cache.get(v)
+        if b is None:
+            e = v.encode()
+            b = cache[v] = i4(len(e)) + e
+        return b
+
+    t, f = h(">ib", 1, 1), h(">ib", 1, 0)
+    out = [b"PGCOPY\n\xff\r\n\x00" + h(">ii", 0, 0)]
+    n_fields = h(">h", 11)
+    for r in rows:
+        comp = b"".join(h(">if", 4, float(x)) for x in r[4])
+        out.append(b"".join((n_fields, text(r[0]), text(r[1]), i8(8, int(r[2])), f4(4, float(r[3])),
+                             models_field, arr_len, arr_head, comp, t if r[5] else f, t if r[6] else f,
+                             f4(4, float(r[7])), text(r[8]), text(r[9]))))
+    out.append(h(">h", -1))
+    raw = conn.connection.driver_connection
+    with raw.cursor() as cur, cur.copy(f"COPY similarity_scores ({', '.join(SCORE_COLUMNS)}) "
+                                       "FROM STDIN (FORMAT BINARY)") as cp:
+        cp.write(b"".join(out))
+    return len(rows)
 
 
 def copy_rows(conn: sa.Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence]) -> int:
@@ -344,9 +388,11 @@ def copy_rows(conn: sa.Connection, table: str, columns: Sequence[str], rows: Ite
     return n
 
 
-def finish_deer(conn: sa.Connection, affected: Iterable[int], versions: Sequence[str]) -> int:
+def finish_deer(conn: sa.Connection, affected: Iterable[int], versions: Sequence[str], gallery=None) -> int:
     """Bring affected deer up to date (sex, first/last seen, sighting count, profile vectors)
-    and delete those left with no sightings. Returns how many were deleted."""
+    and delete those left with no sightings. Returns how many were deleted. With ``gallery``
+    (the whole gallery in memory, current) the profile vectors are taken from it and written
+    with one COPY; otherwise they are averaged in SQL."""
     ids = sorted(set(int(a) for a in affected))
     if not ids:
         return 0
@@ -363,6 +409,9 @@ def finish_deer(conn: sa.Connection, affected: Iterable[int], versions: Sequence
     deleted = conn.execute(sa.text(
         "DELETE FROM deer k WHERE k.deer_id = ANY(:ids) AND NOT EXISTS "
         "(SELECT 1 FROM sightings s WHERE s.deer_id = k.deer_id) RETURNING deer_id"), {"ids": ids}).all()
+    if gallery is not None:
+        write_profiles(conn, ids, *gallery.exact_profiles(ids), versions)   # removed deer: none written
+        return len(deleted)
     conn.execute(sa.text("DELETE FROM deer_profile_vectors WHERE deer_id = ANY(:ids)"), {"ids": ids})
     cur = vector_cursor(conn)
     cur.execute("SELECT s.deer_id, e.embedding_version, avg(e.vector), count(*) FROM sightings s "
@@ -387,7 +436,7 @@ def partition_scores(conn: sa.Connection, partition_key: str):
     import pandas as pd
 
     return pd.read_sql(sa.text(
-        "SELECT detection_id, encounter_key, candidate_deer_id, similarity, components, sex_match, "
+        f"SELECT detection_id, encounter_key, candidate_deer_id, similarity, {COMPONENTS_SQL} AS components, sex_match, "
         "matched, threshold, embedding_version FROM similarity_scores WHERE partition_key = :p"),
         conn, params={"p": partition_key})
 
@@ -404,3 +453,120 @@ def partition_decisions(conn: sa.Connection, partition_key: str) -> dict:
 def as_date(day: str | date) -> date:
     return day if isinstance(day, date) else date.fromisoformat(str(day))
 
+
+
+# --------------------------------------------------------------------------------------------
+# The in-memory gallery: its generation, a binary read of every decided sighting's vectors,
+# profile vectors written with COPY (see gallery.py and gallery_cache.py)
+# --------------------------------------------------------------------------------------------
+
+def lock_gallery_generation(conn: sa.Connection) -> tuple[str, int]:
+    """(epoch, generation) of the stored gallery, locking the counter until the transaction
+    ends: any other writer of sightings waits (its triggers bump the counter), so what this
+    transaction reads stays the gallery of this generation."""
+    conn.execute(sa.text("INSERT INTO gallery_generation (id) VALUES (1) ON CONFLICT DO NOTHING"))
+    r = conn.execute(sa.text("SELECT epoch::text, generation FROM gallery_generation WHERE id = 1 "
+                             "FOR UPDATE")).one()
+    return (r[0], int(r[1]))
+
+
+def gallery_generation(conn: sa.Connection) -> tuple[str, int] | None:
+    r = conn.execute(sa.text("SELECT epoch::text, generation FROM gallery_generation WHERE id = 1")).first()
+    return None if r is None else (r[0], int(r[1]))
+
+
+SEX_SQL = "CASE d.sex WHEN 'female' THEN 1 WHEN 'male' THEN 2 ELSE 0 END::int2"
+_COPY_HEADER = 19           # PGCOPY signature (11), flags (4), header extension length (4)
+
+
+def _row_dtype(n_vectors: int, dim: int, id_bytes: int) -> np.dtype:
+    """One binary COPY row of (deer_id bigint, sex int2, detection id as bytea of a fixed width,
+    vector x n_vectors), big-endian."""
+    f = [("nf", ">i2"), ("l_deer", ">i4"), ("deer", ">i8"), ("l_sex", ">i4"), ("sex", ">i2"),
+         ("l_id", ">i4"), ("id", f"S{id_bytes}")]
+    for i in range(n_vectors):
+        f += [(f"l{i}", ">i4"), (f"dim{i}", ">i2"), (f"u{i}", ">i2"), (f"v{i}", ">f4", (dim,))]
+    return np.dtype(f)
+
+
+def load_gallery(conn: sa.Connection, versions: Sequence[str], gallery, headroom: int = 0) -> None:
+    """Read every decided sighting (deer, sex, detection id, one vector per version) into
+    ``gallery`` (an empty ``gallery.Gallery``) with one binary COPY parsed by numpy straight into
+    the preallocated matrix (no per-row Python, no sort in the server: the detection id travels
+    as a zero-padded bytea of one width, so every row has the same size). ``MatchingError`` when
+    a sighting lacks a vector of a version (see ``check_gallery_vectors``)."""
+    n, width = conn.execute(sa.text(
+        "SELECT count(*), coalesce(max(octet_length(detection_id)), 1) FROM sightings")).one()
+    if n == 0:
+        return
+    raw = conn.connection.driver_connection
+    joins = " ".join(
+        f"JOIN embeddings e{i} ON e{i}.detection_id = s.detection_id AND e{i}.embedding_version = "
+        f"{_literal(v)} AND e{i}.status = 'ok' AND e{i}.vector IS NOT NULL" for i, v in enumerate(versions))
+    cols = ", ".join(f"e{i}.vector" for i in range(len(versions)))
+    padded_id = f"decode(rpad(encode(convert_to(s.detection_id, 'UTF8'), 'hex'), {2 * width}, '0'), 'hex')"
+    sql = (f"COPY (SELECT s.deer_id, {SEX_SQL}, {padded_id}, {cols} FROM sightings s "
+           f"JOIN detections d ON d.detection_id = s.detection_id {joins}) TO STDOUT (FORMAT BINARY)")
+    got, dtype, buf, ids = 0, None, bytearray(), []
+    at_vec = 24 + width                      # byte offset of the first vector's length in a row
+    with raw.cursor() as cur, cur.copy(sql) as cp:
+        skip = _COPY_HEADER
+        for chunk in cp:
+            buf += chunk
+            if skip:
+                if len(buf) < skip:
+                    continue
+                del buf[:skip]
+                skip = 0
+            if dtype is None:
+                if len(buf) < at_vec + 4:
+                    continue
+                dim = (int.from_bytes(buf[at_vec:at_vec + 4], "big", signed=True) - 4) // 4
+                dtype = _row_dtype(len(versions), dim, width)
+                gallery.reserve(n + headroom, dim)
+            k = min(len(buf) // dtype.itemsize, n - got)
+            if k:
+                rec = np.frombuffer(buf, dtype=dtype, count=k)
+                gallery.vec[got: got + k] = np.hstack([rec[f"v{i}"] for i in range(len(versions))])
+                gallery.deer[got: got + k] = rec["deer"]
+                gallery.sex[got: got + k] = rec["sex"]
+                ids += [b.decode() for b in rec["id"].tolist()]      # numpy drops the zero padding
+                del rec
+                del buf[: k * dtype.itemsize]
+                got += k
+    if got != n:
+        check_gallery_vectors(conn, versions)
+        raise MatchingError(f"the gallery has {n} sightings but {got} rows with every version's vector")
+    gallery.detection_ids = ids
+    gallery.n = n
+    gallery.reindex()
+
+
+def _literal(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def write_profiles(conn: sa.Connection, replaced: Sequence[int], deer_ids: np.ndarray, profiles: np.ndarray,
+                   counts: np.ndarray, versions: Sequence[str]) -> int:
+    """Replace the profile vectors of the deer ``replaced`` by these (one unit mean per deer and
+    version, computed from the in-memory gallery), written with one binary COPY."""
+    conn.execute(sa.text("DELETE FROM deer_profile_vectors WHERE deer_id = ANY(:ids)"),
+                 {"ids": [int(d) for d in replaced]})
+    ids = [int(d) for d in deer_ids]
+    if not ids:
+        return 0
+    dim = profiles.shape[1] // len(versions)
+    raw = conn.connection.driver_connection
+    out = bytearray(b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0))
+    vhead = struct.pack(">ihh", 4 + 4 * dim, dim, 0)
+    vbytes = [[p[i * dim:(i + 1) * dim].astype(">f4").tobytes() for i in range(len(versions))]
+              for p in profiles]
+    vers_b = [v.encode() for v in versions]
+    for d, vb, c in zip(ids, vbytes, counts.tolist()):
+        for i, v in enumerate(vers_b):
+            out += struct.pack(">hiqi", 4, 8, d, len(v)) + v + vhead + vb[i] + struct.pack(">ii", 4, c)
+    out += struct.pack(">h", -1)
+    with raw.cursor() as cur, cur.copy("COPY deer_profile_vectors (deer_id, embedding_version, vector, "
+                                       "n_sightings) FROM STDIN (FORMAT BINARY)") as cp:
+        cp.write(bytes(out))
+    return len(ids) * len(versions)

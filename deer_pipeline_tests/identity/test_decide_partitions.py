@@ -49,7 +49,8 @@ def _state(engine):
         scores = {(r.detection_id, founder.get(r.candidate_deer_id, r.candidate_deer_id)):
                   (r.similarity, r.matched, r.partition_key, r.components)
                   for r in conn.execute(sa.text(
-                      "SELECT detection_id, candidate_deer_id, similarity, matched, partition_key, components "
+                      "SELECT detection_id, candidate_deer_id, similarity, matched, partition_key, "
+                      "score_components(component_models, component_scores, components) components "
                       "FROM similarity_scores"))}
     groups: dict[str, set[str]] = {}
     for det, (f, *_rest) in sightings.items():
@@ -139,3 +140,33 @@ def test_partitions_named_twice_are_refused_and_none_is_nothing(engine):
     assert decide_partitions(engine, [], SETTINGS) == []
     with pytest.raises(ValueError):
         decide_partitions(engine, [("cam1", "2024-05-01"), ("cam1", "2024-05-01")], SETTINGS)
+
+
+def test_a_failure_in_a_joint_decision_leaves_every_partition_as_it_was(engine, monkeypatch):
+    from deer_pipeline.identity import gallery
+
+    w, parts = _world(engine, seed=8)
+    day1 = [p for p in parts if p[1] == parts[0][1]]
+    decide_partitions(engine, day1, SETTINGS)
+    before = _state(engine)
+    calls = {"n": 0}
+    real_append = gallery.Gallery.append
+
+    def failing_append(self, *args, **kw):          # fails while deciding day 2, after some encounters
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise RuntimeError("simulated crash between partitions")
+        return real_append(self, *args, **kw)
+
+    monkeypatch.setattr(gallery.Gallery, "append", failing_append)
+    with pytest.raises(RuntimeError, match="simulated"):
+        decide_partitions(engine, parts, SETTINGS)
+    monkeypatch.undo()
+    assert _state(engine) == before                  # nothing of the failed call was written
+    # the rerun decides everything, as one by one would
+    decide_partitions(engine, parts, SETTINGS)
+    joint = _state(engine)
+    _reset(engine)
+    for c, d in parts:
+        decide_partition(engine, c, d, SETTINGS)
+    _same(joint, _state(engine))

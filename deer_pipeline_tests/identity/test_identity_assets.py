@@ -42,7 +42,7 @@ def identity(**kw) -> IdentitySettings:
     ({"ensemble_weights": {"multiscale": 0.7, "efficientnet_b0": 0.4}}, "ensemble_weights must sum to 1"),
     ({"thresholds_by_sex": {"stag": 0.5}}, "thresholds_by_sex: unknown sex 'stag'"),
     ({"thresholds_by_sex": {"male": 2}}, "thresholds_by_sex[male] must be a number in [0, 1]"),
-    ({"search": "faiss"}, "search must be auto, exact or hnsw"),
+    ({"search": "faiss"}, "search must be auto, exact, two_stage or hnsw"),
     ({"version_source": "newest"}, "version_source must be one of"),
     ({"embedding_versions": {"multiscale": "x"}}, "no version for ensemble model(s) ['efficientnet_b0']"),
     ({"assignment_rate_min": 0.9, "assignment_rate_max": 0.5}, "must not exceed"),

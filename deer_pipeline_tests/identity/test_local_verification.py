@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from deer_pipeline.identity import calibration as calib
 from deer_pipeline.identity import local_features as lf
+from deer_pipeline.identity import store
 from deer_pipeline.identity.matching import decide_partition
 from deer_pipeline.identity.verification import Verifier, flank_compatible
 from deer_pipeline.settings import LocalFeatureSettings, MatchingSettings, SettingsError
@@ -228,7 +229,7 @@ def test_fused_decision_joins_the_verified_animal_and_bad_crops_only_cost_their_
     assert lv["no_local_score"].get("crop unreadable (FileNotFoundError)", 0) == 1
     assert lv["pairs_verified"] >= 4
     with engine.connect() as conn:
-        comps = conn.execute(sa.text("SELECT components FROM similarity_scores WHERE detection_id = :d"),
+        comps = conn.execute(sa.text(f"SELECT {store.COMPONENTS_SQL} FROM similarity_scores WHERE detection_id = :d"),
                              {"d": dets[2]}).scalars().all()
     assert comps and all("local_inliers" in c for c in comps)
 

@@ -234,7 +234,8 @@ def test_similarity_scores_hold_every_score_the_decision_looked_at(engine):
     s = decide_partition(engine, "cam1", "2024-05-01", MatchingSettings(search="exact", candidate_deer=2))
     with engine.connect() as conn:
         rows = conn.execute(sa.text(
-            "SELECT s.detection_id, s.candidate_deer_id, s.similarity, s.components, s.matched, "
+            "SELECT s.detection_id, s.candidate_deer_id, s.similarity, "
+            "score_components(s.component_models, s.component_scores, s.components) components, s.matched, "
             "s.sex_match, s.threshold, s.partition_key, s.embedding_version FROM similarity_scores s "
             "ORDER BY s.detection_id, s.similarity DESC")).all()
     # first sighting: no candidates; then 1, 2, 2 (capped by candidate_deer)
@@ -469,11 +470,11 @@ def test_a_failure_while_matching_creates_no_deer(engine, monkeypatch):
     calls = {"n": 0}
     real_append = gallery.Gallery.append
 
-    def failing_append(self, deer_ids, vectors, detection_ids=None):
+    def failing_append(self, *args, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("simulated failure while matching")
-        return real_append(self, deer_ids, vectors, detection_ids)
+        return real_append(self, *args, **kw)
 
     monkeypatch.setattr(gallery.Gallery, "append", failing_append)
     with pytest.raises(RuntimeError, match="simulated"):

@@ -1,0 +1,128 @@
+"""The two-stage search (deer ranked by profile vector, the best re-scored exactly) decides like
+exhaustive exact scoring: at least 99.9% of sightings get the same deer and decision, on
+synthetic clustered vectors like bench/matching.py's (each deer seen in two poses, so a profile
+is a blend of looks; sexes mixed so the sex filter applies)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from deer_pipeline import db
+from deer_pipeline.identity import store
+from deer_pipeline.identity.matching import decide_partition
+from deer_pipeline.settings import MatchingSettings
+from deer_pipeline_tests.dbutil import empty_pipeline_tables
+from deer_pipeline_tests.identity.test_matching import MODELS
+
+INDEX_SQL = ("CREATE INDEX IF NOT EXISTS embeddings_vector_hnsw ON embeddings "
+             "USING hnsw (vector vector_cosine_ops) WITH (m = 16, ef_construction = 64)")
+
+DIM = 512
+N_DEER, PER_DEER, N_PART = 400, 8, 1000
+T_GALLERY = datetime(2024, 1, 1, tzinfo=timezone.utc)
+T_PART = datetime(2024, 6, 1, tzinfo=timezone.utc)
+
+
+def _unit(a):
+    return (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _world(engine):
+    rng = np.random.default_rng(42)
+    sexes = rng.choice(["female", "male", "unknown"], N_DEER, p=[0.45, 0.45, 0.1])
+    # per deer and model: two poses around a centre
+    poses = {m: _unit(_unit(rng.standard_normal((N_DEER, 1, DIM)))
+                      + 0.7 * rng.standard_normal((N_DEER, 2, DIM)) / np.sqrt(DIM)) for m in MODELS}
+
+    def sighting(deer, pose):
+        return {m: _unit(poses[m][deer, pose] + 0.5 * rng.standard_normal(DIM) / np.sqrt(DIM)) for m in MODELS}
+
+    images, dets, deer_rows, sights, embs = [], [], [], [], []
+    for k in range(N_DEER):
+        deer_rows.append((k + 1, f"g{k * PER_DEER:05d}", sexes[k], PER_DEER))
+        for j in range(PER_DEER):
+            i = k * PER_DEER + j
+            t = T_GALLERY + timedelta(minutes=i)
+            d = f"g{i:05d}"
+            images.append((i + 1, f"/two-stage/g/{i}.jpg", "gallery", t))
+            dets.append((d, i + 1, "gallery", t, t.date(), 10.0, 10.0, 200.0, 150.0, 0.9, "x", sexes[k], None))
+            sights.append((d, k + 1, f"enc:{d}", f"gallery|{t.date()}", "new" if j == 0 else "matched",
+                           0.8, 0.6, "test", t))
+            for m, v in sighting(k, j % 2).items():
+                embs.append((d, MODELS[m], db.vector_literal(v)))
+    known = rng.random(N_PART) < 0.7
+    new_deer = rng.integers(N_DEER, N_DEER + 100, N_PART)       # strangers, several sightings each
+    extra = {m: _unit(rng.standard_normal((100, 2, DIM))) for m in MODELS}
+    for i in range(N_PART):
+        t = T_PART + timedelta(seconds=30 * i)
+        d = f"p{i:05d}"
+        k = int(rng.integers(0, N_DEER)) if known[i] else int(new_deer[i])
+        images.append((100000 + i, f"/two-stage/p/{i}.jpg", "cam", t))
+        sex = sexes[k] if k < N_DEER else "unknown"
+        # a quarter of the known sightings are classified 'unknown' (matched against every sex)
+        sex = "unknown" if rng.random() < 0.25 else sex
+        dets.append((d, 100000 + i, "cam", t, t.date(), 10.0, 10.0, 200.0, 150.0, 0.9, "x", sex, None))
+        pose = int(rng.integers(0, 2))
+        vecs = sighting(k, pose) if k < N_DEER else \
+            {m: _unit(extra[m][k - N_DEER, pose] + 0.5 * rng.standard_normal(DIM) / np.sqrt(DIM)) for m in MODELS}
+        for m, v in vecs.items():
+            embs.append((d, MODELS[m], db.vector_literal(v)))
+    dets_cols = ("detection_id", "image_id", "camera_id", "captured_at", "day", "bbox_x", "bbox_y", "bbox_w",
+                 "bbox_h", "confidence", "classification", "sex", "encounter_id")
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO cameras (camera_id) VALUES ('gallery'), ('cam')"))
+        for m, v in MODELS.items():
+            conn.execute(sa.text(
+                "INSERT INTO embedding_versions (embedding_version, model, backbone, weights_sha256, "
+                "reduction_sha256, preprocessing, dim) VALUES (:v, :m, 'synthetic', 'x', 'x', 'none', 512)"),
+                {"v": v, "m": m})
+        store.copy_rows(conn, "images", ("image_id", "path", "camera_id", "captured_at"), images)
+        store.copy_rows(conn, "detections", dets_cols, dets)
+        store.copy_rows(conn, "crops", ("detection_id", "status"), [(d[0], "ok") for d in dets])
+        store.copy_rows(conn, "deer", ("deer_id", "founding_detection_id", "sex", "sighting_count"), deer_rows)
+        store.copy_rows(conn, "sightings", store.SIGHTING_COLUMNS, sights)
+        store.copy_rows(conn, "embeddings", ("detection_id", "embedding_version", "vector"), embs)
+        conn.execute(sa.text("SELECT setval('deer_deer_id_seq', (SELECT max(deer_id) FROM deer))"))
+    return "cam", str(T_PART.date())
+
+
+def _decisions(engine):
+    with engine.connect() as conn:
+        founder = dict(conn.execute(sa.text("SELECT deer_id, founding_detection_id FROM deer")).all())
+        return {r[0]: (founder[r[1]], r[2]) for r in conn.execute(sa.text(
+            "SELECT detection_id, deer_id, decision FROM sightings WHERE partition_key LIKE 'cam|%'"))}
+
+
+@pytest.fixture
+def no_index(engine):
+    """Bulk-load without the HNSW index (inserting 10k vectors through it takes a minute), then
+    empty the tables and put the index back for the other tests."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP INDEX IF EXISTS embeddings_vector_hnsw"))
+    yield engine
+    empty_pipeline_tables(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text(INDEX_SQL))
+
+
+def test_two_stage_search_agrees_with_exhaustive_exact_scoring(no_index):
+    engine = no_index
+    cam, day = _world(engine)
+    exact = decide_partition(engine, cam, day, MatchingSettings(search="exact"), versions=MODELS)
+    by_exact = _decisions(engine)
+    two = decide_partition(engine, cam, day, MatchingSettings(search="two_stage"), versions=MODELS)
+    by_two = _decisions(engine)
+    assert exact.search == "exact" and two.search == "two_stage"
+    assert exact.decided == two.decided == N_PART
+    # a real test: most sightings join known deer, strangers found new deer, several of them
+    assert 0.5 < exact.matched / exact.decided < 0.95 and exact.new_deer > 20
+    agree = sum(by_two[d] == v for d, v in by_exact.items()) / len(by_exact)
+    assert agree >= 0.999, f"two-stage agrees with exact on {agree:.2%} of sightings"
+    # auto takes two_stage above exact_search_max_gallery sightings, and decides alike
+    auto = decide_partition(engine, cam, day, MatchingSettings(exact_search_max_gallery=1000), versions=MODELS)
+    assert auto.search == "two_stage"
+    assert sum(_decisions(engine)[d] == v for d, v in by_exact.items()) / len(by_exact) >= 0.999
