@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from deer_pipeline.identity.matching import decide_partition, decide_partitions
 from deer_pipeline.settings import MatchingSettings
-from deer_pipeline_tests.identity.test_matching import T0, SyntheticWorld
+from deer_pipeline_tests.identity.test_matching import T0, wandering_world
 
 SETTINGS = MatchingSettings(search="exact")
 
@@ -19,20 +19,8 @@ SETTINGS = MatchingSettings(search="exact")
 def _world(engine, seed=5):
     """Five cameras over two days; deer wander between cameras, a burst with two animals, sexes
     mixed so the sex filter matters."""
-    w = SyntheticWorld(engine, seed=seed)
-    rnd = random.Random(seed)
-    idents = [f"deer{i}" for i in range(9)]
-    cams = [f"cam{c}" for c in range(5)]
-    parts = []
-    for day in range(2):
-        for cam in cams:
-            for _ in range(6):
-                t = T0 + timedelta(days=day, minutes=rnd.randrange(0, 720))
-                ident = rnd.choice(idents)
-                cls = rnd.choice(["doe", "unknown", "fawn"]) if int(ident[-1]) < 5 else \
-                    rnd.choice(["mid_buck", "unknown"])
-                w.sighting(cam, t, ident, cls=cls)
-            parts.append((cam, (T0 + timedelta(days=day)).date().isoformat()))
+    w, parts = wandering_world(engine, [f"cam{c}" for c in range(5)], days=2, per_partition=6, n_deer=9,
+                               n_female=5, minutes=720, seed=seed)
     w.burst("cam1", T0 + timedelta(minutes=333), [("deer1", "doe"), ("deer6", "mid_buck")])
     return w, parts
 

@@ -296,23 +296,32 @@ def test_rematerialising_a_partition_changes_nothing(engine):
         assert snapshot() == before
 
 
-def _world_for_backfill(engine, seed=3):
-    """Three cameras x three days, deer wandering between cameras; some partitions start before
-    others end so replays interleave."""
+def wandering_world(engine, cameras, days: int, per_partition: int, n_deer: int, n_female: int,
+                    minutes: int, seed: int):
+    """Deer wandering between cameras over days: ``per_partition`` sightings per camera x day at
+    random minutes of the day, deer 0..n_female-1 female (doe, fawn or unknown), the others
+    bucks (mid buck or unknown). Returns (world, [(camera, day)] in day, camera order)."""
     w = SyntheticWorld(engine, seed=seed)
     rnd = random.Random(seed)
-    idents = [f"deer{i}" for i in range(7)]
+    idents = [f"deer{i}" for i in range(n_deer)]
     parts = []
-    for day in range(3):
-        for cam in ("camA", "camB", "camC"):
-            for j in range(5):
-                t = T0 + timedelta(days=day, minutes=rnd.randrange(0, 600))
+    for day in range(days):
+        for cam in cameras:
+            for _ in range(per_partition):
+                t = T0 + timedelta(days=day, minutes=rnd.randrange(0, minutes))
                 ident = rnd.choice(idents)
-                cls = rnd.choice(["doe", "unknown", "fawn"]) if int(ident[-1]) < 4 else \
+                cls = rnd.choice(["doe", "unknown", "fawn"]) if int(ident[4:]) < n_female else \
                     rnd.choice(["mid_buck", "unknown"])
                 w.sighting(cam, t, ident, cls=cls)
             parts.append((cam, (T0 + timedelta(days=day)).date().isoformat()))
     return w, parts
+
+
+def _world_for_backfill(engine, seed=3):
+    """Three cameras x three days, deer wandering between cameras; some partitions start before
+    others end so replays interleave."""
+    return wandering_world(engine, ("camA", "camB", "camC"), days=3, per_partition=5, n_deer=7,
+                           n_female=4, minutes=600, seed=seed)
 
 
 def _reset_decisions(engine):
