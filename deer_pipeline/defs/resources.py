@@ -109,9 +109,15 @@ class IdentitySettings(dg.ConfigurableResource):
         default=dict(settings.ENSEMBLE_WEIGHTS), description="model -> weight, summing to 1")
     sex_filter: bool = Field(default=settings.SEX_FILTER, description="a female sighting never joins a male deer (and back)")
     candidate_deer: int = Field(default=settings.CANDIDATE_DEER, description="candidate deer re-scored and recorded per sighting")
-    search: str = Field(default=settings.SEARCH, description="auto | exact | hnsw")
+    search: str = Field(default=settings.SEARCH, description="auto | exact | two_stage | hnsw (auto: exact below "
+                        "exact_search_max_gallery stored sightings, two_stage above)")
     hnsw_ef_search: int = Field(default=settings.HNSW_EF_SEARCH, description="initial hnsw.ef_search (doubled when filters starve it)")
     exact_search_max_gallery: int = Field(default=settings.EXACT_SEARCH_MAX_GALLERY, description="auto: exact below this many sightings")
+    profile_candidate_deer: int = Field(default=settings.PROFILE_CANDIDATE_DEER,
+                                        description="two_stage: deer ranked best by profile vector, then re-scored exactly")
+    gallery_cache: bool = Field(default=settings.GALLERY_CACHE,
+                                description="keep the gallery in memory across the decisions of a process "
+                                            "(a generation counter in the store makes a stale copy reload)")
     match_score: str = Field(default=settings.MATCH_SCORE, description="cosine | local (local-feature inliers) | "
                              "fused (mean of calibrated probabilities; the threshold is a probability)")
     verify_top_k: int = Field(default=settings.VERIFY_TOP_K, description="candidate sightings verified per sighting")
@@ -169,6 +175,7 @@ class IdentitySettings(dg.ConfigurableResource):
             ensemble_weights=dict(self.ensemble_weights), sex_filter=self.sex_filter,
             candidate_deer=self.candidate_deer, search=self.search, hnsw_ef_search=self.hnsw_ef_search,
             exact_search_max_gallery=self.exact_search_max_gallery, match_score=self.match_score,
+            profile_candidate_deer=self.profile_candidate_deer, gallery_cache=self.gallery_cache,
             verify_top_k=self.verify_top_k, encounter_pooling=self.encounter_pooling, flank_aware=self.flank_aware,
             calibration_version=self.calibration_version)
 
