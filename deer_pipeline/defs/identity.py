@@ -74,7 +74,11 @@ def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
     # Each day is one transaction under the identity lock: a lost connection rolls the day back
     # whole (no half-decided partition) and it is decided again when the database is back.
     t0 = time.perf_counter()
-    summaries = daily.decide_days(engine, todo, settings, versions, on_retry=context.log.warning)
+    refused = None
+    try:
+        summaries = daily.decide_days(engine, todo, settings, versions, on_retry=context.log.warning)
+    except daily.PartitionsRefused as e:   # the others are decided: record them, then fail the step
+        summaries, refused = e.summaries, e
     seconds = time.perf_counter() - t0
     _log(context, summaries)
     with engine.connect() as conn:
@@ -83,15 +87,24 @@ def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
                                        partition_key=summary.partition_key)
     skipped = skipped_partitions(context, todo, "no detections and no decisions")
     t0 = time.perf_counter()
-    evaluations = checks.evaluate_partitions(context, engine, identity, todo)
+    refused_keys = set() if refused is None else {k for k, _ in refused.refused}
+    decided = [p for p in todo if identity_store.partition_key_text(*p) not in refused_keys]
+    evaluations = checks.evaluate_partitions(context, engine, identity, decided)
     yield dg.MaterializeResult(metadata={
         "run_partitions_decided": dg.MetadataValue.int(len(summaries)),
         "run_days": dg.MetadataValue.int(len(daily.by_day(todo))),
         "run_seconds": dg.MetadataValue.float(round(seconds, 3)),
         "run_check_seconds": dg.MetadataValue.float(round(time.perf_counter() - t0, 3)),
         **skipped_metadata(skipped),
+        # partitions refused (MatchingError, no deer created): materialised with the run's range
+        # but not decided; the step fails after this, naming them
+        **({"run_refused": dg.MetadataValue.json(dict(refused.refused))} if refused is not None else {}),
     })
     yield from checks.check_events(context, evaluations)
+    if refused is not None:
+        raise dg.Failure(description=str(refused), metadata={
+            "refused_partitions": dg.MetadataValue.json(dict(refused.refused)),
+            "decided_partitions": dg.MetadataValue.int(len(summaries))})
 
 
 def _log(context, summaries: list[matching.DecisionSummary]) -> None:

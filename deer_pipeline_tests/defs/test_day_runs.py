@@ -211,3 +211,29 @@ def test_a_run_killed_between_two_days_leaves_each_day_decided_or_not_and_a_reru
         assert rerun.success
         assert _decided_keys(engine) == all_keys
         _same(_state(engine), expected)
+
+
+def test_a_refused_camera_fails_the_step_but_its_day_s_other_cameras_are_decided(engine):
+    """One camera of the day embedded only with other versions: the run's deer_profiles step fails
+    naming it (no deer created for it), the other cameras are decided and their figures and checks
+    recorded; similarity_scores does not run after the failed step."""
+    w = SyntheticWorld(engine, seed=4)
+    day = T0.date().isoformat()
+    for i, ident in enumerate("ABA"):
+        w.sighting("cam-a", T0 + timedelta(minutes=i), ident)
+    other = SyntheticWorld(engine, seed=5, models={"multiscale": "ms-test-v2", "efficientnet_b0": "eb0-test-v2"})
+    other.sighting("cam-b", T0 + timedelta(minutes=5), "B")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(CAMERA_PARTITIONS_NAME, ["cam-a", "cam-b"])
+        result = _materialize(instance, [deer_profiles, similarity_scores],
+                              tags=range_tags(["cam-a", "cam-b"], day, day, ["cam-a", "cam-b"]))
+        assert not result.success
+        failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+        assert failure.step_key == "deer_profiles"
+        assert f"cam-b|{day}" in failure.event_specific_data.error.message
+        assert {e.partition for e in result.get_asset_check_evaluations()} == {f"cam-a|{day}"}
+        mats = {str(m.partition): m.metadata for m in result.asset_materializations_for_node("deer_profiles")}
+        assert mats[f"cam-a|{day}"]["sightings_decided"].value == 3
+        assert "sightings_decided" not in mats.get(f"cam-b|{day}", {})
+        assert list(mats[f"cam-a|{day}"]["run_refused"].value) == [f"cam-b|{day}"]
+    assert _decided_keys(engine) == {f"cam-a|{day}"}

@@ -158,3 +158,29 @@ def test_a_failure_in_a_joint_decision_leaves_every_partition_as_it_was(engine, 
     for c, d in parts:
         decide_partition(engine, c, d, SETTINGS)
     _same(joint, _state(engine))
+
+
+def test_one_refused_camera_does_not_hold_back_the_others_of_its_day(engine):
+    """A camera whose detections are embedded only with other versions is refused (no deer
+    created); the day's other cameras and the later days are decided exactly as if the refused
+    camera were not there, and the refusal names it."""
+    from deer_pipeline.identity import daily
+    from deer_pipeline_tests.identity.test_matching import SyntheticWorld
+
+    w, parts = _world(engine, seed=11)
+    day0 = parts[0][1]
+    other = SyntheticWorld(engine, seed=12, models={"multiscale": "ms-test-v2", "efficientnet_b0": "eb0-test-v2"})
+    other.sighting("cam-bad", T0 + timedelta(minutes=30), "deer1")
+    good = list(parts)
+
+    with pytest.raises(daily.PartitionsRefused) as refused:
+        daily.decide_days(engine, good + [("cam-bad", day0)], SETTINGS, versions=dict(w.models))
+    assert [k for k, _ in refused.value.refused] == [f"cam-bad|{day0}"]
+    assert "none has vectors for every configured version" in refused.value.refused[0][1]
+    assert sorted(s.partition_key for s in refused.value.summaries) == sorted(f"{c}|{d}" for c, d in good)
+    with_refusal = _state(engine)
+    assert not any(det.startswith("cam-bad") for det in with_refusal[2])       # nothing decided for it
+
+    _reset(engine)
+    daily.decide_days(engine, good, SETTINGS, versions=dict(w.models))
+    _same(with_refusal, _state(engine))
