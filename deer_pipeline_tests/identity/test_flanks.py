@@ -76,7 +76,7 @@ def _decision(engine, detection_id):
                             {"d": detection_id}).scalar_one()
 
 
-@pytest.mark.parametrize("search", ["exact", "hnsw"])
+@pytest.mark.parametrize("search", ["exact", "two_stage", "hnsw"])
 def test_a_left_flank_sighting_is_not_matched_by_a_right_flank_gallery_sighting_and_an_unknown_one_is(
         engine, search):
     settings = MatchingSettings(search=search)
