@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f"; threshold from {tm['threshold_calibrated_on']}" if tm.get("threshold_calibrated_on") else ""))
     if report.get("substitution_note"):
         print("\nnote: " + report["substitution_note"])
-    print(f"\nthresholds: " + "; ".join(f"{n} {e['threshold']:.3f} ({e['threshold_source']})"
+    print("\nthresholds: " + "; ".join(f"{n} {e['threshold']:.3f} ({e['threshold_source']})"
                                       for n, e in report["methods"].items()))
     if report.get("assignments_file"):
         print(f"\nassignments: {report['assignments_file']}")

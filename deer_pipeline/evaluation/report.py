@@ -209,7 +209,6 @@ def write_html(report: dict, path) -> Path:
                     for r in table_rows(report, "other"))
     thr = "".join(f"<li><b>{h.escape(n)}</b>: {e['threshold']:.3f} &mdash; {h.escape(e['threshold_source'])}</li>"
                   for n, e in report["methods"].items())
-    v = report.get("verdict", {})
     verdict_text = "".join(f"<p>{h.escape(line)}</p>" for line in verdict_lines(report))
     note = f"<p><i>{h.escape(report['substitution_note'])}</i></p>" if report.get("substitution_note") else ""
     figs = "".join(f'<figure><img src="data:image/png;base64,{b}" alt="{k}"><figcaption>{k}</figcaption></figure>'

@@ -421,7 +421,7 @@ def markdown(report: ThresholdReport) -> str:
         lines.append(f"Threshold in use: {report.current_threshold:.2f}.")
     lines.append("")
     by_t = {r["threshold"]: r for r in report.sweep}
-    lines.append(f"| threshold | would match | would be new | precision | recall | F1 |")
+    lines.append("| threshold | would match | would be new | precision | recall | F1 |")
     lines.append("|---|---|---|---|---|---|")
     for w in report.would_match:
         s = by_t.get(w["threshold"])

@@ -223,6 +223,7 @@ def test_fused_decision_joins_the_verified_animal_and_bad_crops_only_cost_their_
         deer = dict(conn.execute(sa.text("SELECT detection_id, deer_id FROM sightings")).all())
     assert deer[dets[0]] == deer[dets[2]] and deer[dets[1]] == deer[dets[3]]
     assert deer[dets[0]] != deer[dets[1]]
+    assert bad in deer                   # the sighting without a crop is decided on its global score
     assert summary.decided == 5
     lv = summary.local_verification
     assert lv["match_score"] == "fused" and lv["calibration_version"] == version
