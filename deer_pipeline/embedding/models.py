@@ -215,12 +215,14 @@ def file_sha256(path: str | os.PathLike) -> str:
     with _sha_lock:
         if key in _sha_cache:
             return _sha_cache[key]
-        stored = _stored_hashes().get(_disk_key(key))
-    digest = stored if isinstance(stored, str) and len(stored) == 64 else read_sha256(path)
+        stored = _stored_hashes()
+    digest = stored.get(_disk_key(key))
+    if not (isinstance(digest, str) and len(digest) == 64):
+        digest = read_sha256(path)
+        with _sha_lock:
+            _store_hash(stored, _disk_key(key), digest)
     with _sha_lock:
         _sha_cache[key] = digest
-        if stored != digest:
-            _store_hash(_disk_key(key), digest)
     return digest
 
 
@@ -243,18 +245,18 @@ def _stored_hashes() -> dict:
         return {}
 
 
-def _store_hash(key: str, digest: str) -> None:
-    """Add one hash to the on-disk cache (written to a temporary file and renamed: readers never
-    see half a file). A cache that cannot be written is only slower, never wrong."""
+def _store_hash(stored: dict, key: str, digest: str) -> None:
+    """Add one hash to the on-disk cache ``stored`` (as read) and write it (to a temporary file,
+    then renamed: readers never see half a file). A cache that cannot be written is only slower,
+    never wrong."""
     path = _hash_file()
     try:
-        data = _stored_hashes()
-        data[key] = digest
-        if len(data) > 1000:      # entries of files since replaced: keep the newest
-            data = dict(list(data.items())[-1000:])
+        stored[key] = digest
+        if len(stored) > 1000:      # entries of files since replaced: keep the newest
+            stored = dict(list(stored.items())[-1000:])
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=0))
+        tmp.write_text(json.dumps(stored, indent=0))
         os.replace(tmp, path)
     except OSError as e:
         log.debug("file hash cache not written (%s): %s", path, e)

@@ -97,7 +97,19 @@ def _kwargs(config_value: dict) -> dict:
             "outage_retry_seconds": int(config_value.get("outage_retry_seconds", DEFAULT_OUTAGE_RETRY_SECONDS))}
 
 
-class _Resilient:
+class _FromConfig:
+    """The configuration schema and construction shared by the storages below (dagster.yaml)."""
+
+    @classmethod
+    def config_type(cls):
+        return _config_type()
+
+    @classmethod
+    def from_config_value(cls, inst_data, config_value):
+        return cls(inst_data=inst_data, **_kwargs(config_value))
+
+
+class _Resilient(_FromConfig):
     """Mixed into each of Dagster's postgres storages: connections retried through outages."""
 
     outage_retry_seconds: float = DEFAULT_OUTAGE_RETRY_SECONDS
@@ -119,14 +131,6 @@ class _Resilient:
     def _connect(self):
         return _retrying_connection(self._engine, self.outage_retry_seconds)
 
-    @classmethod
-    def config_type(cls):
-        return _config_type()
-
-    @classmethod
-    def from_config_value(cls, inst_data, config_value):
-        return cls(inst_data=inst_data, **_kwargs(config_value))
-
 
 class ResilientPostgresRunStorage(_Resilient, PostgresRunStorage):
     pass
@@ -140,7 +144,7 @@ class ResilientPostgresScheduleStorage(_Resilient, PostgresScheduleStorage):
     pass
 
 
-class ResilientPostgresStorage(DagsterPostgresStorage):
+class ResilientPostgresStorage(_FromConfig, DagsterPostgresStorage):
     """``storage: postgres`` with connections retried through outages of a few minutes."""
 
     def __init__(self, postgres_url: str, should_autocreate_tables: bool = True, inst_data=None,
@@ -155,14 +159,6 @@ class ResilientPostgresStorage(DagsterPostgresStorage):
         self._schedule_storage = ResilientPostgresScheduleStorage(postgres_url, should_autocreate_tables, **args)
         # DagsterStorage.__init__ (not DagsterPostgresStorage's, which builds plain storages)
         super(DagsterPostgresStorage, self).__init__()
-
-    @classmethod
-    def config_type(cls):
-        return _config_type()
-
-    @classmethod
-    def from_config_value(cls, inst_data, config_value):
-        return cls(inst_data=inst_data, **_kwargs(config_value))
 
     def _data(self, cls_name: str) -> ConfigurableClassData | None:
         return ConfigurableClassData(MODULE, cls_name, self.inst_data.config_yaml) if self.inst_data else None
