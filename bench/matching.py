@@ -129,20 +129,20 @@ def copy_embeddings(conn, ids: list[str], version: str, mat: np.ndarray) -> None
         cp.write(struct.pack(">h", -1))
 
 
-def build_index(engine, label: str) -> float:
+def build_index(engine, label: str, work_mem: str = "2GB") -> float:
     t = time.perf_counter()
     with engine.begin() as conn:
-        conn.execute(sa.text("SET LOCAL maintenance_work_mem = '2GB'"))
+        conn.execute(sa.text(f"SET LOCAL maintenance_work_mem = '{work_mem}'"))
         conn.execute(sa.text("SET LOCAL max_parallel_maintenance_workers = 2"))
         conn.execute(sa.text(INDEX_SQL))
         n = conn.execute(sa.text("SELECT count(*) FROM embeddings")).scalar_one()
     t_index = time.perf_counter() - t
     print(f"  {label}: HNSW index built after the bulk load over {n} vectors: {t_index:.1f} s "
-          f"({n / t_index:,.0f} vectors/s)", flush=True)
+          f"({n / t_index:,.0f} vectors/s, maintenance_work_mem {work_mem})", flush=True)
     return t_index
 
 
-def grow_gallery(engine, size: int, index: bool) -> None:
+def grow_gallery(engine, size: int, index: bool, work_mem: str = "2GB") -> None:
     have = meta(engine, "gallery")
     if have < size:
         print(f"building gallery {have} -> {size} sightings", flush=True)
@@ -162,7 +162,7 @@ def grow_gallery(engine, size: int, index: bool) -> None:
     with engine.connect() as conn:
         has_index = conn.execute(sa.text("SELECT to_regclass('embeddings_vector_hnsw') IS NOT NULL")).scalar_one()
     if index and not has_index:
-        build_index(engine, f"gallery {size}")
+        build_index(engine, f"gallery {size}", work_mem)
     elif not index and has_index:
         with engine.begin() as conn:
             conn.execute(sa.text("DROP INDEX embeddings_vector_hnsw"))
@@ -327,7 +327,15 @@ def main() -> int:
     ap.add_argument("--galleries", type=int, nargs="*", help="gallery sizes (default 1000 10000 100000)")
     ap.add_argument("--partition", type=int, default=1000, help="sightings per partition (default 1000)")
     ap.add_argument("--no-hnsw", action="store_true", help="no HNSW index, mode or recall (large galleries)")
+    ap.add_argument("--index-cost-only", action="store_true",
+                    help="only the HNSW index: build it after the bulk load, insert a partition's vectors "
+                         "through it, recall@10 (no decisions)")
+    ap.add_argument("--maintenance-work-mem", default="2GB",
+                    help="PostgreSQL maintenance_work_mem for the index build (the graph of 1M 512-d vectors "
+                         "needs ~2.5 GB to be built in memory)")
     args = ap.parse_args()
+    if args.index_cost_only:
+        return index_cost_only(args)
     galleries = args.galleries or ([1000, 10000] if args.quick else [1000, 10000, 100000])
     started = time.perf_counter()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -393,6 +401,29 @@ def main() -> int:
     agree = min((r["two_stage"]["agree"] for r in results), default=float("nan"))
     print(f"assignments/s gallery=10000: {auto(10000)}; gallery=100000: {auto(100000)}; "
           f"agreement with exact: {100 * agree:.2f}%")
+    return 0
+
+
+def index_cost_only(args) -> int:
+    """The HNSW index's cost alone: build after the bulk load, insert cost per vector through
+    the index (a partition's vectors, both models), recall@10 for one-vector look-ups."""
+    for g in sorted(args.galleries or [100000]):
+        engine = engine_for(g)
+        setup(engine)
+        grow_gallery(engine, g, index=False)
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP INDEX IF EXISTS embeddings_vector_hnsw"))
+            conn.execute(sa.text("DELETE FROM bench_meta WHERE key LIKE 'partition_%'"))
+        with engine.connect() as conn:
+            n = conn.execute(sa.text("SELECT count(*) FROM embeddings")).scalar_one()
+        build_s = build_index(engine, f"gallery {g:,} ({n:,} vectors)", args.maintenance_work_mem)
+        _, _, per_vector = ensure_partition(engine, args.partition, g)
+        recall = hnsw_recall_at_10(engine)
+        print(f"HNSW at {n:,} vectors ({g:,} sightings x {len(VERSIONS)} models): build {build_s:.0f} s "
+              f"({n / build_s:,.0f} vectors/s); insert through the index {per_vector * 1e3:.2f} ms per vector "
+              f"({2 * args.partition:,} vectors); recall@10 "
+              + ", ".join(f"ef_search={ef}: {v:.3f}" for ef, v in recall.items())
+              + f"; peak client RSS {peak_rss_mb():,.0f} MB", flush=True)
     return 0
 
 

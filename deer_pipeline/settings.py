@@ -42,6 +42,8 @@ CANDIDATE_DEER = 20                        # candidate deer re-scored and record
 SEARCH = "auto"                            # auto | exact | two_stage | hnsw
 HNSW_EF_SEARCH = 200
 EXACT_SEARCH_MAX_GALLERY = 20_000          # auto: exhaustive exact scoring below this many sightings, two_stage above
+COARSE_PRECISION = "auto"                  # auto | float32 | bfloat16: the pass that ranks deer (scores stay float64)
+COARSE_BF16_MIN_ROWS = 5_000               # auto: bfloat16 from this many gallery rows, on CPUs with bfloat16 units
 PROFILE_CANDIDATE_DEER = 50                # two_stage: deer ranked best by profile vector, then re-scored exactly
 GALLERY_CACHE = True                       # keep the gallery in memory across decisions of a process
 GALLERY_CACHE_ENTRIES = 2                  # galleries kept (database x embedding versions)
@@ -330,6 +332,7 @@ class MatchingSettings:
     hnsw_ef_search: int = HNSW_EF_SEARCH
     exact_search_max_gallery: int = EXACT_SEARCH_MAX_GALLERY
     profile_candidate_deer: int = PROFILE_CANDIDATE_DEER
+    coarse_precision: str = COARSE_PRECISION
     gallery_cache: bool = GALLERY_CACHE
     match_score: str = MATCH_SCORE          # cosine | local | fused
     verify_top_k: int = VERIFY_TOP_K
@@ -347,6 +350,8 @@ class MatchingSettings:
         check_weights(self.ensemble_weights)
         if self.search not in ("auto", "exact", "two_stage", "hnsw"):
             raise SettingsError(f"search must be auto, exact, two_stage or hnsw, not {self.search!r}")
+        if self.coarse_precision not in ("auto", "float32", "bfloat16"):
+            raise SettingsError(f"coarse_precision must be auto, float32 or bfloat16, not {self.coarse_precision!r}")
         if self.profile_candidate_deer < 1:
             raise SettingsError("profile_candidate_deer must be at least 1")
         if self.candidate_deer < 1:

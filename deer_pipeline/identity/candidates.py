@@ -10,9 +10,10 @@ import numpy as np
 from deer_pipeline.detections.encounters import (
     Encounter,
 )
-from deer_pipeline.identity import store
+from deer_pipeline.identity import coarse, store
 from deer_pipeline.identity.gallery import (
     FREE,
+    SEX_CODE,
     Gallery,
     SexBook,
     per_deer_max,
@@ -43,6 +44,24 @@ class _Search:
     loaded: set[int] = field(default_factory=set)
     complete: bool = False
     flanks: object = None            # flanks.SideBook when the cosine decision is flank-aware
+    coarse: str = "float32"          # precision of the pass that ranks deer (coarse.py)
+    _codes: tuple | None = None      # (deer ids, their sex codes) of the last chunk
+
+    def sex_codes(self, deer: np.ndarray) -> np.ndarray:
+        """Sex code of each deer (``SexBook.codes``), kept from chunk to chunk: only deer whose
+        sightings changed since are looked up again."""
+        changed = self.sexes.take_changed()
+        if self._codes is not None and len(self._codes[0]) == len(deer) and np.array_equal(self._codes[0], deer):
+            _, codes, pos = self._codes
+            hit = [(pos[d], d) for d in changed if d in pos]
+            if hit:
+                codes = codes.copy()
+                codes[[p for p, _ in hit]] = self.sexes.codes(np.array([d for _, d in hit], np.int64))
+        else:
+            codes = self.sexes.codes(deer)
+            pos = dict(zip(deer.tolist(), range(len(deer))))
+        self._codes = (deer.copy(), codes, pos)
+        return codes
 
 
 def _prepare_search(conn, settings: MatchingSettings, models: list[str], weights: Mapping[str, float],
@@ -73,7 +92,9 @@ def _prepare_search(conn, settings: MatchingSettings, models: list[str], weights
     if gallery is None:
         gallery = Gallery(models, weights)
         store.load_gallery(conn, vers, gallery, headroom=max(4096, n_static // 8))
-    return _Search(mode, gallery, SexBook(gallery.sex_counts()), vers, complete=True)
+    summary.coarse_precision = coarse.resolve(settings.coarse_precision, gallery.n)
+    return _Search(mode, gallery, SexBook(gallery.sex_counts()), vers, complete=True,
+                   coarse=summary.coarse_precision)
 
 
 def _chunk_scores(search: _Search, q_all: list[np.ndarray], n0: int, conn=None,
@@ -351,3 +372,227 @@ def _hnsw_candidates(nearest: store.NearestSightings, q_primary: np.ndarray, nee
             if sim > found.get(d, -np.inf):
                 found[d] = sim
     return set(sorted(found, key=lambda d: (-found[d], d))[: settings.candidate_deer])
+
+
+PLAN_MARGIN = 8      # candidates kept per encounter beyond those wanted (cannot-links, deer changed in the chunk)
+
+
+class _ChunkPlan:
+    """The candidate deer of a chunk's encounters, found for the whole chunk at once (cosine
+    decision, ``exact`` or ``two_stage``): one score matrix per chunk (``coarse.scores``, float32
+    or bfloat16 products), the best ``want + PLAN_MARGIN`` eligible deer per encounter by one
+    partial sort of every row, and (``exact``) each detection's first best gallery row of each of
+    those deer, read from the same matrix; deciding an encounter is then a few lookups and one
+    float64 re-scoring of its candidates' best pairs.
+
+    The plan finds what the encounter-by-encounter rule (``_scored_candidates``) finds: deer
+    that gained sightings within the chunk (decided by an earlier encounter of it) are scored
+    on all their rows as that rule does, cannot-linked deer are left out, and an encounter whose
+    list runs short (too many of its deer changed or excluded) is handed back to that rule
+    (``candidates`` returns None). With bfloat16 products (``exact``), every row of a candidate
+    that could be its best row within the error bound is re-scored in float32, and ``decisive``
+    hands an encounter back to float32 scoring when a deer outside its list could reach the
+    threshold or its best candidate."""
+
+    def __init__(self, search: _Search, settings: MatchingSettings, enc_sizes: Sequence[int],
+                 enc_sexes: Sequence[str], folded: np.ndarray, q_all: list[np.ndarray], n0: int,
+                 conn=None, query_ids: Sequence[str] | None = None):
+        g, self.mode, self.n0 = search.gallery, search.mode, n0
+        self.coarse = search.coarse
+        self.eps = coarse.error_bound(g.w) if self.coarse == "bfloat16" else 0.0
+        self.folded = folded
+        self.want = settings.candidate_deer if self.mode == "exact" else settings.profile_candidate_deer
+        starts = np.r_[0, np.cumsum(enc_sizes)[:-1]].astype(np.int64)
+        self.rows = [(int(a), int(a) + int(k)) for a, k in zip(starts, enc_sizes)]
+        if self.mode == "exact":
+            g.grouped()                                  # every row 0..n0 in the deer order
+            S = coarse.scores(folded, g.vec[:n0], self.coarse)
+            if search.flanks is not None and search.flanks.any_known(conn, query_ids):
+                search.flanks.mask(conn, S, query_ids, g, 0, n0)
+            self.S_ord = S[:, g._order]
+            M = np.maximum.reduceat(self.S_ord, g._starts, axis=1)
+            deer = g.seg_deer
+        else:
+            P, deer = g.profile_rows()
+            live = deer != FREE
+            if not live.all():
+                P, deer = P[live], deer[live]
+            M = coarse.scores(folded, P, self.coarse)
+        self.deer = deer
+        self.M_enc = M if len(starts) == M.shape[0] else np.maximum.reduceat(M, starts, axis=0)
+        E = self.E = self.M_enc.copy()
+        known_sexes = set(enc_sexes) - {"unknown"}
+        if settings.sex_filter and len(deer) and known_sexes:
+            codes = search.sex_codes(deer)
+            for sex in known_sexes:
+                bad = (codes != 0) & (codes != SEX_CODE[sex])
+                if bad.any():
+                    rows = np.flatnonzero(np.array([s == sex for s in enc_sexes]))
+                    E[np.ix_(rows, np.flatnonzero(bad))] = -np.inf
+        nd = len(deer)
+        T = min(nd, self.want + PLAN_MARGIN)
+        self.outside = np.full(len(starts), -np.inf)     # best score of an eligible deer not in the list
+        if T == 0:
+            self.top = np.zeros((len(starts), 0), np.int64)
+        else:
+            if T < nd:
+                part = np.argpartition(-E, T, axis=1)
+                top = part[:, :T]
+                self.outside = np.take_along_axis(E, part[:, T:T + 1], axis=1)[:, 0].astype(np.float64)
+            else:
+                top = np.tile(np.arange(nd), (len(starts), 1))
+            vals = np.take_along_axis(E, top, axis=1)
+            order = np.lexsort((deer[top], -vals), axis=1)
+            self.top = np.take_along_axis(top, order, axis=1)        # encounter x T: columns, best first
+        self.n_eligible = np.isfinite(E).sum(axis=1)
+        self._seen, self.changed = n0, set()      # deer that gained rows since the chunk was planned
+        self._unlisted = {}                       # encounter -> best rank score left off its candidates
+        self.QQ = None               # exact: the chunk's detections scored against each other (float32)
+        if self.mode == "exact":
+            self.QQ = folded @ np.hstack(q_all).T
+
+    def fallback_scores(self, i: int, q: list[np.ndarray], gallery: Gallery) -> tuple[np.ndarray, np.ndarray]:
+        """(deer, detections x deer scores) of encounter ``i`` as ``_chunk_scores`` gives them,
+        for ``_scored_candidates`` when the plan cannot answer (float32 when the plan's pass was
+        bfloat16)."""
+        if self.coarse == "bfloat16" and self.mode == "exact":
+            return gallery.deer_max(q, self.n0)
+        return self.deer, self.M_enc[i: i + 1]
+
+    def candidates(self, i: int, q: list[np.ndarray], detection_ids: Sequence[str], excluded: set[int],
+                   search: _Search, settings: MatchingSettings, enc_sex: str, conn=None) -> list[tuple] | None:
+        """Encounter ``i``'s candidates, as ``_scored_candidates`` returns them, or None when
+        the plan cannot answer (its list ran short)."""
+        g = search.gallery
+        n1 = g.n
+        if n1 > self._seen:
+            self.changed.update(g.deer[self._seen:n1].tolist())
+            self._seen = n1
+        changed = self.changed
+        cols = self.top[i]
+        ids = self.deer[cols]
+        keep = [j for j, d in enumerate(ids.tolist()) if d not in excluded and d not in changed]
+        if len(keep) < self.want and self.n_eligible[i] > len(cols):
+            return None
+        unlisted = [self.outside[i]]
+        if len(keep) > self.want:
+            unlisted.append(self.E[i, cols[keep[self.want]]])
+        keep = np.array(keep[: self.want], np.int64)
+        score = self.E[i, cols[keep]]
+        fin = np.isfinite(score)
+        if not fin.all():
+            keep, score = keep[fin], score[fin]
+        extra = [d for d in changed if d not in excluded
+                 and (not settings.sex_filter or sex_compatible(enc_sex, search.sexes.sex(d)))]
+        e_ids, e_score = np.array(extra, np.int64), np.zeros(len(extra))
+        new_scores = None
+        if extra:
+            if self.mode == "exact":
+                a, b = self.rows[i]
+                new_scores = (self.QQ[a:b, : n1 - self.n0] if n1 - self.n0 == a   # the rows this chunk added
+                              else g.scores(q, self.n0, n1))
+                if search.flanks is not None:
+                    search.flanks.mask(conn, new_scores, detection_ids, g, self.n0, n1)
+                dx, Mx = per_deer_max(new_scores, g.deer[self.n0:n1])
+                e_score = Mx.max(axis=0)[np.searchsorted(dx, e_ids)]
+                at = self._columns(e_ids)
+                known = at >= 0
+                e_score[known] = np.maximum(e_score[known], self.E[i, at[known]])
+            else:
+                e_ids, P, _ = g.profiles(extra)
+                e_score = (g.fold(q) @ P.T).max(axis=0)
+        all_ids = np.concatenate([ids[keep], e_ids])
+        all_score = np.concatenate([score, e_score]).astype(np.float64)
+        ranked = np.lexsort((all_ids, -all_score))
+        pick = ranked[: self.want]
+        if len(ranked) > self.want:
+            unlisted.append(all_score[ranked[self.want]])
+        self._unlisted[i] = max(unlisted)
+        chosen = all_ids[pick]
+        if not len(chosen):
+            return []
+        if self.mode == "two_stage":
+            a, b = self.rows[i]
+            ids_a = np.sort(chosen)
+            sims, comps = g.best_pair_arrays(q, ids_a, self.folded[a:b])
+            best = sims.max(axis=0)
+            top = np.lexsort((ids_a, -best))[: settings.candidate_deer]
+            return [(int(ids_a[j]), float(best[j]), sims[:, j], comps[:, j, :]) for j in top]
+        a, b = self.rows[i]
+        n_static = len(keep)
+        rows = np.empty((b - a, len(chosen)), np.int64)
+        static = pick < n_static
+        rows[:, static] = _first_best_rows(g, self.S_ord, cols[keep[pick[static]]], a, b, self.folded, self.eps)
+        for j in np.flatnonzero(~static):
+            rows[:, j] = self._best_rows_of(int(chosen[j]), a, b, new_scores, g)
+        sims, comps = g.rescore_rows(q, rows)
+        best = sims.max(axis=0)
+        top = np.lexsort((chosen, -best))
+        return [(int(chosen[j]), float(best[j]), sims[:, j], comps[:, j, :]) for j in top]
+
+    def decisive(self, i: int, cands: list[tuple], threshold: float) -> bool:
+        """With bfloat16 products (``exact``): can no deer left off encounter ``i``'s list reach
+        the threshold or its best candidate's score (the list then holds float32 search's
+        decision)? Always True for float32 products and for ``two_stage`` (a ranking by profile,
+        measured against exact search rather than bounded)."""
+        if self.coarse != "bfloat16" or self.mode != "exact":
+            return True
+        best = cands[0][1] if cands else -np.inf
+        return self._unlisted.get(i, -np.inf) + self.eps < max(best, threshold)
+
+    def _columns(self, deer_ids: np.ndarray) -> np.ndarray:
+        """Column of each deer in the plan's deer order, -1 when it has none."""
+        at = np.searchsorted(self.deer, deer_ids)
+        ok = at < len(self.deer)
+        ok[ok] = self.deer[at[ok]] == deer_ids[ok]
+        return np.where(ok, at, -1)
+
+    def _best_rows_of(self, deer: int, a: int, b: int, new_scores: np.ndarray, g: Gallery) -> np.ndarray:
+        """Per detection a..b, the first best row of a deer that gained rows in the chunk: its
+        rows of the deer order first (from the chunk's matrix), then its new rows in order (the
+        order ``Gallery.gather`` gives)."""
+        col = self._columns(np.array([deer]))[0]
+        vals, rows = [], []
+        if col >= 0:
+            st, en = g._starts[col], g._ends[col]
+            r = g._order[st:en]
+            v = self.S_ord[a:b, st:en]
+            if self.eps:                     # the bfloat16 pass only ranks: the rows in reach in float32
+                v = np.where(v >= v.max(axis=1, keepdims=True) - 2 * self.eps,
+                             np.einsum("kd,kjd->kj", self.folded[a:b], g.vec[r][None, :, :]
+                                       .repeat(b - a, axis=0)), -np.inf).astype(np.float32)
+            vals.append(v)
+            rows.append(r)
+        new = np.flatnonzero(g.deer[self.n0:g.n] == deer)
+        vals.append(new_scores[:, new])
+        rows.append(self.n0 + new)
+        v, r = np.concatenate(vals, axis=1), np.concatenate(rows)
+        return r[v.argmax(axis=1)]
+
+
+def _first_best_rows(g: Gallery, S_ord: np.ndarray, cols: np.ndarray, a: int, b: int,
+                     folded: np.ndarray, eps: float = 0.0) -> np.ndarray:
+    """For detections a..b of the chunk and each deer (``cols``: columns of the deer order):
+    the first best gallery row of the deer (float32, from the chunk's score matrix in the deer
+    order, as ``Gallery.best_pair_arrays`` finds it). With bfloat16 products (``eps`` their
+    error bound) the rows within 2 eps of a deer's best are scored again in float32 first.
+    Returns detections x deer gallery rows."""
+    k, nc = b - a, len(cols)
+    if not nc:
+        return np.zeros((k, 0), np.int64)
+    st, en = g._starts[cols], g._ends[cols]
+    lens = np.tile(en - st, k)
+    offs = np.cumsum(lens) - lens
+    pos = np.repeat(np.tile(st, k) - offs, lens) + np.arange(int(lens.sum()))   # S_ord columns, pair by pair
+    val_det = a + np.repeat(np.arange(k), int((en - st).sum()))
+    vals = S_ord[val_det, pos]
+    mx = np.maximum.reduceat(vals, offs)
+    if eps:
+        near = np.flatnonzero(vals >= np.repeat(mx, lens) - 2 * eps)
+        exact = np.full(len(vals), -np.inf, np.float32)
+        exact[near] = np.einsum("pd,pd->p", folded[val_det[near]], g.vec[g._order[pos[near]]])
+        vals = exact
+        mx = np.maximum.reduceat(vals, offs)
+    cand = np.where(vals == np.repeat(mx, lens), np.arange(len(vals)), len(vals))
+    first = np.minimum.reduceat(cand, offs)
+    return g._order[pos[first]].reshape(k, nc)

@@ -36,7 +36,9 @@ def per_deer_max(scores: np.ndarray, row_deer: np.ndarray) -> tuple[np.ndarray, 
         return np.zeros(0, np.int64), np.zeros((scores.shape[0], 0), np.float32)
     order = np.argsort(row_deer, kind="stable")
     sd = row_deer[order]
-    starts = np.flatnonzero(np.r_[True, sd[1:] != sd[:-1]])
+    cut = np.ones(len(sd), bool)
+    cut[1:] = sd[1:] != sd[:-1]
+    starts = np.flatnonzero(cut)
     return sd[starts], np.maximum.reduceat(scores[:, order], starts, axis=1)
 
 
@@ -225,7 +227,12 @@ class Gallery:
     def gather(self, deer_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(row indices of these deer one deer after the other, rows per deer)."""
         nd = len(deer_ids)
-        js = np.array([self._seg_of.get(d, -1) for d in deer_ids], np.int64)
+        d = np.asarray(deer_ids, np.int64)
+        if len(self.seg_deer):                           # seg_deer is sorted
+            js = np.minimum(np.searchsorted(self.seg_deer, d), len(self.seg_deer) - 1)
+            js = np.where(self.seg_deer[js] == d, js, -1)
+        else:
+            js = np.full(nd, -1, np.int64)
         ok = js >= 0
         st = np.where(ok, self._starts[np.maximum(js, 0)] if len(self._starts) else 0, 0)
         lens = np.where(ok, (self._ends[np.maximum(js, 0)] if len(self._ends) else 0) - st, 0)
@@ -243,7 +250,8 @@ class Gallery:
         lens = lens + np.bincount(t_seg, minlength=nd)
         return np.concatenate([idx, t_rows])[order], lens
 
-    def best_pair_arrays(self, query: Sequence[np.ndarray], deer_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def best_pair_arrays(self, query: Sequence[np.ndarray], deer_ids: Sequence[int],
+                         folded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(sims: query rows x deer, comps: query rows x deer x models): per query row and deer
         the best ensemble similarity to the deer's rows and the per-model cosines of that pair.
 
@@ -253,17 +261,25 @@ class Gallery:
         idx, lens = self.gather(deer_ids)
         if (lens == 0).any():
             raise KeyError(f"deer without sightings in the gallery: {[d for d, n in zip(deer_ids, lens) if not n]}")
-        ens = self.fold(query) @ self.vec[idx].T                                    # k x rows
-        k, R, nd = ens.shape[0], len(idx), len(lens)
+        ens = (self.fold(query) if folded is None else folded) @ self.vec[idx].T  # k x rows
+        R = len(idx)
         bounds = np.r_[0, np.cumsum(lens)[:-1]]
         mx = np.maximum.reduceat(ens, bounds, axis=1)                                # k x deer
         pos = np.where(ens == np.repeat(mx, lens, axis=1), np.arange(R), R)
         first = np.minimum.reduceat(pos, bounds, axis=1)                             # first best row
-        flat = idx[first].ravel()
+        return self.rescore_rows(query, idx[first])
+
+    def rescore_rows(self, query: Sequence[np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float64 per-model cosines of each query row with the gallery row in each column of
+        ``rows`` (query rows x pairs) and their weighted sum: (sims query rows x pairs, comps
+        query rows x pairs x models). The one place a decision's score is computed."""
         d = self.dim
-        comps = np.stack([np.einsum("kd,kjd->kj", np.asarray(q, np.float64),
-                                    self.vec[flat, i * d:(i + 1) * d].astype(np.float64).reshape(k, nd, -1))
-                          for i, q in enumerate(query)], axis=-1)          # k x deer x models
+        k, c = rows.shape
+        comps = np.empty((k, c, len(query)), np.float64)
+        flat = rows.ravel()
+        for m, qm in enumerate(query):
+            comps[:, :, m] = np.einsum("kd,kcd->kc", np.asarray(qm, np.float32),
+                                       self.vec[flat, m * d:(m + 1) * d].reshape(k, c, d), dtype=np.float64)
         return comps @ self.w, comps
 
     def best_pairs(self, query: Sequence[np.ndarray], deer_ids: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -405,6 +421,8 @@ class SexBook:
 
     def __init__(self, counts: Mapping[int, tuple[int, int, int]]):
         self.counts = {d: [f, m] for d, (f, m, _) in counts.items()}
+        self._code = {d: (1 if f > m else 2 if m > f else 0) for d, (f, m) in self.counts.items()}
+        self._changed: set[int] = set()                  # deer whose sightings changed (take_changed)
         self.static_rows = {d: n for d, (_, _, n) in counts.items()}
         self.rows_by_sex: Counter = Counter()
         for d, n in self.static_rows.items():
@@ -414,12 +432,24 @@ class SexBook:
         f, m = self.counts.get(deer_id, (0, 0))
         return "female" if f > m else "male" if m > f else "unknown"
 
+    def take_changed(self) -> set[int]:
+        """The deer that gained sightings since the last call."""
+        out, self._changed = self._changed, set()
+        return out
+
+    def codes(self, deer_ids: np.ndarray) -> np.ndarray:
+        """``SEX_CODE`` of each deer's current sex."""
+        get = self._code.get
+        return np.fromiter((get(d, 0) for d in np.asarray(deer_ids).tolist()), np.int8, len(deer_ids))
+
     def add(self, deer_id: int, sexes: Sequence[str]) -> None:
         before = self.sex(deer_id)
         c = self.counts.setdefault(deer_id, [0, 0])
         c[0] += sum(s == "female" for s in sexes)
         c[1] += sum(s == "male" for s in sexes)
         after = self.sex(deer_id)
+        self._code[deer_id] = SEX_CODE[after]
+        self._changed.add(deer_id)
         if deer_id in self.static_rows and before != after:
             self.rows_by_sex[before] -= self.static_rows[deer_id]
             self.rows_by_sex[after] += self.static_rows[deer_id]

@@ -82,6 +82,7 @@ from deer_pipeline.embedding import models as embedders
 from deer_pipeline.identity import gallery_cache, reviews, store
 from deer_pipeline.identity.flanks import SideBook, flank_filtered
 from deer_pipeline.identity.candidates import (
+    _ChunkPlan,
     _chunk_scores,
     _prepare_search,
     _Rescorer,
@@ -89,7 +90,7 @@ from deer_pipeline.identity.candidates import (
     _Search,
     _with_candidate,
 )
-from deer_pipeline.identity.gallery import sex_compatible
+from deer_pipeline.identity.gallery import SEX_CODE, sex_compatible
 from deer_pipeline.identity.store import MatchingError
 from deer_pipeline.settings import MatchingSettings
 
@@ -151,6 +152,8 @@ class DecisionSummary:
     reviewed: int = 0                # sightings of this partition whose decision a review fixed
     excluded_by_review: int = 0      # detections of this partition a review made unidentifiable
     local_verification: dict = field(default_factory=dict)   # local/fused: verifier counts and reasons
+    coarse_precision: str = ""       # the pass that ranks deer: float32 | bfloat16 (identity/coarse.py)
+    plan_fallbacks: int = 0          # encounters the chunk's plan handed back to the one-by-one rule
     other_flank_only: int = 0        # cosine, flank-aware: candidate deer not compared (only their other flank known)
     seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)   # prepare / decide / write
@@ -266,6 +269,8 @@ def decide_partitions(engine: Engine, partitions: Sequence[tuple[str, str | date
             if settings.match_score != "cosine" else None
         sides = SideBook() if settings.flank_aware and rescorer is None else None
         search.flanks = sides
+        if sides is not None:        # the sides of every detection to decide, read once
+            sides.load(conn, [d.detection_id for e in encounters for d in e.detections])
         t_loaded = time.perf_counter()
         run.phase_seconds["prepare"] = round(t_loaded - t_start, 3)
         out = _decide_in_time_order(conn, encounters, qv, search, settings, models, part_of, summaries, run,
@@ -295,7 +300,7 @@ def decide_partitions(engine: Engine, partitions: Sequence[tuple[str, str | date
 # Summary fields that describe the whole call, copied into every partition's summary.
 SHARED_FIELDS = ("replayed", "replayed_partitions", "embedding_version", "components", "search",
                  "gallery_size", "gallery_cache", "deer_total", "deer_removed", "hnsw_requeries",
-                 "hnsw_exact_fallbacks", "local_verification", "other_flank_only", "seconds", "phase_seconds")
+                 "hnsw_exact_fallbacks", "coarse_precision", "plan_fallbacks", "local_verification", "other_flank_only", "seconds", "phase_seconds")
 
 
 def _decidable_detections(conn, camera_id: str, day: str, comps: Mapping[str, str], vers: list[str],
@@ -370,7 +375,7 @@ class _Outcome:
     deer_of: dict[str, int] = field(default_factory=dict)            # encounter -> deer
     founders: dict[int, tuple[str, str]] = field(default_factory=dict)
     sighting_rows: list[list] = field(default_factory=list)
-    score_rows: list[list] = field(default_factory=list)
+    score_blocks: list[store.ScoreBlock] = field(default_factory=list)
     next_prov: int = -1                                              # provisional ids of new deer
     max_sim: dict[str, float] = field(default_factory=dict)          # partition -> best score seen
     score_models: list[str] = field(default_factory=list)            # the components of each score row
@@ -389,17 +394,25 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
     out = _Outcome()
     no_link = cannot_link(encounters)
     gallery = search.gallery
+    planned = rescorer is None and search.mode in ("exact", "two_stage")
     for c0 in range(0, len(encounters), CHUNK_ENCOUNTERS):
         chunk = encounters[c0: c0 + CHUNK_ENCOUNTERS]
         q_all = [np.vstack([qv[m][d.detection_id] for e in chunk for d in e.detections]).astype(np.float32)
                  for m in models]
         n0 = gallery.n
-        deer0, M0 = _chunk_scores(search, q_all, n0, conn, [d.detection_id for e in chunk for d in e.detections])
+        chunk_ids = [d.detection_id for e in chunk for d in e.detections]
+        plan = None
+        if planned and n0:
+            plan = _ChunkPlan(search, settings, [len(e.detections) for e in chunk], [e.sex for e in chunk],
+                              gallery.fold(q_all), q_all, n0, conn, chunk_ids)
+        else:
+            deer0, M0 = _chunk_scores(search, q_all, n0, conn, chunk_ids)
         pos = 0
-        for enc in chunk:
+        for i_enc, enc in enumerate(chunk):
             k = len(enc.detections)
             q = [qa[pos: pos + k] for qa in q_all]
-            enc_M0 = M0[pos: pos + k]
+            if plan is None:
+                enc_M0 = M0[pos: pos + k]
             pos += k
             own = summaries.get(part_of[enc.detections[0].detection_id])
             excluded = {out.deer_of[o] for o in no_link.get(enc.encounter_key, ()) if o in out.deer_of}
@@ -409,12 +422,20 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
                 excluded |= refused
                 if (forced is not None or refused) and own is not None:
                     own.reviewed += k
-            cands = _scored_candidates(conn, enc, q, deer0, enc_M0, n0, excluded, search, settings, run)
-            if forced is not None:
-                cands = _with_candidate(conn, cands, forced, q, search)
-            if sides is not None:        # flank-aware: the other flank of a deer is not compared
-                cands, n_other = flank_filtered(conn, enc.detection_ids, q, cands, search.gallery, sides, forced)
-                run.other_flank_only += n_other
+            cands = None
+            if plan is not None:
+                cands = plan.candidates(i_enc, q, enc.detection_ids, excluded, search, settings, enc.sex, conn)
+                if cands is not None:
+                    cands, n_other = _completed(conn, enc, q, cands, search, sides, forced)
+                    if forced is None and not plan.decisive(i_enc, cands, settings.threshold_for(enc.sex)):
+                        cands = None
+                if cands is None:
+                    run.plan_fallbacks += 1
+                    deer0, enc_M0 = plan.fallback_scores(i_enc, q, gallery)
+            if cands is None:
+                cands = _scored_candidates(conn, enc, q, deer0, enc_M0, n0, excluded, search, settings, run)
+                cands, n_other = _completed(conn, enc, q, cands, search, sides, forced)
+            run.other_flank_only += n_other
             names = models
             if rescorer is not None:
                 cands = rescorer.rescore(enc, q, cands, search.gallery)
@@ -423,6 +444,18 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
             if review is not None:
                 review.decided(enc.detection_ids, out.deer_of[enc.encounter_key])
     return out
+
+
+def _completed(conn, enc: Encounter, q: list[np.ndarray], cands: list[tuple], search: _Search,
+               sides: SideBook | None, forced: int | None) -> tuple[list[tuple], int]:
+    """The candidates with the deer a person named (``forced``) among them, and flank-aware:
+    the other flank of a deer not compared (``flanks.flank_filtered``); returns (candidates,
+    deer dropped because only their other flank is known)."""
+    if forced is not None:
+        cands = _with_candidate(conn, cands, forced, q, search)
+    if sides is None:
+        return cands, 0
+    return flank_filtered(conn, enc.detection_ids, q, cands, search.gallery, sides, forced)
 
 
 def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], out: _Outcome,
@@ -448,13 +481,17 @@ def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], o
         deer, decision = out.next_prov, "new"
         out.founders[out.next_prov] = (enc.founding_detection_id, enc_sex)
         out.next_prov -= 1
-    for cand, _, sims, comp in cands:
-        sm = sex_compatible(enc_sex, search.sexes.sex(cand))
-        for d, s, cm in zip(enc.detections, sims, comp):
-            if not np.isfinite(s):       # flank-aware: this detection was not compared with the deer
-                continue
-            out.score_rows.append([d.detection_id, enc.encounter_key, cand, float(s),
-                                   cm, sm, cand == deer, threshold, vkey, part_of[d.detection_id]])
+    det_ids = enc.detection_ids
+    if cands:
+        ids = np.fromiter((c[0] for c in cands), np.int64, len(cands))
+        sims = np.stack([c[2] for c in cands], axis=1)                   # detections x candidates
+        comps = np.stack([c[3] for c in cands], axis=1)                  # detections x candidates x models
+        codes = search.sexes.codes(ids)
+        sexm = (codes == 0) | (codes == SEX_CODE.get(enc_sex, 0)) | (SEX_CODE.get(enc_sex, 0) == 0)
+    else:
+        ids, sims, comps, sexm = np.zeros(0, np.int64), np.zeros((k, 0)), np.zeros((k, 0, len(models))), np.zeros(0, bool)
+    out.score_blocks.append(store.ScoreBlock(det_ids, enc.encounter_key, [part_of[d] for d in det_ids],
+                                             ids, sims, comps, sexm, deer, threshold))
     for d in enc.detections:
         out.sighting_rows.append([d.detection_id, deer, enc.encounter_key, part_of[d.detection_id],
                                   decision, best_score, threshold, vkey, d.captured_at])
@@ -479,11 +516,13 @@ def _write_decisions(conn, out: _Outcome, withdrawn: list, vers: list[str],
     search.gallery.relabel(real)
     for r in out.sighting_rows:
         r[1] = real.get(r[1], r[1])
-    for r in out.score_rows:
-        r[2] = real.get(r[2], r[2])
     store.copy_rows(conn, "sightings", store.SIGHTING_COLUMNS, out.sighting_rows)
-    store.copy_scores(conn, out.score_rows, out.score_models)
-    rows_by_part = Counter(r[9] for r in out.score_rows)
+    scores = store.score_arrays(out.score_blocks, real)
+    store.copy_scores(conn, scores, out.score_models, run.embedding_version)
+    per_det = np.bincount(scores["det"], minlength=len(scores["detection_ids"]))
+    rows_by_part: Counter = Counter()
+    for p, c in zip(scores["partition_keys"], per_det.tolist()):
+        rows_by_part[p] += c
     deer_by_part: dict[str, set[int]] = defaultdict(set)
     for r in out.sighting_rows:
         deer_by_part[r[3]].add(r[1])

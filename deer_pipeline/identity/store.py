@@ -338,42 +338,98 @@ SCORE_COLUMNS = ("detection_id", "encounter_key", "candidate_deer_id", "similari
 COMPONENTS_SQL = "score_components(component_models, component_scores, components)"
 
 
-def copy_scores(conn: sa.Connection, rows: Sequence[Sequence], models: Sequence[str]) -> int:
-    """Write similarity score rows with one binary COPY: (detection_id, encounter_key,
-    candidate deer, similarity, per-model cosines in the order of ``models``, sex_match, matched,
-    threshold, embedding_version, partition_key)."""
-    if not rows:
+@dataclass
+class ScoreBlock:
+    """The scores of one encounter's detections against its candidate deer, as arrays: one row
+    per (detection, candidate) whose score is finite (a NaN/-inf score: not compared)."""
+
+    detection_ids: Sequence[str]
+    encounter_key: str
+    partition_keys: Sequence[str]        # per detection
+    candidates: np.ndarray               # candidate deer ids (int64)
+    sims: np.ndarray                     # detections x candidates, float64
+    comps: np.ndarray                    # detections x candidates x components
+    sex_match: np.ndarray                # per candidate (bool)
+    chosen: int                          # the deer the encounter went to
+    threshold: float
+
+
+def score_arrays(blocks: Sequence[ScoreBlock], rename: Mapping[int, int] | None = None) -> dict:
+    """The rows of ``blocks`` as column arrays (``rename``: provisional deer id -> real id):
+    ``det`` (row -> index into ``detection_ids``), ``cand``, ``sim``, ``comps``, ``sex_match``,
+    ``matched``, and per detection ``detection_ids``, ``encounter_keys``, ``partition_keys``,
+    ``thresholds``."""
+    det_ids, enc_keys, part_keys, thresholds = [], [], [], []
+    dets, cands, sims, comps, sexm, matched = [], [], [], [], [], []
+    n_comp = 0
+    for b in blocks:
+        base = len(det_ids)
+        det_ids += b.detection_ids
+        enc_keys += [b.encounter_key] * len(b.detection_ids)
+        part_keys += b.partition_keys
+        thresholds += [b.threshold] * len(b.detection_ids)
+        if not len(b.candidates):
+            continue
+        ok = np.isfinite(b.sims)
+        i, j = np.nonzero(ok)
+        dets.append(base + i)
+        cands.append(b.candidates[j])
+        sims.append(b.sims[i, j])
+        comps.append(b.comps[i, j])
+        n_comp = b.comps.shape[-1]
+        sexm.append(b.sex_match[j])
+        matched.append(b.candidates[j] == b.chosen)
+    cat = (lambda xs, dt: np.concatenate(xs).astype(dt)) if dets else (lambda xs, dt: np.zeros(0, dt))
+    out = {"det": cat(dets, np.int64), "cand": cat(cands, np.int64), "sim": cat(sims, np.float64),
+           "comps": np.concatenate(comps).astype(np.float64) if dets else np.zeros((0, n_comp)),
+           "sex_match": cat(sexm, bool), "matched": cat(matched, bool), "detection_ids": det_ids,
+           "encounter_keys": enc_keys, "partition_keys": part_keys, "thresholds": thresholds}
+    if rename and len(out["cand"]):
+        prov = out["cand"] < 0
+        if prov.any():
+            out["cand"][prov] = [rename.get(c, c) for c in out["cand"][prov].tolist()]
+    return out
+
+
+def copy_scores(conn: sa.Connection, rows: Mapping, models: Sequence[str], version: str) -> int:
+    """Write similarity score rows (the column arrays of :func:`score_arrays`) with one binary
+    COPY; the fixed-width middle of every row is built by numpy, the texts once per detection."""
+    n = len(rows["cand"])
+    if not n:
         return 0
-    i4, i8, f4, h = struct.Struct(">i").pack, struct.Struct(">iq").pack, struct.Struct(">if").pack, struct.pack
-    names = [m.encode() for m in models]
-    # text[]: ndim 1, no nulls, element oid 25, length, lower bound 1, then (length, bytes) each
-    models_b = h(">iiiii", 1, 0, 25, len(names), 1) + b"".join(i4(len(n)) + n for n in names)
-    models_field = i4(len(models_b)) + models_b
-    arr_head = h(">iiiii", 1, 0, 700, len(names), 1)
-    arr_len = i4(len(arr_head) + 8 * len(names))
-    cache: dict[str, bytes] = {}
+    i4, h = struct.Struct(">i").pack, struct.pack
 
     def text(v: str) -> bytes:
-        b = cache.get(v)
-        if b is None:
-            e = v.encode()
-            b = cache[v] = i4(len(e)) + e
-        return b
+        e = v.encode()
+        return i4(len(e)) + e
 
-    t, f = h(">ib", 1, 1), h(">ib", 1, 0)
+    names = [m.encode() for m in models]
+    nm = len(names)
+    # text[]: ndim 1, no nulls, element oid 25, length, lower bound 1, then (length, bytes) each
+    models_b = h(">iiiii", 1, 0, 25, nm, 1) + b"".join(i4(len(x)) + x for x in names)
+    arr_head = h(">iiiii", 1, 0, 700, nm, 1)
+    dtype = np.dtype([("l_c", ">i4"), ("c", ">i8"), ("l_s", ">i4"), ("s", ">f4"),
+                      ("l_models", ">i4"), ("models", f"S{len(models_b)}"), ("l_arr", ">i4"),
+                      ("arr_head", f"S{len(arr_head)}"), ("comp", [("l", ">i4"), ("v", ">f4")], (nm,)),
+                      ("l_sm", ">i4"), ("sm", "i1"), ("l_m", ">i4"), ("m", "i1")])
+    rec = np.zeros(n, dtype)
+    rec["l_c"], rec["c"], rec["l_s"], rec["s"] = 8, rows["cand"], 4, rows["sim"]
+    rec["l_models"], rec["models"] = len(models_b), models_b
+    rec["l_arr"], rec["arr_head"] = len(arr_head) + 8 * nm, arr_head
+    rec["comp"]["l"], rec["comp"]["v"] = 4, rows["comps"]
+    rec["l_sm"], rec["sm"], rec["l_m"], rec["m"] = 1, rows["sex_match"], 1, rows["matched"]
+    mid, sz = rec.tobytes(), dtype.itemsize
+    n_fields, vkey = h(">h", 11), text(version)
+    heads = [n_fields + text(d) + text(e) for d, e in zip(rows["detection_ids"], rows["encounter_keys"])]
+    tails = [h(">if", 4, t) + vkey + text(p) for t, p in zip(rows["thresholds"], rows["partition_keys"])]
     out = [b"PGCOPY\n\xff\r\n\x00" + h(">ii", 0, 0)]
-    n_fields = h(">h", 11)
-    for r in rows:
-        comp = b"".join(h(">if", 4, float(x)) for x in r[4])
-        out.append(b"".join((n_fields, text(r[0]), text(r[1]), i8(8, int(r[2])), f4(4, float(r[3])),
-                             models_field, arr_len, arr_head, comp, t if r[5] else f, t if r[6] else f,
-                             f4(4, float(r[7])), text(r[8]), text(r[9]))))
+    out += [heads[d] + mid[i * sz:(i + 1) * sz] + tails[d] for i, d in enumerate(rows["det"].tolist())]
     out.append(h(">h", -1))
     raw = conn.connection.driver_connection
     with raw.cursor() as cur, cur.copy(f"COPY similarity_scores ({', '.join(SCORE_COLUMNS)}) "
                                        "FROM STDIN (FORMAT BINARY)") as cp:
         cp.write(b"".join(out))
-    return len(rows)
+    return n
 
 
 def copy_rows(conn: sa.Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence]) -> int:
