@@ -98,6 +98,7 @@ log = logging.getLogger(__name__)
 
 
 CHUNK_ENCOUNTERS = 64       # encounters scored together against the gallery (one matmul)
+PLAN_CHUNKS = True          # cosine, exact / two_stage: plan a chunk's candidates together (candidates._ChunkPlan)
 
 
 # BLAS threads while deciding. The matrices are small to medium and OpenBLAS threads spin and
@@ -394,7 +395,7 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
     out = _Outcome()
     no_link = cannot_link(encounters)
     gallery = search.gallery
-    planned = rescorer is None and search.mode in ("exact", "two_stage")
+    planned = PLAN_CHUNKS and rescorer is None and search.mode in ("exact", "two_stage")
     for c0 in range(0, len(encounters), CHUNK_ENCOUNTERS):
         chunk = encounters[c0: c0 + CHUNK_ENCOUNTERS]
         q_all = [np.vstack([qv[m][d.detection_id] for e in chunk for d in e.detections]).astype(np.float32)

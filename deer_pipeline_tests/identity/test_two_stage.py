@@ -126,3 +126,72 @@ def test_two_stage_search_agrees_with_exhaustive_exact_scoring(no_index):
     auto = decide_partition(engine, cam, day, MatchingSettings(exact_search_max_gallery=1000), versions=MODELS)
     assert auto.search == "two_stage"
     assert sum(_decisions(engine)[d] == v for d, v in by_exact.items()) / len(by_exact) >= 0.999
+
+
+def _score_rows(engine):
+    with engine.connect() as conn:
+        founder = dict(conn.execute(sa.text("SELECT deer_id, founding_detection_id FROM deer")).all())
+        rows = conn.execute(sa.text(
+            "SELECT detection_id, candidate_deer_id, similarity, component_scores, sex_match, matched, threshold "
+            "FROM similarity_scores WHERE partition_key LIKE 'cam|%'")).all()
+    return {(r[0], founder.get(r[1], r[1])): (r[2], tuple(r[3]), r[4], r[5], r[6]) for r in rows}
+
+
+def test_planned_chunks_decide_and_log_exactly_as_the_encounter_by_encounter_rule(no_index, monkeypatch):
+    """The chunk plan (candidates._ChunkPlan) is the one-by-one rule computed together: the same
+    decisions and the same score rows (candidates, float64 scores, components), exact and
+    two-stage."""
+    from deer_pipeline.identity import matching
+
+    engine = no_index
+    cam, day = _world(engine)
+    for search in ("exact", "two_stage"):
+        st = MatchingSettings(search=search, coarse_precision="float32")
+        planned = decide_partition(engine, cam, day, st, versions=MODELS)
+        by_plan, rows_plan = _decisions(engine), _score_rows(engine)
+        monkeypatch.setattr(matching, "PLAN_CHUNKS", False)
+        one_by_one = decide_partition(engine, cam, day, st, versions=MODELS)
+        monkeypatch.setattr(matching, "PLAN_CHUNKS", True)
+        assert planned.plan_fallbacks < planned.decided / 10
+        assert _decisions(engine) == by_plan
+        rows = _score_rows(engine)
+        assert rows.keys() == rows_plan.keys() and len(rows) == planned.score_rows == one_by_one.score_rows
+        for key, (sim, comps, *rest) in rows.items():
+            p_sim, p_comps, *p_rest = rows_plan[key]
+            assert sim == pytest.approx(p_sim, abs=1e-6) and comps == pytest.approx(p_comps, abs=1e-6)
+            assert rest == p_rest
+
+
+def test_bfloat16_first_pass_decides_as_float32_and_hands_close_calls_back(no_index, monkeypatch):
+    """bfloat16 products only rank deer: decisions and recorded scores are those of the float32
+    pass, also where a deer left off an encounter's list could reach the threshold (that
+    encounter is handed back to float32 scoring and counted)."""
+    from deer_pipeline.identity import candidates, coarse
+
+    monkeypatch.setattr(coarse, "cpu_has_bf16", lambda: True)   # torch computes it on any CPU
+    engine = no_index
+    cam, day = _world(engine)
+    for extra in ({}, {"reid_threshold": 0.05, "candidate_deer": 1}):
+        # the second case: one candidate and no margin, a threshold below chance level: a
+        # stranger's best and second-best deer are often within the bfloat16 error bound
+        monkeypatch.setattr(candidates, "PLAN_MARGIN", 0 if extra else 8)
+        f32 = decide_partition(engine, cam, day, MatchingSettings(search="exact", coarse_precision="float32", **extra),
+                               versions=MODELS)
+        by_f32 = _decisions(engine)
+        best_f32 = _best_scores(engine)
+        bf = decide_partition(engine, cam, day, MatchingSettings(search="exact", coarse_precision="bfloat16", **extra),
+                              versions=MODELS)
+        assert f32.coarse_precision == "float32" and bf.coarse_precision == "bfloat16"
+        assert _decisions(engine) == by_f32
+        best = _best_scores(engine)
+        assert best.keys() == best_f32.keys()
+        assert max(abs(best[d] - best_f32[d]) for d in best) < 1e-6
+        if extra:        # close calls: some handed back
+            assert bf.plan_fallbacks > 0
+        assert 0.5 < f32.matched / f32.decided
+
+
+def _best_scores(engine):
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.text(
+            "SELECT detection_id, score FROM sightings WHERE partition_key LIKE 'cam|%' AND score IS NOT NULL")).all())
