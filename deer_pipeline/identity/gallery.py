@@ -261,25 +261,29 @@ class Gallery:
         idx, lens = self.gather(deer_ids)
         if (lens == 0).any():
             raise KeyError(f"deer without sightings in the gallery: {[d for d, n in zip(deer_ids, lens) if not n]}")
-        ens = (self.fold(query) if folded is None else folded) @ self.vec[idx].T  # k x rows
+        f = self.fold(query) if folded is None else folded
+        X = self.vec[idx]                                                            # rows x dim*models
+        ens = f @ X.T                                                                # k x rows
         R = len(idx)
         bounds = np.r_[0, np.cumsum(lens)[:-1]]
         mx = np.maximum.reduceat(ens, bounds, axis=1)                                # k x deer
         pos = np.where(ens == np.repeat(mx, lens, axis=1), np.arange(R), R)
         first = np.minimum.reduceat(pos, bounds, axis=1)                             # first best row
-        return self.rescore_rows(query, idx[first])
+        return self.rescore_rows(query, idx[first], X[first.ravel()])
 
-    def rescore_rows(self, query: Sequence[np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def rescore_rows(self, query: Sequence[np.ndarray], rows: np.ndarray,
+                     vectors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """float64 per-model cosines of each query row with the gallery row in each column of
         ``rows`` (query rows x pairs) and their weighted sum: (sims query rows x pairs, comps
-        query rows x pairs x models). The one place a decision's score is computed."""
+        query rows x pairs x models). ``vectors``: those rows' vectors when already gathered
+        (pairs in row-major order). The one place a decision's score is computed."""
         d = self.dim
         k, c = rows.shape
+        V = (self.vec[rows.ravel()] if vectors is None else vectors).reshape(k, c, -1)
         comps = np.empty((k, c, len(query)), np.float64)
-        flat = rows.ravel()
         for m, qm in enumerate(query):
-            comps[:, :, m] = np.einsum("kd,kcd->kc", np.asarray(qm, np.float32),
-                                       self.vec[flat, m * d:(m + 1) * d].reshape(k, c, d), dtype=np.float64)
+            comps[:, :, m] = np.einsum("kd,kcd->kc", np.asarray(qm, np.float32), V[:, :, m * d:(m + 1) * d],
+                                       dtype=np.float64)
         return comps @ self.w, comps
 
     def best_pairs(self, query: Sequence[np.ndarray], deer_ids: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
