@@ -17,9 +17,12 @@ The measured partition is the newest one, so deciding it again withdraws only it
 decision (no replay). 70% of its sightings are deer of the gallery, 30% new animals.
 
 Modes, in this order on one partition: ``exact cold`` (nothing in memory: the gallery is read
-from the store), ``exact`` (the gallery kept in memory by the previous decision), ``two_stage``
-(second run; the first builds the profiles), ``hnsw`` (ef_search 200). Assignments/s = decided
-sightings / wall seconds of the whole decision (withdrawal, search, scoring, writes).
+from the store), ``exact`` (the gallery kept in memory by the previous decision; its first pass
+in the precision ``coarse_precision=auto`` takes: bfloat16 from 5,000 rows on CPUs with bfloat16
+units), ``exact float32`` (the reference every agreement is measured against: exhaustive, float32
+first pass), ``two_stage`` (second run; the first builds the profiles), ``hnsw`` (ef_search 200).
+Assignments/s = decided sightings / wall seconds of the whole decision (withdrawal, search,
+scoring, writes).
 """
 
 from __future__ import annotations
@@ -257,13 +260,14 @@ def partition_state(engine, camera: str) -> tuple[dict, dict]:
     return dec, cands
 
 
-def run_mode(engine, camera: str, day: str, search: str, ef: int = 200):
+def run_mode(engine, camera: str, day: str, search: str, ef: int = 200, precision: str = "auto"):
     cpu = time.process_time()
-    s = decide_partition(engine, camera, day, MatchingSettings(search=search, hnsw_ef_search=ef),
-                         versions=VERSIONS)
+    s = decide_partition(engine, camera, day, MatchingSettings(search=search, hnsw_ef_search=ef,
+                                                               coarse_precision=precision), versions=VERSIONS)
     return {"rate": s.decided / s.seconds, "s": s.seconds, "cpu": time.process_time() - cpu,
             "matched": s.matched / max(s.decided, 1), "cache": s.gallery_cache, "phases": s.phase_seconds,
-            "decided": s.decided, "replayed": s.replayed, "state": partition_state(engine, camera)}
+            "decided": s.decided, "replayed": s.replayed, "coarse": s.coarse_precision,
+            "fallbacks": s.plan_fallbacks, "state": partition_state(engine, camera)}
 
 
 def hnsw_recall_at_10(engine, n_queries: int = 100, ef_values=(40, 100, 200)) -> dict[int, float]:
@@ -342,6 +346,9 @@ def main() -> int:
     print(f"# bench/matching.py {' '.join(sys.argv[1:])} on {platform.node()} "
           f"({platform.processor() or platform.machine()}, {os.cpu_count()} cpu, load average {load:.1f}), "
           f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='minutes')}, data dir {db.data_dir()}", flush=True)
+    from deer_pipeline.identity import coarse
+    print(f"bfloat16 matrix units (AMX-BF16 / AVX512-BF16) and torch: {coarse.cpu_has_bf16()} "
+          "(torch imported before the timings: a process's first decision pays its import once)", flush=True)
     results = []
     for g in sorted(galleries):
         gallery_cache.clear()
@@ -352,13 +359,14 @@ def main() -> int:
         row = {"gallery": g, "partition": args.partition, "insert_s": insert_s}
         row["exact_cold"] = run_mode(engine, camera, day, "exact")
         row["exact"] = run_mode(engine, camera, day, "exact")
+        row["exact_f32"] = run_mode(engine, camera, day, "exact", precision="float32")
         row["two_stage_first"] = run_mode(engine, camera, day, "two_stage")
         row["two_stage"] = run_mode(engine, camera, day, "two_stage")
         if not args.no_hnsw:
             row["hnsw"] = run_mode(engine, camera, day, "hnsw")
             row["hnsw_recall"] = hnsw_recall_at_10(engine)
-        exact_state = row["exact"]["state"]
-        for m in ("exact_cold", "two_stage", "hnsw"):
+        exact_state = row["exact_f32"]["state"]          # the reference: exhaustive, float32 first pass
+        for m in ("exact_cold", "exact", "two_stage", "hnsw"):
             if m in row:
                 row[m]["agree"], row[m]["best_recall"], row[m]["set_recall"] = compare(exact_state, row[m]["state"])
         row["rss_mb"] = peak_rss_mb()
@@ -370,17 +378,22 @@ def main() -> int:
               f"{r['two_stage_first']['s']:.2f} s, agreement {r['two_stage']['agree']:.2%})"
               + (f" hnsw {r['hnsw']['rate']:5,.0f}/s" if "hnsw" in r else "")
               + f"; peak RSS {r['rss_mb']:,.0f} MB", flush=True)
+        print(f"    exact float32 first pass {r['exact_f32']['rate']:,.0f}/s ({r['exact_f32']['s']:.2f} s); "
+              f"first pass of exact: {r['exact']['coarse']} (handed back to float32: {r['exact']['fallbacks']}, "
+              f"agreement with float32 {r['exact']['agree']:.2%}), of two_stage: {r['two_stage']['coarse']}", flush=True)
         print(f"    phases exact {r['exact']['phases']} two_stage {r['two_stage']['phases']}; replayed sightings "
               f"(should be 0) {r['exact']['replayed']}", flush=True)
     print()
-    print("| gallery sightings | exact, cold (gallery read) assign/s (wall s) | exact, in memory assign/s (wall s, client cpu s) "
+    print("| gallery sightings | exact, float32 first pass, in memory assign/s (wall s) "
+          "| exact, cold (gallery read) assign/s (wall s) | exact, in memory assign/s (wall s, client cpu s) "
           "| two-stage assign/s (wall s, client cpu s) | two-stage / exact | two-stage agreement with exact "
           "| recall of exact's best deer / of its candidates | hnsw ef 200 assign/s (wall s) | hnsw / exact "
           "| hnsw agreement | peak RSS MB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        e, c, t, h = r["exact"], r["exact_cold"], r["two_stage"], r.get("hnsw")
-        print(f"| {r['gallery']:,} | {c['rate']:,.0f} ({c['s']:.2f}) | {e['rate']:,.0f} ({e['s']:.2f}, {e['cpu']:.2f}) "
+        e, c, t, h, f = r["exact"], r["exact_cold"], r["two_stage"], r.get("hnsw"), r["exact_f32"]
+        print(f"| {r['gallery']:,} | {f['rate']:,.0f} ({f['s']:.2f}) "
+              f"| {c['rate']:,.0f} ({c['s']:.2f}) | {e['rate']:,.0f} ({e['s']:.2f}, {e['cpu']:.2f}) "
               f"| {t['rate']:,.0f} ({t['s']:.2f}, {t['cpu']:.2f}) | {t['rate'] / e['rate']:.2f}x | {t['agree']:.2%} "
               f"| {t['best_recall']:.4f} / {t['set_recall']:.4f} "
               + (f"| {h['rate']:,.0f} ({h['s']:.2f}) | {h['rate'] / e['rate']:.2f}x | {h['agree']:.2%} " if h else "| - | - | - ")
@@ -398,7 +411,7 @@ def main() -> int:
             return "n/a"
         mode = "exact" if g < MatchingSettings().exact_search_max_gallery else "two_stage"
         return f"{by[g][mode]['rate']:.0f}"
-    agree = min((r["two_stage"]["agree"] for r in results), default=float("nan"))
+    agree = min((r[m]["agree"] for r in results for m in ("exact", "two_stage")), default=float("nan"))
     print(f"assignments/s gallery=10000: {auto(10000)}; gallery=100000: {auto(100000)}; "
           f"agreement with exact: {100 * agree:.2f}%")
     return 0
