@@ -44,7 +44,10 @@ bench/matching.py measures two-stage search on synthetic clustered vectors, wher
    per photo) whose best-pair deer is among the top K by profile, and that deer's profile rank
    (99th percentile, worst). (b) also gives the closed-set top-1 of the true individual under
    both rankings. For (a) the replay is checked: every photo exact matched must have joined the
-   replay's best-pair deer.
+   replay's best-pair deer. For two operating points and the true individuals the ranking is
+   also shown with per-flank profiles (a left photo against the mean of a deer's left
+   sightings), which the pipeline does not have: an estimate of what per-flank profiles, one
+   option issue 15 names, would change.
 
 Prints a table and ends with ``two-stage on nyala-dev: agreement with exact at K=50: P%``, the
 lowest agreement at K=50 over both feeds and all thresholds.
@@ -232,12 +235,26 @@ def compare(exact: dict, other: dict) -> dict:
 
 
 # -- offline closed-set view -----------------------------------------------------------------
-def profile_vs_best_pair(feed: Feed, labels: list, weights: dict, ks=KS, matched: list | None = None) -> dict:
+def _unit_mean(sums: np.ndarray, dims: list[int]) -> np.ndarray:
+    """Per model (column block) the sums brought to unit length: the profile vectors."""
+    P = np.zeros_like(sums)
+    o = 0
+    for d in dims:
+        blk = sums[:, o:o + d]
+        P[:, o:o + d] = blk / np.maximum(np.linalg.norm(blk, axis=1, keepdims=True), 1e-12)
+        o += d
+    return P
+
+
+def profile_vs_best_pair(feed: Feed, labels: list, weights: dict, ks=KS, matched: list | None = None,
+                         per_flank: bool = False) -> dict:
     """Encounter by encounter in time order, the gallery = earlier encounters grouped by
     ``labels``: is the best deer by best-pair score (flank-masked) among the top K by profile
     score? Counted per photo. Also closed-set top-1 of the true identity by both rankings.
     ``matched`` (per photo, the exact run's decision): a check of this replay, the share of
-    photos exact matched whose deer is the replay's best-pair deer."""
+    photos exact matched whose deer is the replay's best-pair deer. ``per_flank``: a photo of a
+    known flank is ranked against each deer's profile of that flank's (and unknown) sightings
+    only (what the pipeline does NOT do: its profiles mix flanks)."""
     models = list(weights)
     w = np.array([weights[m] for m in models])
     dims = [feed.vectors[m].shape[1] for m in models]
@@ -247,7 +264,8 @@ def profile_vs_best_pair(feed: Feed, labels: list, weights: dict, ks=KS, matched
     gi = {g: i for i, g in enumerate(groups)}
     lab = np.array([gi[x] for x in labels])
     truth = np.array([gi.get(x, -1) for x in feed.identity]) if set(feed.identity) <= set(gi) else None
-    sums = np.zeros((len(groups), U.shape[1]))
+    sums = np.zeros((3, len(groups), U.shape[1]))     # per side code (0 unknown, 1 left, 2 right)
+    count = np.zeros((3, len(groups)), np.int64)
     seen = np.zeros(len(groups), bool)
     gallery: list[int] = []
     hits = {k: 0 for k in ks}
@@ -260,14 +278,15 @@ def profile_vs_best_pair(feed: Feed, labels: list, weights: dict, ks=KS, matched
             S[opposite_flanks(feed.codes[rows], feed.codes[g])] = -np.inf
             best = np.full(len(groups), -np.inf)
             np.maximum.at(best, lab[g], S.max(axis=0))
-            P = np.zeros_like(sums[seen])
-            o = 0
-            for d in dims:                                           # per model the unit mean
-                blk = sums[seen][:, o:o + d]
-                P[:, o:o + d] = blk / np.maximum(np.linalg.norm(blk, axis=1, keepdims=True), 1e-12)
-                o += d
             prof = np.full(len(groups), -np.inf)
-            prof[seen] = (X[rows] @ P.T).max(axis=0)
+            if per_flank:
+                for r in rows:
+                    c = int(feed.codes[r])
+                    tot, cnt = (sums.sum(0), count.sum(0)) if c == 0 else (sums[c] + sums[0], count[c] + count[0])
+                    ok = cnt > 0
+                    prof[ok] = np.maximum(prof[ok], _unit_mean(tot[ok], dims) @ X[r])
+            else:
+                prof[seen] = (X[rows] @ _unit_mean(sums.sum(0)[seen], dims).T).max(axis=0)
             if np.isfinite(best).any():
                 win = int(np.argmax(best))
                 rank = int((prof > prof[win]).sum()) + 1            # ties in its favour: the order is by id
@@ -286,8 +305,9 @@ def profile_vs_best_pair(feed: Feed, labels: list, weights: dict, ks=KS, matched
                     top1_pair += len(rows) * (np.isfinite(best).any() and int(np.argmax(best)) == t)
                     top1_prof += len(rows) * (int(np.argmax(prof)) == t)
         for r in rows:
-            sums[lab[r]] += U[r]
-            seen[lab[r]] = True
+            sums[feed.codes[r], lab[r]] += U[r]
+            count[feed.codes[r], lab[r]] += 1
+        seen = count.sum(0) > 0
         gallery += rows
     worst = max(ranks, default=(0, 0))
     out = {"n": n, "recall": {k: hits[k] / max(n, 1) for k in ks}, "worst": worst,
@@ -359,8 +379,13 @@ def main() -> int:
                     headline = c["agree"] if headline is None else min(headline, c["agree"])
             exact_labels = [exact["dec"][d][0] for d in feed.ids]
             matched = [exact["dec"][d][1] == "matched" for d in feed.ids]
-            offline.append((feed, tname, t, profile_vs_best_pair(feed, exact_labels, weights, matched=matched)))
-        offline.append((feed, "truth", None, profile_vs_best_pair(feed, feed.identity, weights)))
+            offline.append((feed, tname, t, False, profile_vs_best_pair(feed, exact_labels, weights, matched=matched)))
+            if tname in ("count rule", "fixed"):
+                offline.append((feed, tname, t, True, profile_vs_best_pair(feed, exact_labels, weights,
+                                                                           matched=matched, per_flank=True)))
+        for flank in (False, True):
+            offline.append((feed, "truth", None, flank, profile_vs_best_pair(feed, feed.identity, weights,
+                                                                             per_flank=flank)))
 
     print()
     print("| photos | threshold | search | K | deer | matched | agreement with exact | photos differing "
@@ -377,15 +402,15 @@ def main() -> int:
     print()
     print("Closed-set view (offline, numpy): share of encounters (counted per photo) whose best deer by "
           "best-pair score is among the top K deer by profile score, gallery = earlier encounters")
-    print("| photos | deer of the gallery | queries | " + " | ".join(f"recall@{k}" for k in KS)
+    print("| photos | deer of the gallery | profiles | queries | " + " | ".join(f"recall@{k}" for k in KS)
           + " | rank by profile of the best-pair deer: 99th percentile, worst (deer then) | deer at the end "
           "| true individual top-1: best pair / profile |")
-    print("|---|---|---:|" + "---:|" * len(KS) + "---:|---:|---:|")
-    for feed, tname, t, o in offline:
+    print("|---|---|---|---:|" + "---:|" * len(KS) + "---:|---:|---:|")
+    for feed, tname, t, flank, o in offline:
         who = "true individuals" if tname == "truth" else f"exact's deer at {tname} {t:.3f}"
         top1 = (f"{o['top1_pair']:.3f} / {o['top1_profile']:.3f} ({o['n_truth']})" if "top1_pair" in o
                 else f"- (replay check: {o['replay_check']} matched photos in exact's deer)")
-        print(f"| {feed.name} | {who} | {o['n']} | " + " | ".join(f"{o['recall'][k]:.4f}" for k in KS)
+        print(f"| {feed.name} | {who} | {'per flank' if flank else 'mixed (pipeline)'} | {o['n']} | " + " | ".join(f"{o['recall'][k]:.4f}" for k in KS)
               + f" | {o['p99']:.0f}, {o['worst'][0]} ({o['worst'][1]}) | {o['deer']} | {top1} |")
     print(f"total {time.perf_counter() - started:.0f} s")
     if headline is not None:
