@@ -92,6 +92,7 @@ def _prepare_search(conn, settings: MatchingSettings, models: list[str], weights
     if gallery is None:
         gallery = Gallery(models, weights)
         store.load_gallery(conn, vers, gallery, headroom=max(4096, n_static // 8))
+        gallery.grouped()
     summary.coarse_precision = coarse.resolve(settings.coarse_precision, gallery.n)
     return _Search(mode, gallery, SexBook(gallery.sex_counts()), vers, complete=True,
                    coarse=summary.coarse_precision)
@@ -414,10 +415,10 @@ class _ChunkPlan:
             deer = g.seg_deer
         else:
             P, deer = g.profile_rows()
-            live = deer != FREE
-            if not live.all():
-                P, deer = P[live], deer[live]
             M = coarse.scores(folded, P, self.coarse)
+            self.live = deer != FREE         # rows of deer whose sightings were all withdrawn: not deer
+            if not self.live.all():
+                M[:, ~self.live] = -np.inf
         self.deer = deer
         self.M_enc = M if len(starts) == M.shape[0] else np.maximum.reduceat(M, starts, axis=0)
         E = self.E = self.M_enc.copy()
@@ -457,6 +458,8 @@ class _ChunkPlan:
         bfloat16)."""
         if self.coarse == "bfloat16" and self.mode == "exact":
             return gallery.deer_max(q, self.n0)
+        if self.mode == "two_stage" and not self.live.all():
+            return self.deer[self.live], self.M_enc[i: i + 1, self.live]
         return self.deer, self.M_enc[i: i + 1]
 
     def candidates(self, i: int, q: list[np.ndarray], detection_ids: Sequence[str], excluded: set[int],

@@ -300,6 +300,12 @@ class Gallery:
         d = self.deer[: self.n]
         if not self.n:
             return {}
+        if self._sorted_n == self.n:              # grouped by deer: sums over the segments
+            s = self.sex[: self.n][self._order]
+            f = np.add.reduceat((s == 1).astype(np.int64), self._starts)
+            m = np.add.reduceat((s == 2).astype(np.int64), self._starts)
+            n = self._ends - self._starts
+            return dict(zip(self.seg_deer.tolist(), zip(f.tolist(), m.tolist(), n.tolist())))
         ids, inv = np.unique(d, return_inverse=True)
         s = self.sex[: self.n]
         f = np.bincount(inv, weights=(s == 1), minlength=len(ids)).astype(np.int64)
@@ -334,6 +340,7 @@ class Gallery:
         self.prof_deer[:nd] = self.seg_deer
         self._prow = dict(zip(self.seg_deer.tolist(), range(nd)))
         self._normalise(np.arange(nd))
+        self._stale: set[int] = set()
         self._sums_ok = True
 
     def _normalise(self, prow: np.ndarray) -> None:
@@ -360,8 +367,15 @@ class Gallery:
             self._pcount[r] = 0
             self.prof_deer[r] = FREE
             del self._prow[deer_id]
+            self._stale.discard(r)
         else:
-            self._normalise(np.array([r]))
+            self._stale.add(r)           # normalised when profiles are next read (_fresh)
+
+    def _fresh(self) -> None:
+        """Normalise the profile rows whose sums changed since they were last read."""
+        if self._stale:
+            self._normalise(np.fromiter(self._stale, np.int64, len(self._stale)))
+            self._stale = set()
 
     def _grow_profiles(self) -> None:
         cap = 2 * len(self.prof_deer)
@@ -380,6 +394,7 @@ class Gallery:
             if not self.dim:                 # nothing stored yet
                 return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
             self._init_profiles()
+        self._fresh()
         ids = [d for d in (self._prow if deer_ids is None else deer_ids) if d in self._prow]
         rows = np.array([self._prow[d] for d in ids], np.int64)
         return np.asarray(ids, np.int64), self.prof[rows], self._pcount[rows]
@@ -407,6 +422,7 @@ class Gallery:
             if not self.dim:                 # nothing stored yet
                 return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
             self._init_profiles()
+        self._fresh()
         return self.prof[: self._pn], self.prof_deer[: self._pn]
 
 
