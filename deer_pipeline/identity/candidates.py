@@ -12,8 +12,8 @@ from deer_pipeline.detections.encounters import (
 )
 from deer_pipeline.identity import coarse, store
 from deer_pipeline.identity.gallery import (
-    FREE,
     SEX_CODE,
+    SIDE_CODE,
     Gallery,
     SexBook,
     per_deer_max,
@@ -45,6 +45,7 @@ class _Search:
     complete: bool = False
     flanks: object = None            # flanks.SideBook when the cosine decision is flank-aware
     coarse: str = "float32"          # precision of the pass that ranks deer (coarse.py)
+    book: object = None              # flanks.SideBook: the flank of every detection being decided
     _codes: tuple | None = None      # (deer ids, their sex codes) of the last chunk
 
     def sex_codes(self, deer: np.ndarray) -> np.ndarray:
@@ -93,6 +94,7 @@ def _prepare_search(conn, settings: MatchingSettings, models: list[str], weights
         gallery = Gallery(models, weights)
         store.load_gallery(conn, vers, gallery, headroom=max(4096, n_static // 8))
         gallery.grouped()
+        gallery.sides_known = True           # every stored sighting's flank read with it
     summary.coarse_precision = coarse.resolve(settings.coarse_precision, gallery.n)
     return _Search(mode, gallery, SexBook(gallery.sex_counts()), vers, complete=True,
                    coarse=summary.coarse_precision)
@@ -103,9 +105,9 @@ def _chunk_scores(search: _Search, q_all: list[np.ndarray], n0: int, conn=None,
     """Scores of a chunk of query rows, computed once per chunk (one matmul): ``exact`` the best
     score per deer over gallery rows 0..n0; ``two_stage`` the score against each deer's profile
     (free profile rows left out); ``hnsw`` the rows loaded so far, like exact. Flank-aware
-    (``search.flanks``, exact and hnsw): when a query row has a known side, the scores of the
-    other flank's rows are masked before the per-deer maximum (two-stage's profiles mix flanks;
-    its candidates are masked in their exact re-scoring, ``flanks.flank_filtered``)."""
+    (``search.flanks``): when a query row has a known side, the scores of the other flank's rows
+    (exact, hnsw) or profiles (two_stage: a deer has a profile per flank) are masked before the
+    per-deer maximum."""
     g = search.gallery
     folded = g.fold(q_all)
     if search.mode != "two_stage":
@@ -114,13 +116,15 @@ def _chunk_scores(search: _Search, q_all: list[np.ndarray], n0: int, conn=None,
             search.flanks.mask(conn, S, query_ids, g, 0, n0)
             return per_deer_max(S, g.deer[:n0])
         return g.deer_max(q_all, n0, folded)
-    P, pdeer = g.profile_rows()
-    if not len(pdeer):
-        return np.zeros(0, np.int64), np.zeros((len(folded), 0), np.float32)
-    live = pdeer != FREE              # rows of deer whose sightings were all withdrawn are free
-    if not live.all():
-        P, pdeer = P[live], pdeer[live]
-    return pdeer, folded @ P.T
+    return g.profile_scores(folded, query_sides(search, conn, query_ids))
+
+
+def query_sides(search: _Search, conn, detection_ids: Sequence[str] | None) -> np.ndarray | None:
+    """Flank code of each query detection when the decision is flank-aware, else None."""
+    if search.flanks is None or not detection_ids:
+        return None
+    search.flanks.load(conn, detection_ids)
+    return np.array([SIDE_CODE.get(search.flanks.side(d), 0) for d in detection_ids], np.int8)
 
 
 def _scored_candidates(conn, enc: Encounter, q: list[np.ndarray], deer0: np.ndarray, enc_M0: np.ndarray,
@@ -139,9 +143,10 @@ def _scored_candidates(conn, enc: Encounter, q: list[np.ndarray], deer0: np.ndar
         if n1 > n0:       # deer that gained sightings since the chunk was scored: their profile now
             changed = np.unique(gallery.deer[n0:n1])
             keep = ~np.isin(deer_ids, changed)
-            c_ids, P, _ = gallery.profiles(changed.tolist())
+            c_ids, c_M = gallery.profile_scores(gallery.fold(q), query_sides(search, conn, enc.detection_ids),
+                                                changed.tolist())
             deer_ids = np.concatenate([deer_ids[keep], c_ids])
-            score = np.concatenate([score[keep], (gallery.fold(q) @ P.T).max(axis=0)])
+            score = np.concatenate([score[keep], c_M.max(axis=0)])
         shortlist = _top_candidates(deer_ids, score, settings, sexes, enc_sex, excluded,
                                     want=settings.profile_candidate_deer)
         if not shortlist:
@@ -414,11 +419,8 @@ class _ChunkPlan:
             M = np.maximum.reduceat(self.S_ord, g._starts, axis=1)
             deer = g.seg_deer
         else:
-            P, deer = g.profile_rows()
-            M = coarse.scores(folded, P, self.coarse)
-            self.live = deer != FREE         # rows of deer whose sightings were all withdrawn: not deer
-            if not self.live.all():
-                M[:, ~self.live] = -np.inf
+            self.q_sides = query_sides(search, conn, query_ids)
+            deer, M = g.profile_scores(folded, self.q_sides, precision=self.coarse)
         self.deer = deer
         self.M_enc = M if len(starts) == M.shape[0] else np.maximum.reduceat(M, starts, axis=0)
         E = self.E = self.M_enc.copy()
@@ -448,6 +450,7 @@ class _ChunkPlan:
         self.n_eligible = np.isfinite(E).sum(axis=1)
         self._seen, self.changed = n0, set()      # deer that gained rows since the chunk was planned
         self._unlisted = {}                       # encounter -> best rank score left off its candidates
+        self.q_sides = getattr(self, "q_sides", None)
         self.QQ = None               # exact: the chunk's detections scored against each other (float32)
         if self.mode == "exact":
             self.QQ = folded @ np.hstack(q_all).T
@@ -458,8 +461,6 @@ class _ChunkPlan:
         bfloat16)."""
         if self.coarse == "bfloat16" and self.mode == "exact":
             return gallery.deer_max(q, self.n0)
-        if self.mode == "two_stage" and not self.live.all():
-            return self.deer[self.live], self.M_enc[i: i + 1, self.live]
         return self.deer, self.M_enc[i: i + 1]
 
     def candidates(self, i: int, q: list[np.ndarray], detection_ids: Sequence[str], excluded: set[int],
@@ -502,8 +503,10 @@ class _ChunkPlan:
                 known = at >= 0
                 e_score[known] = np.maximum(e_score[known], self.E[i, at[known]])
             else:
-                e_ids, P, _ = g.profiles(extra)
-                e_score = (g.fold(q) @ P.T).max(axis=0)
+                a, b = self.rows[i]
+                e_ids, e_M = g.profile_scores(self.folded[a:b], None if self.q_sides is None else self.q_sides[a:b],
+                                              extra)
+                e_score = e_M.max(axis=0)
         all_ids = np.concatenate([ids[keep], e_ids])
         all_score = np.concatenate([score, e_score]).astype(np.float64)
         ranked = np.lexsort((all_ids, -all_score))

@@ -65,8 +65,11 @@ class SideBook:
         return self._side.get(detection_id) if detection_id is not None else None
 
     def row_codes(self, conn, gallery) -> np.ndarray:
-        """Side code (0 unknown, 1 left, 2 right) of every gallery row."""
+        """Side code (0 unknown, 1 left, 2 right) of every gallery row: the gallery's own when
+        it holds every row's flank (exact, two_stage), else read from the store once per row."""
         n = gallery.n
+        if getattr(gallery, "sides_known", False):
+            return gallery.side[:n].astype(np.int16)
         if len(self._rows) < n:
             ids = gallery.detection_ids[len(self._rows):n]
             self.load(conn, ids)

@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 SEX_CODE = {"unknown": 0, "female": 1, "male": 2}
+SIDE_CODE = {"left": 1, "right": 2}   # flank of a sighting: 0 unknown (flanks.side_codes uses the same codes)
 FREE = np.iinfo(np.int64).min      # a profile row that belongs to no deer (new deer have negative ids)
 
 
@@ -71,6 +72,8 @@ class Gallery:
         self.vec = np.zeros((0, 0), np.float32)
         self.deer = np.zeros(0, np.int64)
         self.sex = np.zeros(0, np.int8)
+        self.side = np.zeros(0, np.int8)  # flank per row (SIDE_CODE), 0 unknown
+        self.sides_known = False          # every row's flank is in ``side`` (complete galleries)
         self.detection_ids: list[str | None] = []
         self._row_of: dict[str, int] | None = None       # detection id -> row (built when needed)
         self._sums_ok = False                            # profiles built (see _init_profiles)
@@ -89,7 +92,9 @@ class Gallery:
         deer[: self.n] = self.deer[: self.n]
         sex = np.zeros(rows, np.int8)
         sex[: self.n] = self.sex[: self.n]
-        self.vec, self.deer, self.sex, self._cap = vec, deer, sex, rows
+        side = np.zeros(rows, np.int8)
+        side[: self.n] = self.side[: self.n]
+        self.vec, self.deer, self.sex, self.side, self._cap = vec, deer, sex, side, rows
 
     @property
     def mats(self) -> list[np.ndarray]:
@@ -98,8 +103,10 @@ class Gallery:
         return [self.vec[:, i * d:(i + 1) * d] for i in range(len(self.models))]
 
     def append(self, deer_ids: np.ndarray, vectors: Sequence[np.ndarray] | np.ndarray,
-               detection_ids: Sequence[str] | None = None, sexes: Sequence[str] | None = None) -> None:
-        """Add rows: ``vectors`` one (k x dim) matrix per model, or (k x dim*models)."""
+               detection_ids: Sequence[str] | None = None, sexes: Sequence[str] | None = None,
+               sides: Sequence[str | None] | None = None) -> None:
+        """Add rows: ``vectors`` one (k x dim) matrix per model, or (k x dim*models); ``sides``
+        the flank of each row (left | right | None)."""
         k = len(deer_ids)
         if k == 0:
             return
@@ -110,6 +117,7 @@ class Gallery:
         self.vec[lo: lo + k] = v
         self.deer[lo: lo + k] = deer_ids
         self.sex[lo: lo + k] = [SEX_CODE.get(s, 0) for s in sexes] if sexes is not None else 0
+        self.side[lo: lo + k] = [SIDE_CODE.get(s, 0) for s in sides] if sides is not None else 0
         ids = list(detection_ids) if detection_ids is not None else [None] * k
         self.detection_ids += ids
         if self._row_of is not None:
@@ -118,8 +126,8 @@ class Gallery:
         for i, d in enumerate(np.asarray(deer_ids).tolist()):
             self._tail.setdefault(d, []).append(lo + i)
         if self._sums_ok:
-            for d, rows in _group(np.asarray(deer_ids), np.arange(lo, lo + k)):
-                self._profile_add(d, rows, +1)
+            for key, rows in _group(self._keys(np.arange(lo, lo + k)), np.arange(lo, lo + k)):
+                self._profile_add(key, rows, +1)
 
     def remove(self, detection_ids: Sequence[str]) -> int:
         """Remove the rows of these detections (those present); the last rows move into the holes.
@@ -129,14 +137,15 @@ class Gallery:
         rows = sorted((self._row_of.pop(d) for d in set(detection_ids) if d in self._row_of), reverse=True)
         if self._sums_ok and rows:
             rr = np.array(rows, np.int64)
-            for d, grp in _group(self.deer[rr], rr):
-                self._profile_add(d, grp, -1)
+            for key, grp in _group(self._keys(rr), rr):
+                self._profile_add(key, grp, -1)
         for r in rows:                          # highest first: a moved row is never a hole
             last = self.n - 1
             if r != last:
                 self.vec[r] = self.vec[last]
                 self.deer[r] = self.deer[last]
                 self.sex[r] = self.sex[last]
+                self.side[r] = self.side[last]
                 moved = self.detection_ids[last]
                 self.detection_ids[r] = moved
                 if moved is not None:
@@ -155,18 +164,20 @@ class Gallery:
         hit = np.isin(d, np.fromiter(mapping, np.int64))
         d[hit] = [mapping[x] for x in d[hit].tolist()]
         if self._sums_ok:
-            for a, b in mapping.items():
-                r = self._prow.pop(a, None)
+            for (a, b), side in ((ab, sd) for ab in mapping.items() for sd in range(3)):
+                r = self._prow.pop(4 * a + side, None)
                 if r is None:
                     continue
-                if b in self._prow:          # the id of a deer with rows already: merge the sums
-                    t = self._prow[b]
+                kb = 4 * b + side
+                if kb in self._prow:         # the id of a deer with rows already: merge the sums
+                    t = self._prow[kb]
                     self._psum[t] += self._psum[r]
                     self._pcount[t] += self._pcount[r]
                     self._psum[r], self.prof[r], self._pcount[r], self.prof_deer[r] = 0, 0, 0, FREE
-                    self._normalise(np.array([t]))
+                    self._stale.discard(r)
+                    self._stale.add(t)
                     continue
-                self._prow[b] = r
+                self._prow[kb] = r
                 self.prof_deer[r] = b
         self.reindex()
 
@@ -313,33 +324,42 @@ class Gallery:
         n = np.bincount(inv, minlength=len(ids))
         return dict(zip(ids.tolist(), zip(f.tolist(), m.tolist(), n.tolist())))
 
+    def _keys(self, rows: np.ndarray) -> np.ndarray:
+        """Profile key of each row: 4 x deer + flank (one profile per deer and flank)."""
+        return self.deer[rows] * 4 + self.side[rows].astype(np.int64)
+
     def _init_profiles(self) -> None:
-        """Per deer: the sum of its rows and the profile (per model the unit mean), one row per
-        deer, kept up to date by append/remove/relabel from now on."""
-        if self._sorted_n != self.n:
-            self.reindex()
-        nd = len(self.seg_deer)
+        """Per deer and flank (left, right, unknown): the sum of its rows and the profile (per
+        model the unit mean), kept up to date by append/remove/relabel from now on. A deer seen
+        from one side only, or where flanks are unknown, has one profile."""
+        n = self.n
+        o = np.lexsort((self.side[:n], self.deer[:n])) if n else np.zeros(0, np.int64)
+        kd, ks = self.deer[:n][o], self.side[:n][o]
+        cut = np.ones(n, bool)
+        cut[1:] = (kd[1:] != kd[:-1]) | (ks[1:] != ks[:-1])
+        st = np.flatnonzero(cut)
+        en = np.r_[st[1:], n].astype(np.int64)
+        npf = len(st)
         D = self.dim * len(self.models)
-        cap = max(1024, int(nd * 1.25))
+        cap = max(1024, int(npf * 1.25))
         self._psum = np.zeros((cap, D), np.float32)
         self.prof = np.zeros((cap, D), np.float32)
         self.prof_deer = np.full(cap, FREE, np.int64)     # profile row -> deer (FREE: none)
+        self.prof_side = np.zeros(cap, np.int8)           # profile row -> flank
         self._pcount = np.zeros(cap, np.int64)
-        self._prow: dict[int, int] = {}
-        self._pn = nd
+        self._pn = npf
         step = 65536                                      # rows per block: no copy of the gallery
         j = 0
-        while j < nd:
-            k = int(np.searchsorted(self._starts, self._starts[j] + step, side="left"))
-            k = max(k, j + 1)
-            lo, hi = self._starts[j], self._ends[k - 1]
-            block = self.vec[self._order[lo:hi]]
-            self._psum[j:k] = np.add.reduceat(block, self._starts[j:k] - lo, axis=0)
+        while j < npf:
+            k = max(int(np.searchsorted(st, st[j] + step, side="left")), j + 1)
+            lo, hi = st[j], en[k - 1]
+            self._psum[j:k] = np.add.reduceat(self.vec[o[lo:hi]], st[j:k] - lo, axis=0)
             j = k
-        self._pcount[:nd] = self._ends - self._starts
-        self.prof_deer[:nd] = self.seg_deer
-        self._prow = dict(zip(self.seg_deer.tolist(), range(nd)))
-        self._normalise(np.arange(nd))
+        self._pcount[:npf] = en - st
+        self.prof_deer[:npf] = kd[st]
+        self.prof_side[:npf] = ks[st]
+        self._prow: dict[int, int] = dict(zip((kd[st] * 4 + ks[st]).tolist(), range(npf)))
+        self._normalise(np.arange(npf))
         self._stale: set[int] = set()
         self._sums_ok = True
 
@@ -350,14 +370,14 @@ class Gallery:
             self.prof[prow, i * d:(i + 1) * d] = blk / np.maximum(
                 np.linalg.norm(blk, axis=1, keepdims=True), np.float32(1e-12))
 
-    def _profile_add(self, deer_id: int, rows: np.ndarray, sign: int) -> None:
-        r = self._prow.get(deer_id)
+    def _profile_add(self, key: int, rows: np.ndarray, sign: int) -> None:
+        r = self._prow.get(key)
         if r is None:
             if self._pn == len(self.prof_deer):
                 self._grow_profiles()
-            r = self._prow[deer_id] = self._pn
+            r = self._prow[key] = self._pn
             self._pn += 1
-            self.prof_deer[r] = deer_id
+            self.prof_deer[r], self.prof_side[r] = key // 4, key % 4
         v = self.vec[rows].sum(axis=0)
         self._psum[r] += v if sign > 0 else -v
         self._pcount[r] += sign * len(rows)
@@ -366,7 +386,7 @@ class Gallery:
             self.prof[r] = 0
             self._pcount[r] = 0
             self.prof_deer[r] = FREE
-            del self._prow[deer_id]
+            del self._prow[key]
             self._stale.discard(r)
         else:
             self._stale.add(r)           # normalised when profiles are next read (_fresh)
@@ -384,20 +404,65 @@ class Gallery:
             b = np.zeros((cap, a.shape[1]), np.float32)
             b[: len(a)] = a
             setattr(self, name, b)
+        self.prof_side = np.r_[self.prof_side, np.zeros(cap - len(self.prof_deer), np.int8)]
         self.prof_deer = np.r_[self.prof_deer, np.full(cap - len(self.prof_deer), FREE, np.int64)]
         self._pcount = np.r_[self._pcount, np.zeros(cap - len(self._pcount), np.int64)]
 
-    def profiles(self, deer_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(deer ids, profile matrix deer x dim*models: per model the unit mean of the deer's
-        rows, float32, row counts) for these deer (default: every deer)."""
+    def _profiles_ready(self) -> bool:
         if not self._sums_ok:
             if not self.dim:                 # nothing stored yet
-                return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+                return False
             self._init_profiles()
         self._fresh()
-        ids = [d for d in (self._prow if deer_ids is None else deer_ids) if d in self._prow]
-        rows = np.array([self._prow[d] for d in ids], np.int64)
-        return np.asarray(ids, np.int64), self.prof[rows], self._pcount[rows]
+        return True
+
+    def profiles(self, deer_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(deer id per profile row, profile matrix rows x dim*models: per model the unit mean of
+        the rows of one deer and flank, float32, row counts) for these deer (default: every deer);
+        a deer has one profile per flank it was seen from (one where flanks are unknown)."""
+        if not self._profiles_ready():
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+        if deer_ids is None:
+            rows = np.array(sorted(self._prow.values()), np.int64)
+        else:
+            rows = np.array([r for d in deer_ids for sd in range(3) if (r := self._prow.get(4 * d + sd)) is not None],
+                            np.int64)
+        return self.prof_deer[rows], self.prof[rows], self._pcount[rows]
+
+    def profile_scores(self, folded: np.ndarray, query_sides: np.ndarray | None = None,
+                       deer_ids: Sequence[int] | None = None, precision: str = "float32"
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted deer ids, query rows x deer): each deer's best profile score, over its profiles
+        of flanks compatible with each query row (``query_sides``: SIDE_CODE per row; a known
+        flank is not compared with the other flank's profile; None: every profile). For the
+        two-stage search's ranking; ``precision`` of the product (``coarse.scores``)."""
+        from deer_pipeline.identity import coarse
+
+        k = len(folded)
+        if not self._profiles_ready():
+            return np.zeros(0, np.int64), np.zeros((k, 0), np.float32)
+        if deer_ids is None:
+            P, pd, ps = self.prof[: self._pn], self.prof_deer[: self._pn], self.prof_side[: self._pn]
+        else:
+            rows = np.array([r for d in deer_ids for sd in range(3) if (r := self._prow.get(4 * d + sd)) is not None],
+                            np.int64)
+            P, pd, ps = self.prof[rows], self.prof_deer[rows], self.prof_side[rows]
+        if not len(pd):
+            return np.zeros(0, np.int64), np.zeros((k, 0), np.float32)
+        M = coarse.scores(folded, P, precision)
+        if query_sides is not None and ps.any():
+            qs = np.asarray(query_sides, np.int16)
+            if qs.any():
+                M[qs[:, None] * ps[None, :].astype(np.int16) == 2] = -np.inf
+        order = np.argsort(pd, kind="stable")
+        sd = pd[order]
+        cut = np.ones(len(sd), bool)
+        cut[1:] = sd[1:] != sd[:-1]
+        starts = np.flatnonzero(cut)
+        deer, S = sd[starts], np.maximum.reduceat(M[:, order], starts, axis=1)
+        if len(deer) and deer[0] == FREE:      # rows of deer whose sightings were all withdrawn
+            deer, S = deer[1:], S[:, 1:]
+        return deer, S
 
     def exact_profiles(self, deer_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Like ``profiles`` but summed afresh in float64 from each deer's rows in detection-id
@@ -415,15 +480,6 @@ class Gallery:
                 P[j, i * d:(i + 1) * d] = blk / max(np.linalg.norm(blk), 1e-12)
             counts[j] = len(rows)
         return np.asarray(ids, np.int64), P, counts
-
-    def profile_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """(profile matrix with free rows zero, deer per row, ``FREE`` for free rows): for ranking."""
-        if not self._sums_ok:
-            if not self.dim:                 # nothing stored yet
-                return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-            self._init_profiles()
-        self._fresh()
-        return self.prof[: self._pn], self.prof_deer[: self._pn]
 
 
 def _group(deer: np.ndarray, rows: np.ndarray):

@@ -268,10 +268,11 @@ def decide_partitions(engine: Engine, partitions: Sequence[tuple[str, str | date
         qv = _query_vectors(conn, encounters, models, vers)
         rescorer = _Rescorer.for_settings(conn, engine, settings, verifier, run) \
             if settings.match_score != "cosine" else None
-        sides = SideBook() if settings.flank_aware and rescorer is None else None
+        book = SideBook()            # the flank of every detection to decide, read once
+        book.load(conn, [d.detection_id for e in encounters for d in e.detections])
+        search.book = book
+        sides = book if settings.flank_aware and rescorer is None else None
         search.flanks = sides
-        if sides is not None:        # the sides of every detection to decide, read once
-            sides.load(conn, [d.detection_id for e in encounters for d in e.detections])
         t_loaded = time.perf_counter()
         run.phase_seconds["prepare"] = round(t_loaded - t_start, 3)
         out = _decide_in_time_order(conn, encounters, qv, search, settings, models, part_of, summaries, run,
@@ -497,8 +498,8 @@ def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], o
         out.sighting_rows.append([d.detection_id, deer, enc.encounter_key, part_of[d.detection_id],
                                   decision, best_score, threshold, vkey, d.captured_at])
     out.deer_of[enc.encounter_key] = deer
-    search.gallery.append(np.full(k, deer, np.int64), q, [d.detection_id for d in enc.detections],
-                          [d.sex for d in enc.detections])
+    search.gallery.append(np.full(k, deer, np.int64), q, det_ids, [d.sex for d in enc.detections],
+                          [search.book.side(d) if search.book is not None else None for d in det_ids])
     search.sexes.add(deer, [d.sex for d in enc.detections])
     if own is not None:
         own.decided += k

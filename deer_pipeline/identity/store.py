@@ -532,21 +532,22 @@ def gallery_generation(conn: sa.Connection) -> tuple[str, int] | None:
 
 
 SEX_SQL = "CASE d.sex WHEN 'female' THEN 1 WHEN 'male' THEN 2 ELSE 0 END::int2"
+SIDE_SQL = "CASE d.side WHEN 'left' THEN 1 WHEN 'right' THEN 2 ELSE 0 END::int2"   # gallery.SIDE_CODE
 _COPY_HEADER = 19           # PGCOPY signature (11), flags (4), header extension length (4)
 
 
 def _row_dtype(n_vectors: int, dim: int, id_bytes: int) -> np.dtype:
-    """One binary COPY row of (deer_id bigint, sex int2, detection id as bytea of a fixed width,
-    vector x n_vectors), big-endian."""
+    """One binary COPY row of (deer_id bigint, sex int2, flank int2, detection id as bytea of a
+    fixed width, vector x n_vectors), big-endian."""
     f = [("nf", ">i2"), ("l_deer", ">i4"), ("deer", ">i8"), ("l_sex", ">i4"), ("sex", ">i2"),
-         ("l_id", ">i4"), ("id", f"S{id_bytes}")]
+         ("l_side", ">i4"), ("side", ">i2"), ("l_id", ">i4"), ("id", f"S{id_bytes}")]
     for i in range(n_vectors):
         f += [(f"l{i}", ">i4"), (f"dim{i}", ">i2"), (f"u{i}", ">i2"), (f"v{i}", ">f4", (dim,))]
     return np.dtype(f)
 
 
 def load_gallery(conn: sa.Connection, versions: Sequence[str], gallery, headroom: int = 0) -> None:
-    """Read every decided sighting (deer, sex, detection id, one vector per version) into
+    """Read every decided sighting (deer, sex, flank, detection id, one vector per version) into
     ``gallery`` (an empty ``gallery.Gallery``) with one binary COPY parsed by numpy straight into
     the preallocated matrix (no per-row Python, no sort in the server: the detection id travels
     as a zero-padded bytea of one width, so every row has the same size). ``MatchingError`` when
@@ -561,10 +562,10 @@ def load_gallery(conn: sa.Connection, versions: Sequence[str], gallery, headroom
         f"{_literal(v)} AND e{i}.status = 'ok' AND e{i}.vector IS NOT NULL" for i, v in enumerate(versions))
     cols = ", ".join(f"e{i}.vector" for i in range(len(versions)))
     padded_id = f"decode(rpad(encode(convert_to(s.detection_id, 'UTF8'), 'hex'), {2 * width}, '0'), 'hex')"
-    sql = (f"COPY (SELECT s.deer_id, {SEX_SQL}, {padded_id}, {cols} FROM sightings s "
+    sql = (f"COPY (SELECT s.deer_id, {SEX_SQL}, {SIDE_SQL}, {padded_id}, {cols} FROM sightings s "
            f"JOIN detections d ON d.detection_id = s.detection_id {joins}) TO STDOUT (FORMAT BINARY)")
     got, dtype, buf, ids = 0, None, bytearray(), []
-    at_vec = 24 + width                      # byte offset of the first vector's length in a row
+    at_vec = 30 + width                      # byte offset of the first vector's length in a row
     with raw.cursor() as cur, cur.copy(sql) as cp:
         skip = _COPY_HEADER
         for chunk in cp:
@@ -586,6 +587,7 @@ def load_gallery(conn: sa.Connection, versions: Sequence[str], gallery, headroom
                 gallery.vec[got: got + k] = np.hstack([rec[f"v{i}"] for i in range(len(versions))])
                 gallery.deer[got: got + k] = rec["deer"]
                 gallery.sex[got: got + k] = rec["sex"]
+                gallery.side[got: got + k] = rec["side"]
                 ids += [b.decode() for b in rec["id"].tolist()]      # numpy drops the zero padding
                 del rec
                 del buf[: k * dtype.itemsize]

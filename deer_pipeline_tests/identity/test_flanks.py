@@ -103,17 +103,29 @@ def test_a_left_flank_sighting_is_not_matched_by_a_right_flank_gallery_sighting_
     assert len({d[x] for x in (right, left, unknown, left2)}) == 1
 
 
-def test_the_other_flank_cannot_crowd_the_same_flank_out_of_the_candidates(engine):
+@pytest.mark.parametrize("search,gallery", [("exact", "in run"), ("two_stage", "in run"),
+                                            ("two_stage", "kept in memory"), ("two_stage", "read from the store")])
+def test_the_other_flank_cannot_crowd_the_same_flank_out_of_the_candidates(engine, search, gallery):
     # deer B's right flank looks exactly like A's new left-flank photo; with one candidate deer
-    # re-scored, ranking by the unmasked score would offer only B (then refused: other flank)
+    # re-scored, ranking by the unmasked score would offer only B (then refused: other flank).
+    # Two-stage ranks deer by a profile per flank, so B's right-flank profile is not compared.
+    from deer_pipeline.identity import gallery_cache
+
     w = SyntheticWorld(engine, noise=0.3)
     look = {m: w.vector("A", m) for m in w.models}
     b_right = w.frame("cam1", T0, [("B", "doe")], vectors={0: look})[0]
     a_left = w.sighting("cam1", T0 + timedelta(minutes=10), "A")
-    query = w.frame("cam1", T0 + timedelta(minutes=20), [("A", "doe")], vectors={0: look})[0]
+    later = T0 + (timedelta(days=1) if gallery != "in run" else timedelta(minutes=20))
+    query = w.frame("cam1", later, [("A", "doe")], vectors={0: look})[0]
     for d, s in ((b_right, "right"), (a_left, "left"), (query, "left")):
         _set_side(engine, d, s)
-    decide_partition(engine, "cam1", T0.date(), MatchingSettings(search="exact", candidate_deer=1))
+    settings = MatchingSettings(search=search, candidate_deer=1, profile_candidate_deer=1)
+    decide_partition(engine, "cam1", T0.date(), settings)
+    if gallery != "in run":      # the gallery decided the day before: kept, or read with its flanks
+        if gallery == "read from the store":
+            gallery_cache.clear()
+        s2 = decide_partition(engine, "cam1", later.date(), settings)
+        assert s2.gallery_cache == ("hit" if gallery == "kept in memory" else "none")
     d = deer_of(engine)
     assert d[a_left] != d[b_right] and d[query] == d[a_left] and _decision(engine, query) == "matched"
     assert _scores_against(engine, query, d[b_right]) == 0

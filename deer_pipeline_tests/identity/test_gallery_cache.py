@@ -180,3 +180,32 @@ def test_two_stage_after_withdrawals_in_a_small_gallery_decides_like_exact(engin
     decide_partition(engine, "cam2", "2024-05-02", SETTINGS)      # exhaustive exact, cold
     assert _snapshot(engine)[0] == got[0]
     assert (s.decided, s.matched, s.new_deer) == (4, 2, 2)
+
+
+def test_a_deer_has_a_profile_per_flank_and_a_known_flank_is_ranked_against_its_own():
+    """Two-stage ranks deer by profile: one per deer and flank (left, right, unknown), so a
+    left-flank query is not ranked by the mean of a deer's two flanks nor by its right flank."""
+    rng = np.random.default_rng(1)
+    g = Gallery(["a"], {"a": 1.0})
+    L, R, U = (rng.standard_normal((1, 8)).astype(np.float32) for _ in range(3))
+    L, R, U = (v / np.linalg.norm(v) for v in (L, R, U))
+    # deer 1: two left photos like L, two right photos like R; deer 2: right flank only, like L
+    g.append(np.array([1, 1, 1, 1, 2]), [np.vstack([L, L, R, R, L])], ["l1", "l2", "r1", "r2", "x"],
+             sides=["left", "left", "right", "right", "right"])
+    g.reindex()
+    ids, P, counts = g.profiles()
+    assert sorted(zip(ids.tolist(), counts.tolist())) == [(1, 2), (1, 2), (2, 1)]
+    deer, S = g.profile_scores(np.vstack([L, L, U]), np.array([1, 0, 0]))
+    assert deer.tolist() == [1, 2]
+    assert S[0, 0] == pytest.approx(1.0, abs=1e-5)        # left query: deer 1's left profile
+    assert S[0, 1] == -np.inf                               # deer 2 known from the right flank only
+    assert S[1, 1] == pytest.approx(1.0, abs=1e-5)          # unknown side: every profile
+    # rows added, removed and relabelled keep one profile per deer and flank
+    g.append(np.array([-1]), [R], ["n1"], sides=["left"])
+    g.remove(["l1", "l2"])
+    g.relabel({-1: 1})
+    ids, P, counts = g.profiles([1])
+    by = dict(zip(zip(ids.tolist(), g.prof_side[[g._prow[4 * 1 + s] for s in (1, 2)]].tolist()), counts.tolist()))
+    assert by == {(1, 1): 1, (1, 2): 2}
+    deer, S = g.profile_scores(R, np.array([1]), deer_ids=[1])
+    assert S[0, 0] == pytest.approx(1.0, abs=1e-5)         # its left profile is now the relabelled R
