@@ -6,9 +6,12 @@ sex code and a detection id per row. The ensemble score of queries against rows 
 the weights are folded into the query (``[w1*q1, w2*q2] @ [g1, g2]^T``). Rows are kept grouped
 by deer through a precomputed order (rebuilt once per decision, not per chunk), so the best
 score per deer is a gather and a ``maximum.reduceat``; rows added during a decision (the
-"tail") are reduced on their own and merged. Each deer also has a running sum of its vectors per
-model, so its profile (the unit mean per model, ``deer_profile_vectors``) is known without
-reading the store: the two-stage search ranks deer by profile first (``candidates.py``).
+"tail") are reduced on their own and merged. Each row also carries its flank (left, right or
+unknown). Each deer has a running sum of its vectors per model and flank, so its profiles (the
+unit mean per model of the rows of one flank) are known without reading the store: the two-stage
+search ranks deer by profile first (``profile_scores``: a known flank against its own flank's
+profile and the unknown-side one; ``candidates.py``). The profile stored in
+``deer_profile_vectors`` is the unit mean over all of a deer's rows (``exact_profiles``).
 
 ``gallery_cache.py`` keeps one gallery per database and embedding versions across decisions of
 a process, invalidated by the generation counter the store keeps.

@@ -41,9 +41,13 @@ whose generation differs from the store's (``gallery_generation``, bumped by tri
 write to sightings) is reloaded with one binary COPY, never used. ``exact`` scores every gallery
 row (one matmul per chunk of encounters, the ensemble weights folded into the query; sightings
 decided during the run are added as they are decided). ``two_stage`` ranks deer by their profile
-vectors (per model the unit mean of the deer's sightings, kept up to date in memory) and re-scores
-the best ``profile_candidate_deer`` exactly on all their sightings (bench/matching.py measures its
-agreement with ``exact``). In every mode the score kept and compared with the threshold is the
+vectors (per model and flank the unit mean of the deer's sightings, kept up to date in memory; a
+known flank is ranked against its own flank's profile) and re-scores the best
+``profile_candidate_deer`` exactly on all their sightings (bench/matching.py and
+bench/two_stage_real.py measure its agreement with ``exact``). A chunk's candidates are planned
+together (``candidates._ChunkPlan``: the same candidates as encounter by encounter, tested), and
+the chunk's product may use bfloat16 inputs where the CPU has bfloat16 units (``coarse.py``:
+ranking only; every stored score is float64, and close calls go back to float32). In every mode the score kept and compared with the threshold is the
 float64 weighted sum of the best pair's per-model cosines. ``hnsw`` asks pgvector's HNSW index
 for the nearest stored sightings of the primary (highest-weight) model per detection and
 re-scores the candidate deer exactly on their whole gallery and all models. pgvector 0.6 applies
