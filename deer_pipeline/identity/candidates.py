@@ -159,8 +159,10 @@ def _scored_candidates(conn, enc: Encounter, q: list[np.ndarray], deer0: np.ndar
     if search.mode == "hnsw":
         need = min(settings.candidate_deer, sexes.eligible_static_rows(enc_sex, settings.sex_filter, excluded))
         if need > 0:
+            sides = ([search.flanks.side(d) for d in enc.detection_ids] if search.flanks is not None
+                     else [None] * len(enc.detection_ids))
             found = _hnsw_candidates(search.nearest, q[0], need, settings, sexes, enc_sex,
-                                     excluded, search.total_index_rows, summary)
+                                     excluded, search.total_index_rows, summary, sides)
             fresh = [d for d in found if d not in search.loaded]
             if fresh:
                 f_deer, f_mats, f_ids = store.gallery_vectors(conn, search.vers, deer_ids=fresh)
@@ -352,23 +354,25 @@ def _top_candidates(deer_ids: np.ndarray, enc_scores: np.ndarray, settings: Matc
 
 def _hnsw_candidates(nearest: store.NearestSightings, q_primary: np.ndarray, need: int,
                      settings: MatchingSettings, sexes: SexBook, enc_sex: str, excluded: set[int],
-                     total_index_rows: int, summary: DecisionSummary) -> set[int]:
-    """Stored deer near any detection of the encounter by the primary model's HNSW index.
+                     total_index_rows: int, summary: DecisionSummary,
+                     sides: Sequence[str | None] | None = None) -> set[int]:
+    """Stored deer near any detection of the encounter by the primary model's HNSW index
+    (``sides``: per detection its known flank, whose other flank's sightings are left out).
 
     A scan must return at least ``need`` eligible gallery rows (right version, decided, sex and
     cannot-link allowed); when the post-scan filters leave fewer, ef_search is doubled (up to
     1000) and the query repeated, then an exact scan is used. The best ``candidate_deer`` deer
     are returned for exact re-scoring on their whole gallery."""
     found: dict[int, float] = {}
-    for q in q_primary:
+    for q, side in zip(q_primary, sides or [None] * len(q_primary)):
         ef = max(settings.hnsw_ef_search, settings.candidate_deer)
         while True:
-            rows = nearest.query(q, min(ef, HNSW_MAX_EF))
+            rows = nearest.query(q, min(ef, HNSW_MAX_EF), side)
             ok = [(d, sim) for d, sim in rows if _eligible(d, settings, sexes, enc_sex, excluded)]
             if len(ok) >= need or total_index_rows <= ef:
                 break
             if ef >= HNSW_MAX_EF:
-                ok = [(d, sim) for d, sim in nearest.exact(q)
+                ok = [(d, sim) for d, sim in nearest.exact(q, side)
                       if _eligible(d, settings, sexes, enc_sex, excluded)]
                 summary.hnsw_exact_fallbacks += 1
                 break

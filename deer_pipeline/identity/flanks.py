@@ -7,8 +7,9 @@ pair of sightings with opposite known sides is not compared; a sighting whose si
 compared with both flanks.
 
 For the cosine decision (``match_score=cosine``) the scores of opposite flanks are removed before
-the candidate deer are ranked (exact search; with ``hnsw`` the index proposes candidates by the
-unmasked score), and each candidate is then scored on its sightings whose flank is compatible
+the candidate deer are ranked (exact search; two-stage ranks deer by a profile per flank; the
+``hnsw`` look-up leaves the other flank's sightings out of what it returns), and each candidate
+is then scored on its sightings whose flank is compatible
 with each detection of the encounter; a deer known only from the other flank is not a candidate
 (unless a person said this is that deer). The local and fused scores keep their own rule in
 their re-scoring (``candidates._Rescorer``).

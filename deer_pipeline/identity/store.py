@@ -280,26 +280,38 @@ class NearestSightings:
         self.version = version
         self._ef = None
 
-    def query(self, vector: np.ndarray, ef: int) -> list[tuple[int, float]]:
+    def query(self, vector: np.ndarray, ef: int, side: str | None = None) -> list[tuple[int, float]]:
         """(deer_id, cosine similarity) of the stored sightings among the ``ef`` nearest index
-        rows (every version) that are of this version and decided (in ``sightings``)."""
+        rows (every version) that are of this version and decided (in ``sightings``); ``side``
+        (left | right): sightings of the other flank are left out (flank-aware)."""
         if ef != self._ef:
             self.cur.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(int(ef)),))
             self._ef = ef
         self.cur.execute(
             "WITH nn AS MATERIALIZED (SELECT detection_id, vector <=> %(q)b AS dist FROM embeddings "
             "  WHERE embedding_version = %(v)s ORDER BY vector <=> %(q)b LIMIT %(ef)s) "
-            "SELECT s.deer_id, nn.dist FROM nn JOIN sightings s ON s.detection_id = nn.detection_id",
-            {"q": np.asarray(vector, np.float32), "v": self.version, "ef": int(ef)})
+            "SELECT s.deer_id, nn.dist FROM nn JOIN sightings s ON s.detection_id = nn.detection_id"
+            + _OTHER_FLANK_OUT.format(id="nn.detection_id"),
+            {"q": np.asarray(vector, np.float32), "v": self.version, "ef": int(ef), "other": _other_flank(side)})
         return [(d, 1.0 - float(dist)) for d, dist in self.cur.fetchall()]
 
-    def exact(self, vector: np.ndarray) -> list[tuple[int, float]]:
-        """Best cosine per stored deer by a sequential scan (no index)."""
+    def exact(self, vector: np.ndarray, side: str | None = None) -> list[tuple[int, float]]:
+        """Best cosine per stored deer by a sequential scan (no index); ``side`` as in ``query``."""
         self.cur.execute(
             "SELECT s.deer_id, min(e.vector <=> %(q)b) FROM sightings s JOIN embeddings e "
-            "ON e.detection_id = s.detection_id AND e.embedding_version = %(v)s GROUP BY s.deer_id",
-            {"q": np.asarray(vector, np.float32), "v": self.version})
+            "ON e.detection_id = s.detection_id AND e.embedding_version = %(v)s"
+            + _OTHER_FLANK_OUT.format(id="s.detection_id") + " GROUP BY s.deer_id",
+            {"q": np.asarray(vector, np.float32), "v": self.version, "other": _other_flank(side)})
         return [(d, 1.0 - float(dist)) for d, dist in self.cur.fetchall()]
+
+
+# Flank-aware look-ups: no sighting whose known flank is the other one (NULL side: compared).
+_OTHER_FLANK_OUT = (" WHERE CAST(%(other)s AS text) IS NULL OR NOT EXISTS (SELECT 1 FROM detections fd "
+                    "WHERE fd.detection_id = {id} AND fd.side = CAST(%(other)s AS text))")
+
+
+def _other_flank(side: str | None) -> str | None:
+    return {"left": "right", "right": "left"}.get(side or "")
 
 
 def hnsw_nearest_deer(conn: sa.Connection, query: np.ndarray, version: str, ef: int) -> dict[int, float]:
