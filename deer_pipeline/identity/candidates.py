@@ -410,7 +410,7 @@ class _ChunkPlan:
         g, self.mode, self.n0 = search.gallery, search.mode, n0
         self.coarse = search.coarse
         self.eps = coarse.error_bound(g.w) if self.coarse == "bfloat16" else 0.0
-        self.folded = folded
+        self.folded, self.q_sides = folded, None
         self.want = settings.candidate_deer if self.mode == "exact" else settings.profile_candidate_deer
         starts = np.r_[0, np.cumsum(enc_sizes)[:-1]].astype(np.int64)
         self.rows = [(int(a), int(a) + int(k)) for a, k in zip(starts, enc_sizes)]
@@ -454,17 +454,17 @@ class _ChunkPlan:
         self.n_eligible = np.isfinite(E).sum(axis=1)
         self._seen, self.changed = n0, set()      # deer that gained rows since the chunk was planned
         self._unlisted = {}                       # encounter -> best rank score left off its candidates
-        self.q_sides = getattr(self, "q_sides", None)
         self.QQ = None               # exact: the chunk's detections scored against each other (float32)
         if self.mode == "exact":
             self.QQ = folded @ np.hstack(q_all).T
 
-    def fallback_scores(self, i: int, q: list[np.ndarray], gallery: Gallery) -> tuple[np.ndarray, np.ndarray]:
+    def fallback_scores(self, i: int, q: list[np.ndarray], search: _Search, conn=None,
+                        detection_ids: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(deer, detections x deer scores) of encounter ``i`` as ``_chunk_scores`` gives them,
-        for ``_scored_candidates`` when the plan cannot answer (float32 when the plan's pass was
-        bfloat16)."""
+        for ``_scored_candidates`` when the plan cannot answer (in float32, flank-aware, when the
+        plan's pass was bfloat16)."""
         if self.coarse == "bfloat16" and self.mode == "exact":
-            return gallery.deer_max(q, self.n0)
+            return _chunk_scores(search, q, self.n0, conn, list(detection_ids or []))
         return self.deer, self.M_enc[i: i + 1]
 
     def candidates(self, i: int, q: list[np.ndarray], detection_ids: Sequence[str], excluded: set[int],

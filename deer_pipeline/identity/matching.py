@@ -437,7 +437,7 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
                         cands = None
                 if cands is None:
                     run.plan_fallbacks += 1
-                    deer0, enc_M0 = plan.fallback_scores(i_enc, q, gallery)
+                    deer0, enc_M0 = plan.fallback_scores(i_enc, q, search, conn, enc.detection_ids)
             if cands is None:
                 cands = _scored_candidates(conn, enc, q, deer0, enc_M0, n0, excluded, search, settings, run)
                 cands, n_other = _completed(conn, enc, q, cands, search, sides, forced)
