@@ -474,8 +474,11 @@ class _ChunkPlan:
         g = search.gallery
         n1 = g.n
         if n1 > self._seen:
-            self.changed.update(g.deer[self._seen:n1].tolist())
+            fresh = set(g.deer[self._seen:n1].tolist())
+            self.changed |= fresh
             self._seen = n1
+            if self.mode == "two_stage":     # the changed deer's profiles now, against every row of the chunk
+                self._profile_columns(g, fresh)
         changed = self.changed
         cols = self.top[i]
         ids = self.deer[cols]
@@ -508,9 +511,7 @@ class _ChunkPlan:
                 e_score[known] = np.maximum(e_score[known], self.E[i, at[known]])
             else:
                 a, b = self.rows[i]
-                e_ids, e_M = g.profile_scores(self.folded[a:b], None if self.q_sides is None else self.q_sides[a:b],
-                                              extra)
-                e_score = e_M.max(axis=0)
+                e_score = self._CS[a:b, [self._cs[d] for d in extra]].max(axis=0)
         all_ids = np.concatenate([ids[keep], e_ids])
         all_score = np.concatenate([score, e_score]).astype(np.float64)
         ranked = np.lexsort((all_ids, -all_score))
@@ -539,6 +540,30 @@ class _ChunkPlan:
         best = sims.max(axis=0)
         top = np.lexsort((chosen, -best))
         return [(int(chosen[j]), float(best[j]), sims[:, j], comps[:, j, :]) for j in top]
+
+    def _profile_columns(self, g: Gallery, deer_ids: set[int]) -> None:
+        """Two-stage: each of these deer's current profile score against every detection of the
+        chunk, kept as one column per deer (a deer's profile changes only when it gains rows):
+        the best of its flank profiles compatible with each detection, as ``profile_scores``."""
+        if not hasattr(self, "_CS"):
+            self._CS = np.full((len(self.folded), 16), -np.inf, np.float32)
+            self._cs: dict[int, int] = {}
+        g._profiles_ready()
+        qs = self.q_sides if self.q_sides is not None and self.q_sides.any() else None
+        for d in deer_ids:
+            c = self._cs.get(d)
+            if c is None:
+                c = self._cs[d] = len(self._cs)
+                if c >= self._CS.shape[1]:
+                    self._CS = np.hstack([self._CS, np.full_like(self._CS, -np.inf)])
+            rows = [r for sd in range(3) if (r := g._prow.get(4 * d + sd)) is not None]
+            if not rows:
+                self._CS[:, c] = -np.inf
+                continue
+            M = g.prof[rows] @ self.folded.T                         # profiles x detections
+            if qs is not None:
+                M[g.prof_side[rows].astype(np.int16)[:, None] * qs[None, :].astype(np.int16) == 2] = -np.inf
+            self._CS[:, c] = M.max(axis=0)
 
     def decisive(self, i: int, cands: list[tuple], threshold: float) -> bool:
         """With bfloat16 products (``exact``): can no deer left off encounter ``i``'s list reach

@@ -279,7 +279,7 @@ class Gallery:
         X = self.vec[idx]                                                            # rows x dim*models
         ens = f @ X.T                                                                # k x rows
         R = len(idx)
-        bounds = np.r_[0, np.cumsum(lens)[:-1]]
+        bounds = np.cumsum(lens) - lens
         mx = np.maximum.reduceat(ens, bounds, axis=1)                                # k x deer
         pos = np.where(ens == np.repeat(mx, lens, axis=1), np.arange(R), R)
         first = np.minimum.reduceat(pos, bounds, axis=1)                             # first best row
@@ -489,8 +489,13 @@ def _group(deer: np.ndarray, rows: np.ndarray):
     """(deer, its rows) for rows given with their deer."""
     order = np.argsort(deer, kind="stable")
     sd, sr = deer[order], rows[order]
-    cuts = np.flatnonzero(np.r_[True, sd[1:] != sd[:-1]])
-    for a, b in zip(cuts, np.r_[cuts[1:], len(sd)]):
+    if len(sd) == 1:
+        yield int(sd[0]), sr
+        return
+    cut = np.ones(len(sd), bool)
+    cut[1:] = sd[1:] != sd[:-1]
+    cuts = np.flatnonzero(cut).tolist() + [len(sd)]
+    for a, b in zip(cuts[:-1], cuts[1:]):
         yield int(sd[a]), sr[a:b]
 
 
