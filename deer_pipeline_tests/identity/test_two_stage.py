@@ -31,7 +31,9 @@ def _unit(a):
     return (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def _world(engine):
+def _world(engine, burst: int = 1):
+    """The gallery and a partition of N_PART photos; ``burst`` > 1: photos come in bursts of that
+    many frames a second apart (one encounter of several detections each)."""
     rng = np.random.default_rng(42)
     sexes = rng.choice(["female", "male", "unknown"], N_DEER, p=[0.45, 0.45, 0.1])
     # per deer and model: two poses around a centre
@@ -58,14 +60,15 @@ def _world(engine):
     new_deer = rng.integers(N_DEER, N_DEER + 100, N_PART)       # strangers, several sightings each
     extra = {m: _unit(rng.standard_normal((100, 2, DIM))) for m in MODELS}
     for i in range(N_PART):
-        t = T_PART + timedelta(seconds=30 * i)
+        t = T_PART + timedelta(seconds=60 * (i // burst) + (i % burst))
         d = f"p{i:05d}"
         k = int(rng.integers(0, N_DEER)) if known[i] else int(new_deer[i])
         images.append((100000 + i, f"/two-stage/p/{i}.jpg", "cam", t))
         sex = sexes[k] if k < N_DEER else "unknown"
         # a quarter of the known sightings are classified 'unknown' (matched against every sex)
         sex = "unknown" if rng.random() < 0.25 else sex
-        dets.append((d, 100000 + i, "cam", t, t.date(), 10.0, 10.0, 200.0, 150.0, 0.9, "x", sex, None))
+        dets.append((d, 100000 + i, "cam", t, t.date(), 10.0, 10.0, 200.0, 150.0, 0.9, "x", sex,
+                     f"burst{i // burst}" if burst > 1 else None))
         pose = int(rng.integers(0, 2))
         vecs = sighting(k, pose) if k < N_DEER else \
             {m: _unit(extra[m][k - N_DEER, pose] + 0.5 * rng.standard_normal(DIM) / np.sqrt(DIM)) for m in MODELS}
@@ -137,14 +140,15 @@ def _score_rows(engine):
     return {(r[0], founder.get(r[1], r[1])): (r[2], tuple(r[3]), r[4], r[5], r[6]) for r in rows}
 
 
-def test_planned_chunks_decide_and_log_exactly_as_the_encounter_by_encounter_rule(no_index, monkeypatch):
+@pytest.mark.parametrize("burst", [1, 3])
+def test_planned_chunks_decide_and_log_exactly_as_the_encounter_by_encounter_rule(no_index, monkeypatch, burst):
     """The chunk plan (candidates._ChunkPlan) is the one-by-one rule computed together: the same
     decisions and the same score rows (candidates, float64 scores, components), exact and
-    two-stage."""
+    two-stage; encounters of one photo and of bursts of three."""
     from deer_pipeline.identity import matching
 
     engine = no_index
-    cam, day = _world(engine)
+    cam, day = _world(engine, burst)
     for search in ("exact", "two_stage"):
         st = MatchingSettings(search=search, coarse_precision="float32")
         planned = decide_partition(engine, cam, day, st, versions=MODELS)
@@ -153,6 +157,7 @@ def test_planned_chunks_decide_and_log_exactly_as_the_encounter_by_encounter_rul
         one_by_one = decide_partition(engine, cam, day, st, versions=MODELS)
         monkeypatch.setattr(matching, "PLAN_CHUNKS", True)
         assert planned.plan_fallbacks < planned.decided / 10
+        assert planned.encounters == (N_PART if burst == 1 else -(-N_PART // burst))
         assert _decisions(engine) == by_plan
         rows = _score_rows(engine)
         assert rows.keys() == rows_plan.keys() and len(rows) == planned.score_rows == one_by_one.score_rows
