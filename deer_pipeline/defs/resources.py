@@ -115,6 +115,9 @@ class IdentitySettings(dg.ConfigurableResource):
     exact_search_max_gallery: int = Field(default=settings.EXACT_SEARCH_MAX_GALLERY, description="auto: exact below this many sightings")
     profile_candidate_deer: int = Field(default=settings.PROFILE_CANDIDATE_DEER,
                                         description="two_stage: deer ranked best by profile vector, then re-scored exactly")
+    coarse_precision: str = Field(default=settings.COARSE_PRECISION,
+                                  description="auto | float32 | bfloat16: the pass that ranks deer (auto: bfloat16 "
+                                              "from 5,000 gallery rows on CPUs with bfloat16 units; scores stay float64)")
     gallery_cache: bool = Field(default=settings.GALLERY_CACHE,
                                 description="keep the gallery in memory across the decisions of a process "
                                             "(a generation counter in the store makes a stale copy reload)")
@@ -175,7 +178,8 @@ class IdentitySettings(dg.ConfigurableResource):
             ensemble_weights=dict(self.ensemble_weights), sex_filter=self.sex_filter,
             candidate_deer=self.candidate_deer, search=self.search, hnsw_ef_search=self.hnsw_ef_search,
             exact_search_max_gallery=self.exact_search_max_gallery, match_score=self.match_score,
-            profile_candidate_deer=self.profile_candidate_deer, gallery_cache=self.gallery_cache,
+            profile_candidate_deer=self.profile_candidate_deer, coarse_precision=self.coarse_precision,
+            gallery_cache=self.gallery_cache,
             verify_top_k=self.verify_top_k, encounter_pooling=self.encounter_pooling, flank_aware=self.flank_aware,
             calibration_version=self.calibration_version)
 

@@ -43,6 +43,7 @@ def identity(**kw) -> IdentitySettings:
     ({"thresholds_by_sex": {"stag": 0.5}}, "thresholds_by_sex: unknown sex 'stag'"),
     ({"thresholds_by_sex": {"male": 2}}, "thresholds_by_sex[male] must be a number in [0, 1]"),
     ({"search": "faiss"}, "search must be auto, exact, two_stage or hnsw"),
+    ({"coarse_precision": "float16"}, "coarse_precision must be auto, float32 or bfloat16"),
     ({"version_source": "newest"}, "version_source must be one of"),
     ({"embedding_versions": {"multiscale": "x"}}, "no version for ensemble model(s) ['efficientnet_b0']"),
     ({"assignment_rate_min": 0.9, "assignment_rate_max": 0.5}, "must not exceed"),
@@ -55,9 +56,9 @@ def test_invalid_identity_settings_are_rejected_at_load_with_a_clear_message(kwa
 
 def test_identity_settings_mirror_matching_settings():
     s = IdentitySettings(reid_threshold=0.7, thresholds_by_sex={"female": 0.75}, sex_filter=False,
-                         search="hnsw").matching_settings()
+                         search="hnsw", coarse_precision="float32").matching_settings()
     assert s == MatchingSettings(reid_threshold=0.7, thresholds_by_sex={"female": 0.75}, sex_filter=False,
-                                 search="hnsw")
+                                 search="hnsw", coarse_precision="float32")
     assert IdentitySettings(embedding_versions=dict(MODELS)).versions() == MODELS
     assert IdentitySettings(version_source="latest").versions() is None
 
