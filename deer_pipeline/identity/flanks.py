@@ -104,7 +104,9 @@ def flank_filtered(conn, detection_ids: Sequence[str], q: list[np.ndarray], cand
     q_sides = [book.side(d) for d in detection_ids]
     if not cands or all(s is None for s in q_sides):
         return cands, 0
-    book.load(conn, [gallery.detection_ids[r] for c in cands for r in gallery.rows(c[0])])
+    known = getattr(gallery, "sides_known", False)      # the gallery holds every row's flank
+    if not known:
+        book.load(conn, [gallery.detection_ids[r] for c in cands for r in gallery.rows(c[0])])
     q_codes = side_codes(q_sides)
     w = np.array([gallery.weights[m] for m in gallery.models], np.float64)
     out, dropped = [], 0
@@ -112,7 +114,8 @@ def flank_filtered(conn, detection_ids: Sequence[str], q: list[np.ndarray], cand
     for cand in cands:
         deer = cand[0]
         rows = np.asarray(gallery.rows(deer), np.int64)
-        compat = ~opposite_flanks(q_codes, side_codes(book.side(gallery.detection_ids[r]) for r in rows))
+        row_codes = gallery.side[rows] if known else side_codes(book.side(gallery.detection_ids[r]) for r in rows)
+        compat = ~opposite_flanks(q_codes, row_codes)
         if compat.all():
             out.append(cand)
             continue
