@@ -53,27 +53,19 @@ def main() -> int:
             if kind in step_end:
                 state["in_step"] -= 1
 
-    orig_meta = AssetExecutionContext.add_asset_metadata
-
-    def add_asset_metadata(self, *a, **k):
-        t = time.perf_counter()
-        try:
-            return orig_meta(self, *a, **k)
-        finally:
-            spent["add_asset_metadata"] += time.perf_counter() - t
-
-    orig_exec = dg.JobDefinition.execute_in_process
-
-    def execute_in_process(self, *a, **k):
-        t = time.perf_counter()
-        try:
-            return orig_exec(self, *a, **k)
-        finally:
-            spent["execute_in_process"] += time.perf_counter() - t
+    def timed(fn, key: str):
+        """``fn`` with its wall time added to ``spent[key]``."""
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - t
+        return wrapper
 
     DagsterInstance.handle_new_event = handle_new_event
-    AssetExecutionContext.add_asset_metadata = add_asset_metadata
-    dg.JobDefinition.execute_in_process = execute_in_process
+    AssetExecutionContext.add_asset_metadata = timed(AssetExecutionContext.add_asset_metadata, "add_asset_metadata")
+    dg.JobDefinition.execute_in_process = timed(dg.JobDefinition.execute_in_process, "execute_in_process")
 
     from deer_pipeline import demo
 

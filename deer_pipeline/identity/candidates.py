@@ -11,11 +11,12 @@ from deer_pipeline.detections.encounters import (
     Encounter,
 )
 from deer_pipeline.identity import coarse, store
+from deer_pipeline.identity.flanks import opposite_flanks, side_codes
 from deer_pipeline.identity.gallery import (
-    SEX_CODE,
-    SIDE_CODE,
     Gallery,
     SexBook,
+    compatible_sex_codes,
+    first_best_in_segments,
     per_deer_max,
     sex_compatible,
 )
@@ -124,7 +125,7 @@ def query_sides(search: _Search, conn, detection_ids: Sequence[str] | None) -> n
     if search.flanks is None or not detection_ids:
         return None
     search.flanks.load(conn, detection_ids)
-    return np.array([SIDE_CODE.get(search.flanks.side(d), 0) for d in detection_ids], np.int8)
+    return side_codes(search.flanks.side(d) for d in detection_ids)
 
 
 def _scored_candidates(conn, enc: Encounter, q: list[np.ndarray], deer0: np.ndarray, enc_M0: np.ndarray,
@@ -277,9 +278,7 @@ class _Rescorer:
         segs = [gallery.rows(d) for d in deer_list]
         idx = np.concatenate(segs)
         col_deer = np.repeat(np.arange(len(segs)), [len(g) for g in segs])
-        comps = np.stack([np.asarray(qm, np.float64) @ mat[idx].astype(np.float64).T
-                          for qm, mat in zip(q, gallery.mats)], axis=-1)               # k x R x models
-        G = comps @ np.array([gallery.weights[m] for m in gallery.models])            # k x R
+        G, comps = gallery.rescore_rows(q, np.tile(idx, (len(q[0]), 1)))              # k x R (x models)
         qids = [d.detection_id for d in enc.detections]
         gids = [gallery.detection_ids[r] for r in idx]
         v.load_sides(qids + gids)
@@ -432,7 +431,7 @@ class _ChunkPlan:
         if settings.sex_filter and len(deer) and known_sexes:
             codes = search.sex_codes(deer)
             for sex in known_sexes:
-                bad = (codes != 0) & (codes != SEX_CODE[sex])
+                bad = ~compatible_sex_codes(sex, codes)
                 if bad.any():
                     rows = np.flatnonzero(np.array([s == sex for s in enc_sexes]))
                     E[np.ix_(rows, np.flatnonzero(bad))] = -np.inf
@@ -556,13 +555,13 @@ class _ChunkPlan:
                 c = self._cs[d] = len(self._cs)
                 if c >= self._CS.shape[1]:
                     self._CS = np.hstack([self._CS, np.full_like(self._CS, -np.inf)])
-            rows = [r for sd in range(3) if (r := g._prow.get(4 * d + sd)) is not None]
-            if not rows:
+            rows = g.profile_rows_of([d])
+            if not len(rows):
                 self._CS[:, c] = -np.inf
                 continue
             M = g.prof[rows] @ self.folded.T                         # profiles x detections
             if qs is not None:
-                M[g.prof_side[rows].astype(np.int16)[:, None] * qs[None, :].astype(np.int16) == 2] = -np.inf
+                M[opposite_flanks(g.prof_side[rows], qs)] = -np.inf
             self._CS[:, c] = M.max(axis=0)
 
     def decisive(self, i: int, cands: list[tuple], threshold: float) -> bool:
@@ -621,13 +620,10 @@ def _first_best_rows(g: Gallery, S_ord: np.ndarray, cols: np.ndarray, a: int, b:
     pos = np.repeat(np.tile(st, k) - offs, lens) + np.arange(int(lens.sum()))   # S_ord columns, pair by pair
     val_det = a + np.repeat(np.arange(k), int((en - st).sum()))
     vals = S_ord[val_det, pos]
-    mx = np.maximum.reduceat(vals, offs)
     if eps:
-        near = np.flatnonzero(vals >= np.repeat(mx, lens) - 2 * eps)
+        near = np.flatnonzero(vals >= np.repeat(np.maximum.reduceat(vals, offs), lens) - 2 * eps)
         exact = np.full(len(vals), -np.inf, np.float32)
         exact[near] = np.einsum("pd,pd->p", folded[val_det[near]], g.vec[g._order[pos[near]]])
         vals = exact
-        mx = np.maximum.reduceat(vals, offs)
-    cand = np.where(vals == np.repeat(mx, lens), np.arange(len(vals)), len(vals))
-    first = np.minimum.reduceat(cand, offs)
+    first = first_best_in_segments(vals, offs, lens)
     return g._order[pos[first]].reshape(k, nc)

@@ -22,9 +22,9 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import numpy as np
-import sqlalchemy as sa
 
 SIDES = ("left", "right")
+SIDE_CODE = {"left": 1, "right": 2}          # 0 unknown: code(a) * code(b) == 2 exactly for opposite flanks
 
 
 def flank_compatible(a: str | None, b: str | None) -> bool:
@@ -32,12 +32,14 @@ def flank_compatible(a: str | None, b: str | None) -> bool:
     return a is None or b is None or a == b
 
 
-_CODE = {None: 0, "left": 1, "right": 2}      # code(a) * code(b) == 2 exactly for opposite flanks
+def other_flank(side: str | None) -> str | None:
+    """The opposite flank of a known side, None for an unknown one."""
+    return {"left": "right", "right": "left"}.get(side or "")
 
 
 def side_codes(sides: Iterable[str | None]) -> np.ndarray:
     """0 unknown, 1 left, 2 right per side (anything else counts as unknown)."""
-    return np.array([_CODE.get(s, 0) for s in sides], np.int16)
+    return np.array([SIDE_CODE.get(s, 0) for s in sides], np.int16)
 
 
 def opposite_flanks(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -53,7 +55,9 @@ class SideBook:
         self._side: dict[str, str | None] = {}
         self._rows = np.zeros(0, np.int16)
 
-    def load(self, conn: sa.Connection, detection_ids: Iterable[str | None]) -> None:
+    def load(self, conn, detection_ids: Iterable[str | None]) -> None:
+        import sqlalchemy as sa
+
         want = [d for d in dict.fromkeys(detection_ids) if d is not None and d not in self._side]
         if not want:
             return
@@ -108,7 +112,6 @@ def flank_filtered(conn, detection_ids: Sequence[str], q: list[np.ndarray], cand
     if not known:
         book.load(conn, [gallery.detection_ids[r] for c in cands for r in gallery.rows(c[0])])
     q_codes = side_codes(q_sides)
-    w = np.array([gallery.weights[m] for m in gallery.models], np.float64)
     out, dropped = [], 0
     rows_k = np.arange(len(detection_ids))
     for cand in cands:
@@ -125,9 +128,7 @@ def flank_filtered(conn, detection_ids: Sequence[str], q: list[np.ndarray], cand
             else:
                 dropped += 1
             continue
-        comps = np.stack([np.asarray(qm, np.float64) @ mat[rows].astype(np.float64).T
-                          for qm, mat in zip(q, gallery.mats)], axis=-1)          # k x rows x models
-        G = comps @ w
+        G, comps = gallery.rescore_rows(q, np.tile(rows, (len(detection_ids), 1)))   # k x rows (x models)
         G[~compat] = -np.inf
         best = G.argmax(axis=1)
         sims = G[rows_k, best]

@@ -24,14 +24,32 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from deer_pipeline.identity.flanks import SIDE_CODE, opposite_flanks
+
 SEX_CODE = {"unknown": 0, "female": 1, "male": 2}
-SIDE_CODE = {"left": 1, "right": 2}   # flank of a sighting: 0 unknown (flanks.side_codes uses the same codes)
 FREE = np.iinfo(np.int64).min      # a profile row that belongs to no deer (new deer have negative ids)
 
 
 def sex_compatible(sighting_sex: str, deer_sex: str) -> bool:
     """May a sighting of this sex join a deer of that sex? Unknown matches every sex."""
     return sighting_sex == "unknown" or deer_sex == "unknown" or sighting_sex == deer_sex
+
+
+def compatible_sex_codes(sex: str, codes: np.ndarray) -> np.ndarray:
+    """``sex_compatible`` for many deer at once: may a sighting of ``sex`` join deer whose sexes
+    are ``codes`` (``SEX_CODE``)?"""
+    c = SEX_CODE.get(sex, 0)
+    codes = np.asarray(codes)
+    return np.ones(len(codes), bool) if c == 0 else (codes == 0) | (codes == c)
+
+
+def first_best_in_segments(vals: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Along the last axis, cut into segments (``starts``, ``lens``): the position of each
+    segment's first maximum (ties go to the earlier position)."""
+    n = vals.shape[-1]
+    mx = np.maximum.reduceat(vals, starts, axis=-1)
+    pos = np.where(vals == np.repeat(mx, lens, axis=-1), np.arange(n), n)
+    return np.minimum.reduceat(pos, starts, axis=-1)
 
 
 def per_deer_max(scores: np.ndarray, row_deer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -278,11 +296,7 @@ class Gallery:
         f = self.fold(query) if folded is None else folded
         X = self.vec[idx]                                                            # rows x dim*models
         ens = f @ X.T                                                                # k x rows
-        R = len(idx)
-        bounds = np.cumsum(lens) - lens
-        mx = np.maximum.reduceat(ens, bounds, axis=1)                                # k x deer
-        pos = np.where(ens == np.repeat(mx, lens, axis=1), np.arange(R), R)
-        first = np.minimum.reduceat(pos, bounds, axis=1)                             # first best row
+        first = first_best_in_segments(ens, np.cumsum(lens) - lens, lens)           # k x deer: first best row
         return self.rescore_rows(query, idx[first], X[first.ravel()])
 
     def rescore_rows(self, query: Sequence[np.ndarray], rows: np.ndarray,
@@ -425,12 +439,13 @@ class Gallery:
         a deer has one profile per flank it was seen from (one where flanks are unknown)."""
         if not self._profiles_ready():
             return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-        if deer_ids is None:
-            rows = np.array(sorted(self._prow.values()), np.int64)
-        else:
-            rows = np.array([r for d in deer_ids for sd in range(3) if (r := self._prow.get(4 * d + sd)) is not None],
-                            np.int64)
+        rows = np.array(sorted(self._prow.values()), np.int64) if deer_ids is None else self.profile_rows_of(deer_ids)
         return self.prof_deer[rows], self.prof[rows], self._pcount[rows]
+
+    def profile_rows_of(self, deer_ids: Sequence[int]) -> np.ndarray:
+        """The profile rows (one per flank seen) of these deer."""
+        return np.array([r for d in deer_ids for sd in range(3) if (r := self._prow.get(4 * d + sd)) is not None],
+                        np.int64)
 
     def profile_scores(self, folded: np.ndarray, query_sides: np.ndarray | None = None,
                        deer_ids: Sequence[int] | None = None, precision: str = "float32"
@@ -447,22 +462,14 @@ class Gallery:
         if deer_ids is None:
             P, pd, ps = self.prof[: self._pn], self.prof_deer[: self._pn], self.prof_side[: self._pn]
         else:
-            rows = np.array([r for d in deer_ids for sd in range(3) if (r := self._prow.get(4 * d + sd)) is not None],
-                            np.int64)
+            rows = self.profile_rows_of(deer_ids)
             P, pd, ps = self.prof[rows], self.prof_deer[rows], self.prof_side[rows]
         if not len(pd):
             return np.zeros(0, np.int64), np.zeros((k, 0), np.float32)
         M = coarse.scores(folded, P, precision)
         if query_sides is not None and ps.any():
-            qs = np.asarray(query_sides, np.int16)
-            if qs.any():
-                M[qs[:, None] * ps[None, :].astype(np.int16) == 2] = -np.inf
-        order = np.argsort(pd, kind="stable")
-        sd = pd[order]
-        cut = np.ones(len(sd), bool)
-        cut[1:] = sd[1:] != sd[:-1]
-        starts = np.flatnonzero(cut)
-        deer, S = sd[starts], np.maximum.reduceat(M[:, order], starts, axis=1)
+            M[opposite_flanks(query_sides, ps)] = -np.inf
+        deer, S = per_deer_max(M, pd)
         if len(deer) and deer[0] == FREE:      # rows of deer whose sightings were all withdrawn
             deer, S = deer[1:], S[:, 1:]
         return deer, S

@@ -94,7 +94,7 @@ from deer_pipeline.identity.candidates import (
     _Search,
     _with_candidate,
 )
-from deer_pipeline.identity.gallery import SEX_CODE, sex_compatible
+from deer_pipeline.identity.gallery import compatible_sex_codes, sex_compatible
 from deer_pipeline.identity.store import MatchingError
 from deer_pipeline.settings import MatchingSettings
 
@@ -275,12 +275,11 @@ def decide_partitions(engine: Engine, partitions: Sequence[tuple[str, str | date
         book = SideBook()            # the flank of every detection to decide, read once
         book.load(conn, [d.detection_id for e in encounters for d in e.detections])
         search.book = book
-        sides = book if settings.flank_aware and rescorer is None else None
-        search.flanks = sides
+        search.flanks = book if settings.flank_aware and rescorer is None else None   # cosine: flank-aware
         t_loaded = time.perf_counter()
         run.phase_seconds["prepare"] = round(t_loaded - t_start, 3)
         out = _decide_in_time_order(conn, encounters, qv, search, settings, models, part_of, summaries, run,
-                                    review, rescorer, sides)
+                                    review, rescorer)
         if rescorer is not None:
             run.local_verification.update(rescorer.verifier.metadata())
         t_decided = time.perf_counter()
@@ -391,7 +390,7 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
                           settings: MatchingSettings, models: list[str], part_of: Mapping[str, str],
                           summaries: Mapping[str, DecisionSummary], run: DecisionSummary,
                           review: reviews.ReviewTracker | None = None,
-                          rescorer: "_Rescorer | None" = None, sides: SideBook | None = None) -> _Outcome:
+                          rescorer: "_Rescorer | None" = None) -> _Outcome:
     """Match-or-create for every encounter in capture-time order; each decided encounter joins
     the gallery before the next one is decided. Encounters are scored in chunks (one matmul).
     ``part_of``: detection -> its partition; ``summaries``: the partitions being decided (the
@@ -432,7 +431,7 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
             if plan is not None:
                 cands = plan.candidates(i_enc, q, enc.detection_ids, excluded, search, settings, enc.sex, conn)
                 if cands is not None:
-                    cands, n_other = _completed(conn, enc, q, cands, search, sides, forced)
+                    cands, n_other = _completed(conn, enc, q, cands, search, forced)
                     if forced is None and not plan.decisive(i_enc, cands, settings.threshold_for(enc.sex)):
                         cands = None
                 if cands is None:
@@ -440,7 +439,7 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
                     deer0, enc_M0 = plan.fallback_scores(i_enc, q, search, conn, enc.detection_ids)
             if cands is None:
                 cands = _scored_candidates(conn, enc, q, deer0, enc_M0, n0, excluded, search, settings, run)
-                cands, n_other = _completed(conn, enc, q, cands, search, sides, forced)
+                cands, n_other = _completed(conn, enc, q, cands, search, forced)
             run.other_flank_only += n_other
             names = models
             if rescorer is not None:
@@ -453,15 +452,15 @@ def _decide_in_time_order(conn, encounters: list[Encounter], qv: dict, search: _
 
 
 def _completed(conn, enc: Encounter, q: list[np.ndarray], cands: list[tuple], search: _Search,
-               sides: SideBook | None, forced: int | None) -> tuple[list[tuple], int]:
+               forced: int | None) -> tuple[list[tuple], int]:
     """The candidates with the deer a person named (``forced``) among them, and flank-aware:
     the other flank of a deer not compared (``flanks.flank_filtered``); returns (candidates,
     deer dropped because only their other flank is known)."""
     if forced is not None:
         cands = _with_candidate(conn, cands, forced, q, search)
-    if sides is None:
+    if search.flanks is None:
         return cands, 0
-    return flank_filtered(conn, enc.detection_ids, q, cands, search.gallery, sides, forced)
+    return flank_filtered(conn, enc.detection_ids, q, cands, search.gallery, search.flanks, forced)
 
 
 def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], out: _Outcome,
@@ -492,8 +491,7 @@ def _decide_encounter(enc: Encounter, q: list[np.ndarray], cands: list[tuple], o
         ids = np.fromiter((c[0] for c in cands), np.int64, len(cands))
         sims = np.stack([c[2] for c in cands], axis=1)                   # detections x candidates
         comps = np.stack([c[3] for c in cands], axis=1)                  # detections x candidates x models
-        codes = search.sexes.codes(ids)
-        sexm = (codes == 0) | (codes == SEX_CODE.get(enc_sex, 0)) | (SEX_CODE.get(enc_sex, 0) == 0)
+        sexm = compatible_sex_codes(enc_sex, search.sexes.codes(ids))
     else:
         ids, sims, comps, sexm = np.zeros(0, np.int64), np.zeros((k, 0)), np.zeros((k, 0, len(models))), np.zeros(0, bool)
     out.score_blocks.append(store.ScoreBlock(det_ids, enc.encounter_key, [part_of[d] for d in det_ids],

@@ -17,6 +17,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import sqlalchemy as sa
 
+from deer_pipeline.identity.flanks import SIDE_CODE, other_flank
+
 
 class MatchingError(RuntimeError):
     """The decision cannot be made (missing vectors, unknown version, ...); nothing is written."""
@@ -292,7 +294,7 @@ class NearestSightings:
             "  WHERE embedding_version = %(v)s ORDER BY vector <=> %(q)b LIMIT %(ef)s) "
             "SELECT s.deer_id, nn.dist FROM nn JOIN sightings s ON s.detection_id = nn.detection_id"
             + _OTHER_FLANK_OUT.format(id="nn.detection_id"),
-            {"q": np.asarray(vector, np.float32), "v": self.version, "ef": int(ef), "other": _other_flank(side)})
+            {"q": np.asarray(vector, np.float32), "v": self.version, "ef": int(ef), "other": other_flank(side)})
         return [(d, 1.0 - float(dist)) for d, dist in self.cur.fetchall()]
 
     def exact(self, vector: np.ndarray, side: str | None = None) -> list[tuple[int, float]]:
@@ -301,17 +303,13 @@ class NearestSightings:
             "SELECT s.deer_id, min(e.vector <=> %(q)b) FROM sightings s JOIN embeddings e "
             "ON e.detection_id = s.detection_id AND e.embedding_version = %(v)s"
             + _OTHER_FLANK_OUT.format(id="s.detection_id") + " GROUP BY s.deer_id",
-            {"q": np.asarray(vector, np.float32), "v": self.version, "other": _other_flank(side)})
+            {"q": np.asarray(vector, np.float32), "v": self.version, "other": other_flank(side)})
         return [(d, 1.0 - float(dist)) for d, dist in self.cur.fetchall()]
 
 
 # Flank-aware look-ups: no sighting whose known flank is the other one (NULL side: compared).
 _OTHER_FLANK_OUT = (" WHERE CAST(%(other)s AS text) IS NULL OR NOT EXISTS (SELECT 1 FROM detections fd "
                     "WHERE fd.detection_id = {id} AND fd.side = CAST(%(other)s AS text))")
-
-
-def _other_flank(side: str | None) -> str | None:
-    return {"left": "right", "right": "left"}.get(side or "")
 
 
 def hnsw_nearest_deer(conn: sa.Connection, query: np.ndarray, version: str, ef: int) -> dict[int, float]:
@@ -544,7 +542,8 @@ def gallery_generation(conn: sa.Connection) -> tuple[str, int] | None:
 
 
 SEX_SQL = "CASE d.sex WHEN 'female' THEN 1 WHEN 'male' THEN 2 ELSE 0 END::int2"
-SIDE_SQL = "CASE d.side WHEN 'left' THEN 1 WHEN 'right' THEN 2 ELSE 0 END::int2"   # gallery.SIDE_CODE
+SIDE_SQL = ("CASE d.side " + " ".join(f"WHEN '{s}' THEN {c}" for s, c in SIDE_CODE.items())
+            + " ELSE 0 END::int2")                    # flanks.SIDE_CODE
 _COPY_HEADER = 19           # PGCOPY signature (11), flags (4), header extension length (4)
 
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from deer_pipeline.identity.matching import decide_partition, decide_partitions
 from deer_pipeline.settings import MatchingSettings
-from deer_pipeline_tests.identity.test_matching import T0, wandering_world
+from deer_pipeline_tests.identity.test_matching import T0, fail_at_append, wandering_world
 
 SETTINGS = MatchingSettings(search="exact")
 
@@ -131,22 +131,11 @@ def test_partitions_named_twice_are_refused_and_none_is_nothing(engine):
 
 
 def test_a_failure_in_a_joint_decision_leaves_every_partition_as_it_was(engine, monkeypatch):
-    from deer_pipeline.identity import gallery
-
     w, parts = _world(engine, seed=8)
     day1 = [p for p in parts if p[1] == parts[0][1]]
     decide_partitions(engine, day1, SETTINGS)
     before = _state(engine)
-    calls = {"n": 0}
-    real_append = gallery.Gallery.append
-
-    def failing_append(self, *args, **kw):          # fails while deciding day 2, after some encounters
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise RuntimeError("simulated crash between partitions")
-        return real_append(self, *args, **kw)
-
-    monkeypatch.setattr(gallery.Gallery, "append", failing_append)
+    fail_at_append(monkeypatch, 10, "simulated crash between partitions")   # while deciding day 2
     with pytest.raises(RuntimeError, match="simulated"):
         decide_partitions(engine, parts, SETTINGS)
     monkeypatch.undo()

@@ -476,16 +476,7 @@ def test_a_failure_while_matching_creates_no_deer(engine, monkeypatch):
         decide_partition(engine, "cam1", "2024-05-03", SETTINGS,
                          versions={"multiscale": "ms-test-v2", "efficientnet_b0": "eb0-test-v2"})
     # 4. an error in the middle of the decision, after new deer were decided in memory
-    calls = {"n": 0}
-    real_append = gallery.Gallery.append
-
-    def failing_append(self, *args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated failure while matching")
-        return real_append(self, *args, **kw)
-
-    monkeypatch.setattr(gallery.Gallery, "append", failing_append)
+    fail_at_append(monkeypatch, 3, "simulated failure while matching")
     with pytest.raises(RuntimeError, match="simulated"):
         decide_partition(engine, "cam1", "2024-05-02", SETTINGS, versions=MODELS)
     monkeypatch.undo()
@@ -566,3 +557,18 @@ def test_ensemble_similarity_is_the_weighted_sum_of_per_model_cosines():
     want = 0.6 * q["multiscale"] @ g["multiscale"].T + 0.4 * q["efficientnet_b0"] @ g["efficientnet_b0"].T
     assert np.allclose(got, want, atol=1e-6)
     assert np.allclose(components["multiscale"], q["multiscale"] @ g["multiscale"].T, atol=1e-6)
+
+
+def fail_at_append(monkeypatch, n: int, message: str) -> None:
+    """Make the ``n``-th row append to an in-memory gallery raise (a crash in the middle of a
+    decision, after some encounters were decided in memory)."""
+    calls = {"n": 0}
+    real_append = gallery.Gallery.append
+
+    def failing_append(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError(message)
+        return real_append(self, *args, **kw)
+
+    monkeypatch.setattr(gallery.Gallery, "append", failing_append)
