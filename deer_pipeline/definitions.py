@@ -5,6 +5,8 @@ Loaded by ``workspace.yaml`` (``dagster dev``), the code server in docker-compos
 
 from __future__ import annotations
 
+import types
+
 import dagster as dg
 
 from deer_pipeline import settings
@@ -34,9 +36,14 @@ ASSET_MODULES = [crops, embeddings, identity, reports, evaluation, exports, reid
 
 
 def _of_type(modules, kind) -> list:
+    """The definitions of type ``kind`` in ``modules``. Module objects are skipped before any
+    ``isinstance`` (which reads ``__class__``): the library modules the Dagster layer names load
+    on first use (``lazy_modules``), and reading them here would import them all."""
     found = []
     for module in modules:
         for value in vars(module).values():
+            if issubclass(type(value), types.ModuleType):
+                continue
             if isinstance(value, kind) and value not in found:
                 found.append(value)
     return found
@@ -52,7 +59,7 @@ def resources() -> dict:
 
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules(ASSET_MODULES),
+    assets=_of_type(ASSET_MODULES, (dg.AssetsDefinition, dg.AssetSpec, dg.SourceAsset)),
     jobs=[jobs.identification_job, jobs.report_job, jobs.evaluation_job, incoming.ingest_file_job,
           jobs.training_job,
           exports.daily_exports_job],

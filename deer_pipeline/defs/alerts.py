@@ -6,7 +6,9 @@ alerted once."""
 import dagster as dg
 
 from deer_pipeline.defs.resources import DeerDatabase
-from deer_pipeline.ops import alerts
+from deer_pipeline.lazy_modules import lazy
+
+alerts = lazy("deer_pipeline.ops.alerts")
 
 
 @dg.sensor(

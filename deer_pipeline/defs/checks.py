@@ -18,17 +18,20 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import dagster as dg
-import sqlalchemy as sa
 
 from deer_pipeline.defs.partitions import camera_day_partitions, partition_key
 from deer_pipeline.defs.resources import IdentitySettings
-from deer_pipeline.identity import health, store
-from deer_pipeline.review import queue as review_queue
+from deer_pipeline.lazy_modules import lazy
+
+sa = lazy("sqlalchemy")
+health = lazy("deer_pipeline.identity.health")
+store = lazy("deer_pipeline.identity.store")
+review_queue = lazy("deer_pipeline.review.queue")
 
 DEER_PROFILES = dg.AssetKey("deer_profiles")
 
 
-def _metadata(outcome: health.CheckOutcome) -> dict:
+def _metadata(outcome: "health.CheckOutcome") -> dict:
     meta = {}
     for k, v in outcome.metadata.items():
         if v is None:
@@ -51,7 +54,7 @@ def _metadata(outcome: health.CheckOutcome) -> dict:
     return meta
 
 
-def evaluate(engine: sa.Engine, camera: str, day: str, check: "ProfilesCheck", identity: IdentitySettings,
+def evaluate(engine: "sa.Engine", camera: str, day: str, check: "ProfilesCheck", identity: IdentitySettings,
              outcome: "health.CheckOutcome | None" = None) -> tuple[dg.AssetCheckEvaluation, str | None]:
     """Run one health check for the partition (or take ``outcome``, computed once for the run by
     a check that does not depend on the partition), record it; returns Dagster's evaluation and,
@@ -76,7 +79,7 @@ class ProfilesCheck:
 
     name: str
     description: str
-    compute: Callable[[sa.Connection, str, str, IdentitySettings], health.CheckOutcome]
+    compute: "Callable[[sa.Connection, str, str, IdentitySettings], health.CheckOutcome]"
     blocking: bool = False
     per_partition: bool = True     # False: the outcome does not depend on the partition (once per run)
 
@@ -124,7 +127,7 @@ CHECK_SPECS = [dg.AssetCheckSpec(c.name, asset=DEER_PROFILES, description=c.desc
                                  partitions_def=camera_day_partitions) for c in CHECKS]
 
 
-def evaluate_partitions(context: dg.AssetExecutionContext, engine: sa.Engine, identity: IdentitySettings,
+def evaluate_partitions(context: dg.AssetExecutionContext, engine: "sa.Engine", identity: IdentitySettings,
                         partitions: Sequence[tuple[str, str]]) -> dict[str, list[dg.AssetCheckEvaluation]]:
     """Every selected check of every partition (recorded in ``check_results``): check name ->
     one evaluation per partition, named by its partition. (``AssetCheckResult`` cannot name a

@@ -5,7 +5,6 @@ import time
 
 import dagster as dg
 
-from deer_pipeline import db
 from deer_pipeline.defs.partitions import (
     camera_day_partitions,
     partition_key,
@@ -14,8 +13,11 @@ from deer_pipeline.defs.partitions import (
     skipped_partitions,
 )
 from deer_pipeline.defs.resources import CropStore, DeerDatabase
-from deer_pipeline.detections import feed
-from deer_pipeline.detections.cropping import crop_partition
+from deer_pipeline.lazy_modules import lazy
+
+db = lazy("deer_pipeline.db")
+feed = lazy("deer_pipeline.detections.feed")
+cropping = lazy("deer_pipeline.detections.cropping")
 
 SKIPPED_TABLE_ROWS = 25
 
@@ -40,7 +42,7 @@ def crops(context: dg.AssetExecutionContext, database: DeerDatabase, crop_store:
     summaries: list[str] = []
     for camera_id, day in todo:
         # one transaction, content-addressed files: repeated whole when the database drops out
-        report = db.retry_transient(lambda: crop_partition(engine, camera_id, day, settings,
+        report = db.retry_transient(lambda: cropping.crop_partition(engine, camera_id, day, settings,
                                                            progress_log=context.log.info),
                                     f"crops {camera_id}|{day}", on_retry=context.log.warning)
         summaries.append(report.summary())

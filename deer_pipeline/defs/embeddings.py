@@ -23,7 +23,6 @@ from typing import Sequence
 
 import dagster as dg
 
-from deer_pipeline import db
 from deer_pipeline.defs.executors import GPU_POOL, GPU_STEP_TAGS, STEP_RETRY_POLICY
 from deer_pipeline.defs.partitions import (
     camera_day_partitions,
@@ -33,10 +32,13 @@ from deer_pipeline.defs.partitions import (
     split_key,
 )
 from deer_pipeline.defs.resources import CropStore, DeerDatabase, InferenceResource
-from deer_pipeline.detections import feed
-from deer_pipeline.embedding import config as embedding_config
-from deer_pipeline.embedding import partitions as embedding_partitions
+from deer_pipeline.lazy_modules import lazy
 from deer_pipeline.settings import EmbeddingSettings
+
+db = lazy("deer_pipeline.db")
+feed = lazy("deer_pipeline.detections.feed")
+embedding_config = lazy("deer_pipeline.embedding.config")
+embedding_partitions = lazy("deer_pipeline.embedding.partitions")
 
 # None: a backfill runs as one run per range of partitions (one per day, like the sensor's runs),
 # with crops, deer_profiles and similarity_scores in the same run
@@ -76,7 +78,7 @@ def embed_partitions(context, database: DeerDatabase, crop_store: CropStore,
                                 check_results=[_every_crop_embedded(run)])
 
 
-def _metadata(run: embedding_partitions.EmbeddingRun, partition_keys, config, config_matches: bool) -> dict:
+def _metadata(run: "embedding_partitions.EmbeddingRun", partition_keys, config, config_matches: bool) -> dict:
     metadata = {
         "partitions": dg.MetadataValue.text(", ".join(str(k) for k in partition_keys)),
         "crops": dg.MetadataValue.int(run.crops),
@@ -100,13 +102,13 @@ def _metadata(run: embedding_partitions.EmbeddingRun, partition_keys, config, co
     return metadata
 
 
-def _data_version(run: embedding_partitions.EmbeddingRun, partition_keys) -> str:
+def _data_version(run: "embedding_partitions.EmbeddingRun", partition_keys) -> str:
     return hashlib.sha256(json.dumps(
         {"versions": run.versions, "summary": run.summary, "keys": sorted(str(k) for k in partition_keys)},
         sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _every_crop_embedded(run: embedding_partitions.EmbeddingRun) -> dg.AssetCheckResult:
+def _every_crop_embedded(run: "embedding_partitions.EmbeddingRun") -> dg.AssetCheckResult:
     missing, failed = run.missing, run.failed
     return dg.AssetCheckResult(
         check_name=CHECK_NAME,

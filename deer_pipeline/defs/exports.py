@@ -9,8 +9,10 @@ import dagster as dg
 
 from deer_pipeline import settings
 from deer_pipeline.defs.resources import DeerDatabase
-from deer_pipeline.export import camtrap_dp as camtrap_lib
-from deer_pipeline.export import roster as roster_lib
+from deer_pipeline.lazy_modules import lazy
+
+camtrap_lib = lazy("deer_pipeline.export.camtrap_dp")
+roster_lib = lazy("deer_pipeline.export.roster")
 
 
 @dg.asset(

@@ -15,7 +15,6 @@ import time
 
 import dagster as dg
 
-from deer_pipeline import db
 from deer_pipeline.defs import checks
 from deer_pipeline.defs.executors import IDENTITY_POOL
 from deer_pipeline.defs.partitions import (
@@ -29,12 +28,19 @@ from deer_pipeline.defs.resources import (
     IdentitySettings,
     InferenceResource,
 )
-from deer_pipeline.detections import feed
-from deer_pipeline.identity import daily, matching, metrics, reviews, threshold_report
-from deer_pipeline.identity import store as identity_store
+from deer_pipeline.lazy_modules import lazy
+
+db = lazy("deer_pipeline.db")
+feed = lazy("deer_pipeline.detections.feed")
+daily = lazy("deer_pipeline.identity.daily")
+matching = lazy("deer_pipeline.identity.matching")
+metrics = lazy("deer_pipeline.identity.metrics")
+reviews = lazy("deer_pipeline.identity.reviews")
+threshold_report = lazy("deer_pipeline.identity.threshold_report")
+identity_store = lazy("deer_pipeline.identity.store")
 
 
-def _summary_markdown(s: matching.DecisionSummary) -> str:
+def _summary_markdown(s: "matching.DecisionSummary") -> str:
     rows = [("sightings decided", s.decided), ("matched to a known deer", s.matched),
             ("new deer", s.new_deer), ("unassigned (no embedding)", s.unassigned),
             ("assignment rate", f"{s.assignment_rate:.3f}"),
@@ -107,7 +113,7 @@ def deer_profiles(context: dg.AssetExecutionContext, database: DeerDatabase,
             "decided_partitions": dg.MetadataValue.int(len(summaries))})
 
 
-def _log(context, summaries: list[matching.DecisionSummary]) -> None:
+def _log(context, summaries: "list[matching.DecisionSummary]") -> None:
     """One log line for the step (each line is an event Dagster stores), not one per partition."""
     unassigned = [f"{s.partition_key}: {s.unassigned} {s.unassigned_reasons}" for s in summaries if s.unassigned]
     if unassigned:
@@ -121,7 +127,7 @@ def _log(context, summaries: list[matching.DecisionSummary]) -> None:
             f"deciding {day}: {n} of {parts}" for day, (n, parts) in sorted(replays.items())))
 
 
-def _metadata(summary: matching.DecisionSummary, confirmed: int) -> dict:
+def _metadata(summary: "matching.DecisionSummary", confirmed: int) -> dict:
     return {
         "sightings_decided": dg.MetadataValue.int(summary.decided),
         "matched": dg.MetadataValue.int(summary.matched),

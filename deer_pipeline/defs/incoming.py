@@ -10,7 +10,10 @@ from pydantic import Field
 
 from deer_pipeline import settings
 from deer_pipeline.defs.resources import DeerDatabase
-from deer_pipeline.detections import incoming, ingest
+from deer_pipeline.lazy_modules import lazy
+
+incoming = lazy("deer_pipeline.detections.incoming")
+ingest = lazy("deer_pipeline.detections.ingest")
 
 
 class IngestFileConfig(dg.Config):

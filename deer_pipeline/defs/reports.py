@@ -10,8 +10,10 @@ from deer_pipeline.defs.resources import (
     IdentitySettings,
     InferenceResource,
 )
-from deer_pipeline.identity import threshold_report as report_lib
-from deer_pipeline.identity.store import MatchingError
+from deer_pipeline.lazy_modules import lazy
+
+report_lib = lazy("deer_pipeline.identity.threshold_report")
+identity_store = lazy("deer_pipeline.identity.store")
 
 
 def _inline_png(path) -> str:
@@ -39,7 +41,7 @@ def threshold_report(context: dg.AssetExecutionContext, database: DeerDatabase,
     engine = database.engine()
     try:
         components = identity.resolved_versions(engine, inference.embedding_settings())
-    except MatchingError as exc:      # no vectors at all yet: the distribution part still works
+    except identity_store.MatchingError as exc:      # no vectors at all yet: the distribution part still works
         context.log.warning(f"threshold report without pair truth: {exc}")
         components = None
     rep = report_lib.build_report(engine, components=components, weights=identity.ensemble_weights,

@@ -3,17 +3,22 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import dagster as dg
 from pydantic import Field, model_validator
-from sqlalchemy.engine import Engine
 
-from deer_pipeline import db, settings
-from deer_pipeline.embedding import config as embedding_config
-from deer_pipeline.embedding import models as embedders
-from deer_pipeline.identity import store as identity_store
+from deer_pipeline import settings
+from deer_pipeline.lazy_modules import lazy
 from deer_pipeline.settings import MatchingSettings, SettingsError, check_threshold
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+db = lazy("deer_pipeline.db")
+embedding_config = lazy("deer_pipeline.embedding.config")
+embedders = lazy("deer_pipeline.embedding.models")
+identity_store = lazy("deer_pipeline.identity.store")
 
 
 class DeerDatabase(dg.ConfigurableResource):

@@ -9,7 +9,9 @@ import dagster as dg
 from deer_pipeline.defs.jobs import identification_job, report_job
 from deer_pipeline.defs.partitions import START_DATE, camera_order, range_tags
 from deer_pipeline.defs.resources import DeerDatabase
-from deer_pipeline.detections import feed as detection_feed
+from deer_pipeline.lazy_modules import lazy
+
+detection_feed = lazy("deer_pipeline.detections.feed")
 
 
 @dg.schedule(

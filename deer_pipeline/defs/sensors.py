@@ -20,8 +20,10 @@ from deer_pipeline.defs.partitions import (
     unseen_cameras,
 )
 from deer_pipeline.defs.resources import DeerDatabase
-from deer_pipeline.detections import feed as detection_feed
+from deer_pipeline.lazy_modules import lazy
 from deer_pipeline.settings import last_partition_day
+
+detection_feed = lazy("deer_pipeline.detections.feed")
 
 
 def _camera_requests(context: dg.SensorEvaluationContext, work) -> tuple[list, list[str]]:

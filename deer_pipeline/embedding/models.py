@@ -50,9 +50,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import numpy as np
-
 from deer_pipeline import settings
+from deer_pipeline.lazy_modules import lazy
+
+# numpy loads on first use: resolving versions (what the code location does) needs none of it
+np = lazy("numpy")
 
 log = logging.getLogger(__name__)
 
