@@ -226,12 +226,15 @@ def _pipeline_open_set(entry: dict, engine: Engine, method: rm.Method, S: np.nda
     if cal_feed:
         Sc = flank_masked(method_similarity(cal, method, legacy), cal)
         rec = calibrate_threshold(Sc, cal.identities(), cal_feed, _cannot_link(cal, cal_feed),
-                                  method.encounter_pooling)
+                                  method.encounter_pooling, population=cal.population)
         threshold = float(rec["threshold"])
         entry["threshold_source"] = (f"calibration labels ({len(cal.ok)} photos, "
                                      f"{len(set(cal.identities()))} individuals): {rec['rule']} of "
                                      "the replayed open set")
-        entry["calibration"] = {k: rec[k] for k in ("f1", "precision", "recall", "n_pred", "n_true")}
+        entry["calibration"] = {k: rec[k] for k in ("f1", "precision", "recall", "n_pred", "n_true", "fp_weight")}
+        if cal.population:
+            entry["threshold_source"] += (f"; wrong joins weighted x{rec['fp_weight']:.2f} for a population of "
+                                          f"{cal.population} individuals (prevalence correction)")
         count_rule = rec["count_rule"]
         curves.setdefault("calibration_f1", {})[method.name] = rec["sweep"]
     else:
@@ -290,7 +293,10 @@ def _verified_open_set(entry: dict, engine: Engine, method: rm.Method, S: np.nda
         entry["threshold_source"] = (f"calibration labels ({len(cal.ok)} photos, {len(set(cal.identities()))} "
                                      f"individuals): {rec['rule']} of the replayed open set"
                                      + (" (threshold in probability units)" if ms == "fused" else ""))
-        entry["calibration"] = {k: rec[k] for k in ("f1", "precision", "recall", "n_pred", "n_true")}
+        entry["calibration"] = {k: rec[k] for k in ("f1", "precision", "recall", "n_pred", "n_true", "fp_weight")}
+        if cal.population:
+            entry["threshold_source"] += (f"; wrong joins weighted x{rec['fp_weight']:.2f} for a population of "
+                                          f"{cal.population} individuals (prevalence correction)")
         count_rule = rec["count_rule"]
         curves.setdefault("calibration_f1", {})[method.name] = rec["sweep"]
     else:

@@ -46,6 +46,9 @@ class PreparedSet:
     captured_at: dict[str, datetime] = field(default_factory=dict)
     vectors: dict[str, np.ndarray] = field(default_factory=dict)      # model -> (len(ok), 512)
     legacy_features: np.ndarray | None = None                          # (len(ok), d_in)
+    # individuals a threshold chosen on this set is meant for, when the set holds only some of
+    # them (scoring.calibrate_threshold's prevalence correction); None: the set's own
+    population: int | None = None
 
     @property
     def ok_ids(self) -> list[str]:

@@ -210,7 +210,10 @@ def _reid_models(methods, options: EvaluationOptions, photos, cal_photos, workdi
 def _trained_calibration(cal: PreparedSet | None, report: dict) -> PreparedSet | None:
     """The trained model's threshold is chosen on the calibration individuals it did NOT train on
     (its held-out validation individuals), when at least two of them are in the calibration set:
-    on individuals it learnt, its scores are higher than on new ones."""
+    on individuals it learnt, its scores are higher than on new ones. Those are a fifth of the
+    calibration individuals, so the F1 that chooses the threshold weights wrong joins for the
+    whole calibration half's number of individuals (``population``; see
+    ``scoring.calibrate_threshold``): on 18 individuals alone, joining nearly everything wins."""
     import dataclasses
 
     held_out = set((report.get("trained_model") or {}).get("validation_identities") or [])
@@ -224,6 +227,7 @@ def _trained_calibration(cal: PreparedSet | None, report: dict) -> PreparedSet |
         "held out from its training")
     return dataclasses.replace(
         cal, ok=[cal.ok[k] for k in pos], vectors={m: v[pos] for m, v in cal.vectors.items()},
+        population=len(set(cal.identities())),
         legacy_features=None if cal.legacy_features is None else cal.legacy_features[pos])
 
 

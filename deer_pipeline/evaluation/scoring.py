@@ -173,7 +173,8 @@ def _count_key(r: dict, n_true: int) -> tuple:
 
 
 def calibrate_threshold(similarity: np.ndarray, identities: Sequence, encounters: Sequence[Sequence[int]],
-                        cannot_link: Mapping[int, set[int]] | None = None, pooling: str = "max") -> dict:
+                        cannot_link: Mapping[int, set[int]] | None = None, pooling: str = "max",
+                        population: int | None = None) -> dict:
     """Thresholds chosen on a labelled (calibration) set by replaying the pipeline's decisions
     (:func:`simulate_open_set`) over a 0.01 grid on [0, 1], refined on a 0.001 grid around each
     optimum. Two rules:
@@ -184,16 +185,30 @@ def calibrate_threshold(similarity: np.ndarray, identities: Sequence, encounters
     * ``count_rule["threshold"]``: the number of deer found closest to the true number (ties:
       higher F1, then the higher threshold) - the operating point for population counts.
 
+    ``population``: the number of individuals the threshold is meant for, when the labelled set
+    holds only some of them (the trained model's threshold is chosen on the few calibration
+    individuals it did not train on). A photo meets about ``population - 1`` other individuals
+    there instead of ``n_true - 1`` here, so every wrong join counts ``(population - 1) /
+    (n_true - 1)`` times in precision and F1 (the same-animal pairs stay as they are): the
+    prevalence correction of precision. Without it, F1 on a handful of individuals rewards
+    joining nearly everything (a quarter of the pairs are right when 4 individuals are merged,
+    one in 90 in the field). The count rule is not reweighted.
+
     Returns ``{"threshold", "f1", "precision", "recall", "rule", "n_pred", "n_true",
-    "count_rule": {...}, "sweep": [coarse grid rows]}``."""
+    "fp_weight", "count_rule": {...}, "sweep": [coarse grid rows]}``."""
     n_true = len(set(map(str, identities)))
     enc_labels = feed_encounter_labels(len(identities), encounters)
+    fp_weight = 1.0
+    if population is not None and population > n_true > 1:
+        fp_weight = (population - 1) / (n_true - 1)
 
     def run(ts):
         rows = []
         for t in ts:
             pred, _ = simulate_open_set(similarity, encounters, t, cannot_link, pooling)
             m = metrics.cross_encounter_prf(identities, pred, enc_labels)
+            if fp_weight != 1.0:
+                m = metrics.prf(m.tp, fp_weight * m.fp, m.fn)
             rows.append({"threshold": float(t), "precision": m.precision, "recall": m.recall, "f1": m.f1,
                          "all_pairs_f1": metrics.pairwise_prf(identities, pred).f1,
                          "predicted_same": m.tp + m.fp, "n_pred": int(len(set(pred.tolist())))})
@@ -210,7 +225,7 @@ def calibrate_threshold(similarity: np.ndarray, identities: Sequence, encounters
     sweep = sorted({r["threshold"]: r for r in coarse + fine}.values(), key=lambda r: r["threshold"])
     rec = metrics.recommend_threshold(sweep)
     chosen = next(r for r in sweep if r["threshold"] == rec["threshold"])
-    rec.update(n_pred=chosen["n_pred"], n_true=n_true, sweep=coarse)
+    rec.update(n_pred=chosen["n_pred"], n_true=n_true, fp_weight=round(fp_weight, 4), sweep=coarse)
     c = min(sweep, key=lambda r: _count_key(r, n_true))
     rec["count_rule"] = {"threshold": c["threshold"], "f1": c["f1"], "precision": c["precision"],
                          "recall": c["recall"], "n_pred": c["n_pred"], "n_true": n_true,

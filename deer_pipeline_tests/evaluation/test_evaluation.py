@@ -191,6 +191,31 @@ def test_calibrated_threshold_separates_two_clear_individuals():
     assert rec["count_rule"]["n_pred"] == 2 and rec["count_rule"]["f1"] == pytest.approx(1.0)
 
 
+def test_threshold_chosen_on_a_few_individuals_is_corrected_for_the_population():
+    """Three individuals, three photos each; only two same-animal pairs stand out. On these three
+    alone, joining everything has the best F1 (a quarter of all pairs are right); weighting each
+    wrong join for a population of 90 individuals picks the threshold that joins only the clear
+    pairs."""
+    ids = [x for x in "ABC" for _ in range(3)]
+    S = np.full((9, 9), 0.3)
+    S[0, 1] = S[1, 0] = S[3, 4] = S[4, 3] = 0.8
+    np.fill_diagonal(S, 1.0)
+    encounters = [[k] for k in range(9)]
+    plain = eval_scoring.calibrate_threshold(S, ids, encounters)
+    assert plain["threshold"] <= 0.3 and plain["n_pred"] == 1 and plain["fp_weight"] == 1.0
+    assert plain["f1"] == pytest.approx(0.4)                       # 9 right pairs of 36
+    corrected = eval_scoring.calibrate_threshold(S, ids, encounters, population=90)
+    assert corrected["fp_weight"] == pytest.approx(89 / 2)
+    assert 0.3 < corrected["threshold"] <= 0.8 and corrected["n_pred"] == 7
+    assert corrected["precision"] == pytest.approx(1.0) and corrected["f1"] == pytest.approx(4 / 11)
+    # the count rule chooses by the number of deer (its F1 is reported weighted); a population no
+    # larger than the set changes nothing
+    assert [corrected["count_rule"][k] for k in ("threshold", "n_pred")] == [plain["count_rule"][k]
+                                                                           for k in ("threshold", "n_pred")]
+    same = eval_scoring.calibrate_threshold(S, ids, encounters, population=3)
+    assert same["threshold"] == plain["threshold"] and same["fp_weight"] == 1.0
+
+
 def test_count_rule_finds_the_closest_number_of_deer():
     rng = np.random.default_rng(5)
     ids = [f"i{k % 7}" for k in range(40)]
