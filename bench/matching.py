@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
 from deer_pipeline import db  # noqa: E402
+from deer_pipeline.embedding import store as vector_store  # noqa: E402
 from deer_pipeline.embedding.models import unit_rows as unit  # noqa: E402
 from deer_pipeline.identity import gallery_cache, store  # noqa: E402
 from deer_pipeline.identity.matching import decide_partition  # noqa: E402
@@ -57,8 +58,6 @@ GALLERY_IMAGE_ID0 = 10_000_000      # gallery images; partitions' images count u
 NOISE = 0.5
 BLOCK_DEER = 5000                   # deer written per COPY block while building a gallery
 T_GALLERY = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
-INDEX_SQL = ("CREATE INDEX IF NOT EXISTS embeddings_vector_hnsw ON embeddings "
-             "USING hnsw (vector vector_cosine_ops) WITH (m = 16, ef_construction = 64)")
 
 
 def peak_rss_mb() -> float:
@@ -137,10 +136,10 @@ def build_index(engine, label: str, work_mem: str = "2GB") -> float:
     with engine.begin() as conn:
         conn.execute(sa.text(f"SET LOCAL maintenance_work_mem = '{work_mem}'"))
         conn.execute(sa.text("SET LOCAL max_parallel_maintenance_workers = 2"))
-        conn.execute(sa.text(INDEX_SQL))
+        names = vector_store.ensure_vector_indexes(conn)    # one partial index per version
         n = conn.execute(sa.text("SELECT count(*) FROM embeddings")).scalar_one()
     t_index = time.perf_counter() - t
-    print(f"  {label}: HNSW index built after the bulk load over {n} vectors: {t_index:.1f} s "
+    print(f"  {label}: HNSW indexes ({len(names)}, one per version) built after the bulk load over {n} vectors: {t_index:.1f} s "
           f"({n / t_index:,.0f} vectors/s, maintenance_work_mem {work_mem})", flush=True)
     return t_index
 
@@ -151,7 +150,7 @@ def grow_gallery(engine, size: int, index: bool, work_mem: str = "2GB") -> None:
         print(f"building gallery {have} -> {size} sightings", flush=True)
         t = time.perf_counter()
         with engine.begin() as conn:
-            conn.execute(sa.text("DROP INDEX IF EXISTS embeddings_vector_hnsw"))
+            vector_store.drop_vector_indexes(conn)
         for b0 in range(have // SIGHTINGS_PER_DEER, size // SIGHTINGS_PER_DEER, BLOCK_DEER):
             b1 = min(b0 + BLOCK_DEER, size // SIGHTINGS_PER_DEER)
             with engine.begin() as conn:
@@ -163,12 +162,12 @@ def grow_gallery(engine, size: int, index: bool, work_mem: str = "2GB") -> None:
         with engine.begin() as conn:
             conn.execute(sa.text("ANALYZE"))
     with engine.connect() as conn:
-        has_index = conn.execute(sa.text("SELECT to_regclass('embeddings_vector_hnsw') IS NOT NULL")).scalar_one()
+        has_index = len(vector_store.vector_indexes(conn)) >= len(VERSIONS)
     if index and not has_index:
         build_index(engine, f"gallery {size}", work_mem)
     elif not index and has_index:
         with engine.begin() as conn:
-            conn.execute(sa.text("DROP INDEX embeddings_vector_hnsw"))
+            vector_store.drop_vector_indexes(conn)
 
 
 def _gallery_block(conn, deer_from: int, deer_to: int) -> None:
@@ -238,7 +237,7 @@ def ensure_partition(engine, n: int, gallery_size: int) -> tuple[str, str, float
                                              "bbox_x", "bbox_y", "bbox_w", "bbox_h", "confidence",
                                              "classification", "sex", "encounter_id"), det_rows)
         store.copy_rows(conn, "crops", ("detection_id", "status"), [(d[0], "ok") for d in det_rows])
-        has_index = conn.execute(sa.text("SELECT to_regclass('embeddings_vector_hnsw') IS NOT NULL")).scalar_one()
+        has_index = bool(vector_store.vector_indexes(conn))
         t = time.perf_counter()
         store.copy_rows(conn, "embeddings", ("detection_id", "embedding_version", "vector"), emb_rows)
         per_vector = (time.perf_counter() - t) / len(emb_rows) if has_index else 0.0
@@ -268,6 +267,11 @@ def run_mode(engine, camera: str, day: str, search: str, ef: int = 200, precisio
             "matched": s.matched / max(s.decided, 1), "cache": s.gallery_cache, "phases": s.phase_seconds,
             "decided": s.decided, "replayed": s.replayed, "coarse": s.coarse_precision,
             "fallbacks": s.plan_fallbacks, "state": partition_state(engine, camera)}
+
+
+def sql_literal(text: str) -> str:
+    """A quoted SQL string literal (standard_conforming_strings: double the quotes)."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 def hnsw_recall_at_10(engine, n_queries: int = 100, ef_values=(40, 100, 200)) -> dict[int, float]:
@@ -301,10 +305,11 @@ def hnsw_recall_at_10(engine, n_queries: int = 100, ef_values=(40, 100, 200)) ->
         with engine.begin() as conn:
             conn.execute(sa.text("SELECT set_config('hnsw.ef_search', :e, true)"), {"e": str(ef)})
             for q, ex in zip(queries, top_ids):
+                # the version as a literal, as the store's look-up writes it (its partial index)
                 got = conn.execute(sa.text(
-                    "SELECT detection_id FROM embeddings WHERE embedding_version = :v "
+                    f"SELECT detection_id FROM embeddings WHERE embedding_version = {sql_literal(v)} "
                     "ORDER BY vector <=> CAST(:q AS vector) LIMIT 10"),
-                    {"q": db.vector_literal(q), "v": v}).scalars().all()
+                    {"q": db.vector_literal(q)}).scalars().all()
                 hits += len(set(got) & set(ex))
         out[ef] = hits / (10 * len(queries))
     return out
@@ -425,7 +430,7 @@ def index_cost_only(args) -> int:
         setup(engine)
         grow_gallery(engine, g, index=False)
         with engine.begin() as conn:
-            conn.execute(sa.text("DROP INDEX IF EXISTS embeddings_vector_hnsw"))
+            vector_store.drop_vector_indexes(conn)
             conn.execute(sa.text("DELETE FROM bench_meta WHERE key LIKE 'partition_%'"))
         with engine.connect() as conn:
             n = conn.execute(sa.text("SELECT count(*) FROM embeddings")).scalar_one()

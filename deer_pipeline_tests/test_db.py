@@ -22,11 +22,27 @@ def test_each_migration_file_is_idempotent_on_its_own(session_engine):
             conn.exec_driver_sql(m.sql)
 
 
-def test_hnsw_index_exists(session_engine):
-    with session_engine.connect() as conn:
-        idx = conn.execute(sa.text(
-            "SELECT indexdef FROM pg_indexes WHERE indexname = 'embeddings_vector_hnsw'")).scalar_one()
-    assert "hnsw" in idx and "vector_cosine_ops" in idx
+def test_each_embedding_version_gets_its_own_hnsw_index(engine):
+    """Registering a version creates its partial HNSW index (sql/009); there is no index over
+    every version's vectors; bulk loads drop them and build them again."""
+    from deer_pipeline.embedding import store as vector_store
+    from deer_pipeline_tests.embedding.test_embedding_store import version_info
+
+    vector_store.register_version(engine, version_info("v-idx-1"))
+    vector_store.register_version(engine, version_info("v-idx-2"))
+    vector_store.register_version(engine, version_info("v-idx-1"))          # again: nothing new
+    with engine.begin() as conn:
+        names = {v: vector_store.vector_index_name(conn, v) for v in ("v-idx-1", "v-idx-2")}
+        found = vector_store.vector_indexes(conn)
+        assert set(names.values()) <= set(found) and len(set(names.values())) == 2
+        for v, name in names.items():
+            d = found[name]
+            assert "hnsw" in d and "vector_cosine_ops" in d and f"embedding_version = '{v}'::text" in d, d
+        assert conn.execute(sa.text("SELECT to_regclass('embeddings_vector_hnsw')")).scalar_one() is None
+        dropped = vector_store.drop_vector_indexes(conn)
+        assert set(names.values()) <= set(dropped) and not vector_store.vector_indexes(conn)
+        rebuilt = vector_store.ensure_vector_indexes(conn)
+        assert set(names.values()) <= set(rebuilt) <= set(vector_store.vector_indexes(conn))
 
 
 def test_camera_id_with_pipe_is_refused_by_the_schema(engine):

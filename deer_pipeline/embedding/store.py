@@ -72,6 +72,39 @@ def register_version(engine: Engine, info) -> bool:
     return False
 
 
+# --------------------------------------------------------------------------------------------
+# HNSW indexes: one partial index per embedding version (sql/009_hnsw_per_version.sql)
+# --------------------------------------------------------------------------------------------
+
+def vector_index_name(conn: sa.Connection, version: str) -> str:
+    """Name of the HNSW index of one embedding version (whether it exists or not)."""
+    return conn.execute(sa.text("SELECT deer_vector_index_name(:v)"), {"v": version}).scalar_one()
+
+
+def vector_indexes(conn: sa.Connection) -> dict[str, str]:
+    """Existing per-version HNSW indexes: index name -> its definition."""
+    return dict(conn.execute(sa.text(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'embeddings' "
+        "AND indexname LIKE 'embeddings\\_hnsw\\_%'")).all())
+
+
+def drop_vector_indexes(conn: sa.Connection) -> list[str]:
+    """Drop every per-version HNSW index (before a bulk load: inserting through an HNSW index
+    costs milliseconds per vector at 100k+ rows; building it afterwards is far cheaper)."""
+    names = sorted(vector_indexes(conn))
+    for name in names:
+        conn.execute(sa.text(f'DROP INDEX IF EXISTS "{name}"'))
+    return names
+
+
+def ensure_vector_indexes(conn: sa.Connection) -> list[str]:
+    """Build the HNSW index of every registered version that lacks one (after a bulk load);
+    returns the index names."""
+    return list(conn.execute(sa.text(
+        "SELECT deer_ensure_vector_index(embedding_version) FROM embedding_versions "
+        "ORDER BY embedding_version")).scalars())
+
+
 def registered_versions(engine: Engine, model: str | None = None) -> list[dict]:
     sql = ("SELECT embedding_version, model, backbone, weights_sha256, reduction_sha256, "
            "preprocessing, dim, details, created_at FROM embedding_versions")

@@ -27,7 +27,7 @@ if TYPE_CHECKING:   # the summary is filled in by matching.decide_partition
     from deer_pipeline.identity.matching import DecisionSummary
 
 
-HNSW_MAX_EF = 1000          # pgvector's upper bound for hnsw.ef_search
+HNSW_MAX_EF = store.HNSW_MAX_EF
 
 
 @dataclass

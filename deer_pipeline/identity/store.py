@@ -269,33 +269,40 @@ def embedding_row_count(conn: sa.Connection) -> int:
     return conn.execute(sa.text("SELECT count(*) FROM embeddings WHERE vector IS NOT NULL")).scalar_one()
 
 
+HNSW_MAX_EF = 1000          # pgvector's upper bound for hnsw.ef_search
+
+
 class NearestSightings:
     """Nearest stored sightings by the HNSW index, one query per vector, on one cursor.
 
-    pgvector 0.6 applies WHERE filters after the index scan and returns at most
-    ``hnsw.ef_search`` rows, so the version filter and the gallery join (sightings) can leave
-    fewer rows than asked: callers re-query with a larger ``ef`` (``query(..., ef=...)``) or fall
-    back to an exact scan (``exact``)."""
+    Each embedding version has its own HNSW index (a partial index, sql/009), which the
+    planner uses only when the query names the version as a constant: the version is written
+    into the statement as a quoted literal, so even a generic plan of a prepared statement
+    (psycopg prepares a query after five runs) scans that index. pgvector 0.6 applies the
+    other WHERE filters (the gallery join, the flank) after the index scan and returns at most
+    ``hnsw.ef_search`` rows, so they can leave fewer rows than asked: callers re-query with a
+    larger ``ef`` (``query(..., ef=...)``) or fall back to an exact scan (``exact``)."""
 
     def __init__(self, conn: sa.Connection, version: str):
         self.cur = vector_cursor(conn)
         self.version = version
         self._ef = None
+        self._query = nearest_sightings_sql(version)
 
     def query(self, vector: np.ndarray, ef: int, side: str | None = None) -> list[tuple[int, float]]:
-        """(deer_id, cosine similarity) of the stored sightings among the ``ef`` nearest index
-        rows (every version) that are of this version and decided (in ``sightings``); ``side``
-        (left | right): sightings of the other flank are left out (flank-aware)."""
+        """(deer_id, cosine similarity) of the decided sightings (in ``sightings``) among the
+        ``ef`` nearest vectors of this version; ``side`` (left | right): sightings of the other
+        flank are left out (flank-aware)."""
+        return [(d, sim) for _, d, sim in self.query_rows(vector, ef, side)]
+
+    def query_rows(self, vector: np.ndarray, ef: int, side: str | None = None) -> list[tuple[str, int, float]]:
+        """As ``query``, with each sighting's detection id: (detection_id, deer_id, cosine)."""
         if ef != self._ef:
             self.cur.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(int(ef)),))
             self._ef = ef
-        self.cur.execute(
-            "WITH nn AS MATERIALIZED (SELECT detection_id, vector <=> %(q)b AS dist FROM embeddings "
-            "  WHERE embedding_version = %(v)s ORDER BY vector <=> %(q)b LIMIT %(ef)s) "
-            "SELECT s.deer_id, nn.dist FROM nn JOIN sightings s ON s.detection_id = nn.detection_id"
-            + _OTHER_FLANK_OUT.format(id="nn.detection_id"),
-            {"q": np.asarray(vector, np.float32), "v": self.version, "ef": int(ef), "other": other_flank(side)})
-        return [(d, 1.0 - float(dist)) for d, dist in self.cur.fetchall()]
+        self.cur.execute(self._query, {"q": np.asarray(vector, np.float32), "ef": int(ef),
+                                       "other": other_flank(side)})
+        return [(det, d, 1.0 - float(dist)) for det, d, dist in self.cur.fetchall()]
 
     def exact(self, vector: np.ndarray, side: str | None = None) -> list[tuple[int, float]]:
         """Best cosine per stored deer by a sequential scan (no index); ``side`` as in ``query``."""
@@ -305,6 +312,18 @@ class NearestSightings:
             + _OTHER_FLANK_OUT.format(id="s.detection_id") + " GROUP BY s.deer_id",
             {"q": np.asarray(vector, np.float32), "v": self.version, "other": other_flank(side)})
         return [(d, 1.0 - float(dist)) for d, dist in self.cur.fetchall()]
+
+
+def nearest_sightings_sql(version: str):
+    """The HNSW look-up of ``NearestSightings.query`` with ``version`` as a literal (parameters
+    ``q`` (float32 vector, binary), ``ef``, ``other`` (the flank left out, or NULL))."""
+    from psycopg import sql
+
+    return sql.SQL(
+        "WITH nn AS MATERIALIZED (SELECT detection_id, vector <=> %(q)b AS dist FROM embeddings "
+        "  WHERE embedding_version = {v} ORDER BY vector <=> %(q)b LIMIT %(ef)s) "
+        "SELECT s.detection_id, s.deer_id, nn.dist FROM nn JOIN sightings s ON s.detection_id = nn.detection_id"
+        + _OTHER_FLANK_OUT.format(id="nn.detection_id")).format(v=sql.Literal(version))
 
 
 # Flank-aware look-ups: no sighting whose known flank is the other one (NULL side: compared).

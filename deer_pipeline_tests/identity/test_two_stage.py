@@ -12,14 +12,12 @@ import pytest
 import sqlalchemy as sa
 
 from deer_pipeline import db
+from deer_pipeline.embedding import store as vector_store
 from deer_pipeline.identity import store
 from deer_pipeline.identity.matching import decide_partition
 from deer_pipeline.settings import MatchingSettings
 from deer_pipeline_tests.dbutil import empty_pipeline_tables
 from deer_pipeline_tests.identity.test_matching import MODELS
-
-INDEX_SQL = ("CREATE INDEX IF NOT EXISTS embeddings_vector_hnsw ON embeddings "
-             "USING hnsw (vector vector_cosine_ops) WITH (m = 16, ef_construction = 64)")
 
 DIM = 512
 N_DEER, PER_DEER, N_PART = 400, 8, 1000
@@ -105,11 +103,11 @@ def no_index(engine):
     """Bulk-load without the HNSW index (inserting 10k vectors through it takes a minute), then
     empty the tables and put the index back for the other tests."""
     with engine.begin() as conn:
-        conn.execute(sa.text("DROP INDEX IF EXISTS embeddings_vector_hnsw"))
+        vector_store.drop_vector_indexes(conn)
     yield engine
     empty_pipeline_tables(engine)
     with engine.begin() as conn:
-        conn.execute(sa.text(INDEX_SQL))
+        vector_store.ensure_vector_indexes(conn)
 
 
 def test_two_stage_search_agrees_with_exhaustive_exact_scoring(no_index):
