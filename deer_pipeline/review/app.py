@@ -38,6 +38,7 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
 from deer_pipeline import settings as deer_settings
+from deer_pipeline.identity import lookup as lookup_lib
 from deer_pipeline.identity import reviews
 from deer_pipeline.review import pages, queue as review_queue
 
@@ -325,6 +326,43 @@ def create_app(config: ReviewConfig) -> Starlette:
 
         return await _run(work, back_to)
 
+    async def sighting_page(request: Request):
+        """Which deer is this photo? The known deer most like one sighting (``identity.lookup``:
+        the HNSW index, then the ensemble's exact score), each with its closest sighting and a
+        button that records "same animal" (and replays it)."""
+        det = request.path_params["detection_id"]
+
+        def load():
+            with config.engine.connect() as conn:
+                return lookup_lib.look_alikes(conn, det, deer_settings.configured_ensemble_weights(),
+                                              k=deer_settings.LOOKUP_DEER)
+
+        try:
+            found = await run_in_threadpool(load)
+        except lookup_lib.UnknownDetection as exc:
+            return render(request, "missing.html", {"what": str(exc)}, status=404)
+        except lookup_lib.store.MatchingError as exc:       # no vector (or no version) yet
+            return PlainTextResponse(f"cannot look this photo up: {exc}", status_code=409)
+        return render(request, "sighting.html", {"found": found})
+
+    async def same_as(request: Request):
+        form = await form_of(request)
+        det = request.path_params["detection_id"]
+        who = reviewer_of(request, form)
+        other, deer_b = form.get("other") or "", _int(form.get("deer"))
+
+        def work():
+            if not other or other == det:
+                return "choose a sighting of another deer"
+            with config.engine.connect() as conn:
+                deer_a = conn.execute(sa.text("SELECT deer_id FROM sightings WHERE detection_id = :d"),
+                                      {"d": det}).scalar()
+            rid = decide("same", [det], [other], who=who, deer_a=deer_a, deer_b=deer_b,
+                         note=form.get("note") or None)
+            return f"recorded decision {rid}: {det} is the same animal as {other} (deer #{deer_b})"
+
+        return await _run(work, f"/sighting/{det}")
+
     async def undo_review(request: Request):
         form = await form_of(request)
         who = reviewer_of(request, form)
@@ -362,6 +400,8 @@ def create_app(config: ReviewConfig) -> Starlette:
         Route("/deer/{deer_id:int}/name", name_deer, methods=["POST"]),
         Route("/deer/{deer_id:int}/merge", merge_deer, methods=["POST"]),
         Route("/deer/{deer_id:int}/split", split_deer, methods=["POST"]),
+        Route("/sighting/{detection_id}", sighting_page),
+        Route("/sighting/{detection_id}/same", same_as, methods=["POST"]),
         Route("/sighting/{detection_id}/unidentifiable", unidentifiable, methods=["POST"]),
         Route("/reviews", reviews_page),
         Route("/reviews/{review_id:int}/undo", undo_review, methods=["POST"]),

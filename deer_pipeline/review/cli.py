@@ -3,6 +3,7 @@
   deer-pipeline review [--host 127.0.0.1] [--port 8765] [--reviewer NAME] [--margin 0.10]
   deer-pipeline review export decisions.csv
   deer-pipeline review apply decisions.csv [--reviewer NAME] [--no-apply]
+  deer-pipeline review lookup DETECTION_ID [--k 10] [--ef-search 200]   (which deer is this photo?)
 
 A host other than loopback needs a token in the environment variable named by
 ``settings.REVIEW_TOKEN_ENV`` (DEER_REVIEW_TOKEN); open ``http://HOST:PORT/?token=...`` once.
@@ -85,6 +86,38 @@ def main(argv: list[str]) -> int:
                 print(f"replayed from {s.partition_key}: {s.decided + s.replayed} sighting(s) decided again, "
                       f"{s.deer_total} deer")
         return 0
+    if argv and argv[0] == "lookup":
+        return lookup(argv[1:])
     if argv and argv[0] == "serve":
         argv = argv[1:]
     return serve(argv)
+
+
+def lookup(argv: list[str]) -> int:
+    """Which deer is this photo? The known deer most like one sighting (HNSW index of the
+    primary model, then the ensemble's exact score), best first."""
+    from deer_pipeline import db
+    from deer_pipeline.identity import lookup as lookup_lib
+    from deer_pipeline.identity.store import MatchingError
+
+    p = argparse.ArgumentParser(prog="deer-pipeline review lookup", description=lookup.__doc__)
+    p.add_argument("detection_id")
+    p.add_argument("--k", type=int, default=settings.LOOKUP_DEER, help="deer to list")
+    p.add_argument("--ef-search", type=int, default=settings.HNSW_EF_SEARCH, help="HNSW hnsw.ef_search to start from")
+    args = p.parse_args(argv)
+    try:
+        with db.get_engine().connect() as conn:
+            found = lookup_lib.look_alikes(conn, args.detection_id, settings.configured_ensemble_weights(),
+                                           k=args.k, ef_search=args.ef_search)
+    except (MatchingError, ValueError) as exc:
+        print(f"deer-pipeline review lookup: {exc}", file=sys.stderr)
+        return 2
+    how = (f"HNSW, ef_search {found.ef_search}" if found.found_by == "hnsw"
+           else "exact scan (the index found too few deer)")
+    print(f"{found.detection_id}: now deer {found.deer_id if found.deer_id is not None else '(not decided)'}"
+          f", flank {found.side or 'unknown'}; {len(found.look_alikes)} deer by {how}")
+    print("rank  deer  similarity  closest sighting")
+    for i, a in enumerate(found.look_alikes, 1):
+        mark = "  <- its deer now" if a.deer_id == found.deer_id else ""
+        print(f"{i:>4}  {a.deer_id:>4}  {a.similarity:10.4f}  {a.detection_id}{mark}")
+    return 0

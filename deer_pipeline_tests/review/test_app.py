@@ -333,3 +333,31 @@ def test_new_unidentifiable_and_skip_answers(engine, app_server, world):
         skipped = [k for _, sk, k in review_queue.queue_keys(conn, 1.0) if sk]
     assert keys[0] not in open_keys and keys[1] not in open_keys
     assert skipped == [keys[2]] and open_keys[-1] == keys[2]     # skipped: still there, last
+
+
+def test_which_deer_is_this_photo_lists_look_alikes_and_records_same(engine, app_server, world):
+    _, ids = world
+    det = ids["C"][0]
+    s = requests.Session()
+    page = s.get(f"{app_server.url}/sighting/{det}")
+    assert page.status_code == 200 and "Which deer is this photo?" in page.text
+    with engine.connect() as conn:
+        own = conn.execute(sa.text("SELECT deer_id FROM sightings WHERE detection_id = :d"), {"d": det}).scalar_one()
+        n_deer = conn.execute(sa.text("SELECT count(*) FROM deer")).scalar_one()
+    listed = [int(d) for d in re.findall(r'<b>\d+\.</b> <a href="/deer/(\d+)"', page.text)]
+    assert sorted(listed) == sorted(set(listed)) and len(listed) == n_deer           # every deer, once
+    assert f'/deer/{own}"' in page.text and "its deer now" in page.text
+    forms = re.findall(r'name="other" value="([^"]+)">\s*<input type="hidden" name="deer" value="(\d+)"', page.text)
+    assert forms and all(int(d) != own for _, d in forms)
+    other, other_deer = forms[0]
+    token = csrf(s, f"{app_server.url}/sighting/{det}")
+    r = s.post(f"{app_server.url}/sighting/{det}/same", data={"other": other, "deer": other_deer, "csrf_token": token},
+               allow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith(f"/sighting/{det}")
+    with engine.connect() as conn:
+        rv = reviews.all_reviews(conn)[-1]
+    assert rv.kind == "same" and list(rv.a) == [det] and list(rv.b) == [other]
+    assert deer_of(engine)[det] == deer_of(engine)[other]                            # replayed at once
+    assert s.get(f"{app_server.url}/sighting/no-such-detection").status_code == 404
+    deer_page = s.get(f"{app_server.url}/deer/{deer_of(engine)[det]}").text
+    assert f'href="/sighting/{det}"' in deer_page
