@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from deer_pipeline import db, settings
@@ -24,6 +25,11 @@ from deer_pipeline import db, settings
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKSPACE_YAML = REPO_ROOT / "workspace.yaml"
 DAGSTER_YAML = REPO_ROOT / "dagster.yaml"
+# dagster dev can drop a SIGTERM that lands while it holds interrupts (dagster's
+# capture_interrupts forgets a captured one when it exits): say it again after this long, and
+# stop it for good after STOP_TIMEOUT_S
+RESEND_TERM_S = 45
+STOP_TIMEOUT_S = 150
 
 # `dagster dev` options that name the code to load; when one is given, workspace.yaml is not added.
 _TARGET_OPTIONS = ("-w", "--workspace", "-m", "--module-name", "-f", "--python-file",
@@ -125,16 +131,31 @@ def main(argv: list[str]) -> int:
           file=sys.stderr)
     print(f"deer-pipeline ui: {' '.join(cmd)}", file=sys.stderr)
     child = subprocess.Popen(cmd, cwd=REPO_ROOT)
+    terminated: list[float] = []           # when SIGTERM was first passed on
 
     def forward(signum, _frame):
         if child.poll() is None:
             child.send_signal(signum)
+            terminated.append(time.monotonic())
 
     previous = signal.signal(signal.SIGTERM, forward)
     try:
+        resent = False
         while True:
             try:
-                return child.wait()
+                return child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                if not terminated:
+                    continue
+                waited = time.monotonic() - terminated[0]
+                if waited > STOP_TIMEOUT_S:
+                    print("deer-pipeline ui: dagster dev did not stop; killing it", file=sys.stderr)
+                    child.kill()
+                elif waited > RESEND_TERM_S and not resent:
+                    print("deer-pipeline ui: dagster dev still running; passing SIGTERM on again",
+                          file=sys.stderr)
+                    child.send_signal(signal.SIGTERM)
+                    resent = True
             except KeyboardInterrupt:
                 # Ctrl-C reached dagster dev too (same process group): let it shut down cleanly.
                 continue
