@@ -51,12 +51,16 @@ class Lookup:
 
 def look_alikes(conn: sa.Connection, detection_id: str, weights: Mapping[str, float],
                 versions: Mapping[str, str] | None = None, k: int = 10, ef_search: int = 200,
-                flank_aware: bool = True) -> Lookup:
+                flank_aware: bool = True, search: str = "hnsw") -> Lookup:
     """The ``k`` known deer most like sighting ``detection_id`` (its own deer included, ranked
     like the others), best first. ``versions``: model -> embedding version (default: the newest
-    stored version of each model of ``weights``)."""
+    stored version of each model of ``weights``). ``search``: ``hnsw`` (the index), or
+    ``exact`` (a sequential scan of the primary model picks the ``max(ef_search, k)`` deer to
+    score: the reference the index's shortlist is measured against)."""
     if k < 1:
         raise ValueError("k must be at least 1")
+    if search not in ("hnsw", "exact"):
+        raise ValueError(f"search must be hnsw or exact, not {search!r}")
     models = [m for m, w in weights.items() if w > 0]
     vers = store.resolve_versions(conn, models, versions)
     row = conn.execute(sa.text(
@@ -77,14 +81,16 @@ def look_alikes(conn: sa.Connection, detection_id: str, weights: Mapping[str, fl
     nearest = store.NearestSightings(conn, vers[primary])
     q_primary = query[primary].astype(np.float32)
     ef = min(max(ef_search, k), store.HNSW_MAX_EF)
-    while True:
+    deer: set[int] = set()
+    while search == "hnsw":
         deer = {d for det, d, _ in nearest.query_rows(q_primary, ef, side) if det != detection_id}
         out.ef_search = ef
         if len(deer) >= k or ef >= store.HNSW_MAX_EF:
             break
         ef = min(2 * ef, store.HNSW_MAX_EF)
-    if len(deer) < k:          # filters after the scan left too few (or the gallery is small)
-        deer = {d for d, _ in nearest.exact(q_primary, side)}
+    if len(deer) < k:          # exact asked for, or the filters after the scan left too few deer
+        best = sorted(nearest.exact(q_primary, side), key=lambda t: (-t[1], t[0]))
+        deer = {d for d, _ in best[: max(ef_search, k)]}
         out.found_by, out.ef_search = "exact", 0
     out.look_alikes = _rescored(conn, detection_id, sorted(deer), query, weights, vers, side)[:k]
     return out

@@ -84,6 +84,19 @@ def test_a_known_flank_is_never_compared_with_the_other_flank(engine):
     assert before[blind.look_alikes[0].detection_id] == blind.look_alikes[0].deer_id
 
 
+def test_the_exact_reference_ranks_like_the_index_on_a_small_gallery(engine):
+    _, ids = _world(engine)
+    query = ids["I09"][1]
+    with engine.connect() as conn:
+        exact = lookup.look_alikes(conn, query, WEIGHTS, versions=MODELS, k=6, search="exact")
+        hnsw = lookup.look_alikes(conn, query, WEIGHTS, versions=MODELS, k=6)
+        with pytest.raises(ValueError, match="hnsw or exact"):
+            lookup.look_alikes(conn, query, WEIGHTS, versions=MODELS, search="ivf")
+    assert exact.found_by == "exact" and hnsw.found_by == "hnsw"
+    assert [(a.deer_id, a.detection_id) for a in exact.look_alikes] == [(a.deer_id, a.detection_id)
+                                                                       for a in hnsw.look_alikes]
+
+
 def test_too_few_deer_from_the_index_fall_back_to_an_exact_scan(engine):
     _, ids = _world(engine, n_deer=4)
     query = ids["I00"][0]
