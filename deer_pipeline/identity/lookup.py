@@ -74,7 +74,7 @@ def look_alikes(conn: sa.Connection, detection_id: str, weights: Mapping[str, fl
         got = store.load_vectors(conn, [detection_id], vers[m])
         if detection_id not in got:
             raise PhotoLookupError(f"detection {detection_id!r} has no vector of {m} ({vers[m]}): "
-                               "embed its partition first")
+                                   "embed its partition first")
         query[m] = np.asarray(got[detection_id], np.float64)
     primary = max(models, key=lambda m: weights[m])
     out = Lookup(detection_id, row.deer_id, side, dict(vers))
