@@ -27,7 +27,8 @@ WORKSPACE_YAML = REPO_ROOT / "workspace.yaml"
 DAGSTER_YAML = REPO_ROOT / "dagster.yaml"
 # dagster dev can drop a SIGTERM that lands while it holds interrupts (dagster's
 # capture_interrupts forgets a captured one when it exits): say it again after this long, and
-# stop it for good after STOP_TIMEOUT_S
+# stop it for good after STOP_TIMEOUT_S (a last resort: the cause seen in CI was an ignored
+# SIGINT, handled below)
 RESEND_TERM_S = 45
 STOP_TIMEOUT_S = 150
 
@@ -130,6 +131,14 @@ def main(argv: list[str]) -> int:
     print(f"deer-pipeline ui: Dagster storage {_redact(settings.env('DAGSTER_POSTGRES_URL'))}",
           file=sys.stderr)
     print(f"deer-pipeline ui: {' '.join(cmd)}", file=sys.stderr)
+    # dagster dev stops on SIGTERM by mapping it to its SIGINT handler. A process started in the
+    # background by a non-interactive shell (`cmd &`, CI scripts) inherits SIGINT *ignored*, and
+    # an ignored signal stays ignored across exec: dagster dev would then ignore SIGTERM too and
+    # never stop. So SIGINT is made a KeyboardInterrupt again before dagster dev starts (a
+    # handler, unlike SIG_IGN, is reset to the default in the child, where Python installs its own).
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     child = subprocess.Popen(cmd, cwd=REPO_ROOT)
     terminated: list[float] = []           # when SIGTERM was first passed on
 
@@ -161,6 +170,8 @@ def main(argv: list[str]) -> int:
                 continue
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int == signal.SIG_IGN:
+            signal.signal(signal.SIGINT, previous_int)
         if child.poll() is None:
             child.terminate()
             try:
