@@ -269,11 +269,6 @@ def run_mode(engine, camera: str, day: str, search: str, ef: int = 200, precisio
             "fallbacks": s.plan_fallbacks, "state": partition_state(engine, camera)}
 
 
-def sql_literal(text: str) -> str:
-    """A quoted SQL string literal (standard_conforming_strings: double the quotes)."""
-    return "'" + text.replace("'", "''") + "'"
-
-
 def hnsw_recall_at_10(engine, n_queries: int = 100, ef_values=(40, 100, 200)) -> dict[int, float]:
     """Recall@10 of the HNSW index for interactive look-ups ("which deer is this photo?": one
     query vector, primary model) against exact search over the same rows."""
@@ -307,7 +302,7 @@ def hnsw_recall_at_10(engine, n_queries: int = 100, ef_values=(40, 100, 200)) ->
             for q, ex in zip(queries, top_ids):
                 # the version as a literal, as the store's look-up writes it (its partial index)
                 got = conn.execute(sa.text(
-                    f"SELECT detection_id FROM embeddings WHERE embedding_version = {sql_literal(v)} "
+                    f"SELECT detection_id FROM embeddings WHERE embedding_version = {store.sql_literal(v)} "
                     "ORDER BY vector <=> CAST(:q AS vector) LIMIT 10"),
                     {"q": db.vector_literal(q)}).scalars().all()
                 hits += len(set(got) & set(ex))

@@ -217,6 +217,23 @@ def _embedding_details(entry: dict, method: rm.Method, emb: dict) -> None:
     entry["backbone"] = [emb["weights_used"][m] for m in method.models]
 
 
+def _calibrated_threshold(entry: dict, method: rm.Method, S_cal: np.ndarray, cal: PreparedSet,
+                          cal_feed: list, curves: dict, units: str = "") -> tuple[float, dict]:
+    """(threshold, count rule) chosen on the calibration labels by replaying the open set with
+    the scores ``S_cal`` (``calibrate_threshold``; wrong joins weighted for ``cal.population``
+    when the set holds only some of the individuals); recorded in ``entry`` and ``curves``."""
+    rec = calibrate_threshold(S_cal, cal.identities(), cal_feed, _cannot_link(cal, cal_feed),
+                              method.encounter_pooling, population=cal.population)
+    entry["threshold_source"] = (f"calibration labels ({len(cal.ok)} photos, {len(set(cal.identities()))} "
+                                 f"individuals): {rec['rule']} of the replayed open set{units}")
+    if cal.population:
+        entry["threshold_source"] += (f"; wrong joins weighted x{rec['fp_weight']:.2f} for a population of "
+                                      f"{cal.population} individuals (prevalence correction)")
+    entry["calibration"] = {k: rec[k] for k in ("f1", "precision", "recall", "n_pred", "n_true", "fp_weight")}
+    curves.setdefault("calibration_f1", {})[method.name] = rec["sweep"]
+    return float(rec["threshold"]), rec["count_rule"]
+
+
 def _pipeline_open_set(entry: dict, engine: Engine, method: rm.Method, S: np.ndarray, ev: PreparedSet,
                        cal: PreparedSet | None, emb: dict, legacy, curves: dict) -> None:
     """The threshold (calibrated on the calibration set, else the configured one), then the
@@ -225,18 +242,7 @@ def _pipeline_open_set(entry: dict, engine: Engine, method: rm.Method, S: np.nda
     cal_feed = cal.feed_encounters() if cal is not None and cal.ok else None
     if cal_feed:
         Sc = flank_masked(method_similarity(cal, method, legacy), cal)
-        rec = calibrate_threshold(Sc, cal.identities(), cal_feed, _cannot_link(cal, cal_feed),
-                                  method.encounter_pooling, population=cal.population)
-        threshold = float(rec["threshold"])
-        entry["threshold_source"] = (f"calibration labels ({len(cal.ok)} photos, "
-                                     f"{len(set(cal.identities()))} individuals): {rec['rule']} of "
-                                     "the replayed open set")
-        entry["calibration"] = {k: rec[k] for k in ("f1", "precision", "recall", "n_pred", "n_true", "fp_weight")}
-        if cal.population:
-            entry["threshold_source"] += (f"; wrong joins weighted x{rec['fp_weight']:.2f} for a population of "
-                                          f"{cal.population} individuals (prevalence correction)")
-        count_rule = rec["count_rule"]
-        curves.setdefault("calibration_f1", {})[method.name] = rec["sweep"]
+        threshold, count_rule = _calibrated_threshold(entry, method, Sc, cal, cal_feed, curves)
     else:
         threshold = rm.default_threshold()
         entry["threshold_source"] = "the pipeline's configured reid_threshold (no calibration labels)"
@@ -288,17 +294,8 @@ def _verified_open_set(entry: dict, engine: Engine, method: rm.Method, S: np.nda
         Sc = method_similarity(cal, method)
         Lc, cc = verified.open_set_local(cal, Sc)
         Pc = verified.pair_scores(ms, Sc, Lc, cc, calibration)
-        rec = calibrate_threshold(Pc, cal.identities(), cal_feed, _cannot_link(cal, cal_feed), method.encounter_pooling)
-        threshold = float(rec["threshold"])
-        entry["threshold_source"] = (f"calibration labels ({len(cal.ok)} photos, {len(set(cal.identities()))} "
-                                     f"individuals): {rec['rule']} of the replayed open set"
-                                     + (" (threshold in probability units)" if ms == "fused" else ""))
-        entry["calibration"] = {k: rec[k] for k in ("f1", "precision", "recall", "n_pred", "n_true", "fp_weight")}
-        if cal.population:
-            entry["threshold_source"] += (f"; wrong joins weighted x{rec['fp_weight']:.2f} for a population of "
-                                          f"{cal.population} individuals (prevalence correction)")
-        count_rule = rec["count_rule"]
-        curves.setdefault("calibration_f1", {})[method.name] = rec["sweep"]
+        threshold, count_rule = _calibrated_threshold(
+            entry, method, Pc, cal, cal_feed, curves, " (threshold in probability units)" if ms == "fused" else "")
     else:
         threshold, count_rule = rm.default_threshold(), None
         entry["threshold_source"] = "the pipeline's configured reid_threshold (no calibration labels)"

@@ -20,7 +20,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from deer_pipeline.identity import store
-from deer_pipeline.identity.flanks import other_flank
+
 
 class PhotoLookupError(store.MatchingError):
     """The photo cannot be looked up (no vector of a model yet)."""
@@ -102,19 +102,11 @@ def _rescored(conn, detection_id: str, deer_ids: list[int], query: Mapping[str, 
     sighting per deer, best deer first (ties: lower deer id)."""
     if not deer_ids:
         return []
-    cur = store.vector_cursor(conn)
     per_model: dict[str, dict[str, np.ndarray]] = {}
     owner: dict[str, int] = {}
     for m in query:
-        cur.execute(
-            "SELECT s.detection_id, s.deer_id, e.vector FROM sightings s JOIN embeddings e "
-            "ON e.detection_id = s.detection_id AND e.embedding_version = %(v)s "
-            "JOIN detections d ON d.detection_id = s.detection_id "
-            "WHERE s.deer_id = ANY(%(ids)s) AND s.detection_id <> %(q)s AND e.status = 'ok' "
-            "AND (CAST(%(other)s AS text) IS NULL OR d.side IS DISTINCT FROM CAST(%(other)s AS text))",
-            {"v": vers[m], "ids": list(deer_ids), "q": detection_id, "other": other_flank(side)})
         vecs = {}
-        for det, d, v in cur.fetchall():
+        for det, d, v in store.deer_sighting_vectors(conn, deer_ids, vers[m], side, exclude=detection_id):
             vecs[det] = v
             owner[det] = d
         per_model[m] = vecs

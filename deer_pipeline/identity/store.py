@@ -327,8 +327,24 @@ def nearest_sightings_sql(version: str):
 
 
 # Flank-aware look-ups: no sighting whose known flank is the other one (NULL side: compared).
-_OTHER_FLANK_OUT = (" WHERE CAST(%(other)s AS text) IS NULL OR NOT EXISTS (SELECT 1 FROM detections fd "
-                    "WHERE fd.detection_id = {id} AND fd.side = CAST(%(other)s AS text))")
+_OTHER_FLANK_OK = ("(CAST(%(other)s AS text) IS NULL OR NOT EXISTS (SELECT 1 FROM detections fd "
+                   "WHERE fd.detection_id = {id} AND fd.side = CAST(%(other)s AS text)))")
+_OTHER_FLANK_OUT = " WHERE " + _OTHER_FLANK_OK
+
+
+def deer_sighting_vectors(conn: sa.Connection, deer_ids: Sequence[int], version: str, side: str | None = None,
+                          exclude: str | None = None) -> list[tuple[str, int, np.ndarray]]:
+    """(detection_id, deer_id, vector of ``version``) of every decided sighting of these deer;
+    ``side`` (left | right): sightings of the other flank are left out (as ``NearestSightings``);
+    ``exclude``: one detection left out (the photo being looked up)."""
+    cur = vector_cursor(conn)
+    cur.execute(
+        "SELECT s.detection_id, s.deer_id, e.vector FROM sightings s JOIN embeddings e "
+        "ON e.detection_id = s.detection_id AND e.embedding_version = %(v)s AND e.status = 'ok' "
+        "WHERE s.deer_id = ANY(%(ids)s) AND s.detection_id IS DISTINCT FROM %(x)s AND "
+        + _OTHER_FLANK_OK.format(id="s.detection_id"),
+        {"v": version, "ids": list(deer_ids), "x": exclude, "other": other_flank(side)})
+    return cur.fetchall()
 
 
 def hnsw_nearest_deer(conn: sa.Connection, query: np.ndarray, version: str, ef: int) -> dict[int, float]:
@@ -589,7 +605,7 @@ def load_gallery(conn: sa.Connection, versions: Sequence[str], gallery, headroom
     raw = conn.connection.driver_connection
     joins = " ".join(
         f"JOIN embeddings e{i} ON e{i}.detection_id = s.detection_id AND e{i}.embedding_version = "
-        f"{_literal(v)} AND e{i}.status = 'ok' AND e{i}.vector IS NOT NULL" for i, v in enumerate(versions))
+        f"{sql_literal(v)} AND e{i}.status = 'ok' AND e{i}.vector IS NOT NULL" for i, v in enumerate(versions))
     cols = ", ".join(f"e{i}.vector" for i in range(len(versions)))
     padded_id = f"decode(rpad(encode(convert_to(s.detection_id, 'UTF8'), 'hex'), {2 * width}, '0'), 'hex')"
     sql = (f"COPY (SELECT s.deer_id, {SEX_SQL}, {SIDE_SQL}, {padded_id}, {cols} FROM sightings s "
@@ -630,7 +646,9 @@ def load_gallery(conn: sa.Connection, versions: Sequence[str], gallery, headroom
     gallery.reindex()
 
 
-def _literal(value: str) -> str:
+def sql_literal(value: str) -> str:
+    """A quoted SQL string literal (standard_conforming_strings: quotes doubled), for a value
+    the planner must see as a constant (an embedding version matching a partial index)."""
     return "'" + str(value).replace("'", "''") + "'"
 
 
