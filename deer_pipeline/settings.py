@@ -27,7 +27,7 @@ PAD_FRACTION = 0.05                        # box padding on each side, as a shar
 # embeddings
 EMBEDDING_MODELS = ("multiscale", "efficientnet_b0")   # the ensemble's components
 EMBEDDING_WEIGHTS = "auto"                 # auto | imagenet | path to a state-dict file
-POOLING = "avg"                            # avg | gem
+POOLING = "avg"                            # avg | gem | centre (embedding.models.CENTRE_SIGMA)
 DEVICE = "auto"                            # auto | cpu | cuda | cuda:N
 BATCH_SIZE = 32                            # crops per forward pass (halved on CUDA OOM)
 AMP = True                                 # float16 autocast on CUDA
@@ -436,8 +436,8 @@ class EmbeddingSettings:
         object.__setattr__(self, "weights_files", tuple(sorted(dict(self.weights_files).items())))
         if not self.models:
             raise SettingsError("embedding models: name at least one model")
-        if self.pooling not in ("avg", "gem"):
-            raise SettingsError(f"pooling must be avg or gem, not {self.pooling!r}")
+        if self.pooling not in ("avg", "gem", "centre"):
+            raise SettingsError(f"pooling must be avg, gem or centre, not {self.pooling!r}")
         if self.batch_size < 1:
             raise SettingsError(f"batch_size must be >= 1, got {self.batch_size!r}")
         if self.num_workers is not None and self.num_workers < 0:

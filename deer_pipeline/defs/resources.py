@@ -62,7 +62,7 @@ class InferenceResource(dg.ConfigurableResource):
     amp: bool = Field(default=settings.AMP, description="float16 autocast on CUDA")
     channels_last: bool = settings.CHANNELS_LAST
     num_workers: Optional[int] = Field(default=None, description="DataLoader decode workers; None = auto")
-    pooling: str = Field(default=settings.POOLING, description="avg | gem (GeM, p=3); part of the version")
+    pooling: str = Field(default=settings.POOLING, description="avg | gem (GeM, p=3) | centre (centred Gaussian weight, sigma 0.4); part of the version")
     backend: str = Field(default=settings.BACKEND, description="auto | eager | onnxruntime (auto: ONNX "
                          "Runtime when there is no GPU); part of the version")
 

@@ -85,10 +85,21 @@ ALLOW_RANDOM_ENV = "DEER_ALLOW_RANDOM_WEIGHTS"
 RANDOM_WEIGHTS_SEED = 0
 
 
-POOLINGS = ("avg", "gem")
+POOLINGS = ("avg", "gem", "centre")
 
 
 GEM_P = 3.0
+
+
+# "centre" pooling: each position of the feature map weighted by a Gaussian centred on the map,
+# sigma in map coordinates scaled to [-1, 1] (the animal is in the middle of its crop; the
+# edges are mostly background). Chosen on nyala-dev's calibration half (docs/evaluation.md).
+CENTRE_SIGMA = 0.4
+
+
+def pooling_label(pooling: str) -> str:
+    """How a pooling is named in versions and version details (``avg`` has no label)."""
+    return {"avg": "avg", "gem": f"gem(p={GEM_P:g})", "centre": f"centre(sigma={CENTRE_SIGMA:g})"}[pooling]
 
 
 VERSION_PREFIX = {
@@ -495,7 +506,7 @@ class EmbedderSpec:
                 "substituted_for": self.weights.substituted_for,
                 "weights_used": self.weights.description,
                 "features": list(self.features),
-                "pooling": self.pooling if self.pooling == "avg" else f"gem(p={GEM_P:g})",
+                "pooling": pooling_label(self.pooling),
                 "per_scale_l2": len(self.features) > 1,
                 "reduction": _reduction_name(self),
                 "projection_seed": self.projection_seed,
@@ -518,6 +529,7 @@ def _reduction_name(spec: "EmbedderSpec") -> str:
 def _reduction_hash(features: Sequence[str], pooling: str, proj_sha: str) -> str:
     desc = json.dumps({"features": list(features), "pooling": pooling,
                        "gem_p": GEM_P if pooling == "gem" else None,
+                       **({"centre_sigma": CENTRE_SIGMA} if pooling == "centre" else {}),
                        "per_scale_l2": len(features) > 1, "projection": proj_sha}, sort_keys=True)
     return hashlib.sha256(desc.encode()).hexdigest()
 
@@ -547,7 +559,7 @@ def resolve_embedder(model: str, weights: str = "auto", pooling: str = "avg",
     red = _reduction_hash(features, pooling, proj_sha)
     pre = BACKBONE_PREPROCESSING[rw.backbone]
     backbone_label = rw.backbone if not rw.substituted_for else f"{rw.backbone}-for-{rw.substituted_for}"
-    pool_label = "" if pooling == "avg" else f"+gem{GEM_P:g}"
+    pool_label = {"avg": "", "gem": f"+gem{GEM_P:g}", "centre": f"+centre{CENTRE_SIGMA:g}"}[pooling]
     if backend == "onnxruntime" and rw.backbone not in ONNX_BACKBONES:
         backend = "eager"
     version = (f"{VERSION_PREFIX[model]}:{backbone_label}@{rw.tag}-{rw.sha12}{pool_label}"

@@ -9,6 +9,7 @@ from deer_pipeline.embedding.models import (
     ALLOW_RANDOM_ENV,
     BACKBONE_FEATURES,
     BACKBONE_PREPROCESSING,
+    CENTRE_SIGMA,
     EMBEDDING_DIM,
     GEM_P,
     RANDOM_WEIGHTS,
@@ -115,11 +116,31 @@ def load_state_dict_checked(module, state_dict: Mapping, source: str, backbone: 
     module.load_state_dict(dict(state_dict), strict=meta, assign=meta)
 
 
-def _pool(x, pooling: str):
+def centre_weights(h: int, w: int, sigma: float = CENTRE_SIGMA, device=None):
+    """(h, w) weights summing to 1: a Gaussian centred on the map, ``sigma`` in map coordinates
+    scaled to [-1, 1] on both axes (a 1-wide axis is all centre)."""
+    import torch
+
+    def axis(n):
+        return (torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2) / max((n - 1) / 2, 1)
+
+    y, x = axis(h), axis(w)
+    g = torch.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def pool(x, pooling: str):
+    """(n, C, h, w) feature map -> (n, C) float32: ``avg``, ``gem`` (p = GEM_P) or ``centre``
+    (a centred Gaussian weight on the map, :func:`centre_weights`)."""
     x = x.float()
     if pooling == "gem":
         return x.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
+    if pooling == "centre":
+        return (x * centre_weights(x.shape[2], x.shape[3], device=x.device)).sum(dim=(2, 3))
     return x.mean(dim=(2, 3))
+
+
+
 
 
 def _make_backbone_net(backbone: str, module, pooling: str, wanted: Sequence[str]):
@@ -151,23 +172,23 @@ def _make_backbone_net(backbone: str, module, pooling: str, wanted: Sequence[str
                 x = m.layer1(x)
                 x = m.layer2(x)
                 if "layer2" in self.wanted:
-                    out["layer2"] = _pool(x, pooling)
+                    out["layer2"] = pool(x, pooling)
                 x = m.layer3(x)
                 if "layer3" in self.wanted:
-                    out["layer3"] = _pool(x, pooling)
+                    out["layer3"] = pool(x, pooling)
                 x = m.layer4(x)
-                out["layer4"] = _pool(x, pooling)   # == m.avgpool(x) for average pooling
+                out["layer4"] = pool(x, pooling)   # == m.avgpool(x) for average pooling
             elif backbone == "efficientnet_b0":
-                out["head"] = _pool(m.features(x), pooling)
+                out["head"] = pool(m.features(x), pooling)
             else:  # efficientnet_lite0
                 x = m._swish(m._bn0(m._conv_stem(x)))
                 for idx, block in enumerate(m._blocks):
                     x = block(x, drop_connect_rate=None)
                     name = f"block{idx}"
                     if name in self.wanted:
-                        out[name] = _pool(x, pooling)
+                        out[name] = pool(x, pooling)
                 x = m._swish(m._bn1(m._conv_head(x)))
-                out["head"] = _pool(x, pooling)
+                out["head"] = pool(x, pooling)
             return out
 
     net = BackboneNet()

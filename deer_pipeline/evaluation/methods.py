@@ -125,6 +125,12 @@ def method_registry() -> dict[str, Method]:
             "position (the animal, not the scene, dominates), fixed random projection; "
             "decided by the pipeline's matching",
             {"animal_weighted": 1.0}, feature="animal_weighted"),
+        "centre_weighted": Method(
+            "centre_weighted", "features",
+            "EfficientNet-Lite0 head feature map pooled with a Gaussian centred on the crop "
+            f"(sigma {embedders.CENTRE_SIGMA:g} of the half-width: the pipeline's pooling 'centre'), "
+            "fixed random projection; decided by the pipeline's matching",
+            {"centre_weighted": 1.0}, feature="centre_weighted"),
         "trained": Method("trained", "pipeline",
                           "re-identification model trained on labelled individuals by `deer-pipeline train` "
                           "(EfficientNet-Lite0, last blocks + projection, sub-center ArcFace); from "
@@ -216,17 +222,23 @@ class FeatureExtractor:
     pool: Callable
     projection_seed: int
     description: str
+    params: str = ""                    # the pooling's parameters, named in the version
 
     def version(self, rw: embedders.ResolvedWeights, d_in: int) -> str:
         _, proj_sha = embedders.projection_matrix(d_in, self.projection_seed)
         backbone = rw.backbone if not rw.substituted_for else f"{rw.backbone}-for-{rw.substituted_for}"
-        return f"{self.name}:{backbone}@{rw.tag}-{rw.sha12}:proj-{proj_sha[:12]}:224sq"
+        params = f"+{self.params}" if self.params else ""
+        return f"{self.name}{params}:{backbone}@{rw.tag}-{rw.sha12}:proj-{proj_sha[:12]}:224sq"
 
 
 FEATURES: dict[str, FeatureExtractor] = {
     "animal_weighted": FeatureExtractor(
         "animal_weighted", "efficientnet_lite0", activation_weighted_pool, 20240510,
         "EfficientNet-Lite0 head map, activation-norm-weighted pooling, Gaussian projection to 512"),
+    "centre_weighted": FeatureExtractor(
+        "centre_weighted", "efficientnet_lite0", lambda fmap: networks.pool(fmap, "centre"), 20240510,
+        "EfficientNet-Lite0 head map, pooled with a centred Gaussian weight, Gaussian projection to 512",
+        embedders.pooling_label("centre")),
 }
 
 

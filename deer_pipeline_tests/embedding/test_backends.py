@@ -80,3 +80,15 @@ def test_auto_backend_follows_the_device():
         EmbeddingSettings(backend="tensorrt")
     with pytest.raises(embedders.EmbedderError, match="backend"):
         embedders.resolve_embedder("efficientnet_lite0", "auto", backend="tensorrt")
+
+
+def test_centre_pooling_exports_and_gives_the_eager_vectors(tmp_path, onnx_dir):
+    """The ``centre`` pooling's weights are built inside the exported graph: ONNX Runtime gives
+    the eager vectors, and they differ from average pooling's."""
+    photos = _photos(tmp_path, 4)
+    runs = {(pooling, backend): InferenceEngine(["efficientnet_b0"], device="cpu", num_workers=0, backend=backend,
+                                                pooling=pooling).embed_images(photos).vectors["efficientnet_b0"]
+            for pooling in ("avg", "centre") for backend in ("eager", "onnxruntime")}
+    cos = np.sum(runs[("centre", "eager")] * runs[("centre", "onnxruntime")], axis=1)
+    assert cos.min() > 0.9999, cos
+    assert not np.allclose(runs[("centre", "eager")], runs[("avg", "eager")], atol=1e-3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -166,6 +167,9 @@ def test_versions_change_with_weights_and_reduction(random_weight_files, tmp_pat
     assert embedders.resolve_embedder("efficientnet_b0", str(f1)).version != v0       # weights
     assert embedders.resolve_embedder("efficientnet_b0", str(f0), projection_seed=1).version != v0  # reduction
     assert embedders.resolve_embedder("efficientnet_b0", str(f0), pooling="gem").version != v0      # pooling
+    centre = embedders.resolve_embedder("efficientnet_b0", str(f0), pooling="centre")
+    assert centre.version not in (v0, embedders.resolve_embedder("efficientnet_b0", str(f0), pooling="gem").version)
+    assert "+centre0.4" in centre.version and centre.version_info()["details"]["pooling"] == "centre(sigma=0.4)"
     copy = tmp_path / "same_bytes.pth"
     shutil.copy(f0, copy)
     assert embedders.resolve_embedder("efficientnet_b0", str(copy)).version == v0  # content, not path
@@ -396,3 +400,25 @@ def test_weights_hashes_are_kept_on_disk(tmp_path, monkeypatch):
     (tmp_path / "data" / "file-hashes.json").write_text("{not json")
     monkeypatch.setattr(embedders, "_sha_cache", {})
     assert embedders.file_sha256(f) == embedders.read_sha256(f)
+
+
+def test_centre_pooling_weights_the_middle_of_the_map():
+    """``centre`` pooling: a centred Gaussian on the map (sums to 1, symmetric, largest in the
+    middle); a map whose energy is in its middle pools higher than the same energy on its edge,
+    where average pooling cannot tell them apart."""
+    import torch
+
+    w = networks.centre_weights(7, 7)
+    assert w.shape == (7, 7) and abs(float(w.sum()) - 1.0) < 1e-6
+    assert torch.equal(w, w.flip(0)) and torch.equal(w, w.flip(1)) and torch.allclose(w, w.T)
+    assert float(w[3, 3]) == float(w.max()) and float(w[0, 0]) == float(w.min())
+    assert float(w[3, 0]) / float(w[3, 3]) == pytest.approx(math.exp(-1 / (2 * embedders.CENTRE_SIGMA ** 2)), rel=1e-5)
+    assert networks.centre_weights(1, 5)[0, 2] == networks.centre_weights(1, 5).max()   # a 1-wide axis is all centre
+
+    middle, edge = torch.zeros(1, 2, 7, 7), torch.zeros(1, 2, 7, 7)
+    middle[0, 0, 3, 3] = 1.0
+    edge[0, 0, 0, 0] = 1.0
+    assert torch.equal(networks.pool(middle, "avg"), networks.pool(edge, "avg"))
+    assert float(networks.pool(middle, "centre")[0, 0]) > 20 * float(networks.pool(edge, "centre")[0, 0])
+    flat = torch.full((3, 4, 5, 6), 2.5)
+    assert torch.allclose(networks.pool(flat, "centre"), torch.full((3, 4), 2.5))   # a constant map pools to itself

@@ -385,7 +385,7 @@ def test_evaluate_command_on_real_photos_writes_a_valid_report(nyala_dir, tmp_pa
     assert "count_operating_point" not in report["methods"]["legacy"]
     rd = report["methods"]["legacy"]["redraws"]
     assert rd["n"] == 10 and rd["pairwise_f1"]["min"] <= rd["pairwise_f1"]["max"]
-    for name in ("default", "v3_ensemble", "animal_weighted"):
+    for name in ("default", "v3_ensemble", "animal_weighted", "centre_weighted"):
         cop = report["methods"][name]["count_operating_point"]
         assert cop["open_set"]["n_true"] == 5 and "calibration" in cop["threshold_source"]
     assert report["methods"]["default"]["as_configured"]["threshold"] == 0.60

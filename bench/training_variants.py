@@ -1,0 +1,126 @@
+"""Research script: variants of ``deer-pipeline train``'s recipe, judged only by the best
+held-out top-1 that training itself measures (closed-set top-1 across encounters on the held-out
+individuals of the calibration half; the evaluated half of the split is never touched).
+
+    .venv/bin/python bench/training_variants.py base   /tmp/tv/base      # the shipped recipe
+    .venv/bin/python bench/training_variants.py gem    /tmp/tv/gem       # GeM pooling (p = 3)
+    .venv/bin/python bench/training_variants.py erase  /tmp/tv/erase     # + random erasing
+    .venv/bin/python bench/training_variants.py concat /tmp/tv/base      # trained + ImageNet vectors
+
+Each training variant runs ``training.train`` on the calibration half of nyala-dev
+(``--split-by-identity 0``; 14 epochs, 3 views, 2 threads, seed 0, as in docs/evaluation.md)
+with one piece of the recipe replaced by a patch in this script; the shipped code is unchanged.
+``concat`` needs a model folder trained by ``base``: it scores the held-out individuals with
+the trained vectors, the ImageNet Lite0 pooled head, and their concatenation at four weights.
+The variants' models are research artefacts (GeM's cannot be loaded by the pipeline).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from deer_pipeline.embedding import trained_model, training  # noqa: E402
+from deer_pipeline.evaluation.labels import read_labels, split_by_identity  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "nyala-dev"
+GEM_P = 3.0
+
+
+def _gem(x):
+    return x.float().clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
+
+
+def _head(net, x):
+    m = net.body
+    for block in m._blocks[net.frozen_blocks:]:
+        x = block(x, drop_connect_rate=None)
+    return m._swish(m._bn1(m._conv_head(x)))
+
+
+def patch_gem() -> None:
+    """Generalised-mean pooling of the head's 7x7 map instead of the average."""
+    build = trained_model.build_embedder
+
+    def build_gem(dim=512, frozen_blocks=11, body=None):
+        net = build(dim, frozen_blocks, body)
+        net.trainable = types.MethodType(lambda self, x: self.proj(_gem(_head(self, x))), net)
+        return net
+
+    training.build_embedder = build_gem
+    training._head_features = lambda net, x: _gem(_head(net, x))
+
+
+def patch_erase() -> None:
+    """Random erasing (p 0.5, 2-25 % of the area, aspect 0.3-3.3, noise fill) after the
+    shipped augmentation, on every augmented view."""
+    from PIL import Image
+
+    augment = training.augment
+
+    def augment_erase(image, rng):
+        img = augment(image, rng)
+        if rng.uniform() < 0.5:
+            W, H = img.size
+            area = rng.uniform(0.02, 0.25) * W * H
+            r = float(np.exp(rng.uniform(np.log(0.3), np.log(3.3))))
+            w, h = int(min(W, np.sqrt(area * r))), int(min(H, np.sqrt(area / r)))
+            x0, y0 = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+            a = np.asarray(img).copy()
+            a[y0:y0 + h, x0:x0 + w] = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            img = Image.fromarray(a)
+        return img
+
+    training.augment = augment_erase
+
+
+def calibration_half():
+    photos = read_labels(DATA / "labels.csv", DATA)
+    return split_by_identity(photos, 0)[0]
+
+
+def concat(model_dir: str) -> None:
+    import torch
+
+    torch.set_num_threads(2)
+    ts = training.prepare_training_set(calibration_half())
+    _, va = training.split_individuals(ts.photos, 0, training.TrainOptions().val_fraction)
+    x = torch.stack([training.to_tensor_u8(ts.images[i]) for i in va])
+    net, _ = trained_model.load_model(model_dir)
+    base = trained_model.build_embedder(512, 11, body=trained_model.lite0_module()).eval()
+    with torch.inference_mode():
+        t = net(x).numpy()
+        im = torch.nn.functional.normalize(_head(base, base.frozen(x)).mean(dim=(2, 3)), dim=1).numpy()
+    ids, enc = [ts.photos[i].identity for i in va], [ts.photos[i].encounter for i in va]
+
+    def top1(v):
+        return training.closed_set_top1(v / np.linalg.norm(v, axis=1, keepdims=True), ids, enc)
+
+    out = {"trained": top1(t), "imagenet": top1(im)}
+    for a in (0.25, 0.5, 0.75, 1.0):
+        out[f"concat w_imagenet={a}"] = top1(np.hstack([t, a * im]))
+    print(json.dumps({k: round(v, 3) for k, v in out.items()}))
+
+
+def main() -> None:
+    variant, out = sys.argv[1], sys.argv[2]
+    if variant == "concat":
+        return concat(out)
+    {"base": lambda: None, "gem": patch_gem, "erase": patch_erase}[variant]()
+    opts = training.TrainOptions(epochs=14, views=3, threads=2, probe_epochs=5)
+    r = training.train(calibration_half(), out, opts, log_fn=lambda s: print(s, flush=True))
+    t = r.card["training"]
+    print(json.dumps({"variant": variant, "best_held_out_top1": t["validation_top1"],
+                      "best_epoch": t["best_epoch"], "epochs_run": t["epochs_run"],
+                      "seconds": t["seconds"]["total"]}))
+
+
+if __name__ == "__main__":
+    main()
