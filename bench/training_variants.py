@@ -4,6 +4,7 @@ individuals of the calibration half; the evaluated half of the split is never to
 
     .venv/bin/python bench/training_variants.py base   /tmp/tv/base      # the shipped recipe
     .venv/bin/python bench/training_variants.py gem    /tmp/tv/gem       # GeM pooling (p = 3)
+    .venv/bin/python bench/training_variants.py centre /tmp/tv/centre    # centre pooling
     .venv/bin/python bench/training_variants.py erase  /tmp/tv/erase     # + random erasing
     .venv/bin/python bench/training_variants.py concat /tmp/tv/base      # trained + ImageNet vectors
 
@@ -45,17 +46,29 @@ def _head(net, x):
     return m._swish(m._bn1(m._conv_head(x)))
 
 
-def patch_gem() -> None:
-    """Generalised-mean pooling of the head's 7x7 map instead of the average."""
+def patch_pooling(pool) -> None:
+    """``pool`` of the head's 7x7 map instead of the average, in training and validation."""
     build = trained_model.build_embedder
 
-    def build_gem(dim=512, frozen_blocks=11, body=None):
+    def build_pooled(dim=512, frozen_blocks=11, body=None):
         net = build(dim, frozen_blocks, body)
-        net.trainable = types.MethodType(lambda self, x: self.proj(_gem(_head(self, x))), net)
+        net.trainable = types.MethodType(lambda self, x: self.proj(pool(_head(self, x))), net)
         return net
 
-    training.build_embedder = build_gem
-    training._head_features = lambda net, x: _gem(_head(net, x))
+    training.build_embedder = build_pooled
+    training._head_features = lambda net, x: pool(_head(net, x))
+
+
+def patch_gem() -> None:
+    """Generalised-mean pooling of the head's 7x7 map instead of the average."""
+    patch_pooling(_gem)
+
+
+def patch_centre() -> None:
+    """The pipeline's ``centre`` pooling (a centred Gaussian weight) instead of the average."""
+    from deer_pipeline.embedding import networks
+
+    patch_pooling(lambda x: networks.pool(x, "centre"))
 
 
 def patch_erase() -> None:
@@ -113,7 +126,7 @@ def main() -> None:
     variant, out = sys.argv[1], sys.argv[2]
     if variant == "concat":
         return concat(out)
-    {"base": lambda: None, "gem": patch_gem, "erase": patch_erase}[variant]()
+    {"base": lambda: None, "gem": patch_gem, "centre": patch_centre, "erase": patch_erase}[variant]()
     opts = training.TrainOptions(epochs=14, views=3, threads=2, probe_epochs=5)
     r = training.train(calibration_half(), out, opts, log_fn=lambda s: print(s, flush=True))
     t = r.card["training"]
