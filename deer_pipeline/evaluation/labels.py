@@ -23,13 +23,14 @@ class LabelledPhoto:
 
     image_path: str                       # absolute
     identity: str
-    encounter: str                        # label encounter id; the photo itself when absent
+    encounter: str                        # label encounter id; else derived (see read_labels)
     camera: str | None = None
     timestamp: datetime | None = None
     side: str | None = None
     box: tuple[float, float, float, float] | None = None   # x, y, w, h in pixels
     classification: str | None = None
     line: int = 0
+    encounter_given: bool = True          # False: no encounter_id in the labels (derived or the photo)
 
 
 _BOX_COLUMNS = (("x", "y", "w", "h"), ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
@@ -73,13 +74,45 @@ def read_labels(path, images_root=None) -> list[LabelledPhoto]:
                     raise EvaluationError(f"{path}, line {line}: cannot read timestamp {r['timestamp']!r}")
             photos.append(LabelledPhoto(
                 image_path=os.path.abspath(p), identity=r["identity"],
-                encounter=r.get("encounter_id") or f"photo:{line}",
+                encounter=r.get("encounter_id") or f"{PHOTO_ENCOUNTER}{line}",
+                encounter_given=bool(r.get("encounter_id")),
                 camera=r.get("camera") or r.get("camera_id") or None, timestamp=ts,
                 side=r.get("side") or None, box=box, classification=r.get("classification") or None,
                 line=line))
     if not photos:
         raise EvaluationError(f"{path}: no labelled photos")
-    return photos
+    return derive_encounters(photos)
+
+
+PHOTO_ENCOUNTER = "photo:"       # prefix of an encounter that is one photo (no id, no timestamp)
+BURST_ENCOUNTER = "burst:"       # prefix of an encounter derived from capture times
+
+
+def derive_encounters(photos: Sequence[LabelledPhoto], window_s: float | None = None) -> list[LabelledPhoto]:
+    """Photos without an ``encounter_id`` but with a timestamp get an encounter derived from
+    time: the photos of one individual at one camera whose capture times are at most the burst
+    window (``settings.BURST_WINDOW_S``) apart, in a chain, are one encounter - what the
+    pipeline's burst grouping joins, so that such pairs count as grouping, not recognition, in
+    the cross-encounter metrics. Photos with neither stay an encounter of their own."""
+    from dataclasses import replace
+
+    from deer_pipeline.settings import BURST_WINDOW_S
+
+    window = BURST_WINDOW_S if window_s is None else float(window_s)
+    rows = [i for i, p in enumerate(photos) if not p.encounter_given and p.timestamp is not None]
+    if not rows:
+        return list(photos)
+    out = list(photos)
+    rows.sort(key=lambda i: (photos[i].identity, photos[i].camera or "", photos[i].timestamp, i))
+    current, last_key, last_t = "", None, None
+    for i in rows:
+        p = photos[i]
+        key = (p.identity, p.camera or "")
+        if key != last_key or (p.timestamp - last_t).total_seconds() > window:
+            current = f"{BURST_ENCOUNTER}{p.identity}@{p.camera or '-'}@{p.timestamp.isoformat()}"
+        out[i] = replace(p, encounter=current)
+        last_key, last_t = key, p.timestamp
+    return out
 
 
 def split_by_identity(photos: Sequence[LabelledPhoto], seed: int,
@@ -96,6 +129,15 @@ def split_by_identity(photos: Sequence[LabelledPhoto], seed: int,
     return [p for p in photos if p.identity in cal], [p for p in photos if p.identity not in cal]
 
 
+def _encounter_sources(photos: Sequence[LabelledPhoto]) -> dict:
+    """How many photos' encounters came from the labels' encounter_id, from capture times
+    (:func:`derive_encounters`), or are the photo alone."""
+    src = Counter("encounter_id" if p.encounter_given
+                  else "capture times (same individual and camera, burst window)" if p.timestamp is not None
+                  else "the photo alone (no encounter_id, no timestamp)" for p in photos)
+    return dict(src)
+
+
 def dataset_summary(photos: Sequence[LabelledPhoto]) -> dict:
     per_id = Counter(p.identity for p in photos)
     encs = {p.encounter for p in photos}
@@ -105,6 +147,7 @@ def dataset_summary(photos: Sequence[LabelledPhoto]) -> dict:
         "photos_per_individual": round(len(photos) / max(1, len(per_id)), 2),
         "individuals_seen_once": sum(1 for i in per_id if enc_per_id[i] == 1),
         "has_timestamps": all(p.timestamp is not None for p in photos),
+        "encounters_from": _encounter_sources(photos),
         "has_boxes": any(p.box is not None for p in photos),
         "has_cameras": any(p.camera for p in photos),
         "sides": dict(Counter(p.side or "-" for p in photos)),

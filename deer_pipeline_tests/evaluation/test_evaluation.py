@@ -251,6 +251,36 @@ def test_read_labels_and_split_by_identity(tmp_path):
     assert [x.image_path for x in again] == [x.image_path for x in cal]
 
 
+def test_encounters_without_ids_are_derived_from_capture_times(tmp_path):
+    """No encounter_id: photos of one individual at one camera within the burst window of each
+    other (a chain) are one encounter, as the pipeline's bursts join them; another individual,
+    another camera or a longer gap is another encounter; without a timestamp the photo is its
+    own encounter; an encounter_id given in the labels is kept."""
+    p = tmp_path / "labels.csv"
+    rows = [("a1", "ind1", "", "cam1", "2024-05-01T06:00:00"),
+            ("a2", "ind1", "", "cam1", "2024-05-01T06:00:04"),     # 4 s after a1: same burst
+            ("a3", "ind1", "", "cam1", "2024-05-01T06:00:08"),     # 4 s after a2: chained
+            ("a4", "ind1", "", "cam1", "2024-05-01T06:01:00"),     # 52 s later: a new encounter
+            ("b1", "ind2", "", "cam1", "2024-05-01T06:00:01"),     # another individual, same burst
+            ("c1", "ind1", "", "cam2", "2024-05-01T06:00:02"),     # another camera
+            ("d1", "ind3", "", "cam1", ""),                        # no time: the photo alone
+            ("d2", "ind3", "", "cam1", ""),
+            ("e1", "ind4", "E7", "cam1", "2024-05-01T06:00:00"),   # given: kept
+            ("e2", "ind4", "E8", "cam1", "2024-05-01T06:00:01")]
+    p.write_text("image_path,identity,encounter_id,camera,timestamp\n"
+                 + "".join(f"{n}.jpg,{i},{e},{c},{t}\n" for n, i, e, c, t in rows))
+    by = {Path(x.image_path).stem: x for x in eval_labels.read_labels(p)}
+    enc = {k: v.encounter for k, v in by.items()}
+    assert enc["a1"] == enc["a2"] == enc["a3"] and enc["a3"].startswith(eval_labels.BURST_ENCOUNTER)
+    assert len({enc["a1"], enc["a4"], enc["b1"], enc["c1"]}) == 4
+    assert enc["d1"] != enc["d2"] and enc["d1"].startswith(eval_labels.PHOTO_ENCOUNTER)
+    assert (enc["e1"], enc["e2"]) == ("E7", "E8") and by["e1"].encounter_given and not by["a1"].encounter_given
+    summary = eval_labels.dataset_summary(list(by.values()))
+    assert summary["encounters_from"] == {"capture times (same individual and camera, burst window)": 6,
+                                          "the photo alone (no encounter_id, no timestamp)": 2, "encounter_id": 2}
+    assert summary["encounters"] == 8
+
+
 def test_read_labels_rejects_missing_columns(tmp_path):
     p = tmp_path / "bad.csv"
     p.write_text("path,who\na.jpg,x\n")
