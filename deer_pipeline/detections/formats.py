@@ -35,7 +35,7 @@ CSV_REQUIRED = ("image_path", "x", "y", "w", "h")
 CSV_OPTIONAL = ("detection_id", "camera_id", "captured_at", "classification", "confidence", "side")
 
 
-SIDE_FIELDS = ("side", "flank", "viewpoint")     # CSV columns / detection keys naming the flank seen
+SIDE_FIELDS = ("side", "flank", "viewpoint", "orientation")   # CSV columns / detection keys naming the flank seen
 
 
 MD_ANIMAL = "animal"

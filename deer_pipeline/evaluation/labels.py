@@ -38,8 +38,11 @@ _BOX_COLUMNS = (("x", "y", "w", "h"), ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
 
 def read_labels(path, images_root=None) -> list[LabelledPhoto]:
     """Read a labels CSV; relative image paths are resolved against ``images_root`` (default:
-    the CSV's folder). Raises :class:`EvaluationError` naming the file and line on bad input."""
-    from deer_pipeline.detections.formats import parse_time
+    the CSV's folder). The flank is read from ``side`` (or ``flank``, ``viewpoint``,
+    ``orientation``) as ingest reads it: ``left``, ``l``, ``frontleft``... -> left, likewise
+    right, anything else unknown. Raises :class:`EvaluationError` naming the file and line on
+    bad input."""
+    from deer_pipeline.detections.formats import SIDE_FIELDS, parse_side, parse_time
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -77,7 +80,8 @@ def read_labels(path, images_root=None) -> list[LabelledPhoto]:
                 encounter=r.get("encounter_id") or f"{PHOTO_ENCOUNTER}{line}",
                 encounter_given=bool(r.get("encounter_id")),
                 camera=r.get("camera") or r.get("camera_id") or None, timestamp=ts,
-                side=r.get("side") or None, box=box, classification=r.get("classification") or None,
+                side=parse_side(next((r[c] for c in SIDE_FIELDS if r.get(c)), None))[0], box=box,
+                classification=r.get("classification") or None,
                 line=line))
     if not photos:
         raise EvaluationError(f"{path}: no labelled photos")

@@ -251,6 +251,13 @@ def test_read_labels_and_split_by_identity(tmp_path):
     assert [x.image_path for x in again] == [x.image_path for x in cal]
 
 
+def test_labels_read_the_flank_as_ingest_does(tmp_path):
+    p = tmp_path / "labels.csv"
+    p.write_text("image_path,identity,orientation\n"
+                 "a.jpg,x,Left\nb.jpg,x,R\nc.jpg,x,frontleft\nd.jpg,x,front\ne.jpg,x,\nf.jpg,x,sideways\n")
+    assert [ph.side for ph in eval_labels.read_labels(p)] == ["left", "right", "left", None, None, None]
+
+
 def test_encounters_without_ids_are_derived_from_capture_times(tmp_path):
     """No encounter_id: photos of one individual at one camera within the burst window of each
     other (a chain) are one encounter, as the pipeline's bursts join them; another individual,
