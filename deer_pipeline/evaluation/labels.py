@@ -36,6 +36,9 @@ class LabelledPhoto:
 _BOX_COLUMNS = (("x", "y", "w", "h"), ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
 
 
+_TIME_COLUMNS = ("timestamp", "captured_at", "datetime", "date")   # the first one a row has
+
+
 def read_labels(path, images_root=None) -> list[LabelledPhoto]:
     """Read a labels CSV; relative image paths are resolved against ``images_root`` (default:
     the CSV's folder). The flank is read from ``side`` (or ``flank``, ``viewpoint``,
@@ -71,10 +74,11 @@ def read_labels(path, images_root=None) -> list[LabelledPhoto]:
                 except ValueError as exc:
                     raise EvaluationError(f"{path}, line {line}: bad box value: {exc}") from exc
             ts = None
-            if r.get("timestamp"):
-                ts = parse_time(r["timestamp"])
+            t_col = next((c for c in _TIME_COLUMNS if r.get(c)), None)
+            if t_col:
+                ts = parse_time(r[t_col])
                 if ts is None:
-                    raise EvaluationError(f"{path}, line {line}: cannot read timestamp {r['timestamp']!r}")
+                    raise EvaluationError(f"{path}, line {line}: cannot read {t_col} {r[t_col]!r}")
             photos.append(LabelledPhoto(
                 image_path=os.path.abspath(p), identity=r["identity"],
                 encounter=r.get("encounter_id") or f"{PHOTO_ENCOUNTER}{line}",

@@ -77,16 +77,26 @@ class PreparedSet:
         return sorted(out, key=key)
 
 
-def _synthetic_times(photos: Sequence[LabelledPhoto], seed: int) -> list[datetime]:
+def _synthetic_times(photos: Sequence[LabelledPhoto], seed: int, by_date: bool = False) -> list[datetime]:
     """Capture times for photos without any: encounters in a seeded random order, 1 s apart
     within an encounter and at least ``BURST_WINDOW_S`` + 5 s apart between encounters, so the
-    pipeline's bursts are exactly the label encounters."""
+    pipeline's bursts are exactly the label encounters. ``by_date``: the labels give dates only
+    (midnight): the encounters keep their date (each on its own day, in the seeded order)."""
     encs = sorted({p.encounter for p in photos})
     rng = np.random.default_rng(int(seed))
     order = [encs[i] for i in rng.permutation(len(encs))]
     size = Counter(p.encounter for p in photos)
     spacing = max(size.values()) + BURST_WINDOW_S + 5
-    start = {e: SYNTH_BASE_TIME + timedelta(seconds=k * spacing) for k, e in enumerate(order)}
+    if by_date:
+        day = {p.encounter: p.timestamp for p in photos}
+        order.sort(key=lambda e: day[e])                  # stable: the seeded order within a date
+        rank: Counter = Counter()
+        start = {}
+        for e in order:
+            start[e] = day[e] + timedelta(seconds=rank[day[e]] * spacing)
+            rank[day[e]] += 1
+    else:
+        start = {e: SYNTH_BASE_TIME + timedelta(seconds=k * spacing) for k, e in enumerate(order)}
     seen: Counter = Counter()
     out = []
     for p in photos:
@@ -95,12 +105,23 @@ def _synthetic_times(photos: Sequence[LabelledPhoto], seed: int) -> list[datetim
     return out
 
 
+def dates_only(photos: Sequence[LabelledPhoto]) -> bool:
+    """Do the labels give dates rather than capture times (every timestamp at midnight)?"""
+    ts = [p.timestamp for p in photos]
+    return bool(ts) and all(t is not None for t in ts) and all(
+        (t.hour, t.minute, t.second, t.microsecond) == (0, 0, 0, 0) for t in ts)
+
+
 def write_detections_csv(path: Path, photos: Sequence[LabelledPhoto], role: str, seed: int) -> tuple[list[str], str]:
     """The labels as a detections CSV for ``ingest`` (our detection ids); returns (ids, order
-    source). Without a box the box is the whole frame (ingest clips it to the photo)."""
+    source). Without a box the box is the whole frame (ingest clips it to the photo). Labels
+    with dates only (every timestamp at midnight) are not capture times: put as they are, every
+    photo of a day would be one burst at one instant, and the pipeline would join them."""
     prefix = "cal" if role == "calibration" else "eval"
     ids = [f"{prefix}-{i:06d}" for i in range(len(photos))]
-    if all(p.timestamp is not None for p in photos):
+    if dates_only(photos):
+        times, order = _synthetic_times(photos, seed, by_date=True), f"labels' dates, seeded encounter order within a date (seed {seed})"
+    elif all(p.timestamp is not None for p in photos):
         times, order = [p.timestamp for p in photos], "timestamp"
     else:
         times, order = _synthetic_times(photos, seed), f"seeded encounter order (seed {seed})"

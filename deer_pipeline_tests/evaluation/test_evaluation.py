@@ -7,6 +7,7 @@ import csv
 import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +287,36 @@ def test_encounters_without_ids_are_derived_from_capture_times(tmp_path):
     assert summary["encounters_from"] == {"capture times (same individual and camera, burst window)": 6,
                                           "the photo alone (no encounter_id, no timestamp)": 2, "encounter_id": 2}
     assert summary["encounters"] == 8
+
+
+def test_labels_with_dates_only_are_not_fed_as_one_burst_per_day(tmp_path):
+    """Timestamps that are dates (all at midnight) are not capture times: fed as they are, every
+    photo of a day would be one burst at one instant. The encounters keep their date and are
+    spaced beyond the burst window; real capture times are fed as they are."""
+    from deer_pipeline.evaluation import prepare as eval_prepare
+
+    p = tmp_path / "labels.csv"
+    rows = [("a1", "ind1", "2024-05-01"), ("a2", "ind1", "2024-05-01"), ("b1", "ind2", "2024-05-01"),
+            ("c1", "ind3", "2024-05-01"), ("a3", "ind1", "2024-05-03")]
+    p.write_text("image_path,identity,date\n" + "".join(f"{n}.jpg,{i},{t}\n" for n, i, t in rows))
+    photos = eval_labels.read_labels(p)
+    assert eval_prepare.dates_only(photos)
+    enc = [ph.encounter for ph in photos]
+    assert enc[0] == enc[1] and len(set(enc)) == 4          # one encounter per individual and day
+    out = tmp_path / "det.csv"
+    _, order = eval_prepare.write_detections_csv(out, photos, "evaluation", 0)
+    assert "dates" in order
+    fed = {r["detection_id"]: r for r in csv.DictReader(open(out))}
+    t = [datetime.fromisoformat(fed[f"eval-{i:06d}"]["captured_at"]) for i in range(5)]
+    assert [x.date().isoformat() for x in t] == ["2024-05-01"] * 4 + ["2024-05-03"]
+    assert abs((t[1] - t[0]).total_seconds()) <= 1                      # one encounter: one burst
+    starts = sorted({t[0], t[2], t[3]})
+    assert all((b - a).total_seconds() > eval_prepare.BURST_WINDOW_S for a, b in zip(starts, starts[1:]))
+    p.write_text("image_path,identity,timestamp\n" + "".join(
+        f"{n}.jpg,{i},{d}T06:00:{k:02d}\n" for k, (n, i, d) in enumerate(rows)))
+    timed = eval_labels.read_labels(p)
+    assert not eval_prepare.dates_only(timed)
+    assert eval_prepare.write_detections_csv(out, timed, "evaluation", 0)[1] == "timestamp"
 
 
 def test_read_labels_rejects_missing_columns(tmp_path):
