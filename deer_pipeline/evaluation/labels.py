@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -11,6 +12,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+
+log = logging.getLogger(__name__)
+
+
+UNIDENTIFIED = ("unknown", "unidentified")   # identity values that name no individual: rows skipped
 
 
 class EvaluationError(ValueError):
@@ -57,7 +64,7 @@ def read_labels(path, images_root=None) -> list[LabelledPhoto]:
         if "image_path" not in cols or "identity" not in cols:
             raise EvaluationError(f"{path}: needs the columns image_path and identity; has {', '.join(cols) or 'none'}")
         box_cols = next((bc for bc in _BOX_COLUMNS if all(c in cols for c in bc)), None)
-        photos = []
+        photos, unidentified = [], 0
         for row in reader:
             r = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
             line = reader.line_num
@@ -65,6 +72,9 @@ def read_labels(path, images_root=None) -> list[LabelledPhoto]:
                 raise EvaluationError(f"{path}, line {line}: empty image_path")
             if not r.get("identity"):
                 raise EvaluationError(f"{path}, line {line}: empty identity")
+            if r["identity"].lower() in UNIDENTIFIED:     # not an individual: would join unrelated animals
+                unidentified += 1
+                continue
             p = Path(os.path.expanduser(r["image_path"]))
             p = p if p.is_absolute() else root / p
             box = None
@@ -87,8 +97,12 @@ def read_labels(path, images_root=None) -> list[LabelledPhoto]:
                 side=parse_side(next((r[c] for c in SIDE_FIELDS if r.get(c)), None))[0], box=box,
                 classification=r.get("classification") or None,
                 line=line))
+    if unidentified:
+        log.warning("%s: %d photos whose identity is %s skipped (no individual named)", path, unidentified,
+                    " or ".join(repr(u) for u in UNIDENTIFIED))
     if not photos:
-        raise EvaluationError(f"{path}: no labelled photos")
+        raise EvaluationError(f"{path}: no labelled photos" + (f" ({unidentified} unidentified skipped)"
+                                                               if unidentified else ""))
     return derive_encounters(photos)
 
 

@@ -319,6 +319,17 @@ def test_labels_with_dates_only_are_not_fed_as_one_burst_per_day(tmp_path):
     assert eval_prepare.write_detections_csv(out, timed, "evaluation", 0)[1] == "timestamp"
 
 
+def test_unidentified_photos_are_skipped_not_one_individual(tmp_path, caplog):
+    p = tmp_path / "labels.csv"
+    p.write_text("image_path,identity\na.jpg,ind1\nb.jpg,Unknown\nc.jpg,unidentified\nd.jpg,ind2\n")
+    with caplog.at_level("WARNING"):
+        photos = eval_labels.read_labels(p)
+    assert [ph.identity for ph in photos] == ["ind1", "ind2"] and "2 photos" in caplog.text
+    p.write_text("image_path,identity\nb.jpg,unknown\n")
+    with pytest.raises(eval_labels.EvaluationError, match="1 unidentified skipped"):
+        eval_labels.read_labels(p)
+
+
 def test_read_labels_rejects_missing_columns(tmp_path):
     p = tmp_path / "bad.csv"
     p.write_text("path,who\na.jpg,x\n")
