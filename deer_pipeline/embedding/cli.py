@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deer_pipeline import settings
 from deer_pipeline.embedding import models as embedders
 from deer_pipeline.embedding.inference import InferenceEngine
 from deer_pipeline.ops.progress import set_quiet
@@ -28,7 +29,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output .npy file")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--pooling", default="avg", choices=embedders.POOLINGS)
+    parser.add_argument("--pooling", default=settings.POOLING, choices=embedders.POOLINGS,
+                        help=f"feature-map pooling (default {settings.POOLING}; centre: a Gaussian weight "
+                             f"centred on the crop, sigma {embedders.CENTRE_SIGMA:g})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     set_quiet(args.quiet)
