@@ -7,6 +7,7 @@ exact; HNSW recall@10 for interactive look-ups; the HNSW index's build and inser
     DEER_DATA_DIR=/tmp/dbench .venv/bin/python bench/matching.py --quick   # 1k + 10k galleries
     DEER_DATA_DIR=/tmp/dbench .venv/bin/python bench/matching.py           # 1k, 10k, 100k
     DEER_DATA_DIR=/tmp/dbench nice .venv/bin/python bench/matching.py --galleries 1000000 --no-hnsw
+    DEER_DATA_DIR=/tmp/dbench .venv/bin/python bench/matching.py --no-hnsw --burst 3   # bursts of 3 photos
 
 Synthetic clustered unit vectors (two models, 512-d: one random centre per deer and model, each
 sighting = centre + noise, re-normalised; same-deer cosine ~0.8, different deer ~0). Galleries
@@ -82,12 +83,13 @@ def vec_text(v: np.ndarray) -> str:
     return "[" + ",".join(f"{x:.6g}" for x in v) + "]"
 
 
-def engine_for(gallery: int):
-    """One database per gallery size in the embedded server (cached between runs)."""
+def engine_for(gallery: int, burst: int = 1):
+    """One database per gallery size (and burst length, so that partitions of different burst
+    lengths never replay one another) in the embedded server (cached between runs)."""
     if os.environ.get("DEER_DATABASE_URL"):
         raise SystemExit("bench/matching.py uses the embedded server: unset DEER_DATABASE_URL")
     server = db.embedded_server()
-    name = f"bench_g{gallery}"
+    name = f"bench_g{gallery}" if burst == 1 else f"bench_g{gallery}_b{burst}"
     db._ensure_database(server, name)
     return db.get_engine(db._sqlalchemy_url(server.get_uri(name)))
 
@@ -196,32 +198,39 @@ def _gallery_block(conn, deer_from: int, deer_to: int) -> None:
         copy_embeddings(conn, ids, v, noisy(c, (deer_from, m == "multiscale")))
 
 
-def ensure_partition(engine, n: int, gallery_size: int) -> tuple[str, str, float]:
+def ensure_partition(engine, n: int, gallery_size: int, burst: int = 1) -> tuple[str, str, float]:
     """A partition of n sightings (70% of gallery deer, 30% new), on a day after the gallery;
-    returns (camera, day, seconds per vector written through the HNSW index, 0 when none)."""
+    returns (camera, day, seconds per vector written through the HNSW index, 0 when none).
+    ``burst`` > 1: encounters of ``burst`` photos of one animal, 1 s apart (one burst id, the
+    same box: one track), 8 s between bursts; 1: every photo its own encounter (the worst case)."""
     # the day after the gallery's last sighting (37 s apart from 2024-01-01), so that deciding
     # the partition replays nothing; 2025-01-01 for galleries up to ~850k sightings
     gallery_end = (T_GALLERY + dt.timedelta(seconds=37 * gallery_size)).date()
     day_date = max(dt.date(2025, 1, 1), gallery_end + dt.timedelta(days=1))
-    camera, key = f"p{n}", f"partition_{n}_{day_date:%Y%m%d}"
+    camera = f"p{n}" if burst == 1 else f"p{n}b{burst}"
+    key = f"partition_{n}_{day_date:%Y%m%d}" if burst == 1 else f"partition_{n}b{burst}_{day_date:%Y%m%d}"
     if meta(engine, key) == n:
         return camera, str(day_date), 0.0
     n_gallery_deer = gallery_size // SIGHTINGS_PER_DEER
-    rng = np.random.default_rng(n)
-    known = rng.random(n) < 0.7
-    who = np.where(known, rng.integers(0, max(n_gallery_deer, 1), n), -1)
+    n_enc = -(-n // burst)
+    rng = np.random.default_rng(n if burst == 1 else (n, burst))
+    known = rng.random(n_enc) < 0.7
+    who = np.where(known, rng.integers(0, max(n_gallery_deer, 1), n_enc), -1)
     n_new = max(int((~known).sum()) // 3, 1)
-    new_ids = rng.integers(0, n_new, n)
+    new_ids = rng.integers(0, n_new, n_enc)
     img_rows, det_rows, emb_rows = [], [], []
     for i in range(n):
-        t = dt.datetime.combine(day_date, dt.time(), dt.timezone.utc) + dt.timedelta(seconds=8 * i)
+        e = i // burst
+        t = dt.datetime.combine(day_date, dt.time(), dt.timezone.utc) + dt.timedelta(
+            seconds=8 * i if burst == 1 else (burst + 8) * e + i % burst)
         det = f"{camera}-{i:06d}"
-        img_rows.append((1 + i, f"/bench/{camera}/{i}.jpg", camera, t))
-        det_rows.append((det, 1 + i, camera, t, day_date, 10.0, 10.0, 200.0, 150.0, 0.9, "unknown",
-                         "unknown", None))
+        image_id = 1 + i
+        img_rows.append((image_id, f"/bench/{camera}/{i}.jpg", camera, t))
+        det_rows.append((det, image_id, camera, t, day_date, 10.0, 10.0, 200.0, 150.0, 0.9, "unknown",
+                         "unknown", None if burst == 1 else f"{camera}-burst-{e:06d}"))
         for m, v in VERSIONS.items():
-            centre = centres(int(who[i]), int(who[i]) + 1, m)[0] if who[i] >= 0 else \
-                centres(10**8 + int(new_ids[i]), 10**8 + int(new_ids[i]) + 1, m)[0]
+            centre = centres(int(who[e]), int(who[e]) + 1, m)[0] if who[e] >= 0 else \
+                centres(10**8 + int(new_ids[e]), 10**8 + int(new_ids[e]) + 1, m)[0]
             emb_rows.append((det, v, vec_text(noisy(centre[None, :], (7, i, len(m)))[0])))
     with engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO cameras (camera_id) VALUES (:c) ON CONFLICT DO NOTHING"), {"c": camera})
@@ -241,7 +250,8 @@ def ensure_partition(engine, n: int, gallery_size: int) -> tuple[str, str, float
         t = time.perf_counter()
         store.copy_rows(conn, "embeddings", ("detection_id", "embedding_version", "vector"), emb_rows)
         per_vector = (time.perf_counter() - t) / len(emb_rows) if has_index else 0.0
-        conn.execute(sa.text("DELETE FROM bench_meta WHERE key LIKE :k"), {"k": f"partition_{n}%"})
+        conn.execute(sa.text("DELETE FROM bench_meta WHERE key LIKE :k"),
+                     {"k": f"partition_{n}_%" if burst == 1 else f"partition_{n}b{burst}_%"})
         set_meta(conn, key, n)
     return camera, str(day_date), per_vector
 
@@ -330,6 +340,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="galleries 1k and 10k")
     ap.add_argument("--galleries", type=int, nargs="*", help="gallery sizes (default 1000 10000 100000)")
     ap.add_argument("--partition", type=int, default=1000, help="sightings per partition (default 1000)")
+    ap.add_argument("--burst", type=int, default=1,
+                    help="photos per encounter in the partition (default 1: every photo its own encounter, "
+                         "the worst case; trail cameras shoot bursts of 3-10)")
     ap.add_argument("--no-hnsw", action="store_true", help="no HNSW index, mode or recall (large galleries)")
     ap.add_argument("--index-cost-only", action="store_true",
                     help="only the HNSW index: build it after the bulk load, insert a partition's vectors "
@@ -352,10 +365,10 @@ def main() -> int:
     results = []
     for g in sorted(galleries):
         gallery_cache.clear()
-        engine = engine_for(g)
+        engine = engine_for(g, args.burst)
         setup(engine)
         grow_gallery(engine, g, index=not args.no_hnsw)
-        camera, day, insert_s = ensure_partition(engine, args.partition, g)
+        camera, day, insert_s = ensure_partition(engine, args.partition, g, args.burst)
         row = {"gallery": g, "partition": args.partition, "insert_s": insert_s}
         row["exact_cold"] = run_mode(engine, camera, day, "exact")
         row["exact"] = run_mode(engine, camera, day, "exact")
@@ -459,7 +472,7 @@ def index_cost_only(args) -> int:
     """The HNSW index's cost alone: build after the bulk load, insert cost per vector through
     the index (a partition's vectors, both models), recall@10 for one-vector look-ups."""
     for g in sorted(args.galleries or [100000]):
-        engine = engine_for(g)
+        engine = engine_for(g, args.burst)
         setup(engine)
         grow_gallery(engine, g, index=False)
         with engine.begin() as conn:
