@@ -7,6 +7,8 @@ individuals of the calibration half; the evaluated half of the split is never to
     .venv/bin/python bench/training_variants.py centre /tmp/tv/centre    # centre pooling
     .venv/bin/python bench/training_variants.py erase  /tmp/tv/erase     # + random erasing
     .venv/bin/python bench/training_variants.py concat /tmp/tv/base      # trained + ImageNet vectors
+    .venv/bin/python bench/training_variants.py encounters /tmp/tv/enc   # no identity labels: encounters
+    .venv/bin/python bench/training_variants.py mixed /tmp/tv/mixed      # identities + unlabelled encounters
 
 Each training variant runs ``training.train`` on the calibration half of nyala-dev
 (``--split-by-identity 0``; 14 epochs, 3 views, 2 threads, seed 0, as in docs/evaluation.md)
@@ -14,6 +16,13 @@ with one piece of the recipe replaced by a patch in this script; the shipped cod
 ``concat`` needs a model folder trained by ``base``: it scores the held-out individuals with
 the trained vectors, the ImageNet Lite0 pooled head, and their concatenation at four weights.
 The variants' models are research artefacts (GeM's cannot be loaded by the pipeline).
+
+``encounters`` and ``mixed`` learn from the constraint the data gives for free: the photos of one
+encounter (one burst, one track) show one animal. ``encounters`` uses no identity label at all:
+every encounter of the calibration half is a class, the held-out individuals' photos included
+(transductive: a landowner's unlabelled photos), and the identities are used only to measure the
+held-out top-1. ``mixed`` keeps the identity labels of the training individuals and adds the
+held-out individuals' encounters as unlabelled classes.
 """
 
 from __future__ import annotations
@@ -94,6 +103,34 @@ def patch_erase() -> None:
     training.augment = augment_erase
 
 
+def patch_encounter_classes(mixed: bool) -> None:
+    """Classes from encounters (see the module docstring). The photos are checked as labelled
+    (the same photos and the same held-out individuals as ``base``), then relabelled."""
+    import dataclasses
+
+    prepare, split, top1 = training.prepare_training_set, training.split_individuals, training.closed_set_top1
+    true_identity: dict[str, str] = {}
+    val_paths: set[str] = set()
+
+    def prepare_relabelled(photos, source="labels"):
+        ts = prepare(photos, source)
+        _, va = split(ts.photos, 0, training.TrainOptions().val_fraction)
+        held_out = {ts.photos[i].identity for i in va}
+        val_paths.update(ts.photos[i].image_path for i in va)
+        relabelled = []
+        for p in ts.photos:
+            label = p.identity if mixed and p.identity not in held_out else f"enc:{p.encounter}"
+            true_identity[label] = p.identity
+            relabelled.append(dataclasses.replace(p, identity=label))
+        ts.photos = relabelled
+        return ts
+
+    training.prepare_training_set = prepare_relabelled
+    training.split_individuals = lambda ps, seed, frac: (
+        list(range(len(ps))), [i for i, p in enumerate(ps) if p.image_path in val_paths])
+    training.closed_set_top1 = lambda v, ids, enc: top1(v, [true_identity[i] for i in ids], enc)
+
+
 def calibration_half():
     photos = read_labels(DATA / "labels.csv", DATA)
     return split_by_identity(photos, 0)[0]
@@ -126,9 +163,13 @@ def main() -> None:
     variant, out = sys.argv[1], sys.argv[2]
     if variant == "concat":
         return concat(out)
-    {"base": lambda: None, "gem": patch_gem, "centre": patch_centre, "erase": patch_erase}[variant]()
+    photos = calibration_half()
+    if variant in ("encounters", "mixed"):
+        patch_encounter_classes(mixed=variant == "mixed")
+    else:
+        {"base": lambda: None, "gem": patch_gem, "centre": patch_centre, "erase": patch_erase}[variant]()
     opts = training.TrainOptions(epochs=14, views=3, threads=2, probe_epochs=5)
-    r = training.train(calibration_half(), out, opts, log_fn=lambda s: print(s, flush=True))
+    r = training.train(photos, out, opts, log_fn=lambda s: print(s, flush=True))
     t = r.card["training"]
     print(json.dumps({"variant": variant, "best_held_out_top1": t["validation_top1"],
                       "best_epoch": t["best_epoch"], "epochs_run": t["epochs_run"],

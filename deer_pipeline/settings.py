@@ -78,6 +78,7 @@ REVIEW_QUEUE_MAX_ITEMS = 50                # check: WARN when more items wait
 REVIEW_QUEUE_MAX_AGE_DAYS = 14             # check: WARN when an item waits longer (days since its detection arrived)
 REVIEW_TRAINING_MIN_DEER = 4               # train --from-reviews: confirmed deer needed (each with MIN_PHOTOS)
 REVIEW_TRAINING_MIN_PHOTOS = 2             # train --from-reviews: confirmed photos a deer needs to train
+ENCOUNTER_TRAINING_EPOCHS = 14             # train --classes encounter: epochs (no held-out set to stop on; chosen on nyala-dev's calibration half)
 LOOKUP_DEER = 10                           # "which deer is this photo?": deer listed (review app, review lookup)
 # executors
 EXECUTOR = "multiprocess"                  # multiprocess | in_process | celery

@@ -3,6 +3,7 @@
     deer-pipeline train --labels CSV [--images-root DIR] --out MODEL_DIR [--epochs N]
         [--device auto|cpu|cuda:N] [--seed N] [--split-by-identity SEED]
     deer-pipeline train --from-reviews --out MODEL_DIR [--min-deer N] [...]
+    deer-pipeline train --labels CSV --classes encounter --out MODEL_DIR [...]
 
 The labels CSV is the one ``deer-pipeline evaluate`` reads (``image_path, identity`` and
 optionally ``encounter_id, side`` and a box ``x, y, w, h``). ``--split-by-identity SEED`` trains
@@ -16,6 +17,12 @@ confirmed in the review app (same / merge / split decisions; unidentifiable sigh
 different / new decisions respected), their crops from the crop store, one encounter per burst
 track (``embedding.reviewed_data``). It refuses, naming what is missing, when fewer than
 ``--min-deer`` deer have at least two confirmed photos.
+
+``--classes encounter`` needs no identity at all: every encounter (the CSV's ``encounter_id``, or
+photos of one camera chained within the burst window by ``timestamp``) is its own class, because
+the photos of one burst show one animal. The identity column is not read. Nothing is held out,
+so it runs ``--epochs`` (default ``settings.ENCOUNTER_TRAINING_EPOCHS``) and keeps the last.
+On nyala-dev this label-free recipe matched training on identities (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -42,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-store", help="--from-reviews: crop store folder (default: DEER_CROP_STORE or <data dir>/crops)")
     p.add_argument("--images-root", help="folder relative image paths are under (default: the CSV's folder)")
     p.add_argument("--out", required=True, help="new folder for weights.pt and model_card.json")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"most epochs (default {d.epochs}; stops early)")
+    p.add_argument("--classes", choices=("identity", "encounter"), default="identity",
+                   help="identity: learn the labelled individuals (default); encounter: learn each "
+                        "encounter as its own animal, no identity labels needed or read")
+    p.add_argument("--epochs", type=int,
+                   help=f"most epochs (default {d.epochs}, stopping early on held-out individuals; "
+                        f"--classes encounter: {settings.ENCOUNTER_TRAINING_EPOCHS}, all run)")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (AMP on a GPU)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--views", type=int, default=d.views, help=f"augmented views per photo (default {d.views})")
@@ -67,24 +79,33 @@ def main(argv: list[str] | None = None) -> int:
         split_by_identity,
     )
 
+    from deer_pipeline import settings
+
     data = None
+    by_encounter = args.classes == "encounter"
+    epochs = args.epochs or (settings.ENCOUNTER_TRAINING_EPOCHS if by_encounter else training.TrainOptions().epochs)
     try:
+        if by_encounter and (args.from_reviews or args.split_by_identity is not None):
+            raise trained_model.TrainingError(
+                "--classes encounter reads no identity: it cannot be combined with "
+                + ("--from-reviews" if args.from_reviews else "--split-by-identity"))
         if args.from_reviews:
             if args.split_by_identity is not None:
                 raise trained_model.TrainingError("--split-by-identity splits a labels CSV; it does not apply "
                                                   "to --from-reviews")
             photos, source, data = _from_reviews(args)
         else:
-            photos = read_labels(args.labels, args.images_root)
-            source = str(args.labels)
+            photos = read_labels(args.labels, args.images_root, identities=not by_encounter)
+            source = str(args.labels) + (" (encounters as classes, no identities)" if by_encounter else "")
         if args.split_by_identity is not None:
             photos, _ = split_by_identity(photos, args.split_by_identity)
             source += f" (calibration half, split by identity with seed {args.split_by_identity})"
-        options = training.TrainOptions(epochs=args.epochs, seed=args.seed, device=args.device,
+        options = training.TrainOptions(epochs=epochs, seed=args.seed, device=args.device,
                                         views=args.views, threads=args.threads,
                                         frozen_blocks=args.frozen_blocks, probe_epochs=args.probe_epochs)
         result = training.train(photos, args.out, options, source=source,
-                                log_fn=lambda s: print(s, file=sys.stderr), data=data)
+                                log_fn=lambda s: print(s, file=sys.stderr), data=data,
+                                classes=args.classes)
     except (trained_model.TrainingError, EvaluationError, ValueError) as exc:
         print(f"deer-pipeline train: {exc}", file=sys.stderr)
         return 2

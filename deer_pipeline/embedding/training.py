@@ -117,7 +117,21 @@ def _crop(image, box):
     return image.crop((x0, y0, x1, y1))
 
 
-def prepare_training_set(photos: Sequence, source: str = "labels") -> TrainingSet:
+CLASSES = ("identity", "encounter")
+ENCOUNTER_CLASS = "encounter:"   # identity given to a photo when encounters are the classes
+
+
+def encounter_classes(photos: Sequence) -> list:
+    """The photos with each encounter as its own class (``identity`` = ``ENCOUNTER_CLASS`` +
+    encounter): the constraint the data gives for free - the photos of one encounter (one
+    burst, one track) show one animal - and no identity label. Different encounters are
+    different classes even when they show the same animal (rare among many encounters)."""
+    from dataclasses import replace
+
+    return [replace(p, identity=f"{ENCOUNTER_CLASS}{p.encounter}") for p in photos]
+
+
+def prepare_training_set(photos: Sequence, source: str = "labels", unit: str = "individual") -> TrainingSet:
     """Decode every photo (crop to its box when it has one) and check that the labels can train.
 
     Unreadable photos are skipped with the reason counted; individuals with a single usable photo
@@ -141,7 +155,7 @@ def prepare_training_set(photos: Sequence, source: str = "labels") -> TrainingSe
     per_id = Counter(p.identity for p in usable)
     single = {i for i, n in per_id.items() if n < 2}
     if single:
-        skipped["individual with a single usable photo"] = [
+        skipped[f"{unit} with a single usable photo"] = [
             p.image_path for p in usable if p.identity in single]
         keep = [i for i, p in enumerate(usable) if p.identity not in single]
         usable, images = [usable[i] for i in keep], [images[i] for i in keep]
@@ -149,8 +163,8 @@ def prepare_training_set(photos: Sequence, source: str = "labels") -> TrainingSe
     if n_ids < 2:
         counts = ", ".join(f"{k}: {len(v)}" for k, v in skipped.items()) or "none skipped"
         raise TrainingError(
-            f"{source}: training needs at least two individuals with at least two readable photos "
-            f"each; found {n_ids} ({len(photos)} photos of {len({p.identity for p in photos})} individuals listed; "
+            f"{source}: training needs at least two {unit}s with at least two readable photos "
+            f"each; found {n_ids} ({len(photos)} photos of {len({p.identity for p in photos})} {unit}s listed; "
             f"skipped: {counts})")
     return TrainingSet(usable, images, skipped, source)
 
@@ -322,9 +336,12 @@ def _resolve_device(device: str) -> str:
 
 def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, source: str = "labels",
           progress: bool | None = None, log_fn: Callable[[str], None] | None = None,
-          data: dict | None = None) -> TrainResult:
+          data: dict | None = None, classes: str = "identity") -> TrainResult:
     """Train on labelled ``photos`` (``LabelledPhoto``) and write ``weights.pt`` and
     ``model_card.json`` into ``out_dir``. Returns the card and the new embedding version.
+    ``classes="encounter"``: every encounter is a class and no identity is read
+    (``encounter_classes``); there is then nothing to hold out, so all ``options.epochs`` run
+    and the last epoch's model is kept.
     ``data`` is merged into the card's data block (a source such as the review decisions gives
     its own ``sha256`` there, computed over what identifies its photos)."""
     import torch
@@ -339,13 +356,25 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
     out_dir = Path(out_dir)
     if (out_dir / CARD_FILE).exists():
         raise TrainingError(f"{out_dir} already holds a model ({CARD_FILE}); choose a new --out folder")
-    ts = prepare_training_set(photos, source)
-    tr_rows, va_rows = split_individuals(ts.photos, options.seed, options.val_fraction)
+    if classes not in CLASSES:
+        raise TrainingError(f"classes must be one of {CLASSES}, not {classes!r}")
+    by_encounter = classes == "encounter"
+    if by_encounter:
+        ts = prepare_training_set(encounter_classes(photos), source, unit="encounter")
+        tr_rows, va_rows = list(range(len(ts.photos))), []
+    else:
+        ts = prepare_training_set(photos, source)
+        tr_rows, va_rows = split_individuals(ts.photos, options.seed, options.val_fraction)
     train_ids = sorted({ts.photos[i].identity for i in tr_rows})
     cls = {c: i for i, c in enumerate(train_ids)}
-    say(f"training on {len(tr_rows)} photos of {len(train_ids)} individuals, early stopping on "
-        f"{len(va_rows)} photos of {len({ts.photos[i].identity for i in va_rows})} held-out individuals; "
-        f"skipped: {ts.skipped_counts() or 'none'}; device {device}")
+    if by_encounter:
+        say(f"training on {len(tr_rows)} photos of {len(train_ids)} encounters (each encounter a class; "
+            f"no identity labels, no held-out set: {options.epochs} epochs); "
+            f"skipped: {ts.skipped_counts() or 'none'}; device {device}")
+    else:
+        say(f"training on {len(tr_rows)} photos of {len(train_ids)} individuals, early stopping on "
+            f"{len(va_rows)} photos of {len({ts.photos[i].identity for i in va_rows})} held-out individuals; "
+            f"skipped: {ts.skipped_counts() or 'none'}; device {device}")
 
     _set_determinism(options.seed, device)
     net = build_embedder(options.dim, options.frozen_blocks, body=lite0_module())
@@ -454,25 +483,30 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
                          "frozen_blocks": options.frozen_blocks, "trained": f"blocks {options.frozen_blocks}-15, head conv, projection",
                          "projection": f"1280 -> {options.dim}, no bias", "pooling": "average",
                          "input": f"{INPUT_SIZE}x{INPUT_SIZE} squashed, scaled to [-1, 1]"},
-        "method": {"loss": "sub-center ArcFace", "subcenters": options.subcenters, "margin": options.margin,
+        "method": {"loss": "sub-center ArcFace",
+                   "classes": ("encounters: each encounter a class, no identity labels" if by_encounter
+                               else "identities"),
+                   "subcenters": options.subcenters, "margin": options.margin,
                    "scale": options.scale, "augmentation": "random crop 60-100% area, colour jitter, rotation <= 8 deg, no flips",
                    "views_cached": options.views, "probe_epochs": options.probe_epochs,
                    "lr_head": options.lr_head, "lr_blocks": options.lr_blocks, "batch_size": options.batch_size,
                    "weight_decay": options.weight_decay, "batch_norm": "statistics frozen"},
         "data": {"source": source, "source_kind": "labels",
                  "sha256": (data or {}).get("sha256") or data_hash(ts.photos), "photos_used": len(ts.photos),
-                 "individuals_used": len({p.identity for p in ts.photos}),
-                 "identities": sorted({p.identity for p in ts.photos}),
+                 "individuals_used": 0 if by_encounter else len({p.identity for p in ts.photos}),
+                 "identities": [] if by_encounter else sorted({p.identity for p in ts.photos}),
+                 "classes": classes, "encounters_used": len({p.encounter for p in ts.photos}),
                  "validation_identities": sorted(set(va_ids)),
                  "train_photos": len(tr_rows), "train_individuals": len(train_ids),
                  "validation_photos": len(va_rows), "validation_individuals": len(set(va_ids)),
-                 "individuals_with_one_encounter": _single_encounter_ids(ts.photos),
+                 "individuals_with_one_encounter": None if by_encounter else _single_encounter_ids(ts.photos),
                  "skipped": ts.skipped_counts(),
                  "skipped_examples": {k: v[:5] for k, v in ts.skipped.items()}},
         "training": {"epochs_run": len(curve), "epochs_max": options.epochs, "best_epoch": best["epoch"],
                      "stopped_early": stopped_early, "loss_curve": curve,
                      "validation_top1": best["top1"] if best["top1"] >= 0 else None,
-                     "validation": "closed-set top-1 across encounters on held-out individuals",
+                     "validation": ("none: no identity labels (all epochs run, the last kept)" if by_encounter
+                                    else "closed-set top-1 across encounters on held-out individuals"),
                      "seed": options.seed, "device": device, "amp": amp,
                      "seconds": {"frozen_features": round(cache_s, 1), "training": round(train_s, 1),
                                  "total": None}},

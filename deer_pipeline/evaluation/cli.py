@@ -101,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {name}: {reason}")
     tm = report.get("trained_model")
     if tm:
-        print(f"\ntrained model: {tm['model_dir']} ({tm['embedding_version']}); trained on "
-              f"{tm['data']['photos_used']} photos of {tm['data']['individuals_used']} individuals, none evaluated; "
+        trained_on = (f"{tm['data']['photos_used']} photos of {tm['data']['encounters_used']} encounters "
+                      "without identity labels (each encounter a class; the evaluated photos may be among them)"
+                      if tm["data"].get("classes") == "encounter" else
+                      f"{tm['data']['photos_used']} photos of {tm['data']['individuals_used']} individuals, none evaluated")
+        print(f"\ntrained model: {tm['model_dir']} ({tm['embedding_version']}); trained on {trained_on}; "
               f"held-out top-1 {tm['training']['validation_top1']}; training {tm['training']['seconds']['total']} s"
               + (f"; threshold from {tm['threshold_calibrated_on']}" if tm.get("threshold_calibrated_on") else ""))
     if report.get("substitution_note"):

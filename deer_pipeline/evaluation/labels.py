@@ -46,9 +46,14 @@ _BOX_COLUMNS = (("x", "y", "w", "h"), ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
 _TIME_COLUMNS = ("timestamp", "captured_at", "datetime", "date")   # the first one a row has
 
 
-def read_labels(path, images_root=None) -> list[LabelledPhoto]:
+UNLABELLED = "unlabelled"         # identity of every row read with ``identities=False``
+
+
+def read_labels(path, images_root=None, *, identities: bool = True) -> list[LabelledPhoto]:
     """Read a labels CSV; relative image paths are resolved against ``images_root`` (default:
-    the CSV's folder). The flank is read from ``side`` (or ``flank``, ``viewpoint``,
+    the CSV's folder). ``identities=False`` (training from encounters): the identity column is
+    optional and never read; every photo's identity is ``UNLABELLED``, so encounters derived from
+    capture times join photos by camera and time alone, as the pipeline's burst grouping does. The flank is read from ``side`` (or ``flank``, ``viewpoint``,
     ``orientation``) as ingest reads it: ``left``, ``l``, ``frontleft``... -> left, likewise
     right, anything else unknown. Raises :class:`EvaluationError` naming the file and line on
     bad input."""
@@ -61,7 +66,7 @@ def read_labels(path, images_root=None) -> list[LabelledPhoto]:
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-        if "image_path" not in cols or "identity" not in cols:
+        if "image_path" not in cols or ("identity" not in cols and identities):
             raise EvaluationError(f"{path}: needs the columns image_path and identity; has {', '.join(cols) or 'none'}")
         box_cols = next((bc for bc in _BOX_COLUMNS if all(c in cols for c in bc)), None)
         photos, unidentified = [], 0
@@ -70,9 +75,11 @@ def read_labels(path, images_root=None) -> list[LabelledPhoto]:
             line = reader.line_num
             if not r.get("image_path"):
                 raise EvaluationError(f"{path}, line {line}: empty image_path")
+            if not identities:
+                r["identity"] = UNLABELLED
             if not r.get("identity"):
                 raise EvaluationError(f"{path}, line {line}: empty identity")
-            if r["identity"].lower() in UNIDENTIFIED:     # not an individual: would join unrelated animals
+            if identities and r["identity"].lower() in UNIDENTIFIED:     # not an individual: would join unrelated animals
                 unidentified += 1
                 continue
             p = Path(os.path.expanduser(r["image_path"]))

@@ -179,8 +179,10 @@ def _reid_models(methods, options: EvaluationOptions, photos, cal_photos, workdi
         report["trained_model"] = {
             "model_dir": card["_model_dir"], "embedding_version": card["embedding_version"],
             "trained_in_this_run": bool(options.train_split),
-            "data": {k: card["data"][k] for k in ("source", "sha256", "photos_used", "individuals_used",
-                                                  "train_individuals", "validation_individuals", "skipped")},
+            "data": {**{k: card["data"][k] for k in ("source", "sha256", "photos_used", "individuals_used",
+                                                     "train_individuals", "validation_individuals", "skipped")},
+                     "classes": card["data"].get("classes", "identity"),
+                     "encounters_used": card["data"].get("encounters_used")},
             "training": {k: card["training"][k] for k in ("epochs_run", "best_epoch", "validation_top1", "seconds",
                                                           "device", "seed")},
             "validation_identities": card["data"].get("validation_identities") or []}

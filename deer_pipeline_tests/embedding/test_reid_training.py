@@ -146,6 +146,45 @@ def test_individuals_seen_once_never_join_the_held_out_split(small_sample, tmp_p
     assert any(photos[i].identity == "seen-once" for i in tr)
 
 
+def test_training_from_encounters_reads_no_identity(small_sample, trained, tmp_path, capsys):
+    """``--classes encounter``: a CSV with no identity column, each encounter (two photos of one
+    animal here) its own class; nothing held out, every epoch run, the loss falls, the card names
+    no individual, and the version differs from the identity-trained model's."""
+    from deer_pipeline.sample import read_truth
+
+    rows, seen = [], {}
+    for r in read_truth(small_sample):
+        k = seen[r["identity"]] = seen.get(r["identity"], -1) + 1
+        rows.append([r["file"], f"{r['identity']}-{k // 2}"])
+    labels = tmp_path / "encounters.csv"
+    with open(labels, "w", newline="") as fh:
+        csv.writer(fh).writerows([["image_path", "encounter_id"]] + rows)
+    out = tmp_path / "m"
+    rc = train_cli.main(["--labels", str(labels), "--images-root", str(small_sample), "--out", str(out),
+                         "--classes", "encounter", "--epochs", "3", "--views", "1", "--probe-epochs", "1",
+                         "--frozen-blocks", "15", "--threads", "2"])
+    assert rc == 0, capsys.readouterr().err
+    card = json.loads((out / trained_model.CARD_FILE).read_text())
+    losses = [r["loss"] for r in card["training"]["loss_curve"]]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert card["training"]["validation_top1"] is None and card["training"]["best_epoch"] == -1
+    d = card["data"]
+    assert d["classes"] == "encounter" and d["identities"] == [] and d["individuals_used"] == 0
+    n_enc = len({e for _, e in rows if sum(1 for _, x in rows if x == e) >= 2})
+    assert d["encounters_used"] == n_enc and d["validation_photos"] == 0
+    assert "encounter with a single usable photo" in d["skipped"] or n_enc * 2 == len(rows)
+    assert card["method"]["classes"].startswith("encounters")
+    assert card["embedding_version"] != trained_model.read_card(trained)["embedding_version"]
+
+
+def test_training_from_encounters_refuses_identity_splits(small_sample, tmp_path, capsys):
+    labels = _labels_from_sample(small_sample, tmp_path / "l.csv")
+    rc = train_cli.main(["--labels", str(labels), "--images-root", str(small_sample), "--out", str(tmp_path / "m"),
+                         "--classes", "encounter", "--split-by-identity", "0"])
+    assert rc == 2 and "--classes encounter reads no identity" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 def _labels_for(sample_dir: Path, out: Path, identities: set[str]) -> Path:
     full = _labels_from_sample(sample_dir, out.with_suffix(".all.csv"))
     with open(full, newline="") as fh:

@@ -289,6 +289,26 @@ def test_encounters_without_ids_are_derived_from_capture_times(tmp_path):
     assert summary["encounters"] == 8
 
 
+def test_labels_read_without_identities_derive_encounters_by_camera_and_time(tmp_path):
+    """Training from encounters reads no identity: the column may be missing, values such as
+    'unknown' are kept, and capture times chain photos of one camera whatever their identity
+    column says - the pipeline's burst grouping, not the labels' individuals."""
+    p = tmp_path / "labels.csv"
+    p.write_text("image_path,identity,camera,timestamp\n"
+                 "a.jpg,ind1,cam1,2024-05-01T06:00:00\nb.jpg,ind2,cam1,2024-05-01T06:00:03\n"
+                 "c.jpg,unknown,cam1,2024-05-01T06:00:05\nd.jpg,ind1,cam2,2024-05-01T06:00:01\n")
+    with_ids = {Path(x.image_path).stem: x for x in eval_labels.read_labels(p)}
+    assert "c" not in with_ids and with_ids["a"].encounter != with_ids["b"].encounter
+    by = {Path(x.image_path).stem: x for x in eval_labels.read_labels(p, identities=False)}
+    assert {x.identity for x in by.values()} == {eval_labels.UNLABELLED}
+    assert by["a"].encounter == by["b"].encounter == by["c"].encounter != by["d"].encounter
+    bare = tmp_path / "bare.csv"
+    bare.write_text("image_path,encounter_id\na.jpg,E1\nb.jpg,E1\n")
+    assert [x.encounter for x in eval_labels.read_labels(bare, identities=False)] == ["E1", "E1"]
+    with pytest.raises(eval_labels.EvaluationError, match="image_path and identity"):
+        eval_labels.read_labels(bare)
+
+
 def test_labels_with_dates_only_are_not_fed_as_one_burst_per_day(tmp_path):
     """Timestamps that are dates (all at midnight) are not capture times: fed as they are, every
     photo of a day would be one burst at one instant. The encounters keep their date and are
