@@ -38,7 +38,9 @@ class ReidModelConfig(dg.Config):
     images_root: Optional[str] = Field(default=None, description="folder of the photos")
     split_by_identity_seed: Optional[int] = Field(
         default=None, description="train only on the calibration half of this identity split (keep the other half to evaluate)")
-    epochs: Optional[int] = Field(default=None, description="most epochs (default: train's default; stops early)")
+    classes: str = Field(default="identity", description="identity: learn the labelled individuals; encounter: learn each "
+                                                         "encounter of labels_csv as one animal, no identity read")
+    epochs: Optional[int] = Field(default=None, description="most epochs (default: train's default for the classes)")
     views: Optional[int] = Field(default=None, description="augmented views per photo")
     device: str = Field(default=settings.DEVICE, description="auto | cpu | cuda:N (AMP on a GPU)")
     seed: int = Field(default=0)
@@ -108,6 +110,12 @@ def reid_model(context: dg.AssetExecutionContext, config: ReidModelConfig, datab
     from deer_pipeline.evaluation.labels import read_labels, split_by_identity
 
     data = None
+    if config.classes not in training.CLASSES:
+        raise dg.Failure(f"reid_model: classes must be one of {training.CLASSES}, not {config.classes!r}")
+    by_encounter = config.classes == "encounter"
+    if by_encounter and (cfg["from_reviews"] or cfg["split_by_identity_seed"] is not None):
+        raise dg.Failure("reid_model: classes 'encounter' reads no identity: it cannot be combined with "
+                         "from_reviews or split_by_identity_seed")
     if cfg["from_reviews"]:
         from deer_pipeline.embedding import reviewed_data
 
@@ -115,17 +123,18 @@ def reid_model(context: dg.AssetExecutionContext, config: ReidModelConfig, datab
                                                  min_deer=config.min_deer)
         photos, source, data = rs.photos, reviewed_data.SOURCE, rs.card_data()
     else:
-        photos = read_labels(cfg["labels_csv"], cfg["images_root"])
+        photos = read_labels(cfg["labels_csv"], cfg["images_root"], identities=not by_encounter)
         source = str(cfg["labels_csv"])
     if cfg["split_by_identity_seed"] is not None and not cfg["from_reviews"]:
         photos, _ = split_by_identity(photos, cfg["split_by_identity_seed"])
         source += f" (calibration half, split by identity with seed {cfg['split_by_identity_seed']})"
-    extra = {k: v for k, v in (("epochs", config.epochs), ("views", config.views)) if v is not None}
-    options = training.TrainOptions(device=config.device, seed=config.seed, **extra)
+    extra = {k: v for k, v in (("views", config.views),) if v is not None}
+    options = training.TrainOptions(device=config.device, seed=config.seed,
+                                    epochs=config.epochs or training.default_epochs(config.classes), **extra)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(config.out_dir) if config.out_dir else db.data_dir() / "models" / f"reid-{stamp}"
     result = training.train(photos, out, options, source=source, progress=False,
-                            log_fn=lambda s: context.log.info(s), data=data)
+                            log_fn=lambda s: context.log.info(s), data=data, classes=config.classes)
     meta = card_metadata(result.card, out)
     if config.register_model:
         reg = registry.register(str(out))

@@ -79,11 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         split_by_identity,
     )
 
-    from deer_pipeline import settings
-
     data = None
     by_encounter = args.classes == "encounter"
-    epochs = args.epochs or (settings.ENCOUNTER_TRAINING_EPOCHS if by_encounter else training.TrainOptions().epochs)
+    epochs = args.epochs or training.default_epochs(args.classes)
     try:
         if by_encounter and (args.from_reviews or args.split_by_identity is not None):
             raise trained_model.TrainingError(

@@ -121,6 +121,15 @@ CLASSES = ("identity", "encounter")
 ENCOUNTER_CLASS = "encounter:"   # identity given to a photo when encounters are the classes
 
 
+def default_epochs(classes: str) -> int:
+    """Epochs when none are given: identities stop early on held-out individuals (up to
+    ``TrainOptions.epochs``); encounters have nothing to hold out and run
+    ``settings.ENCOUNTER_TRAINING_EPOCHS``."""
+    from deer_pipeline import settings
+
+    return settings.ENCOUNTER_TRAINING_EPOCHS if classes == "encounter" else TrainOptions().epochs
+
+
 def encounter_classes(photos: Sequence) -> list:
     """The photos with each encounter as its own class (``identity`` = ``ENCOUNTER_CLASS`` +
     encounter): the constraint the data gives for free - the photos of one encounter (one

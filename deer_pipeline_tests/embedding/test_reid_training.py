@@ -146,19 +146,24 @@ def test_individuals_seen_once_never_join_the_held_out_split(small_sample, tmp_p
     assert any(photos[i].identity == "seen-once" for i in tr)
 
 
+def _encounter_labels(sample_dir: Path, out: Path) -> tuple[Path, list]:
+    """The sample's photos as encounters of two photos of one animal, with no identity column."""
+    from deer_pipeline.sample import read_truth
+
+    rows, seen = [], {}
+    for r in read_truth(sample_dir):
+        k = seen[r["identity"]] = seen.get(r["identity"], -1) + 1
+        rows.append([r["file"], f"{r['identity']}-{k // 2}"])
+    with open(out, "w", newline="") as fh:
+        csv.writer(fh).writerows([["image_path", "encounter_id"]] + rows)
+    return out, rows
+
+
 def test_training_from_encounters_reads_no_identity(small_sample, trained, tmp_path, capsys):
     """``--classes encounter``: a CSV with no identity column, each encounter (two photos of one
     animal here) its own class; nothing held out, every epoch run, the loss falls, the card names
     no individual, and the version differs from the identity-trained model's."""
-    from deer_pipeline.sample import read_truth
-
-    rows, seen = [], {}
-    for r in read_truth(small_sample):
-        k = seen[r["identity"]] = seen.get(r["identity"], -1) + 1
-        rows.append([r["file"], f"{r['identity']}-{k // 2}"])
-    labels = tmp_path / "encounters.csv"
-    with open(labels, "w", newline="") as fh:
-        csv.writer(fh).writerows([["image_path", "encounter_id"]] + rows)
+    labels, rows = _encounter_labels(small_sample, tmp_path / "encounters.csv")
     out = tmp_path / "m"
     rc = train_cli.main(["--labels", str(labels), "--images-root", str(small_sample), "--out", str(out),
                          "--classes", "encounter", "--epochs", "3", "--views", "1", "--probe-epochs", "1",
@@ -246,3 +251,13 @@ def test_reid_model_asset_records_the_model_card(small_sample, tmp_path, monkeyp
     assert "| 2 |" in meta["loss_curve"].value
     assert meta["data_source"].value == "labels"
     assert settings.registered_embedder() is None          # training alone never registers
+    enc_labels, _ = _encounter_labels(small_sample, tmp_path / "enc.csv")
+    cfg = {"labels_csv": str(enc_labels), "images_root": str(small_sample), "classes": "encounter", "epochs": 2,
+           "views": 0, "device": "cpu", "out_dir": str(tmp_path / "enc-model")}
+    res = dg.materialize([reid_model], resources=resources, run_config={"ops": {"reid_model": {"config": cfg}}})
+    meta = res.asset_materializations_for_node("reid_model")[0].metadata
+    assert meta["model_card"].value["data"]["classes"] == "encounter" and meta["epochs_run"].value == 2
+    with pytest.raises(dg.Failure, match="reads no identity"):
+        dg.materialize([reid_model], resources=resources, run_config={"ops": {"reid_model": {"config": {
+            **cfg, "split_by_identity_seed": 0, "out_dir": str(tmp_path / "never")}}}})
+    assert not (tmp_path / "never").exists()
