@@ -9,6 +9,7 @@ individuals of the calibration half; the evaluated half of the split is never to
     .venv/bin/python bench/training_variants.py concat /tmp/tv/base      # trained + ImageNet vectors
     .venv/bin/python bench/training_variants.py encounters /tmp/tv/enc   # no identity labels: encounters
     .venv/bin/python bench/training_variants.py mixed /tmp/tv/mixed      # identities + unlabelled encounters
+    .venv/bin/python bench/training_variants.py encounters /tmp/tv/enc24 24   # a third argument: epochs
 
 Each training variant runs ``training.train`` on the calibration half of nyala-dev
 (``--split-by-identity 0``; 14 epochs, 3 views, 2 threads, seed 0, as in docs/evaluation.md)
@@ -168,7 +169,8 @@ def main() -> None:
         patch_encounter_classes(mixed=variant == "mixed")
     else:
         {"base": lambda: None, "gem": patch_gem, "centre": patch_centre, "erase": patch_erase}[variant]()
-    opts = training.TrainOptions(epochs=14, views=3, threads=2, probe_epochs=5)
+    epochs = int(sys.argv[3]) if len(sys.argv) > 3 else 14
+    opts = training.TrainOptions(epochs=epochs, views=3, threads=2, probe_epochs=5)
     r = training.train(photos, out, opts, log_fn=lambda s: print(s, flush=True))
     t = r.card["training"]
     print(json.dumps({"variant": variant, "best_held_out_top1": t["validation_top1"],

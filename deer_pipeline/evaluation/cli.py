@@ -49,8 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-split", action="store_true",
                    help="train the method `trained` in this run on the calibration half (--split-by-identity "
                         "or --calibration-labels) and score it on the other half")
-    p.add_argument("--train-epochs", type=int, help="most epochs for --train-split (default: train's default)")
-    p.add_argument("--train-views", type=int, help="augmented views per photo for --train-split")
+    p.add_argument("--train-encounters", action="store_true",
+                   help="train the method `trained` in this run without identity labels, each encounter of "
+                        "every photo (calibration and evaluated) its own class (train --classes encounter)")
+    p.add_argument("--train-epochs", type=int,
+                   help="epochs for --train-split / --train-encounters (default: train's default for the classes)")
+    p.add_argument("--train-views", type=int, help="augmented views per photo for --train-split / --train-encounters")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--order-seed", type=int, default=0,
                    help="seed of the encounter order when the labels have no timestamps (default 0)")
@@ -74,17 +78,20 @@ def main(argv: list[str] | None = None) -> int:
         methods = reid_methods.resolve_methods(args.methods)
         embedding = EmbeddingSettings(weights=args.weights, device=args.device, batch_size=args.batch_size)
         train_options = None
-        if args.train_split:
-            from deer_pipeline.embedding.training import TrainOptions
-
-            extra = {k: v for k, v in (("epochs", args.train_epochs), ("views", args.train_views)) if v is not None}
-            train_options = TrainOptions(device=args.device, **extra)
-        if args.model_file and args.train_split:
-            print("deer-pipeline evaluate: give either --model-file or --train-split, not both", file=sys.stderr)
+        if sum(map(bool, (args.model_file, args.train_split, args.train_encounters))) > 1:
+            print("deer-pipeline evaluate: give one of --model-file, --train-split and --train-encounters",
+                  file=sys.stderr)
             return 2
+        if args.train_split or args.train_encounters:
+            from deer_pipeline.embedding.training import TrainOptions, default_epochs
+
+            extra = {k: v for k, v in (("views", args.train_views),) if v is not None}
+            epochs = args.train_epochs or default_epochs("encounter" if args.train_encounters else "identity")
+            train_options = TrainOptions(device=args.device, epochs=epochs, **extra)
         options = ev.EvaluationOptions(methods=[m.name for m in methods], embedding=embedding,
                                        order_seed=args.order_seed, legacy_redraws=args.legacy_redraws,
                                        model_file=args.model_file, train_split=args.train_split,
+                                       train_encounters=args.train_encounters,
                                        train_options=train_options, assignments=args.assignments)
         report = ev.evaluate(args.labels, args.images_root, args.calibration_labels,
                              args.calibration_images_root, args.split_by_identity, options)

@@ -144,6 +144,18 @@ def derive_encounters(photos: Sequence[LabelledPhoto], window_s: float | None = 
     return out
 
 
+def without_identities(photos: Sequence[LabelledPhoto]) -> list[LabelledPhoto]:
+    """The photos as training from encounters may see them: every identity ``UNLABELLED``, and
+    every encounter that the labels did not give derived again from camera and capture time
+    alone (``derive_encounters`` had used the identity to chain them)."""
+    from dataclasses import replace
+
+    out = [replace(p, identity=UNLABELLED,
+                   encounter=p.encounter if p.encounter_given else f"{PHOTO_ENCOUNTER}{p.image_path}")
+           for p in photos]
+    return derive_encounters(out)
+
+
 def split_by_identity(photos: Sequence[LabelledPhoto], seed: int,
                       fraction: float = 0.5) -> tuple[list[LabelledPhoto], list[LabelledPhoto]]:
     """(calibration, evaluation): the individuals are shuffled with ``seed`` and the first

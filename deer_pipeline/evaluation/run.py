@@ -99,7 +99,8 @@ class EvaluationOptions:
     assignments: str | None = None       # CSV path: one row per evaluated photo and method
     model_file: str | None = None        # trained model folder for the method `trained`
     train_split: bool = False            # train `trained` in the run on the calibration photos
-    train_options: object | None = None  # embedding.training.TrainOptions for train_split
+    train_options: object | None = None  # embedding.training.TrainOptions for train_split / train_encounters
+    train_encounters: bool = False       # train `trained` in the run on the encounters of every photo, no identity
 
 
 def evaluate(labels_csv, images_root=None, calibration_labels_csv=None, calibration_images_root=None,
@@ -146,7 +147,9 @@ def _reid_models(methods, options: EvaluationOptions, photos, cal_photos, workdi
                  timings: dict):
     """Methods whose models have networks of their own (``trained``, downloaded backbones): the
     trained model comes from ``options.model_file`` or is trained here on the calibration photos
-    (``options.train_split``); it may never have been trained on an evaluated individual. A
+    (``options.train_split``); it may never have been trained on an evaluated individual's
+    identity. ``options.train_encounters`` trains it here on the encounters of every photo,
+    calibration and evaluated, with no identity read (``labels.without_identities``). A
     method whose weights are absent is skipped with the reason (``report["skipped_methods"]``).
     Returns (methods to run, options with the trained model's folder in the embedding settings)."""
     import dataclasses
@@ -157,7 +160,18 @@ def _reid_models(methods, options: EvaluationOptions, photos, cal_photos, workdi
 
     model_file = options.model_file
     wanted = {m.name for m in methods}
-    if options.train_split and "trained" in wanted:
+    if options.train_encounters and "trained" in wanted:
+        from deer_pipeline.evaluation.labels import without_identities
+
+        t0 = time.perf_counter()
+        result = training.train(
+            without_identities(list(cal_photos or []) + list(photos)), workdir / "trained-model",
+            options.train_options or training.TrainOptions(device=options.embedding.device,
+                                                           epochs=training.default_epochs("encounter")),
+            source="encounters of every photo of this evaluation (no identities read)", classes="encounter")
+        timings["training_s"] = round(time.perf_counter() - t0, 2)
+        model_file = str(result.out_dir)
+    elif options.train_split and "trained" in wanted:
         if not cal_photos:
             raise EvaluationError("--train-split trains on the calibration half: give --split-by-identity SEED "
                                   "or --calibration-labels")
@@ -178,7 +192,7 @@ def _reid_models(methods, options: EvaluationOptions, photos, cal_photos, workdi
                 f"`deer-pipeline train --split-by-identity SEED` and evaluate with the same SEED)")
         report["trained_model"] = {
             "model_dir": card["_model_dir"], "embedding_version": card["embedding_version"],
-            "trained_in_this_run": bool(options.train_split),
+            "trained_in_this_run": bool(options.train_split or options.train_encounters),
             "data": {**{k: card["data"][k] for k in ("source", "sha256", "photos_used", "individuals_used",
                                                      "train_individuals", "validation_individuals", "skipped")},
                      "classes": card["data"].get("classes", "identity"),

@@ -228,6 +228,41 @@ def test_evaluate_trains_on_the_calibration_half_and_never_on_evaluated_individu
     assert "skipped miewid" in out and "trained model:" in out
 
 
+def test_evaluate_trains_on_encounters_of_every_photo_without_identities(small_sample, tmp_path, capsys,
+                                                                        monkeypatch):
+    """``evaluate --train-encounters``: the method ``trained`` learns in the run from the encounters
+    of the calibration and the evaluated photos, no identity read; its threshold still comes from
+    the calibration labels. It cannot be combined with another source of the trained model."""
+    from deer_pipeline.evaluation import cli as evaluation_cli
+
+    monkeypatch.setenv("DEER_WEIGHTS_DIR", str(tmp_path / "no-weights"))
+    with open(_labels_from_sample(small_sample, tmp_path / "all.csv"), newline="") as fh:
+        rows = list(csv.reader(fh))
+    seen, body = {}, []
+    for r in rows[1:]:
+        k = seen[r[1]] = seen.get(r[1], -1) + 1
+        body.append(r[:2] + [f"{r[1]}-{k // 2}"] + r[2:])
+    ids = sorted(seen)
+    for name, keep in (("cal", set(ids[:2])), ("ev", set(ids[2:]))):
+        with open(tmp_path / f"{name}.csv", "w", newline="") as fh:
+            csv.writer(fh).writerows([rows[0][:2] + ["encounter_id"] + rows[0][2:]]
+                                     + [r for r in body if r[1] in keep])
+    common = ["--labels", str(tmp_path / "ev.csv"), "--images-root", str(small_sample),
+              "--calibration-labels", str(tmp_path / "cal.csv"), "--calibration-images-root", str(small_sample),
+              "--legacy-redraws", "0", "--device", "cpu", "--methods", "default", "trained"]
+    rc = evaluation_cli.main(common + ["--train-encounters", "--train-split", "--out", str(tmp_path / "x.json")])
+    assert rc == 2 and "give one of --model-file, --train-split and --train-encounters" in capsys.readouterr().err
+    rc = evaluation_cli.main(common + ["--train-encounters", "--train-epochs", "2", "--train-views", "0",
+                                       "--out", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    tm = json.loads((tmp_path / "r.json").read_text())["trained_model"]
+    assert tm["trained_in_this_run"] and tm["data"]["classes"] == "encounter"
+    pairs = [e for e in {r[2] for r in body} if sum(1 for r in body if r[2] == e) >= 2]
+    assert tm["data"]["individuals_used"] == 0 and tm["data"]["encounters_used"] == len(pairs)
+    assert tm["training"]["epochs_run"] == 2 and "without identity labels" in out
+
+
 def test_reid_model_asset_records_the_model_card(small_sample, tmp_path, monkeypatch):
     import dagster as dg
 

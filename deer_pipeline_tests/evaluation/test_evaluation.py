@@ -309,6 +309,22 @@ def test_labels_read_without_identities_derive_encounters_by_camera_and_time(tmp
         eval_labels.read_labels(bare)
 
 
+def test_without_identities_derives_encounters_again_from_camera_and_time(tmp_path):
+    """Photos read with identities (encounters chained per individual) seen without them: the
+    identity is gone, encounters the labels did not give are chained by camera and time alone,
+    and given encounter ids are kept."""
+    p = tmp_path / "labels.csv"
+    p.write_text("image_path,identity,encounter_id,camera,timestamp\n"
+                 "a.jpg,ind1,,cam1,2024-05-01T06:00:00\nb.jpg,ind2,,cam1,2024-05-01T06:00:03\n"
+                 "c.jpg,ind3,,cam1,\nd.jpg,ind3,,cam1,\ne.jpg,ind4,E9,cam1,2024-05-01T06:00:04\n")
+    photos = eval_labels.read_labels(p)
+    assert photos[0].encounter != photos[1].encounter
+    by = {Path(x.image_path).stem: x for x in eval_labels.without_identities(photos)}
+    assert {x.identity for x in by.values()} == {eval_labels.UNLABELLED}
+    assert by["a"].encounter == by["b"].encounter and by["c"].encounter != by["d"].encounter
+    assert by["e"].encounter == "E9"
+
+
 def test_labels_with_dates_only_are_not_fed_as_one_burst_per_day(tmp_path):
     """Timestamps that are dates (all at midnight) are not capture times: fed as they are, every
     photo of a day would be one burst at one instant. The encounters keep their date and are
