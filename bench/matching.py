@@ -207,8 +207,8 @@ def ensure_partition(engine, n: int, gallery_size: int, burst: int = 1) -> tuple
     # the partition replays nothing; 2025-01-01 for galleries up to ~850k sightings
     gallery_end = (T_GALLERY + dt.timedelta(seconds=37 * gallery_size)).date()
     day_date = max(dt.date(2025, 1, 1), gallery_end + dt.timedelta(days=1))
-    camera = f"p{n}" if burst == 1 else f"p{n}b{burst}"
-    key = f"partition_{n}_{day_date:%Y%m%d}" if burst == 1 else f"partition_{n}b{burst}_{day_date:%Y%m%d}"
+    tag = f"{n}" if burst == 1 else f"{n}b{burst}"
+    camera, key = f"p{tag}", f"partition_{tag}_{day_date:%Y%m%d}"
     if meta(engine, key) == n:
         return camera, str(day_date), 0.0
     n_gallery_deer = gallery_size // SIGHTINGS_PER_DEER
@@ -224,9 +224,8 @@ def ensure_partition(engine, n: int, gallery_size: int, burst: int = 1) -> tuple
         t = dt.datetime.combine(day_date, dt.time(), dt.timezone.utc) + dt.timedelta(
             seconds=8 * i if burst == 1 else (burst + 8) * e + i % burst)
         det = f"{camera}-{i:06d}"
-        image_id = 1 + i
-        img_rows.append((image_id, f"/bench/{camera}/{i}.jpg", camera, t))
-        det_rows.append((det, image_id, camera, t, day_date, 10.0, 10.0, 200.0, 150.0, 0.9, "unknown",
+        img_rows.append((1 + i, f"/bench/{camera}/{i}.jpg", camera, t))
+        det_rows.append((det, 1 + i, camera, t, day_date, 10.0, 10.0, 200.0, 150.0, 0.9, "unknown",
                          "unknown", None if burst == 1 else f"{camera}-burst-{e:06d}"))
         for m, v in VERSIONS.items():
             centre = centres(int(who[e]), int(who[e]) + 1, m)[0] if who[e] >= 0 else \
@@ -250,8 +249,7 @@ def ensure_partition(engine, n: int, gallery_size: int, burst: int = 1) -> tuple
         t = time.perf_counter()
         store.copy_rows(conn, "embeddings", ("detection_id", "embedding_version", "vector"), emb_rows)
         per_vector = (time.perf_counter() - t) / len(emb_rows) if has_index else 0.0
-        conn.execute(sa.text("DELETE FROM bench_meta WHERE key LIKE :k"),
-                     {"k": f"partition_{n}_%" if burst == 1 else f"partition_{n}b{burst}_%"})
+        conn.execute(sa.text("DELETE FROM bench_meta WHERE key LIKE :k"), {"k": f"partition_{tag}_%"})
         set_meta(conn, key, n)
     return camera, str(day_date), per_vector
 

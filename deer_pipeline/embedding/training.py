@@ -133,11 +133,16 @@ def default_epochs(classes: str) -> int:
 def encounter_classes(photos: Sequence) -> list:
     """The photos with each encounter as its own class (``identity`` = ``ENCOUNTER_CLASS`` +
     encounter): the constraint the data gives for free - the photos of one encounter (one
-    burst, one track) show one animal - and no identity label. Different encounters are
-    different classes even when they show the same animal (rare among many encounters)."""
+    burst, one track) show one animal - and no identity label. Identities are dropped first and
+    encounters the labels did not give are derived again from camera and time alone
+    (``labels.without_identities``), so no caller can pass identities in through encounters
+    chained per individual. Different encounters are different classes even when they show the
+    same animal (rare among many encounters)."""
     from dataclasses import replace
 
-    return [replace(p, identity=f"{ENCOUNTER_CLASS}{p.encounter}") for p in photos]
+    from deer_pipeline.evaluation.labels import without_identities
+
+    return [replace(p, identity=f"{ENCOUNTER_CLASS}{p.encounter}") for p in without_identities(photos)]
 
 
 def prepare_training_set(photos: Sequence, source: str = "labels", unit: str = "individual") -> TrainingSet:
@@ -506,7 +511,7 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
                  "identities": [] if by_encounter else sorted({p.identity for p in ts.photos}),
                  "classes": classes, "encounters_used": len({p.encounter for p in ts.photos}),
                  "validation_identities": sorted(set(va_ids)),
-                 "train_photos": len(tr_rows), "train_individuals": len(train_ids),
+                 "train_photos": len(tr_rows), "train_individuals": 0 if by_encounter else len(train_ids),
                  "validation_photos": len(va_rows), "validation_individuals": len(set(va_ids)),
                  "individuals_with_one_encounter": None if by_encounter else _single_encounter_ids(ts.photos),
                  "skipped": ts.skipped_counts(),

@@ -53,9 +53,9 @@ def read_labels(path, images_root=None, *, identities: bool = True) -> list[Labe
     """Read a labels CSV; relative image paths are resolved against ``images_root`` (default:
     the CSV's folder). ``identities=False`` (training from encounters): the identity column is
     optional and never read; every photo's identity is ``UNLABELLED``, so encounters derived from
-    capture times join photos by camera and time alone, as the pipeline's burst grouping does. The flank is read from ``side`` (or ``flank``, ``viewpoint``,
-    ``orientation``) as ingest reads it: ``left``, ``l``, ``frontleft``... -> left, likewise
-    right, anything else unknown. Raises :class:`EvaluationError` naming the file and line on
+    capture times join photos by camera and time alone, as the pipeline's burst grouping does.
+    The flank is read from ``side`` (or ``flank``, ``viewpoint``, ``orientation``) as ingest
+    reads it: ``left``, ``l``, ``frontleft``... -> left, likewise right, anything else unknown. Raises :class:`EvaluationError` naming the file and line on
     bad input."""
     from deer_pipeline.detections.formats import SIDE_FIELDS, parse_side, parse_time
 
@@ -79,7 +79,7 @@ def read_labels(path, images_root=None, *, identities: bool = True) -> list[Labe
                 r["identity"] = UNLABELLED
             if not r.get("identity"):
                 raise EvaluationError(f"{path}, line {line}: empty identity")
-            if identities and r["identity"].lower() in UNIDENTIFIED:     # not an individual: would join unrelated animals
+            if r["identity"].lower() in UNIDENTIFIED:     # not an individual: would join unrelated animals
                 unidentified += 1
                 continue
             p = Path(os.path.expanduser(r["image_path"]))

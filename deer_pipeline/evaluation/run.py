@@ -149,7 +149,7 @@ def _reid_models(methods, options: EvaluationOptions, photos, cal_photos, workdi
     trained model comes from ``options.model_file`` or is trained here on the calibration photos
     (``options.train_split``); it may never have been trained on an evaluated individual's
     identity. ``options.train_encounters`` trains it here on the encounters of every photo,
-    calibration and evaluated, with no identity read (``labels.without_identities``). A
+    calibration and evaluated, with no identity read (``training.encounter_classes``). A
     method whose weights are absent is skipped with the reason (``report["skipped_methods"]``).
     Returns (methods to run, options with the trained model's folder in the embedding settings)."""
     import dataclasses
@@ -161,11 +161,9 @@ def _reid_models(methods, options: EvaluationOptions, photos, cal_photos, workdi
     model_file = options.model_file
     wanted = {m.name for m in methods}
     if options.train_encounters and "trained" in wanted:
-        from deer_pipeline.evaluation.labels import without_identities
-
         t0 = time.perf_counter()
-        result = training.train(
-            without_identities(list(cal_photos or []) + list(photos)), workdir / "trained-model",
+        result = training.train(            # encounter classes read no identity (training.encounter_classes)
+            list(cal_photos or []) + list(photos), workdir / "trained-model",
             options.train_options or training.TrainOptions(device=options.embedding.device,
                                                            epochs=training.default_epochs("encounter")),
             source="encounters of every photo of this evaluation (no identities read)", classes="encounter")
