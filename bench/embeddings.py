@@ -42,6 +42,8 @@ CONFIGS = [
     ("efficientnet_lite0", ["efficientnet_lite0"], "auto"),
     ("ensemble (multiscale+b0)", ["multiscale", "efficientnet_b0"], "random-test-only"),
     ("ensemble auto (Lite0 shared)", ["multiscale", "efficientnet_b0"], "auto"),
+    # what the pipeline runs by default: each crop and two centred zooms (settings.CROP_ZOOMS)
+    ("ensemble auto, zooms 1/0.9/0.8", ["multiscale", "efficientnet_b0"], "auto", (1.0, 0.9, 0.8)),
 ]
 
 
@@ -110,14 +112,14 @@ def main(argv=None) -> int:
                     help="crops per measurement (at least the batch size); default 16 on CPU, 512 on CUDA")
     ap.add_argument("--old-crops", type=int, default=None, help="crops for the old loop (default = --crops)")
     ap.add_argument("--batch-sizes", default="1,8,32,64")
-    ap.add_argument("--configs", default=None, help="comma list of config labels to run (default all)")
+    ap.add_argument("--configs", default=None, help="semicolon list of config labels to run (default all)")
     ap.add_argument("--num-workers", type=int, default=None)
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
     n_crops = args.crops or (512 if cuda else 16)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     files = crop_files(max([n_crops, *batch_sizes]))
-    configs = [c for c in CONFIGS if not args.configs or c[0] in args.configs.split(",")]
+    configs = [c for c in CONFIGS if not args.configs or c[0] in args.configs.split(";")]
 
     print(f"# embeddings benchmark  {dt.datetime.now().isoformat(timespec='seconds')}")
     gpu = torch.cuda.get_device_name(0) if cuda else "-"
@@ -128,12 +130,12 @@ def main(argv=None) -> int:
     print(f"# crops: {'nyala photos' if NYALA.exists() else 'synthetic'}, "
           f"{n_crops} per measurement (or the batch size if larger)")
     rows = []
-    for label, models, weights in configs:
+    for label, models, weights, *zooms in configs:
         cells = []
         passes = None
         for bs in batch_sizes:
             engine = InferenceEngine(models, weights=weights, device=args.device, batch_size=bs,
-                                     num_workers=args.num_workers)
+                                     num_workers=args.num_workers, zooms=zooms[0] if zooms else (1.0,))
             passes = engine.n_backbone_passes
             n = max(n_crops, bs)
             items = [CropItem(str(f), str(f)) for f in files[:n]]

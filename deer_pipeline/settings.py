@@ -28,6 +28,8 @@ PAD_FRACTION = 0.05                        # box padding on each side, as a shar
 EMBEDDING_MODELS = ("multiscale", "efficientnet_b0")   # the ensemble's components
 EMBEDDING_WEIGHTS = "auto"                 # auto | imagenet | path to a state-dict file
 POOLING = "avg"                            # avg | gem | centre (embedding.models.CENTRE_SIGMA)
+CROP_ZOOMS = (1.0, 0.9, 0.8)               # the crop and centred zooms into it (fractions of its width and height);
+                                           # each is embedded and the vectors averaged (chosen on nyala-dev's calibration half)
 DEVICE = "auto"                            # auto | cpu | cuda | cuda:N
 BATCH_SIZE = 32                            # crops per forward pass (halved on CUDA OOM)
 AMP = True                                 # float16 autocast on CUDA
@@ -100,6 +102,7 @@ ENVIRONMENT = {
     "DEER_EMBEDDING_WEIGHTS": "auto | imagenet | path to a state-dict file",
     "DEER_WEIGHTS_DIR": "cache of downloaded re-identification backbones; default <data dir>/weights",
     "DEER_TINY_ARCHITECTURES": "1 builds tiny test variants of the downloadable backbones (unit tests only)",
+    "DEER_CROP_ZOOMS": "comma list of centred zooms into each crop, averaged (1 = the whole crop); default 1,0.9,0.8",
     "DEER_DEVICE": "auto | cpu | cuda | cuda:N",
     "DEER_GPU_INDEX": "pin inference to GPU N",
     "DEER_BATCH_SIZE": "crops per forward pass",
@@ -164,6 +167,28 @@ def env_bool(name: str, default: bool) -> bool:
 def env_list(name: str, default: tuple[str, ...]) -> list[str]:
     raw = env(name)
     return [p.strip() for p in raw.split(",") if p.strip()] if raw else list(default)
+
+
+def check_zooms(zooms) -> tuple[float, ...]:
+    """Centred zooms into a crop as a tuple of distinct fractions in (0, 1], in the order given
+    (1 is the whole crop), or :class:`SettingsError`."""
+    try:
+        out = tuple(dict.fromkeys(float(z) for z in zooms))
+    except (TypeError, ValueError):
+        raise SettingsError(f"crop zooms must be numbers in (0, 1], got {zooms!r}") from None
+    if not out or any(not 0 < z <= 1 for z in out):
+        raise SettingsError(f"crop zooms must be one or more numbers in (0, 1] (1 = the whole crop), got {zooms!r}")
+    return out
+
+
+def env_zooms(name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    raw = env(name)
+    if raw is None:
+        return tuple(default)
+    try:
+        return check_zooms([p for p in raw.split(",") if p.strip()])
+    except SettingsError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
 
 
 def data_dir_setting() -> str:
@@ -422,6 +447,7 @@ class EmbeddingSettings:
     weights: str = EMBEDDING_WEIGHTS
     weights_files: tuple[tuple[str, str], ...] = ()     # (model, state-dict file) overrides
     pooling: str = POOLING
+    zooms: tuple[float, ...] = CROP_ZOOMS
     device: str = DEVICE
     gpu_index: int | None = None
     batch_size: int = BATCH_SIZE
@@ -439,6 +465,7 @@ class EmbeddingSettings:
             raise SettingsError("embedding models: name at least one model")
         if self.pooling not in ("avg", "gem", "centre"):
             raise SettingsError(f"pooling must be avg, gem or centre, not {self.pooling!r}")
+        object.__setattr__(self, "zooms", check_zooms(self.zooms))
         if self.batch_size < 1:
             raise SettingsError(f"batch_size must be >= 1, got {self.batch_size!r}")
         if self.num_workers is not None and self.num_workers < 0:
@@ -453,13 +480,14 @@ class EmbeddingSettings:
     @classmethod
     def from_environment(cls) -> "EmbeddingSettings":
         """The deployment's configuration: DEER_EMBEDDING_MODELS, DEER_EMBEDDING_WEIGHTS,
-        DEER_DEVICE, DEER_GPU_INDEX, DEER_BATCH_SIZE, DEER_NUM_WORKERS, DEER_AMP,
+        DEER_CROP_ZOOMS, DEER_DEVICE, DEER_GPU_INDEX, DEER_BATCH_SIZE, DEER_NUM_WORKERS, DEER_AMP,
         DEER_INFERENCE_BACKEND. Without DEER_EMBEDDING_MODELS, an embedder registered with
         ``deer-pipeline models register`` (``registered_embedder``) replaces the default models."""
         reg = registered_embedder() if env("DEER_EMBEDDING_MODELS") is None else None
         return cls(models=(reg["model"],) if reg else tuple(env_list("DEER_EMBEDDING_MODELS", EMBEDDING_MODELS)),
                    weights=env("DEER_EMBEDDING_WEIGHTS", EMBEDDING_WEIGHTS),
                    weights_files=((reg["model"], reg["weights"]),) if reg else (),
+                   zooms=env_zooms("DEER_CROP_ZOOMS", CROP_ZOOMS),
                    device=env("DEER_DEVICE", DEVICE), gpu_index=env_int("DEER_GPU_INDEX"),
                    batch_size=env_int("DEER_BATCH_SIZE", BATCH_SIZE),
                    num_workers=env_int("DEER_NUM_WORKERS"), amp=env_bool("DEER_AMP", AMP),

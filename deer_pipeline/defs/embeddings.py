@@ -5,13 +5,14 @@ Thin Dagster layer over ``deer_pipeline.embedding.inference`` (the models) and
 version, written idempotently, so:
 
 * re-materialising a partition embeds nothing new;
-* a new configured version (other weights, reduction, pooling or models) changes the asset's
+* a new configured version (other weights, reduction, pooling, crop zooms or models) changes the asset's
   ``code_version``, which marks materialised partitions stale; a backfill then embeds the new
   version next to the old one, never touching the old vectors;
 * switching back (rollback) finds the old version's vectors and writes no new rows.
 
 The ``code_version`` is computed when the code location loads from the same environment the
-inference resource reads (``DEER_EMBEDDING_MODELS``, ``DEER_EMBEDDING_WEIGHTS``): it hashes the
+inference resource reads (``DEER_EMBEDDING_MODELS``, ``DEER_EMBEDDING_WEIGHTS``,
+``DEER_CROP_ZOOMS``): it hashes the
 resolved embedding versions, i.e. model, weights hash, reduction hash and preprocessing.
 """
 
@@ -65,7 +66,7 @@ def embed_partitions(context, database: DeerDatabase, crop_store: CropStore,
         context.log.warning(
             "the inference resource is configured for embedding versions %s, which is not what this "
             "asset's code_version (%s) was computed from (DEER_EMBEDDING_MODELS / "
-            "DEER_EMBEDDING_WEIGHTS when the code location loaded); staleness will not reflect it",
+            "DEER_EMBEDDING_WEIGHTS / DEER_CROP_ZOOMS when the code location loaded); staleness will not reflect it",
             embedding_config.versions(config), code_version)
     run = embedding_partitions.embed_partitions(database.engine(), config, crop_store.settings().store_dir,
                                                 [split_key(k) for k in partition_keys],
@@ -152,7 +153,7 @@ def _define_embeddings_asset(config: EmbeddingSettings, max_partitions_per_run: 
         description=("One L2-normalised 512-d vector per ok crop and model, keyed by detection and "
                      f"embedding version (models: {', '.join(config.models)}; weights: {config.weights}"
                      f"{'; weights files: ' + str(dict(config.weights_files)) if config.weights_files else ''}; "
-                     f"pooling: {config.pooling})."),
+                     f"pooling: {config.pooling}; crop zooms: {', '.join(f'{z:g}' for z in config.zooms)})."),
         **extra,
     )
     def embeddings(context: dg.AssetExecutionContext, database: DeerDatabase, crop_store: CropStore,

@@ -64,6 +64,8 @@ class ReidEvaluationConfig(dg.Config):
     methods: Optional[list[str]] = Field(default=None, description="methods to run (default: all)")
     weights: str = Field(default="auto", description="embedding weights: auto | imagenet | path")
     device: str = Field(default="auto", description="auto | cpu | cuda:N")
+    zooms: list[float] = Field(default=list(settings.CROP_ZOOMS),
+                               description="the crop (1) and centred zooms into it, embedded and averaged")
     model_file: Optional[str] = Field(default=None, description="trained model folder for the method `trained` "
                                       "(never trained on an evaluated individual)")
 
@@ -148,7 +150,7 @@ def reid_evaluation(context: dg.AssetExecutionContext, config: ReidEvaluationCon
     from deer_pipeline.evaluation import report as eval_report
     from deer_pipeline.evaluation import run as ev
 
-    embedding = EmbeddingSettings(weights=config.weights, device=config.device)
+    embedding = EmbeddingSettings(weights=config.weights, device=config.device, zooms=tuple(config.zooms))
     options = ev.EvaluationOptions(methods=config.methods, embedding=embedding, database_url=database.url,
                                    model_file=config.model_file)
     report = ev.evaluate(cfg["labels_csv"], cfg["images_root"], cfg["calibration_labels_csv"],

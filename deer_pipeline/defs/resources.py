@@ -63,6 +63,8 @@ class InferenceResource(dg.ConfigurableResource):
     channels_last: bool = settings.CHANNELS_LAST
     num_workers: Optional[int] = Field(default=None, description="DataLoader decode workers; None = auto")
     pooling: str = Field(default=settings.POOLING, description="avg | gem (GeM, p=3) | centre (centred Gaussian weight, sigma 0.4); part of the version")
+    zooms: list[float] = Field(default=list(settings.CROP_ZOOMS), description="the crop (1) and centred "
+                               "zooms into it (fractions of its width and height), embedded and averaged; part of the version")
     backend: str = Field(default=settings.BACKEND, description="auto | eager | onnxruntime (auto: ONNX "
                          "Runtime when there is no GPU); part of the version")
 
@@ -70,7 +72,8 @@ class InferenceResource(dg.ConfigurableResource):
         """The one embedding configuration this resource stands for."""
         return embedding_config.check_models(settings.EmbeddingSettings(
             models=tuple(self.models), weights=self.weights, weights_files=tuple(self.weights_files.items()),
-            pooling=self.pooling, device=self.device, gpu_index=self.gpu_index, batch_size=self.batch_size,
+            pooling=self.pooling, zooms=tuple(self.zooms), device=self.device, gpu_index=self.gpu_index,
+            batch_size=self.batch_size,
             amp=self.amp, channels_last=self.channels_last, num_workers=self.num_workers,
             backend=self.backend))
 
@@ -88,7 +91,7 @@ def inference_resource_from_env() -> InferenceResource:
     from_environment``; ``dg.EnvVar`` for the scalar settings that are set, so the UI shows where
     a value came from)."""
     config = embedding_config.check_models(settings.EmbeddingSettings.from_environment())
-    kwargs: dict = {"models": list(config.models), "amp": config.amp}
+    kwargs: dict = {"models": list(config.models), "amp": config.amp, "zooms": list(config.zooms)}
     for field_name, var, is_int in (("weights", "DEER_EMBEDDING_WEIGHTS", False),
                                     ("backend", "DEER_INFERENCE_BACKEND", False),
                                     ("device", "DEER_DEVICE", False),

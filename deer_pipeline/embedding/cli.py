@@ -32,15 +32,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pooling", default=settings.POOLING, choices=embedders.POOLINGS,
                         help=f"feature-map pooling (default {settings.POOLING}; centre: a Gaussian weight "
                              f"centred on the crop, sigma {embedders.CENTRE_SIGMA:g})")
+    parser.add_argument("--zooms", type=float, nargs="+", default=list(settings.CROP_ZOOMS),
+                        help="the crop (1) and centred zooms into it, embedded and averaged (default "
+                             f"{' '.join(f'{z:g}' for z in settings.CROP_ZOOMS)}; 1 alone: the whole crop only)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     set_quiet(args.quiet)
 
     try:
         engine = InferenceEngine([args.model], weights=args.weights, device=args.device,
-                                 batch_size=args.batch_size, pooling=args.pooling, num_workers=0)
+                                 batch_size=args.batch_size, pooling=args.pooling, num_workers=0,
+                                 zooms=args.zooms)
         result = engine.embed_images(args.images)
-    except (embedders.EmbedderError, embedders.WeightsUnavailable) as exc:
+    except (embedders.EmbedderError, embedders.WeightsUnavailable, settings.SettingsError) as exc:
         print(f"deer-pipeline embed: {exc}", file=sys.stderr)
         return 2
     if result.failures:

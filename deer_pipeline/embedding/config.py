@@ -2,7 +2,7 @@
 the ``embeddings`` asset's code version, and an inference engine for it.
 
 ``settings.EmbeddingSettings`` holds the configuration (models, weights, per-model weights files,
-pooling, device, batch size); every consumer resolves it here, so the inference resource, the
+pooling, crop zooms, device, batch size); every consumer resolves it here, so the inference resource, the
 identity settings, the code version of the ``embeddings`` asset and the evaluation cannot
 disagree (for example about a per-model weights file).
 """
@@ -51,7 +51,8 @@ def resolve_backend(config: EmbeddingSettings) -> str:
 def specs(config: EmbeddingSettings, models: Sequence[str] | None = None) -> dict[str, embedders.EmbedderSpec]:
     """model -> resolved spec (version, weights used) without building any network."""
     backend = resolve_backend(config)
-    return {m: embedders.resolve_embedder(m, config.weights_for(m), pooling=config.pooling, backend=backend)
+    return {m: embedders.resolve_embedder(m, config.weights_for(m), pooling=config.pooling, backend=backend,
+                                          zooms=config.zooms)
             for m in (models or config.models)}
 
 
@@ -67,7 +68,7 @@ def code_version(config: EmbeddingSettings) -> str:
     except Exception as exc:   # e.g. weights='imagenet' not cached: the run will say what to do
         payload = {"logic": ASSET_LOGIC_VERSION, "error": type(exc).__name__,
                    "unresolved": [list(config.models), config.weights, list(config.weights_files),
-                                  config.pooling]}
+                                  config.pooling, list(config.zooms)]}
     return "emb-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -80,4 +81,4 @@ def engine(config: EmbeddingSettings, models: Sequence[str] | None = None):
         models, weights={m: config.weights_for(m) for m in models}, device=config.device,
         gpu_index=config.gpu_index, batch_size=config.batch_size, amp=config.amp,
         channels_last=config.channels_last, num_workers=config.num_workers, pooling=config.pooling,
-        backend=resolve_backend(config))
+        backend=resolve_backend(config), zooms=config.zooms)

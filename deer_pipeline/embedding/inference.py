@@ -63,12 +63,36 @@ def preprocess(image, size: int = embedders.INPUT_SIZE):
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
+def zoom(image, fraction: float):
+    """The centred ``fraction`` of ``image``'s width and height (at least 1 x 1 pixel); the
+    image itself for 1."""
+    if fraction >= 1.0:
+        return image
+    w, h = image.size
+    cw, ch = max(1, round(w * fraction)), max(1, round(h * fraction))
+    x, y = (w - cw) // 2, (h - ch) // 2
+    return image.crop((x, y, x + cw, y + ch))
+
+
+def preprocess_zooms(image, zooms: Sequence[float] = (1.0,), size: int = embedders.INPUT_SIZE):
+    """RGB image -> uint8 tensor (3, size, size) for the whole crop alone, else
+    (len(zooms), 3, size, size): each centred zoom resized as :func:`preprocess` does."""
+    import torch
+
+    if tuple(zooms) == (1.0,):
+        return preprocess(image, size)
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"empty image {image.width}x{image.height}")
+    return torch.stack([preprocess(zoom(image, z), size) for z in zooms])
+
+
 class _CropDataset:
     """Map-style dataset: index -> (index, uint8 tensor or None, failure reason or None)."""
 
-    def __init__(self, items: Sequence[CropItem], size: int):
+    def __init__(self, items: Sequence[CropItem], size: int, zooms: Sequence[float] = (1.0,)):
         self.items = items
         self.size = size
+        self.zooms = tuple(zooms)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -76,7 +100,7 @@ class _CropDataset:
     def __getitem__(self, i: int):
         item = self.items[i]
         try:
-            return i, preprocess(load_crop_image(item), self.size), None
+            return i, preprocess_zooms(load_crop_image(item), self.zooms, self.size), None
         except Exception as exc:   # one bad crop must not stop the batch
             return i, None, f"{type(exc).__name__}: {exc}"[:500]
 
@@ -147,14 +171,16 @@ class InferenceEngine:
 
     ``weights`` is one setting for every model ('auto', 'imagenet', a path, 'random-test-only')
     or a mapping model -> setting. ``amp`` (float16 autocast) applies on CUDA only;
-    ``num_workers=None`` picks a value (0 for a single batch).
+    ``num_workers=None`` picks a value (0 for a single batch). ``zooms``: each crop and centred
+    zooms into it are embedded and every model's unit vectors averaged and normalised again
+    (``settings.CROP_ZOOMS``; the whole crop alone by default here), named in the versions.
     """
 
     def __init__(self, models: Sequence[str] = DEFAULT_MODELS, *, weights: str | Mapping[str, str] = "auto",
                  device: str = "auto", gpu_index: int | None = None, batch_size: int = 32,
                  amp: bool = True, channels_last: bool = True, num_workers: int | None = None,
                  pooling: str = "avg", projection_seeds: Mapping[str, int] | None = None,
-                 backend: str = "eager"):
+                 backend: str = "eager", zooms: Sequence[float] = (1.0,)):
         if isinstance(models, str):
             models = [models]
         models = list(dict.fromkeys(models))
@@ -169,7 +195,8 @@ class InferenceEngine:
         for m in models:
             w = weights.get(m, "auto") if isinstance(weights, Mapping) else weights
             self.specs[m] = embedders.resolve_embedder(m, w, pooling=pooling, projection_seed=seeds.get(m),
-                                                       backend=backend)
+                                                       backend=backend, zooms=zooms)
+        self.zooms = next(iter(self.specs.values())).zooms
         self.device = resolve_device(device, gpu_index)
         self.batch_size = int(batch_size)
         self.amp = bool(amp) and self.device.startswith("cuda")
@@ -239,8 +266,18 @@ class InferenceEngine:
         return out
 
     def embed_tensor(self, x) -> dict[str, np.ndarray]:
-        """Embed a preprocessed uint8 batch; on CUDA out-of-memory retry with half the batch
-        (and keep the smaller size for later batches)."""
+        """Embed a preprocessed uint8 batch (n, 3, H, W), or (n, zooms, 3, H, W) from
+        :func:`preprocess_zooms`: each crop's zoom vectors are averaged and normalised again."""
+        if x.dim() == 5:
+            n, v = int(x.shape[0]), int(x.shape[1])
+            flat = self._embed_flat(x.reshape(n * v, *x.shape[2:]), align=v)
+            return {m: embedders.unit_rows(a.reshape(n, v, -1).mean(axis=1)) for m, a in flat.items()}
+        return self._embed_flat(x)
+
+    def _embed_flat(self, x, align: int = 1) -> dict[str, np.ndarray]:
+        """Embed a uint8 batch (n, 3, H, W); on CUDA out-of-memory retry with half the batch
+        (and keep the smaller size for later batches). Every forward pass holds a multiple of
+        ``align`` rows (all the zooms of a crop go through together)."""
         import torch
 
         n = int(x.shape[0])
@@ -248,10 +285,11 @@ class InferenceEngine:
         start = 0
         while start < n:
             size = min(self._effective_batch, n - start)
+            size = max(align, size - size % align)
             try:
                 chunks.append(self._forward(x[start:start + size]))
             except torch.OutOfMemoryError:
-                if size <= 1:
+                if size <= align:
                     raise
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -263,6 +301,11 @@ class InferenceEngine:
         return {m: np.concatenate([c[m] for c in chunks], axis=0) for m in self.specs}
 
     # -- crops --------------------------------------------------------------------------------
+    def _crops_per_batch(self) -> int:
+        """Crops decoded per batch: ``batch_size`` images go through the networks at once, so
+        with several zooms per crop a batch holds fewer crops."""
+        return max(1, self.batch_size // len(self.zooms))
+
     def _workers_for(self, n_items: int) -> int:
         if self.num_workers is not None:
             return self.num_workers
@@ -282,7 +325,7 @@ class InferenceEngine:
             return
         workers = self._workers_for(len(items))
         loader = DataLoader(
-            _CropDataset(items, embedders.INPUT_SIZE), batch_size=self.batch_size, shuffle=False,
+            _CropDataset(items, embedders.INPUT_SIZE, self.zooms), batch_size=self._crops_per_batch(), shuffle=False,
             num_workers=workers, collate_fn=_collate,
             pin_memory=self.device.startswith("cuda"),
             worker_init_fn=_worker_init if workers else None,

@@ -46,7 +46,7 @@ import logging
 import math
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -478,6 +478,7 @@ class EmbedderSpec:
     preprocessing: Preprocessing
     version: str = field(default="")
     backend: str = "eager"            # eager | onnxruntime (embedding.backends); part of the version
+    zooms: tuple[float, ...] = (1.0,)  # centred zooms into the crop, vectors averaged; part of the version
 
     @property
     def backbone(self) -> str:
@@ -516,6 +517,7 @@ class EmbedderSpec:
                 "mean": list(self.preprocessing.mean),
                 "std": list(self.preprocessing.std),
                 "backend": self.backend,
+                "crop_zooms": list(self.zooms),
             },
         }
 
@@ -534,12 +536,37 @@ def _reduction_hash(features: Sequence[str], pooling: str, proj_sha: str) -> str
     return hashlib.sha256(desc.encode()).hexdigest()
 
 
+def zoom_label(zooms: Sequence[float]) -> str:
+    """How crop zooms are named in a version: ``""`` for the whole crop alone, else e.g.
+    ``:zoom1-0.9-0.8``."""
+    zooms = tuple(float(z) for z in zooms)
+    return "" if zooms == (1.0,) else ":zoom" + "-".join(f"{z:g}" for z in zooms)
+
+
+def with_zooms(spec: EmbedderSpec, zooms: Sequence[float]) -> EmbedderSpec:
+    """``spec`` embedding the centred ``zooms`` of each crop (averaged), its version named so."""
+    zooms = settings.check_zooms(zooms)
+    if zooms == spec.zooms:
+        return spec
+    if spec.zooms != (1.0,):
+        raise EmbedderError(f"{spec.version} already has crop zooms {spec.zooms}")
+    return replace(spec, zooms=zooms, version=spec.version + zoom_label(zooms))
+
+
 def resolve_embedder(model: str, weights: str = "auto", pooling: str = "avg",
-                     projection_seed: int | None = None, backend: str = "eager") -> EmbedderSpec:
+                     projection_seed: int | None = None, backend: str = "eager",
+                     zooms: Sequence[float] = (1.0,)) -> EmbedderSpec:
     """Resolve ``model`` into a spec with its ``embedding_version`` (cheap: hashes files and the
     projection, builds no network). ``backend`` ``onnxruntime`` applies to the backbones that
     export (``backends.ONNX_BACKBONES``; the others run eager) and is named in the version.
-    The trained model and the downloadable backbones (``REID_MODELS``) always run eager."""
+    The trained model and the downloadable backbones (``REID_MODELS``) always run eager.
+    ``zooms``: the crop and centred zooms into it whose vectors are averaged
+    (``settings.CROP_ZOOMS``); anything but the whole crop alone is named in the version."""
+    return with_zooms(_resolve_embedder(model, weights, pooling, projection_seed, backend), zooms)
+
+
+def _resolve_embedder(model: str, weights: str, pooling: str, projection_seed: int | None,
+                      backend: str) -> EmbedderSpec:
     from deer_pipeline.embedding.backends import BACKENDS, ONNX_BACKBONES
 
     if model in REID_MODELS:

@@ -78,7 +78,7 @@ def register(target: str) -> dict:
                                 f"{', '.join(backbones.NAMES)}")
         model, weights = "trained", str(folder.resolve())
     try:
-        spec = embedders.resolve_embedder(model, weights)
+        spec = embedders.resolve_embedder(model, weights, zooms=settings.EmbeddingSettings.from_environment().zooms)
         check_loadable(spec)
     except (embedders.EmbedderError, embedders.WeightsUnavailable, ValueError) as exc:
         raise RegistryError(f"not registered: {exc}") from exc

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from deer_pipeline.evaluation import methods as reid_methods
+from deer_pipeline import settings
 from deer_pipeline.settings import EmbeddingSettings
 
 
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="auto", help="embedding weights: auto (default), imagenet or a path")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--zooms", type=float, nargs="+", default=list(settings.CROP_ZOOMS),
+                   help="the crop (1) and centred zooms into it whose vectors are averaged, as the pipeline "
+                        f"does (default {' '.join(f'{z:g}' for z in settings.CROP_ZOOMS)}; 1 alone: the whole crop)")
     p.add_argument("--legacy-redraws", type=int, default=10,
                    help="extra legacy runs with new projections, to show its spread (default 10)")
     p.add_argument("--model-file", metavar="MODEL_DIR",
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         methods = reid_methods.resolve_methods(args.methods)
-        embedding = EmbeddingSettings(weights=args.weights, device=args.device, batch_size=args.batch_size)
+        embedding = EmbeddingSettings(weights=args.weights, device=args.device, batch_size=args.batch_size,
+                                      zooms=tuple(args.zooms))
         train_options = None
         if sum(map(bool, (args.model_file, args.train_split, args.train_encounters))) > 1:
             print("deer-pipeline evaluate: give one of --model-file, --train-split and --train-encounters",

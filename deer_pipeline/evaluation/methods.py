@@ -278,19 +278,26 @@ class FeatureSink:
         self.legacy_parts: list[np.ndarray] = []
         self.parts: dict[str, list[np.ndarray]] = {ex.name: [] for ex in self.extractors}
         self.rows = 0
+        self.every, self.offset = 1, 0          # hooked on a pass of crop zooms: the whole crop's rows
 
     def add(self, fmap) -> None:
         fmap = fmap.float()
+        if self.every > 1:
+            fmap = fmap[self.offset::self.every]
         if self.legacy:
             self.legacy_parts.append(average_pool(fmap).cpu().numpy())
         for ex in self.extractors:
             self.parts[ex.name].append(ex.pool(fmap).cpu().numpy())
         self.rows += int(fmap.shape[0])
 
-    def hook_on(self, net):
+    def hook_on(self, net, zooms: Sequence[float] = (1.0,)):
         """Register a forward hook on the pipeline's own backbone ``net`` (as loaded by
         ``networks.load_backbone``) that feeds its last feature map here while the pipeline
-        embeds; returns the handle (call ``.remove()``)."""
+        embeds; returns the handle (call ``.remove()``). With crop ``zooms`` (which must hold
+        1, the whole crop) the pass holds each crop's zooms in a row, and only the whole crop's
+        rows are kept."""
+        zooms = tuple(zooms)
+        self.every, self.offset = len(zooms), zooms.index(1.0)
         m = net.body
         if net.backbone == "efficientnet_lite0":
             return m._bn1.register_forward_hook(lambda mod, inp, out: self.add(m._swish(out)))

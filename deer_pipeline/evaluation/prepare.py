@@ -199,8 +199,9 @@ def embed_sets(engine: Engine, sets: Sequence[PreparedSet], methods: Sequence[rm
 
     The legacy method's input (the backbone's average-pooled last feature map) and the feature
     methods' vectors are taken from the SAME forward pass, by a forward hook on the pipeline's
-    own backbone (:class:`reid_methods.FeatureSink`), when the pipeline runs that backbone;
-    otherwise (or if the rows do not line up) a separate pass over the same crops computes them."""
+    own backbone (:class:`reid_methods.FeatureSink`, the whole crop's rows when the pipeline also
+    embeds zooms), when the pipeline runs that backbone; otherwise (no whole crop among the
+    zooms, or rows that do not line up) a separate pass over the same crops computes them."""
     from deer_pipeline.embedding import config as embedding_config
     from deer_pipeline.embedding import networks
     from deer_pipeline.embedding import store as embedding_store
@@ -232,10 +233,12 @@ def embed_sets(engine: Engine, sets: Sequence[PreparedSet], methods: Sequence[rm
             nets[(spec.weights.backbone, spec.weights.sha256, spec.weights.source)] = networks.load_backbone(
                 spec.weights, spec.pooling, eng.device, eng.channels_last)
         handles = []
-        for sink in sinks:
+        # the legacy and feature methods take the whole crop only: with crop zooms they keep the
+        # whole crop's rows of the pipeline's pass, or get a pass of their own without it
+        for sink in (sinks if 1.0 in eng.zooms else []):
             net = nets.get((sink.rw.backbone, sink.rw.sha256, sink.rw.source))
             if net is not None:
-                handles.append(sink.hook_on(net))
+                handles.append(sink.hook_on(net, eng.zooms))
                 hooked.append(sink)
         try:
             res = eng.embed(items)

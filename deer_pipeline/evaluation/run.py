@@ -189,7 +189,9 @@ def _reid_models(methods, options: EvaluationOptions, photos, cal_photos, workdi
                 f"(e.g. {', '.join(overlap[:5])}); evaluate it on other individuals (train with "
                 f"`deer-pipeline train --split-by-identity SEED` and evaluate with the same SEED)")
         report["trained_model"] = {
-            "model_dir": card["_model_dir"], "embedding_version": card["embedding_version"],
+            # the version this evaluation writes: the model's own, with the configured crop zooms
+            "model_dir": card["_model_dir"],
+            "embedding_version": card["embedding_version"] + embedders.zoom_label(options.embedding.zooms),
             "trained_in_this_run": bool(options.train_split or options.train_encounters),
             "data": {**{k: card["data"][k] for k in ("source", "sha256", "photos_used", "individuals_used",
                                                      "train_individuals", "validation_individuals", "skipped")},

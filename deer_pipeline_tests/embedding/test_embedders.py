@@ -276,6 +276,26 @@ def test_cuda_out_of_memory_retries_with_half_the_batch(tmp_path, monkeypatch):
     assert res.detection_ids == [str(p) for p in paths]
     np.testing.assert_allclose(res.vectors["efficientnet_lite0"], reference.vectors["efficientnet_lite0"], atol=1e-5)
 
+    # with crop zooms a pass always holds all the zooms of a crop: 2 crops x 3 zooms = 6 rows,
+    # out of memory -> 3 rows (one crop) per pass, never a crop split across passes
+    zooms = (1.0, 0.9, 0.8)
+    reference = InferenceEngine(["efficientnet_lite0"], device="cpu", batch_size=6, num_workers=0,
+                                zooms=zooms).embed_images(paths)
+    engine = InferenceEngine(["efficientnet_lite0"], device="cpu", batch_size=6, num_workers=0, zooms=zooms)
+    real_forward = engine._forward
+    sizes.clear()
+
+    def forward_with_less_memory(x):
+        sizes.append(int(x.shape[0]))
+        if x.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(x)
+
+    monkeypatch.setattr(engine, "_forward", forward_with_less_memory)
+    res = engine.embed_images(paths)
+    assert sizes == [6, 3, 3, 3, 3] and all(s % 3 == 0 for s in sizes)
+    np.testing.assert_allclose(res.vectors["efficientnet_lite0"], reference.vectors["efficientnet_lite0"], atol=1e-5)
+
 
 def test_shared_backbone_runs_once_for_auto_ensemble(empty_torch_home):
     engine = InferenceEngine(["multiscale", "efficientnet_b0"], device="cpu")
@@ -328,12 +348,19 @@ def test_embed_cli_on_a_nyala_photo(nyala_dir, tmp_path, capsys):
     vecs = np.load(out)
     assert vecs.shape == (3, 512) and vecs.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
-    spec = embedders.resolve_embedder("efficientnet_lite0", "auto")
+    from deer_pipeline.settings import CROP_ZOOMS
+
+    spec = embedders.resolve_embedder("efficientnet_lite0", "auto", zooms=CROP_ZOOMS)
     assert f"embedding version: {spec.version}" in printed
     assert "weights used: efficientnet_lite0 ImageNet weights" in printed
     # Same photos through the engine directly: the same rows, in order.
-    direct = InferenceEngine(["efficientnet_lite0"], device="cpu", num_workers=0).embed_images(photos)
+    direct = InferenceEngine(["efficientnet_lite0"], device="cpu", num_workers=0, zooms=CROP_ZOOMS).embed_images(photos)
     np.testing.assert_allclose(vecs, direct.vectors["efficientnet_lite0"], atol=1e-6)
+    # --zooms 1: the whole crop alone, the version without a zoom label
+    assert embedders_cli.main([*map(str, photos), "--model", "efficientnet_lite0", "--out", str(out), "--zooms", "1"]) == 0
+    whole = embedders.resolve_embedder("efficientnet_lite0", "auto")
+    assert f"embedding version: {whole.version}" in capsys.readouterr().out and ":zoom" not in whole.version
+    assert embedders_cli.main([str(photos[0]), "--model", "efficientnet_lite0", "--out", str(out), "--zooms", "0"]) == 2
     # An unreadable image fails the command and names the file.
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"nope")
@@ -422,3 +449,74 @@ def test_centre_pooling_weights_the_middle_of_the_map():
     assert float(networks.pool(middle, "centre")[0, 0]) > 20 * float(networks.pool(edge, "centre")[0, 0])
     flat = torch.full((3, 4, 5, 6), 2.5)
     assert torch.allclose(networks.pool(flat, "centre"), torch.full((3, 4), 2.5))   # a constant map pools to itself
+
+
+def test_crop_zooms_average_the_vectors_of_centred_zooms(tmp_path):
+    """Crop zooms: each crop and its centred zooms go through the network and the unit vectors
+    are averaged and normalised again; the same as embedding the zoomed crops one by one. The
+    zooms are in the version (the whole crop alone keeps the version it always had), bad zooms
+    are refused where they are configured, and a 1-pixel crop still embeds."""
+    from PIL import Image
+
+    from deer_pipeline.embedding.inference import preprocess_zooms, zoom
+    from deer_pipeline.settings import CROP_ZOOMS, EmbeddingSettings, SettingsError, check_zooms
+
+    paths = [_synthetic_jpeg(tmp_path / f"z{i}.jpg", i) for i in range(4)]
+    items = [CropItem(f"d{i}", p.name, str(tmp_path)) for i, p in enumerate(paths)]
+    zooms = (1.0, 0.9, 0.8)
+    zoomed = InferenceEngine(["efficientnet_lite0"], device="cpu", batch_size=6, num_workers=0, zooms=zooms)
+    whole = InferenceEngine(["efficientnet_lite0"], device="cpu", batch_size=6, num_workers=0)
+    res = zoomed.embed(items)
+    v = res.vectors["efficientnet_lite0"]
+    assert res.detection_ids == [f"d{i}" for i in range(4)] and v.shape == (4, 512)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    # by hand: each zoom of each crop on its own through the whole-crop engine, then the mean
+    per_zoom = []
+    for z in zooms:
+        for i, p in enumerate(paths):
+            with Image.open(p) as im:
+                zoom(im.convert("RGB"), z).save(tmp_path / f"z{i}-{z}.png")
+        per_zoom.append(whole.embed([CropItem(f"d{i}", f"z{i}-{z}.png", str(tmp_path))
+                                     for i in range(4)]).vectors["efficientnet_lite0"])
+    np.testing.assert_allclose(v, embedders.unit_rows(np.mean(per_zoom, axis=0)), atol=1e-5)
+    assert not np.allclose(v, per_zoom[0], atol=1e-3)        # the zooms do change the vector
+
+    # versions: the zooms are named; the whole crop alone is the version it always was
+    assert zoomed.versions["efficientnet_lite0"] == whole.versions["efficientnet_lite0"] + ":zoom1-0.9-0.8"
+    assert ":zoom" not in whole.versions["efficientnet_lite0"]
+    spec = zoomed.specs["efficientnet_lite0"]
+    assert spec.version_info()["details"]["crop_zooms"] == [1.0, 0.9, 0.8]
+    assert embedding_config_versions(EmbeddingSettings(zooms=(1.0, 0.8))) != embedding_config_versions(EmbeddingSettings())
+    assert EmbeddingSettings().zooms == CROP_ZOOMS
+
+    # a batch of 6 images holds 2 crops of 3 zooms; the batching does not change the vectors
+    one_by_one = InferenceEngine(["efficientnet_lite0"], device="cpu", batch_size=1, num_workers=0, zooms=zooms)
+    np.testing.assert_allclose(one_by_one.embed(items[:2]).vectors["efficientnet_lite0"], v[:2], atol=1e-5)
+
+    # a 1 x 1 crop: every zoom keeps at least one pixel
+    tiny = Image.new("RGB", (1, 1), (200, 10, 10))
+    assert tuple(preprocess_zooms(tiny, zooms).shape) == (3, 3, 224, 224)
+    assert tuple(preprocess_zooms(tiny, (1.0,)).shape) == (3, 224, 224)
+
+    for bad in ((), (0.0,), (1.2,), (0.9, float("nan")), ("x",)):
+        with pytest.raises(SettingsError, match="zoom"):
+            check_zooms(bad)
+        with pytest.raises(SettingsError):
+            EmbeddingSettings(zooms=bad)
+    assert check_zooms([1, 0.8, 1.0]) == (1.0, 0.8)          # repeats dropped, order kept
+
+
+def embedding_config_versions(config):
+    from deer_pipeline.embedding import config as embedding_config
+
+    return embedding_config.versions(config)
+
+
+def test_crop_zooms_from_the_environment(monkeypatch):
+    from deer_pipeline.settings import EmbeddingSettings, SettingsError
+
+    monkeypatch.setenv("DEER_CROP_ZOOMS", "1, 0.75")
+    assert EmbeddingSettings.from_environment().zooms == (1.0, 0.75)
+    monkeypatch.setenv("DEER_CROP_ZOOMS", "1,2")
+    with pytest.raises(SettingsError, match="DEER_CROP_ZOOMS"):
+        EmbeddingSettings.from_environment()

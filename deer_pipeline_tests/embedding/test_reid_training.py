@@ -88,7 +88,11 @@ def test_trained_model_embeds_unit_vectors_and_registering_changes_the_version(t
     assert config.models == ("trained",)
     assert settings.configured_ensemble_weights() == {"trained": 1.0}
     version = embedding_config.versions(config)["trained"]
-    assert version == json.loads((trained / trained_model.CARD_FILE).read_text())["embedding_version"]
+    # the card names the model's own version (the whole crop); the pipeline adds its crop zooms
+    from deer_pipeline.embedding.models import zoom_label
+
+    assert version == json.loads((trained / trained_model.CARD_FILE).read_text())["embedding_version"] \
+        + zoom_label(config.zooms)
     assert embedding_config.code_version(config) != before             # embeddings partitions go stale
     photos = sorted(small_sample.rglob("*.jpg"))[:3]
     res = InferenceEngine(["trained"], weights={"trained": str(trained)}, device="cpu").embed_images(photos)

@@ -545,3 +545,37 @@ def test_evaluate_command_on_real_photos_writes_a_valid_report(nyala_dir, tmp_pa
     # the temporary database is gone
     with session_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM pg_database WHERE datname LIKE 'deer_eval_%'")).scalar_one() == 0
+
+
+def test_feature_hook_keeps_the_whole_crop_rows_of_a_pass_with_crop_zooms(tmp_path):
+    """The legacy method reads the pipeline's own backbone pass through a hook; when that pass
+    also embeds centred zooms of every crop, the hook keeps each crop's whole-crop row only, so
+    legacy gets exactly what a separate pass over the whole crops gives."""
+    from PIL import Image
+
+    from deer_pipeline.embedding import networks
+    from deer_pipeline.embedding.inference import CropItem, InferenceEngine
+
+    rng = np.random.default_rng(3)
+    items = []
+    for i in range(5):
+        p = tmp_path / f"c{i}.jpg"
+        Image.fromarray(rng.integers(0, 255, (90 + 9 * i, 130, 3), dtype=np.uint8)).save(p)
+        items.append(CropItem(f"d{i}", str(p)))
+    eng = InferenceEngine(["efficientnet_b0"], device="cpu", batch_size=6, num_workers=0, zooms=(0.9, 1.0, 0.8))
+    eng.load()
+    spec = eng.specs["efficientnet_b0"]
+    net = networks.load_backbone(spec.weights, spec.pooling, eng.device, eng.channels_last)
+    hooked = rm.backbone_sinks([], "resnet50")[0]
+    assert (hooked.rw.backbone, hooked.rw.sha256) == (spec.weights.backbone, spec.weights.sha256)
+    handle = hooked.hook_on(net, eng.zooms)
+    try:
+        res = eng.embed(items, quiet=True)
+    finally:
+        handle.remove()
+    assert hooked.rows == len(res.detection_ids) == 5          # 15 rows went through, 5 kept
+    separate = rm.backbone_sinks([], "resnet50")[0]
+    ids, failures = rm.run_sinks(items, [separate])
+    assert ids == res.detection_ids and not failures
+    np.testing.assert_allclose(np.concatenate(hooked.legacy_parts), np.concatenate(separate.legacy_parts),
+                               rtol=1e-3, atol=1e-4)
