@@ -86,29 +86,42 @@ class GpuEnsemble:
         self.autocast = torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
                                        dtype=torch.bfloat16)
 
-    def __call__(self, x):
-        """uint8 (n, 3, 224, 224) on the device -> {model: (n, 512) float32 on the device}."""
+    def __call__(self, x, zooms: int = 1):
+        """uint8 (n * zooms, 3, 224, 224) on the device, each crop's zooms in a row ->
+        {model: (n, 512) float32 on the device}: the zooms' unit vectors averaged and normalised
+        again, as the pipeline's engine does (``settings.CROP_ZOOMS``)."""
         out = {}
         with self.torch.inference_mode(), self.autocast:
             for key, models in self.groups.items():
                 pooled = self.nets[key](x.contiguous(memory_format=self.torch.channels_last))
                 for m in models:
-                    out[m] = networks.project(self.specs[m], pooled).float()
+                    v = networks.project(self.specs[m], pooled).float()
+                    if zooms > 1:
+                        v = self.torch.nn.functional.normalize(v.reshape(-1, zooms, v.shape[1]).mean(1), dim=1)
+                    out[m] = v
         return out
 
 
-def decode_resize(jpegs: list, device: str, size: int):
-    """JPEG byte tensors -> uint8 (n, 3, size, size) on ``device``: decoded there, bilinear
-    resize (aspect not kept, as the pipeline's preprocessing)."""
+def decode_resize(jpegs: list, device: str, size: int, zooms=(1.0,)):
+    """JPEG byte tensors -> uint8 (n * len(zooms), 3, size, size) on ``device``: decoded there,
+    each crop's centred zooms (as ``inference.zoom`` cuts them) in a row, bilinear resize (aspect
+    not kept, as the pipeline's preprocessing)."""
     import torch
     import torch.nn.functional as F
     from torchvision.io import ImageReadMode, decode_jpeg
 
     imgs = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
-    batch = torch.empty((len(imgs), 3, size, size), dtype=torch.uint8, device=device)
+    batch = torch.empty((len(imgs) * len(zooms), 3, size, size), dtype=torch.uint8, device=device)
     for i, img in enumerate(imgs):
-        r = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", align_corners=False)
-        batch[i] = r[0].round_().clamp_(0, 255).to(torch.uint8)
+        h, w = int(img.shape[1]), int(img.shape[2])
+        for j, z in enumerate(zooms):
+            part = img
+            if z < 1.0:
+                cw, ch = max(1, round(w * z)), max(1, round(h * z))
+                x0, y0 = (w - cw) // 2, (h - ch) // 2
+                part = img[:, y0:y0 + ch, x0:x0 + cw]
+            r = F.interpolate(part[None].float(), size=(size, size), mode="bilinear", align_corners=False)
+            batch[i * len(zooms) + j] = r[0].round_().clamp_(0, 255).to(torch.uint8)
     return batch
 
 
@@ -127,6 +140,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile each backbone")
     p.add_argument("--weights", default="auto")
+    p.add_argument("--zooms", type=float, nargs="+", default=None,
+                   help="the crop and centred zooms into it, averaged (default: the pipeline's settings.CROP_ZOOMS; "
+                        "1 alone: the whole crop)")
     args = p.parse_args(argv)
 
     import torch
@@ -140,17 +156,20 @@ def main(argv=None) -> int:
     print(f"{len(crops)} distinct JPEG crops from the sample ({np.mean([len(c) for c in crops]) / 1024:.1f} KiB "
           f"mean) in {time.perf_counter() - t:.1f}s")
     data = [torch.frombuffer(bytearray(c), dtype=torch.uint8) for c in crops]
-    config = EmbeddingSettings(weights=args.weights, device=args.device, batch_size=args.batch)
+    config = EmbeddingSettings(weights=args.weights, device=args.device, batch_size=args.batch,
+                               **({"zooms": tuple(args.zooms)} if args.zooms else {}))
+    zooms = config.zooms
+    nz = len(zooms)
     model = GpuEnsemble(config, args.device, args.compile)
     size = embedders.INPUT_SIZE
     print("models:", {m: s.version for m, s in model.specs.items()})
-    print(f"backbone passes per crop: {len(model.groups)}; device {args.device}; batch {args.batch}; "
-          f"bf16 autocast; channels-last; compile {args.compile}")
+    print(f"backbone passes per crop: {len(model.groups)}; crop zooms {list(zooms)} ({nz} images per crop); "
+          f"device {args.device}; batch {args.batch} crops; bf16 autocast; channels-last; compile {args.compile}")
 
     # warm-up (and compile): two batches
-    warm = decode_resize(data[: args.batch], args.device, size)
+    warm = decode_resize(data[: args.batch], args.device, size, zooms)
     for _ in range(2):
-        model(warm)
+        model(warm, nz)
     sync(args.device)
 
     # end to end: decode on the device + resize + forward + projections (vectors stay on device)
@@ -160,8 +179,8 @@ def main(argv=None) -> int:
     for b in range(n_batches):
         k = min(args.batch, args.n - done)
         batch = [data[(done + i) % len(data)] for i in range(k)]
-        x = decode_resize(batch, args.device, size)
-        vecs = model(x)
+        x = decode_resize(batch, args.device, size, zooms)
+        vecs = model(x, nz)
         done += k
     sync(args.device)
     e2e = done / (time.perf_counter() - t0)
@@ -169,9 +188,9 @@ def main(argv=None) -> int:
     # model only: the same number of crops through the networks on one preprocessed batch
     t0 = time.perf_counter()
     for _ in range(n_batches):
-        vecs = model(warm)
+        vecs = model(warm, nz)
     sync(args.device)
-    model_only = n_batches * warm.shape[0] / (time.perf_counter() - t0)
+    model_only = n_batches * (warm.shape[0] // nz) / (time.perf_counter() - t0)
 
     # agreement with the pipeline's CPU engine (fp32, PIL decode) on a few crops
     k = min(16, len(crops))
@@ -181,14 +200,15 @@ def main(argv=None) -> int:
             path = Path(tmp) / f"c{i}.jpg"
             path.write_bytes(crops[i])
             paths.append(CropItem(f"c{i}", str(path)))
-        cpu = embedding_config.engine(EmbeddingSettings(weights=args.weights, device="cpu", batch_size=k)).embed(paths)
-    gpu = model(decode_resize(data[:k], args.device, size))
+        cpu = embedding_config.engine(EmbeddingSettings(weights=args.weights, device="cpu", batch_size=k * nz,
+                                                        zooms=zooms)).embed(paths)
+    gpu = model(decode_resize(data[:k], args.device, size, zooms), nz)
     cos = {m: float(np.min(np.sum(cpu.vectors[m] * gpu[m].cpu().numpy(), axis=1))) for m in gpu}
     print(f"min cosine of the bf16 {args.device} vectors to the CPU engine's, {k} crops: {cos}")
     print(f"machine: {platform.node()} {torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.processor()}; "
           f"torch {torch.__version__}")
     print(f"crops/s end to end (decode included): {e2e:.0f}; model only: {model_only:.0f}; "
-          f"crops {done}; models {sorted(vecs)}")
+          f"crops {done} ({nz} zooms each: {nz * e2e:.0f} images/s); models {sorted(vecs)}")
     return 0
 
 
