@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from deer_pipeline.embedding import trained_model, training  # noqa: E402
+from deer_pipeline.embedding.inference import zoom  # noqa: E402
 from deer_pipeline.evaluation.labels import read_labels, split_by_identity  # noqa: E402
 from deer_pipeline.evaluation.scoring import closed_set_metrics  # noqa: E402
 
@@ -42,15 +43,6 @@ ZOOM_SETS = ((1.0, 0.8), (1.0, 0.9, 0.8), (0.9, 0.8, 0.7), (1.0, 0.8, 0.6), (1.0
 
 def unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
-def zoom(image, f: float):
-    if f >= 1.0:
-        return image
-    w, h = image.size
-    cw, ch = max(1, round(w * f)), max(1, round(h * f))
-    x, y = (w - cw) // 2, (h - ch) // 2
-    return image.crop((x, y, x + cw, y + ch))
 
 
 def features(images, model_dir: str | None) -> dict[str, dict[float, np.ndarray]]:

@@ -255,22 +255,28 @@ def test_engine_keeps_going_past_a_bad_crop_and_vectors_are_unit_norm(tmp_path):
     np.testing.assert_allclose(single.vectors["efficientnet_lite0"], v[:2], atol=1e-5)
 
 
-def test_cuda_out_of_memory_retries_with_half_the_batch(tmp_path, monkeypatch):
+def _memory_for(engine, rows: int, monkeypatch) -> list[int]:
+    """Make ``engine``'s forward pass fail with CUDA out-of-memory above ``rows`` images; returns
+    the list the size of every attempted pass is appended to."""
     import torch
 
-    paths = [_synthetic_jpeg(tmp_path / f"c{i}.jpg", i) for i in range(4)]
-    reference = InferenceEngine(["efficientnet_lite0"], device="cpu", batch_size=4, num_workers=0).embed_images(paths)
-    engine = InferenceEngine(["efficientnet_lite0"], device="cpu", batch_size=4, num_workers=0)
-    real_forward = engine._forward
-    sizes = []
+    real_forward, sizes = engine._forward, []
 
     def forward_with_small_memory(x):
         sizes.append(int(x.shape[0]))
-        if x.shape[0] > 2:
+        if x.shape[0] > rows:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_forward(x)
 
     monkeypatch.setattr(engine, "_forward", forward_with_small_memory)
+    return sizes
+
+
+def test_cuda_out_of_memory_retries_with_half_the_batch(tmp_path, monkeypatch):
+    paths = [_synthetic_jpeg(tmp_path / f"c{i}.jpg", i) for i in range(4)]
+    reference = InferenceEngine(["efficientnet_lite0"], device="cpu", batch_size=4, num_workers=0).embed_images(paths)
+    engine = InferenceEngine(["efficientnet_lite0"], device="cpu", batch_size=4, num_workers=0)
+    sizes = _memory_for(engine, 2, monkeypatch)
     res = engine.embed_images(paths)
     assert sizes == [4, 2, 2] and engine._effective_batch == 2
     assert res.detection_ids == [str(p) for p in paths]
@@ -282,16 +288,7 @@ def test_cuda_out_of_memory_retries_with_half_the_batch(tmp_path, monkeypatch):
     reference = InferenceEngine(["efficientnet_lite0"], device="cpu", batch_size=6, num_workers=0,
                                 zooms=zooms).embed_images(paths)
     engine = InferenceEngine(["efficientnet_lite0"], device="cpu", batch_size=6, num_workers=0, zooms=zooms)
-    real_forward = engine._forward
-    sizes.clear()
-
-    def forward_with_less_memory(x):
-        sizes.append(int(x.shape[0]))
-        if x.shape[0] > 4:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_forward(x)
-
-    monkeypatch.setattr(engine, "_forward", forward_with_less_memory)
+    sizes = _memory_for(engine, 4, monkeypatch)
     res = engine.embed_images(paths)
     assert sizes == [6, 3, 3, 3, 3] and all(s % 3 == 0 for s in sizes)
     np.testing.assert_allclose(res.vectors["efficientnet_lite0"], reference.vectors["efficientnet_lite0"], atol=1e-5)
