@@ -1,0 +1,98 @@
+"""Research script: variants of the encounter recipe (``deer-pipeline train --classes
+encounter``) under the transductive protocol. Each is trained on the encounters of the calibration
+half of nyala-dev (split by identity, seed 0; no identity read, all 14 epochs, 3 views, the last
+model) and scored on all of that half's photos, identities used only to measure: 564 queries of
+88 individuals instead of the 137 of ``training_variants.py``'s 18 held-out individuals.
+
+    .venv/bin/python bench/encounter_variants.py base /tmp/ev/base         # the shipped recipe
+    .venv/bin/python bench/encounter_variants.py lite2 /tmp/ev/lite2       # EfficientNet-Lite2 body
+    .venv/bin/python bench/encounter_variants.py unfreeze8 /tmp/ev/unf8    # blocks 8-15 learn
+    .venv/bin/python bench/encounter_variants.py flips /tmp/ev/flips       # + left-right flips (p 0.5)
+    .venv/bin/python bench/encounter_variants.py score /tmp/encm           # score a model folder only
+
+Printed per variant: closed-set top-1 / top-5 / mAP across encounters and the pair figures of
+``crop_zooms.py``, for the whole crop and for the crop zooms (1, 0.9, 0.8) averaged.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import training_variants as tv  # noqa: E402
+from crop_zooms import pair_metrics, unit  # noqa: E402
+
+from deer_pipeline.embedding import trained_model, training  # noqa: E402
+from deer_pipeline.embedding.inference import zoom  # noqa: E402
+from deer_pipeline.evaluation.scoring import closed_set_metrics  # noqa: E402
+
+
+def patch_flips() -> None:
+    from PIL import ImageOps
+
+    augment = training.augment
+
+    def augment_flip(image, rng):
+        img = augment(image, rng)
+        return ImageOps.mirror(img) if rng.uniform() < 0.5 else img
+
+    training.augment = augment_flip
+
+
+def load(out: str, variant: str):
+    if variant != "lite2":
+        return trained_model.load_model(out)[0]
+    import torch   # load_model builds the Lite0 body: rebuild with Lite2
+
+    card = trained_model.read_card(out)
+    net = trained_model.build_embedder(int(card["weights"]["dim"]), int(card["weights"]["frozen_blocks"]),
+                                       body=tv.lite_module(2))
+    net.load_state_dict(torch.load(card["_weights_path"], map_location="cpu", weights_only=True))
+    return net.eval()
+
+
+def main() -> None:
+    import torch
+
+    variant, out = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(2)
+    photos = tv.calibration_half()
+    seconds = None
+    if variant != "score":
+        frozen = training.TrainOptions().frozen_blocks
+        if variant == "lite2":
+            frozen = tv.patch_lite2()
+        elif variant == "unfreeze8":
+            frozen = 8
+        elif variant == "flips":
+            patch_flips()
+        elif variant != "base":
+            sys.exit(f"unknown variant {variant!r}")
+        t0 = time.time()
+        opts = training.TrainOptions(epochs=14, views=3, threads=2, probe_epochs=5, frozen_blocks=frozen)
+        training.train(photos, out, opts, classes="encounter", log_fn=lambda s: None)
+        seconds = round(time.time() - t0)
+    net = load(out, variant)
+    ts = training.prepare_training_set(photos)
+    ids = np.array([p.identity for p in ts.photos])
+    enc = np.array([p.encounter for p in ts.photos])
+    V = {}
+    for f in (1.0, 0.9, 0.8):
+        x = torch.stack([training.to_tensor_u8(zoom(im, f)) for im in ts.images])
+        with torch.inference_mode():
+            V[f] = np.concatenate([net(x[s:s + 64]).numpy() for s in range(0, len(x), 64)]).astype(np.float64)
+    for name, W in (("whole crop", unit(V[1.0])), ("zooms", unit(V[1.0] + V[0.9] + V[0.8]))):
+        S = W @ W.T
+        cm = closed_set_metrics(S, ids, enc, ks=(1, 5))
+        print(variant, name, json.dumps({"top1": round(cm["top1"], 4), "top5": round(cm["top5"], 4),
+                                         "mAP": round(cm["mAP"], 4), **pair_metrics(S, ids, enc),
+                                         "train_s": seconds}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
