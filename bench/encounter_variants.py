@@ -9,6 +9,9 @@ model) and scored on all of that half's photos, identities used only to measure:
     .venv/bin/python bench/encounter_variants.py unfreeze8 /tmp/ev/unf8    # blocks 8-15 learn
     .venv/bin/python bench/encounter_variants.py flips /tmp/ev/flips       # + left-right flips (p 0.5)
     .venv/bin/python bench/encounter_variants.py score /tmp/encm           # score a model folder only
+    .venv/bin/python bench/encounter_variants.py base /tmp/ev/base_s1 1       # a third argument: the seed
+    .venv/bin/python bench/encounter_variants.py base /tmp/ev/more 0 0.5      # a fourth: add that fraction
+                                                     # of the other half's encounters (no identity read)
 
 Printed per variant: closed-set top-1 / top-5 / mAP across encounters and the pair figures of
 ``crop_zooms.py``, for the whole crop and for the crop zooms (1, 0.9, 0.8) averaged.
@@ -29,6 +32,7 @@ from crop_zooms import pair_metrics, unit  # noqa: E402
 
 from deer_pipeline.embedding import trained_model, training  # noqa: E402
 from deer_pipeline.embedding.inference import zoom  # noqa: E402
+from deer_pipeline.evaluation.labels import read_labels, split_by_identity  # noqa: E402
 from deer_pipeline.evaluation.scoring import closed_set_metrics  # noqa: E402
 
 
@@ -42,6 +46,17 @@ def patch_flips() -> None:
         return ImageOps.mirror(img) if rng.uniform() < 0.5 else img
 
     training.augment = augment_flip
+
+
+def other_half_encounters(fraction: float) -> list:
+    """The photos of a seeded ``fraction`` of the evaluated half's encounters (for training on
+    more unlabelled photos; the encounter recipe reads no identity)."""
+    if fraction <= 0:
+        return []
+    other = split_by_identity(read_labels(tv.DATA / "labels.csv", tv.DATA), 0)[1]
+    encounters = sorted({p.encounter for p in other}, key=str)
+    chosen = set(np.random.default_rng(123).permutation(encounters)[: int(round(fraction * len(encounters)))].tolist())
+    return [p for p in other if p.encounter in chosen]
 
 
 def load(out: str, variant: str):
@@ -62,6 +77,8 @@ def main() -> None:
     variant, out = sys.argv[1], sys.argv[2]
     torch.set_num_threads(2)
     photos = tv.calibration_half()
+    seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    extra = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
     seconds = None
     if variant != "score":
         frozen = training.TrainOptions().frozen_blocks
@@ -74,8 +91,9 @@ def main() -> None:
         elif variant != "base":
             sys.exit(f"unknown variant {variant!r}")
         t0 = time.time()
-        opts = training.TrainOptions(epochs=14, views=3, threads=2, probe_epochs=5, frozen_blocks=frozen)
-        training.train(photos, out, opts, classes="encounter", log_fn=lambda s: None)
+        opts = training.TrainOptions(epochs=14, views=3, threads=2, probe_epochs=5, frozen_blocks=frozen, seed=seed)
+        training.train(list(photos) + other_half_encounters(extra), out, opts, classes="encounter",
+                       log_fn=lambda s: None)
         seconds = round(time.time() - t0)
     net = load(out, variant)
     ts = training.prepare_training_set(photos)
