@@ -31,7 +31,6 @@ import training_variants as tv  # noqa: E402
 from crop_zooms import pair_metrics, unit  # noqa: E402
 
 from deer_pipeline.embedding import trained_model, training  # noqa: E402
-from deer_pipeline.embedding.inference import zoom  # noqa: E402
 from deer_pipeline.evaluation.labels import read_labels, split_by_identity  # noqa: E402
 from deer_pipeline.evaluation.scoring import closed_set_metrics  # noqa: E402
 
@@ -81,15 +80,11 @@ def main() -> None:
     extra = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
     seconds = None
     if variant != "score":
-        frozen = training.TrainOptions().frozen_blocks
-        if variant == "lite2":
-            frozen = tv.patch_lite2()
-        elif variant == "unfreeze8":
-            frozen = 8
-        elif variant == "flips":
-            patch_flips()
-        elif variant != "base":
+        if variant not in ("base", "lite2", "unfreeze8", "flips"):
             sys.exit(f"unknown variant {variant!r}")
+        frozen = tv.patch_body(variant)
+        if variant == "flips":
+            patch_flips()
         t0 = time.time()
         opts = training.TrainOptions(epochs=14, views=3, threads=2, probe_epochs=5, frozen_blocks=frozen, seed=seed)
         training.train(list(photos) + other_half_encounters(extra), out, opts, classes="encounter",
@@ -99,11 +94,7 @@ def main() -> None:
     ts = training.prepare_training_set(photos)
     ids = np.array([p.identity for p in ts.photos])
     enc = np.array([p.encounter for p in ts.photos])
-    V = {}
-    for f in (1.0, 0.9, 0.8):
-        x = torch.stack([training.to_tensor_u8(zoom(im, f)) for im in ts.images])
-        with torch.inference_mode():
-            V[f] = np.concatenate([net(x[s:s + 64]).numpy() for s in range(0, len(x), 64)]).astype(np.float64)
+    V = tv.zoom_vectors(net, ts.images)
     for name, W in (("whole crop", unit(V[1.0])), ("zooms", unit(V[1.0] + V[0.9] + V[0.8]))):
         S = W @ W.T
         cm = closed_set_metrics(S, ids, enc, ks=(1, 5))

@@ -199,27 +199,47 @@ def concat(model_dir: str) -> None:
     print(json.dumps({k: round(v, 3) for k, v in out.items()}))
 
 
-def ensemble(model_dirs: list[str]) -> None:
+def zoom_vectors(net, images, zooms=(1.0, 0.9, 0.8), batch: int = 64) -> dict:
+    """{zoom: (n, d) float64 vectors of ``net`` for the centred zoom of every image}."""
     import torch
 
     from deer_pipeline.embedding.inference import zoom
+
+    out = {}
+    for f in zooms:
+        x = torch.stack([training.to_tensor_u8(zoom(im, f)) for im in images])
+        with torch.inference_mode():
+            out[f] = np.concatenate([net(x[s:s + batch]).numpy() for s in range(0, len(x), batch)]).astype(np.float64)
+    return out
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def ensemble(model_dirs: list[str]) -> None:
+    import torch
 
     torch.set_num_threads(2)
     ts = training.prepare_training_set(calibration_half())
     _, va = training.split_individuals(ts.photos, 0, training.TrainOptions().val_fraction)
     ids, enc = [ts.photos[i].identity for i in va], [ts.photos[i].encounter for i in va]
-
-    def unit(v):
-        return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-    nets = [trained_model.load_model(d)[0] for d in model_dirs]
+    per_model = [zoom_vectors(trained_model.load_model(d)[0], [ts.images[i] for i in va]) for d in model_dirs]
     for zooms in ((1.0,), (1.0, 0.9, 0.8)):
-        xs = [torch.stack([training.to_tensor_u8(zoom(ts.images[i], f)) for i in va]) for f in zooms]
-        with torch.inference_mode():
-            vs = [unit(sum(net(x).numpy().astype(np.float64) for x in xs)) for net in nets]
+        vs = [unit(sum(by_zoom[f] for f in zooms)) for by_zoom in per_model]
         out = {d: training.closed_set_top1(v, ids, enc) for d, v in zip(model_dirs, vs)}
         out["ensemble"] = training.closed_set_top1(unit(sum(vs)), ids, enc)
         print(json.dumps({"zooms": zooms, **{k: round(v, 3) for k, v in out.items()}}))
+
+
+def patch_body(variant: str) -> int:
+    """The body change of ``lite2`` / ``unfreeze8`` (nothing for other variants); returns the
+    number of frozen blocks to train with."""
+    if variant == "lite2":
+        return patch_lite2()
+    if variant == "unfreeze8":
+        return 8
+    return training.TrainOptions().frozen_blocks
 
 
 def main() -> None:
@@ -229,13 +249,9 @@ def main() -> None:
     if variant == "ensemble":
         return ensemble(sys.argv[2:])
     photos = calibration_half()
-    frozen = training.TrainOptions().frozen_blocks
+    frozen = patch_body(variant)
     if variant in ("encounters", "mixed", "lite2", "unfreeze8"):
         patch_encounter_classes(mixed=variant == "mixed")
-        if variant == "lite2":
-            frozen = patch_lite2()
-        elif variant == "unfreeze8":
-            frozen = 8
     else:
         {"base": lambda: None, "gem": patch_gem, "centre": patch_centre, "erase": patch_erase}[variant]()
     epochs = int(sys.argv[3]) if len(sys.argv) > 3 else 14
