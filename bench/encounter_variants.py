@@ -8,6 +8,8 @@ model) and scored on all of that half's photos, identities used only to measure:
     .venv/bin/python bench/encounter_variants.py lite2 /tmp/ev/lite2       # EfficientNet-Lite2 body
     .venv/bin/python bench/encounter_variants.py unfreeze8 /tmp/ev/unf8    # blocks 8-15 learn
     .venv/bin/python bench/encounter_variants.py flips /tmp/ev/flips       # + left-right flips (p 0.5)
+    .venv/bin/python bench/encounter_variants.py masked /tmp/ev/masked     # background greyed out (GrabCut
+                                                     # masks of bench/foreground_masks.py), train and score
     .venv/bin/python bench/encounter_variants.py score /tmp/encm           # score a model folder only
     .venv/bin/python bench/encounter_variants.py base /tmp/ev/base_s1 1       # a third argument: the seed
     .venv/bin/python bench/encounter_variants.py base /tmp/ev/more 0 0.5      # a fourth: add that fraction
@@ -47,6 +49,21 @@ def patch_flips() -> None:
     training.augment = augment_flip
 
 
+def patch_masked(cache: str = "/tmp/grabcut_seeded.npz") -> None:
+    """Every decoded photo (training and scoring) with its background set to the ImageNet mean
+    colour, by the seeded GrabCut masks of ``bench/foreground_masks.py`` (computed if missing)."""
+    from foreground_masks import masks_for, variant_images
+
+    prepare = training.prepare_training_set
+
+    def prepare_masked(photos, *a, **k):
+        ts = prepare(photos, *a, **k)
+        ts.images = variant_images(ts.images, masks_for(ts.photos, ts.images, Path(cache)), "masked grey")
+        return ts
+
+    training.prepare_training_set = prepare_masked
+
+
 def other_half_encounters(fraction: float) -> list:
     """The photos of a seeded ``fraction`` of the evaluated half's encounters (for training on
     more unlabelled photos; the encounter recipe reads no identity)."""
@@ -80,11 +97,13 @@ def main() -> None:
     extra = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
     seconds = None
     if variant != "score":
-        if variant not in ("base", "lite2", "unfreeze8", "flips"):
+        if variant not in ("base", "lite2", "unfreeze8", "flips", "masked"):
             sys.exit(f"unknown variant {variant!r}")
         frozen = tv.patch_body(variant)
         if variant == "flips":
             patch_flips()
+    if variant == "masked":
+        patch_masked()
         t0 = time.time()
         opts = training.TrainOptions(epochs=14, views=3, threads=2, probe_epochs=5, frozen_blocks=frozen, seed=seed)
         training.train(list(photos) + other_half_encounters(extra), out, opts, classes="encounter",
