@@ -8,6 +8,7 @@ model) and scored on all of that half's photos, identities used only to measure:
     .venv/bin/python bench/encounter_variants.py lite2 /tmp/ev/lite2       # EfficientNet-Lite2 body
     .venv/bin/python bench/encounter_variants.py unfreeze8 /tmp/ev/unf8    # blocks 8-15 learn
     .venv/bin/python bench/encounter_variants.py flips /tmp/ev/flips       # + left-right flips (p 0.5)
+    .venv/bin/python bench/encounter_variants.py views8 /tmp/ev/views8     # 8 augmented views cached, not 3
     .venv/bin/python bench/encounter_variants.py masked /tmp/ev/masked     # background greyed out (GrabCut
                                                      # masks of bench/foreground_masks.py), train and score
     .venv/bin/python bench/encounter_variants.py score /tmp/encm           # score a model folder only
@@ -97,15 +98,17 @@ def main() -> None:
     extra = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
     seconds = None
     if variant != "score":
-        if variant not in ("base", "lite2", "unfreeze8", "flips", "masked"):
+        if variant not in ("base", "lite2", "unfreeze8", "flips", "masked", "views8"):
             sys.exit(f"unknown variant {variant!r}")
         frozen = tv.patch_body(variant)
         if variant == "flips":
             patch_flips()
-    if variant == "masked":
+    if variant == "masked":          # training and scoring both see masked photos
         patch_masked()
+    if variant != "score":
         t0 = time.time()
-        opts = training.TrainOptions(epochs=14, views=3, threads=2, probe_epochs=5, frozen_blocks=frozen, seed=seed)
+        opts = training.TrainOptions(epochs=14, views=8 if variant == "views8" else 3, threads=2, probe_epochs=5,
+                                     frozen_blocks=frozen, seed=seed)
         training.train(list(photos) + other_half_encounters(extra), out, opts, classes="encounter",
                        log_fn=lambda s: None)
         seconds = round(time.time() - t0)

@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import numpy as np  # noqa: E402
-
 from crop_zooms import DATA, report, unit  # noqa: E402
+
 from deer_pipeline.embedding import trained_model, training  # noqa: E402
 from deer_pipeline.embedding.inference import zoom  # noqa: E402
 from deer_pipeline.evaluation.labels import read_labels, split_by_identity  # noqa: E402
@@ -77,8 +77,7 @@ def grabcut_mask(rgb: np.ndarray, side: int = 160, margin: float = 0.04, iters: 
     return cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
-def _mask_job(args):
-    path, box_crop = args
+def _mask_job(path):
     from PIL import Image
     with Image.open(path) as im:
         return grabcut_mask(np.asarray(im.convert("RGB")))
@@ -92,7 +91,7 @@ def masks_for(photos, images, cache: Path) -> list[np.ndarray]:
     if todo:
         t = time.perf_counter()
         with ProcessPoolExecutor(2) as ex:
-            for i, m in zip(todo, ex.map(_mask_job, [(photos[i].image_path, None) for i in todo], chunksize=8)):
+            for i, m in zip(todo, ex.map(_mask_job, [photos[i].image_path for i in todo], chunksize=8)):
                 got[keys[i]] = m
         print(f"  {len(todo)} GrabCut masks in {time.perf_counter() - t:.0f} s "
               f"({(time.perf_counter() - t) / len(todo) * 2:.2f} s per photo per core)", file=sys.stderr, flush=True)
