@@ -80,7 +80,23 @@ REVIEW_QUEUE_MAX_ITEMS = 50                # check: WARN when more items wait
 REVIEW_QUEUE_MAX_AGE_DAYS = 14             # check: WARN when an item waits longer (days since its detection arrived)
 REVIEW_TRAINING_MIN_DEER = 4               # train --from-reviews: confirmed deer needed (each with MIN_PHOTOS)
 REVIEW_TRAINING_MIN_PHOTOS = 2             # train --from-reviews: confirmed photos a deer needs to train
+# training a re-identification model (deer-pipeline train, the reid_model asset; embedding.training)
+TRAIN_EPOCHS = 40                          # most epochs, stopping early on held-out individuals
 ENCOUNTER_TRAINING_EPOCHS = 14             # train --classes encounter: epochs (no held-out set to stop on; chosen on nyala-dev's calibration half)
+TRAIN_SEED = 0
+TRAIN_VIEWS = 4                            # augmented views cached per photo, besides the photo itself
+TRAIN_FROZEN_BLOCKS = 11                   # EfficientNet-Lite0 blocks 0..10 frozen (cached); 11..15 + head + projection learn
+TRAIN_PROBE_EPOCHS = 5                     # linear probe before the blocks are unfrozen
+TRAIN_DIM = 512                            # dimension of the trained embedding
+TRAIN_SUBCENTERS = 2                       # sub-center ArcFace: centres per class
+TRAIN_MARGIN = 0.3                         # ArcFace angular margin (radians)
+TRAIN_SCALE = 30.0                         # ArcFace logit scale
+TRAIN_LR_HEAD = 1e-3                       # learning rate of the head and projection
+TRAIN_LR_BLOCKS = 1e-4                     # learning rate of the unfrozen blocks
+TRAIN_WEIGHT_DECAY = 1e-4
+TRAIN_BATCH_SIZE = 32
+TRAIN_PATIENCE = 8                         # epochs without a better held-out top-1 before stopping
+TRAIN_VAL_FRACTION = 0.2                   # share of individuals held out for early stopping
 LOOKUP_DEER = 10                           # "which deer is this photo?": deer listed (review app, review lookup)
 # executors
 EXECUTOR = "multiprocess"                  # multiprocess | in_process | celery

@@ -17,8 +17,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from deer_pipeline.db import vector_literal
+from deer_pipeline.embedding.models import (
+    EMBEDDING_DIM,  # the vector column's size (sql/: vector(512))
+)
 
-EMBEDDING_DIM = 512
 WRITE_CHUNK = 500
 
 

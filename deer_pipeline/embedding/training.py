@@ -43,6 +43,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from deer_pipeline import settings
 from deer_pipeline.embedding.models import read_sha256
 from deer_pipeline.embedding.trained_model import (
     CARD_FILE,
@@ -61,22 +62,24 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainOptions:
-    epochs: int = 40
-    seed: int = 0
-    device: str = "auto"
-    views: int = 4                 # augmented views per photo, besides the photo itself
-    frozen_blocks: int = 11        # blocks 0..10 frozen (cached); 11..15 + head + projection learn
-    probe_epochs: int = 5          # linear probe before the blocks are unfrozen
-    dim: int = 512
-    subcenters: int = 2
-    margin: float = 0.3
-    scale: float = 30.0
-    lr_head: float = 1e-3
-    lr_blocks: float = 1e-4
-    weight_decay: float = 1e-4
-    batch_size: int = 32
-    patience: int = 8              # epochs without a better validation top-1 before stopping
-    val_fraction: float = 0.2      # share of individuals held out for early stopping
+    """How a model is trained; every default is in ``settings`` (``TRAIN_*``)."""
+
+    epochs: int = settings.TRAIN_EPOCHS
+    seed: int = settings.TRAIN_SEED
+    device: str = settings.DEVICE
+    views: int = settings.TRAIN_VIEWS                 # augmented views per photo, besides the photo itself
+    frozen_blocks: int = settings.TRAIN_FROZEN_BLOCKS  # blocks 0..N-1 frozen (cached); the rest + head + projection learn
+    probe_epochs: int = settings.TRAIN_PROBE_EPOCHS    # linear probe before the blocks are unfrozen
+    dim: int = settings.TRAIN_DIM
+    subcenters: int = settings.TRAIN_SUBCENTERS
+    margin: float = settings.TRAIN_MARGIN
+    scale: float = settings.TRAIN_SCALE
+    lr_head: float = settings.TRAIN_LR_HEAD
+    lr_blocks: float = settings.TRAIN_LR_BLOCKS
+    weight_decay: float = settings.TRAIN_WEIGHT_DECAY
+    batch_size: int = settings.TRAIN_BATCH_SIZE
+    patience: int = settings.TRAIN_PATIENCE           # epochs without a better validation top-1 before stopping
+    val_fraction: float = settings.TRAIN_VAL_FRACTION  # share of individuals held out for early stopping
     threads: int | None = None     # CPU threads (None: torch's default)
 
     def __post_init__(self):
@@ -125,8 +128,6 @@ def default_epochs(classes: str) -> int:
     """Epochs when none are given: identities stop early on held-out individuals (up to
     ``TrainOptions.epochs``); encounters have nothing to hold out and run
     ``settings.ENCOUNTER_TRAINING_EPOCHS``."""
-    from deer_pipeline import settings
-
     return settings.ENCOUNTER_TRAINING_EPOCHS if classes == "encounter" else TrainOptions().epochs
 
 

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 
 from deer_pipeline.evaluation import methods as rm
 from deer_pipeline.evaluation.labels import EvaluationError, LabelledPhoto
-from deer_pipeline.settings import EmbeddingSettings
+from deer_pipeline.settings import BURST_WINDOW_S, EmbeddingSettings
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,6 @@ SYNTH_BASE_TIME = datetime(2024, 6, 1, tzinfo=timezone.utc)
 
 SYNTH_CAMERA = {"evaluation": "eval", "calibration": "calib"}
 
-
-BURST_WINDOW_S = 5.0
 
 
 @dataclass
