@@ -73,17 +73,34 @@ def features(images, model_dir: str | None) -> dict[str, dict[float, np.ndarray]
     return out
 
 
-def pair_metrics(S, ids, enc) -> dict:
-    iu = np.triu_indices(len(ids), 1)
-    keep = enc[iu[0]] != enc[iu[1]]
-    s, y = S[iu][keep], (ids[iu[0]] == ids[iu[1]])[keep]
-    yy = y[np.argsort(-s, kind="stable")]
+def ranking_figures(scores: np.ndarray, same: np.ndarray, at: int = 100) -> dict:
+    """Pairs ranked by score: average precision of the same-animal pairs, the best F1 over
+    thresholds and its precision, and the precision of the ``at`` best pairs."""
+    yy = same[np.argsort(-scores, kind="stable")]
     tp = np.cumsum(yy)
     prec, rec = tp / np.arange(1, len(yy) + 1), tp / yy.sum()
     f1 = 2 * prec * rec / np.maximum(prec + rec, 1e-12)
     b = int(np.argmax(f1))
     return {"pairAP": round(float((prec * yy).sum() / yy.sum()), 4), "bestF1": round(float(f1[b]), 4),
-            "P@bestF1": round(float(prec[b]), 3), "P@100": round(float(prec[99]), 3)}
+            "P@bestF1": round(float(prec[b]), 3), f"P@{at}": round(float(prec[at - 1]), 3)}
+
+
+def pair_metrics(S, ids, enc) -> dict:
+    """``ranking_figures`` over every pair of photos of different encounters."""
+    iu = np.triu_indices(len(ids), 1)
+    keep = enc[iu[0]] != enc[iu[1]]
+    return ranking_figures(S[iu][keep], (ids[iu[0]] == ids[iu[1]])[keep])
+
+
+def load_half(half: int):
+    """(training set of the photos, identities, encounters) of one half of nyala-dev split by
+    identity with seed 0 (0: calibration, 1: evaluated); prints its size."""
+    photos = split_by_identity(read_labels(DATA / "labels.csv", DATA), 0)[half]
+    ts = training.prepare_training_set(photos)
+    ids = np.array([p.identity for p in ts.photos])
+    enc = np.array([p.encounter for p in ts.photos])
+    print(f"half {half}: {len(ids)} photos of {len(set(ids))} individuals", flush=True)
+    return ts, ids, enc
 
 
 def other_encounter(enc) -> np.ndarray:
@@ -152,11 +169,7 @@ def main() -> None:
                     help="also each vector averaged with its mirrored crop's (left-right flip at test time)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    photos = split_by_identity(read_labels(DATA / "labels.csv", DATA), 0)[args.half]
-    ts = training.prepare_training_set(photos)
-    ids = np.array([p.identity for p in ts.photos])
-    enc = np.array([p.encounter for p in ts.photos])
-    print(f"half {args.half}: {len(ids)} photos of {len(set(ids))} individuals", flush=True)
+    ts, ids, enc = load_half(args.half)
     feats = features(ts.images, args.model)
     mirrored = features([ImageOps.mirror(im) for im in ts.images], args.model) if args.mirror else {}
     for name, by_zoom in feats.items():

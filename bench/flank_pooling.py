@@ -23,21 +23,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import numpy as np  # noqa: E402
-from crop_zooms import DATA  # noqa: E402
+from crop_zooms import load_half, ranking_figures  # noqa: E402
 from foreground_masks import ImageNetHead, embed  # noqa: E402
 
-from deer_pipeline.embedding import trained_model, training  # noqa: E402
-from deer_pipeline.evaluation.labels import read_labels, split_by_identity  # noqa: E402
-
-
-def ranking(scores: np.ndarray, same: np.ndarray) -> dict:
-    y = same[np.argsort(-scores, kind="stable")]
-    tp = np.cumsum(y)
-    prec, rec = tp / np.arange(1, len(y) + 1), tp / y.sum()
-    f1 = 2 * prec * rec / np.maximum(prec + rec, 1e-12)
-    b = int(np.argmax(f1))
-    return {"AP": round(float((prec * y).sum() / y.sum()), 4), "bestF1": round(float(f1[b]), 4),
-            "P@bestF1": round(float(prec[b]), 3), "P@50": round(float(prec[49]), 3)}
+from deer_pipeline.embedding import trained_model  # noqa: E402
 
 
 def main() -> None:
@@ -48,8 +37,7 @@ def main() -> None:
     ap.add_argument("--model", help="a trained model directory (deer-pipeline train --out)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    photos = split_by_identity(read_labels(DATA / "labels.csv", DATA), 0)[args.half]
-    ts = training.prepare_training_set(photos)
+    ts, _, _ = load_half(args.half)
     nets = {"imagenet": ImageNetHead()}
     if args.model:
         nets["trained"] = trained_model.load_model(args.model)[0].eval()
@@ -72,7 +60,7 @@ def main() -> None:
                          ("weaker of the two flanks", np.minimum(LL, RR)), ("left flanks only", LL),
                          ("best of all four pairs (flank-blind)", np.maximum(np.maximum(LL, RR), np.maximum(LR, RL))),
                          ("mean of all four pairs", (LL + RR + LR + RL) / 4)):
-            print(f"  {name:8s} {label:38s} {ranking(M[iu], same)}", flush=True)
+            print(f"  {name:8s} {label:38s} {ranking_figures(M[iu], same, at=50)}", flush=True)
 
 
 if __name__ == "__main__":

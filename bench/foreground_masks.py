@@ -37,11 +37,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import numpy as np  # noqa: E402
-from crop_zooms import DATA, report, unit  # noqa: E402
+from crop_zooms import load_half, report, unit  # noqa: E402
 
 from deer_pipeline.embedding import trained_model, training  # noqa: E402
 from deer_pipeline.embedding.inference import zoom  # noqa: E402
-from deer_pipeline.evaluation.labels import read_labels, split_by_identity  # noqa: E402
 
 ZOOMS = (1.0, 0.9, 0.8)
 IMAGENET_MEAN = (124, 116, 104)
@@ -172,11 +171,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    photos = split_by_identity(read_labels(DATA / "labels.csv", DATA), 0)[args.half]
-    ts = training.prepare_training_set(photos)
-    ids = np.array([p.identity for p in ts.photos])
-    enc = np.array([p.encounter for p in ts.photos])
-    print(f"half {args.half}: {len(ids)} photos of {len(set(ids))} individuals", flush=True)
+    ts, ids, enc = load_half(args.half)
     masks = (masks_for(ts.photos, ts.images, Path(args.cache))
              if any("masked" in v or "background" in v for v in args.variants) else None)
     if masks is not None:

@@ -26,11 +26,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import numpy as np  # noqa: E402
-from crop_zooms import DATA, report  # noqa: E402
+from crop_zooms import load_half, report  # noqa: E402
 from foreground_masks import ImageNetHead, embed  # noqa: E402
 
-from deer_pipeline.embedding import trained_model, training  # noqa: E402
-from deer_pipeline.evaluation.labels import read_labels, split_by_identity  # noqa: E402
+from deer_pipeline.embedding import trained_model  # noqa: E402
 
 
 def parts(images, frac: float):
@@ -49,12 +48,8 @@ def main() -> None:
     ap.add_argument("--same-flank", action="store_true", help="pair figures over same-flank pairs only")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    photos = split_by_identity(read_labels(DATA / "labels.csv", DATA), 0)[args.half]
-    ts = training.prepare_training_set(photos)
-    ids = np.array([p.identity for p in ts.photos])
-    enc = np.array([p.encounter for p in ts.photos])
+    ts, ids, enc = load_half(args.half)
     side = np.array([p.side or "" for p in ts.photos])
-    print(f"half {args.half}: {len(ids)} photos of {len(set(ids))} individuals", flush=True)
     nets = {"imagenet": ImageNetHead()}
     if args.model:
         nets["trained"] = trained_model.load_model(args.model)[0].eval()
