@@ -21,7 +21,8 @@ and scaled back. Variants, each embedded with the pipeline's crop zooms (1, 0.9,
 - ``grey``: the crop in grey scale (three equal channels);
 - ``clahe``: contrast-limited histogram equalisation of the lightness (Lab L channel).
 
-Masks are cached in ``--cache`` (npz of the booleans per photo, keyed by file sha256).
+Masks are cached in ``--cache`` (npz of the booleans per photo, keyed by its path; ``--unseeded``: the
+first masks measured, GrabCut from the rectangle alone, in their own cache file).
 """
 
 from __future__ import annotations
@@ -76,21 +77,23 @@ def grabcut_mask(rgb: np.ndarray, side: int = 160, margin: float = 0.04, iters: 
     return cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
-def _mask_job(path):
+def _mask_job(job):
     from PIL import Image
+
+    path, seed = job
     with Image.open(path) as im:
-        return grabcut_mask(np.asarray(im.convert("RGB")))
+        return grabcut_mask(np.asarray(im.convert("RGB")), seed=seed)
 
 
-def masks_for(photos, images, cache: Path) -> list[np.ndarray]:
-    """One mask per photo (cached by the photo's sha256)."""
+def masks_for(photos, images, cache: Path, seed: float = 0.12) -> list[np.ndarray]:
+    """One mask per photo (cached by the photo's path; one cache file per ``seed``)."""
     got = dict(np.load(cache, allow_pickle=True)) if cache.exists() else {}
     keys = [str(p.image_path) for p in photos]
     todo = [i for i, k in enumerate(keys) if k not in got]
     if todo:
         t = time.perf_counter()
         with ProcessPoolExecutor(2) as ex:
-            for i, m in zip(todo, ex.map(_mask_job, [photos[i].image_path for i in todo], chunksize=8)):
+            for i, m in zip(todo, ex.map(_mask_job, [(photos[i].image_path, seed) for i in todo], chunksize=8)):
                 got[keys[i]] = m
         print(f"  {len(todo)} GrabCut masks in {time.perf_counter() - t:.0f} s "
               f"({(time.perf_counter() - t) / len(todo) * 2:.2f} s per photo per core)", file=sys.stderr, flush=True)
@@ -167,12 +170,16 @@ def main() -> None:
     ap.add_argument("--half", type=int, default=0, choices=(0, 1))
     ap.add_argument("--model", help="a trained model directory (deer-pipeline train --out)")
     ap.add_argument("--variants", nargs="*", default=["plain", "masked grey", "masked blur", "grey", "clahe"])
-    ap.add_argument("--cache", default="/tmp/grabcut_seeded.npz")
+    ap.add_argument("--cache", help="mask cache file (default /tmp/grabcut_seeded.npz, with --unseeded "
+                                    "/tmp/grabcut_masks.npz)")
+    ap.add_argument("--unseeded", action="store_true",
+                    help="GrabCut from the rectangle alone, no central seed (the first masks measured)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ts, ids, enc = load_half(args.half)
-    masks = (masks_for(ts.photos, ts.images, Path(args.cache))
+    cache = args.cache or ("/tmp/grabcut_masks.npz" if args.unseeded else "/tmp/grabcut_seeded.npz")
+    masks = (masks_for(ts.photos, ts.images, Path(cache), 0.0 if args.unseeded else 0.12)
              if any("masked" in v or "background" in v for v in args.variants) else None)
     if masks is not None:
         frac = np.array([m.mean() for m in masks])
