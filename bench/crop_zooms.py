@@ -47,29 +47,40 @@ def unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def features(images, model_dir: str | None) -> dict[str, dict[float, np.ndarray]]:
-    """{"imagenet": {zoom: (n, 1280)}, "trained": {zoom: (n, 512)}} (trained only with a model)."""
+def zoom_vectors(net, images, zooms=(1.0, 0.9, 0.8), batch: int = 64) -> dict:
+    """{zoom: (n, d) float64 vectors of ``net`` for the centred zoom of every image}."""
     import torch
 
-    net_i = trained_model.build_embedder(512, 11, body=trained_model.lite0_module()).eval()
-    net_t = trained_model.load_model(model_dir)[0] if model_dir else None
-    out: dict[str, dict[float, np.ndarray]] = {"imagenet": {}, **({"trained": {}} if net_t else {})}
-    m = net_i.body
-    for f in ZOOMS:
-        X = torch.stack([training.to_tensor_u8(zoom(im, f), training.INPUT_SIZE) for im in images])
-        fi, ft = [], []
+    out = {}
+    for f in zooms:
+        x = torch.stack([training.to_tensor_u8(zoom(im, f), training.INPUT_SIZE) for im in images])
         with torch.inference_mode():
-            for s in range(0, len(X), 32):
-                h = net_i.frozen(X[s:s + 32])
-                for block in m._blocks[net_i.frozen_blocks:]:
-                    h = block(h, drop_connect_rate=None)
-                fi.append(m._swish(m._bn1(m._conv_head(h))).mean((2, 3)))
-                if net_t is not None:
-                    ft.append(net_t(X[s:s + 32]))
-        out["imagenet"][f] = unit(torch.cat(fi).numpy().astype(np.float64))
-        if net_t is not None:
-            out["trained"][f] = unit(torch.cat(ft).numpy().astype(np.float64))
-        print(f"  zoom {f}: embedded", file=sys.stderr, flush=True)
+            out[f] = np.concatenate([net(x[s:s + batch]).numpy() for s in range(0, len(x), batch)]).astype(np.float64)
+    return out
+
+
+class ImageNetHead:
+    """The untrained ImageNet Lite0 head, average pooled (1280-d): the default ensemble's stand-in."""
+
+    def __init__(self):
+        self.net = trained_model.build_embedder(512, 11, body=trained_model.lite0_module()).eval()
+
+    def __call__(self, x):
+        net, m = self.net, self.net.body
+        h = net.frozen(x)
+        for block in m._blocks[net.frozen_blocks:]:
+            h = block(h, drop_connect_rate=None)
+        return m._swish(m._bn1(m._conv_head(h))).mean((2, 3))
+
+
+def features(images, model_dir: str | None) -> dict[str, dict[float, np.ndarray]]:
+    """{"imagenet": {zoom: (n, 1280)}, "trained": {zoom: (n, 512)}} (trained only with a model),
+    unit vectors."""
+    nets = {"imagenet": ImageNetHead(), **({"trained": trained_model.load_model(model_dir)[0]} if model_dir else {})}
+    out: dict[str, dict[float, np.ndarray]] = {}
+    for name, net in nets.items():
+        out[name] = {f: unit(v) for f, v in zoom_vectors(net, images, ZOOMS, batch=32).items()}
+        print(f"  {name}: embedded at zooms {ZOOMS}", file=sys.stderr, flush=True)
     return out
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import training_variants as tv  # noqa: E402
-from crop_zooms import pair_metrics, unit  # noqa: E402
+from crop_zooms import pair_metrics, unit, zoom_vectors  # noqa: E402
 
 from deer_pipeline.embedding import trained_model, training  # noqa: E402
 from deer_pipeline.evaluation.labels import read_labels, split_by_identity  # noqa: E402
@@ -116,7 +116,7 @@ def main() -> None:
     ts = training.prepare_training_set(photos)
     ids = np.array([p.identity for p in ts.photos])
     enc = np.array([p.encounter for p in ts.photos])
-    V = tv.zoom_vectors(net, ts.images)
+    V = zoom_vectors(net, ts.images)
     for name, W in (("whole crop", unit(V[1.0])), ("zooms", unit(V[1.0] + V[0.9] + V[0.8]))):
         S = W @ W.T
         cm = closed_set_metrics(S, ids, enc, ks=(1, 5))

@@ -23,8 +23,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import numpy as np  # noqa: E402
-from crop_zooms import load_half, ranking_figures  # noqa: E402
-from foreground_masks import ImageNetHead, embed  # noqa: E402
+from crop_zooms import ImageNetHead, load_half, ranking_figures  # noqa: E402
+from foreground_masks import embed  # noqa: E402
 
 from deer_pipeline.embedding import trained_model  # noqa: E402
 

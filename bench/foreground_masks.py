@@ -38,10 +38,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import numpy as np  # noqa: E402
-from crop_zooms import load_half, report, unit  # noqa: E402
+from crop_zooms import ImageNetHead, load_half, report, unit, zoom_vectors  # noqa: E402
 
-from deer_pipeline.embedding import trained_model, training  # noqa: E402
-from deer_pipeline.embedding.inference import zoom  # noqa: E402
+from deer_pipeline.embedding import trained_model  # noqa: E402
 
 ZOOMS = (1.0, 0.9, 0.8)
 IMAGENET_MEAN = (124, 116, 104)
@@ -109,7 +108,7 @@ def variant_images(images, masks, name: str):
     from PIL import Image
 
     out = []
-    for im, m in zip(images, masks):
+    for im, m in zip(images, masks if masks is not None else [None] * len(images)):   # masks: only masked variants
         a = np.asarray(im.convert("RGB"))
         if name == "plain":
             b = a
@@ -134,33 +133,9 @@ def variant_images(images, masks, name: str):
 
 
 def embed(images, nets: dict) -> dict[str, np.ndarray]:
-    """Each net's zoom-averaged unit vectors of the images."""
-    import torch
-
-    out = {}
-    for name, net in nets.items():
-        acc = 0
-        for f in ZOOMS:
-            X = torch.stack([training.to_tensor_u8(zoom(im, f), training.INPUT_SIZE) for im in images])
-            with torch.inference_mode():
-                V = torch.cat([net(X[s:s + 32]) for s in range(0, len(X), 32)]).numpy().astype(np.float64)
-            acc = acc + unit(V)
-        out[name] = unit(acc)
-    return out
-
-
-class ImageNetHead:
-    """The untrained ImageNet Lite0 head, average pooled (1280-d): the default ensemble's stand-in."""
-
-    def __init__(self):
-        self.net = trained_model.build_embedder(512, 11, body=trained_model.lite0_module()).eval()
-
-    def __call__(self, x):
-        net, m = self.net, self.net.body
-        h = net.frozen(x)
-        for block in m._blocks[net.frozen_blocks:]:
-            h = block(h, drop_connect_rate=None)
-        return m._swish(m._bn1(m._conv_head(h))).mean((2, 3))
+    """Each net's zoom-averaged unit vectors of the images (each zoom's vectors unit first)."""
+    return {name: unit(sum(unit(v) for v in zoom_vectors(net, images, ZOOMS, batch=32).values()))
+            for name, net in nets.items()}
 
 
 def main() -> None:

@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+from crop_zooms import unit, zoom_vectors  # noqa: E402
 
 from deer_pipeline.embedding import trained_model, training  # noqa: E402
 from deer_pipeline.evaluation.labels import read_labels, split_by_identity  # noqa: E402
@@ -197,24 +198,6 @@ def concat(model_dir: str) -> None:
     for a in (0.25, 0.5, 0.75, 1.0):
         out[f"concat w_imagenet={a}"] = top1(np.hstack([t, a * im]))
     print(json.dumps({k: round(v, 3) for k, v in out.items()}))
-
-
-def zoom_vectors(net, images, zooms=(1.0, 0.9, 0.8), batch: int = 64) -> dict:
-    """{zoom: (n, d) float64 vectors of ``net`` for the centred zoom of every image}."""
-    import torch
-
-    from deer_pipeline.embedding.inference import zoom
-
-    out = {}
-    for f in zooms:
-        x = torch.stack([training.to_tensor_u8(zoom(im, f)) for im in images])
-        with torch.inference_mode():
-            out[f] = np.concatenate([net(x[s:s + batch]).numpy() for s in range(0, len(x), batch)]).astype(np.float64)
-    return out
-
-
-def unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 def ensemble(model_dirs: list[str]) -> None:

@@ -17,10 +17,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from deer_pipeline.db import vector_literal
-from deer_pipeline.embedding.models import (
-    EMBEDDING_DIM,  # the vector column's size (sql/: vector(512))
-)
+from deer_pipeline.embedding.models import EMBEDDING_DIM
 
+# EMBEDDING_DIM (imported): the vector column's size (sql/: vector(512)), defined once with the models
 WRITE_CHUNK = 500
 
 

@@ -29,7 +29,6 @@ SYNTH_BASE_TIME = datetime(2024, 6, 1, tzinfo=timezone.utc)
 SYNTH_CAMERA = {"evaluation": "eval", "calibration": "calib"}
 
 
-
 @dataclass
 class PreparedSet:
     """One labelled set (calibration or evaluation) after ingestion, cropping and embedding."""
