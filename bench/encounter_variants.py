@@ -11,6 +11,11 @@ model) and scored on all of that half's photos, identities used only to measure:
     .venv/bin/python bench/encounter_variants.py views8 /tmp/ev/views8     # 8 augmented views cached, not 3
     .venv/bin/python bench/encounter_variants.py masked /tmp/ev/masked     # background greyed out (GrabCut
                                                      # masks of bench/foreground_masks.py), train and score
+    .venv/bin/python bench/encounter_variants.py grouped /tmp/ev/grouped   # batches of whole encounters
+    .venv/bin/python bench/encounter_variants.py supcon /tmp/ev/supcon     # train --loss supcon: supervised
+                                                     # contrastive loss (temperature 0.1) instead of
+                                                     # ArcFace, on batches of encounter pairs
+    .venv/bin/python bench/encounter_variants.py arcsupcon /tmp/ev/arcsup  # ArcFace + SupCon, same batches
     .venv/bin/python bench/encounter_variants.py score /tmp/encm           # score a model folder only
     .venv/bin/python bench/encounter_variants.py base /tmp/ev/base_s1 1       # a third argument: the seed
     .venv/bin/python bench/encounter_variants.py base /tmp/ev/more 0 0.5      # a fourth: add that fraction
@@ -22,6 +27,7 @@ Printed per variant: closed-set top-1 / top-5 / mAP across encounters and the pa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -65,6 +71,31 @@ def patch_masked(cache: str = "/tmp/grabcut_seeded.npz") -> None:
     training.prepare_training_set = prepare_masked
 
 
+def patch_grouped() -> None:
+    """The shipped ArcFace loss on the batches the contrastive loss needs (``train --loss
+    supcon``'s ``epoch_order(pairs=True)``): isolates what the batching alone does."""
+    order = training.epoch_order
+    training.epoch_order = lambda rows, labels, gen, pairs=False: order(rows, labels, gen, pairs=True)
+
+
+def patch_arc_and_supcon() -> None:
+    """``train --loss supcon`` with the shipped sub-center ArcFace loss added to it."""
+    import torch
+
+    make = training.make_loss
+
+    class Both(torch.nn.Module):
+        def __init__(self, options, n_classes, generator):
+            super().__init__()
+            self.con = make(options, n_classes, generator)
+            self.arc = make(dataclasses.replace(options, loss="arcface"), n_classes, generator)
+
+        def forward(self, emb, labels):
+            return self.con(emb, labels) + self.arc(emb, labels)
+
+    training.make_loss = lambda options, n_classes, generator=None: Both(options, n_classes, generator)
+
+
 def other_half_encounters(fraction: float) -> list:
     """The photos of a seeded ``fraction`` of the evaluated half's encounters (for training on
     more unlabelled photos; the encounter recipe reads no identity)."""
@@ -98,17 +129,23 @@ def main() -> None:
     extra = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
     seconds = None
     if variant != "score":
-        if variant not in ("base", "lite2", "unfreeze8", "flips", "masked", "views8"):
+        if variant not in ("base", "lite2", "unfreeze8", "flips", "masked", "views8", "grouped", "supcon",
+                           "arcsupcon"):
             sys.exit(f"unknown variant {variant!r}")
         frozen = tv.patch_body(variant)
         if variant == "flips":
             patch_flips()
+        if variant == "grouped":
+            patch_grouped()
+        if variant == "arcsupcon":
+            patch_arc_and_supcon()
     if variant == "masked":          # training and scoring both see masked photos
         patch_masked()
     if variant != "score":
         t0 = time.time()
         opts = training.TrainOptions(epochs=14, views=8 if variant == "views8" else 3, threads=2, probe_epochs=5,
-                                     frozen_blocks=frozen, seed=seed)
+                                     frozen_blocks=frozen, seed=seed,
+                                     loss="supcon" if variant in ("supcon", "arcsupcon") else "arcface")
         training.train(list(photos) + other_half_encounters(extra), out, opts, classes="encounter",
                        log_fn=lambda s: None)
         seconds = round(time.time() - t0)

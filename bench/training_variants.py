@@ -6,6 +6,7 @@ individuals of the calibration half; the evaluated half of the split is never to
     .venv/bin/python bench/training_variants.py gem    /tmp/tv/gem       # GeM pooling (p = 3)
     .venv/bin/python bench/training_variants.py centre /tmp/tv/centre    # centre pooling
     .venv/bin/python bench/training_variants.py erase  /tmp/tv/erase     # + random erasing
+    .venv/bin/python bench/training_variants.py supcon /tmp/tv/supcon    # train --loss supcon (identities)
     .venv/bin/python bench/training_variants.py concat /tmp/tv/base      # trained + ImageNet vectors
     .venv/bin/python bench/training_variants.py encounters /tmp/tv/enc   # no identity labels: encounters
     .venv/bin/python bench/training_variants.py mixed /tmp/tv/mixed      # identities + unlabelled encounters
@@ -236,10 +237,12 @@ def main() -> None:
     if variant in ("encounters", "mixed", "lite2", "unfreeze8"):
         patch_encounter_classes(mixed=variant == "mixed")
     else:
-        {"base": lambda: None, "gem": patch_gem, "centre": patch_centre, "erase": patch_erase}[variant]()
+        {"base": lambda: None, "gem": patch_gem, "centre": patch_centre, "erase": patch_erase,
+         "supcon": lambda: None}[variant]()
     epochs = int(sys.argv[3]) if len(sys.argv) > 3 else 14
     seed = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-    opts = training.TrainOptions(epochs=epochs, views=3, threads=2, probe_epochs=5, frozen_blocks=frozen, seed=seed)
+    opts = training.TrainOptions(epochs=epochs, views=3, threads=2, probe_epochs=5, frozen_blocks=frozen, seed=seed,
+                                 loss="supcon" if variant == "supcon" else "arcface")
     r = training.train(photos, out, opts, log_fn=lambda s: print(s, flush=True))
     t = r.card["training"]
     print(json.dumps({"variant": variant, "best_held_out_top1": t["validation_top1"],

@@ -42,6 +42,7 @@ class ReidModelConfig(dg.Config):
                                                          "encounter of labels_csv as one animal, no identity read")
     epochs: Optional[int] = Field(default=None, description="most epochs (default: train's default for the classes)")
     views: Optional[int] = Field(default=None, description="augmented views per photo")
+    loss: Optional[str] = Field(default=None, description="arcface | supcon (default: train's for the classes)")
     device: str = Field(default=settings.DEVICE, description="auto | cpu | cuda:N (AMP on a GPU)")
     seed: int = Field(default=0)
     out_dir: Optional[str] = Field(default=None, description="model folder; default <data dir>/models/reid-<time>")
@@ -128,9 +129,8 @@ def reid_model(context: dg.AssetExecutionContext, config: ReidModelConfig, datab
     if cfg["split_by_identity_seed"] is not None and not cfg["from_reviews"]:
         photos, _ = split_by_identity(photos, cfg["split_by_identity_seed"])
         source += f" (calibration half, split by identity with seed {cfg['split_by_identity_seed']})"
-    extra = {k: v for k, v in (("views", config.views),) if v is not None}
-    options = training.TrainOptions(device=config.device, seed=config.seed,
-                                    epochs=config.epochs or training.default_epochs(config.classes), **extra)
+    options = training.options_for(config.classes, device=config.device, seed=config.seed, epochs=config.epochs,
+                                   views=config.views, loss=config.loss)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(config.out_dir) if config.out_dir else db.data_dir() / "models" / f"reid-{stamp}"
     result = training.train(photos, out, options, source=source, progress=False,

@@ -21,7 +21,9 @@ track (``embedding.reviewed_data``). It refuses, naming what is missing, when fe
 ``--classes encounter`` needs no identity at all: every encounter (the CSV's ``encounter_id``, or
 photos of one camera chained within the burst window by ``timestamp``) is its own class, because
 the photos of one burst show one animal. The identity column is not read. Nothing is held out,
-so it runs ``--epochs`` (default ``settings.ENCOUNTER_TRAINING_EPOCHS``) and keeps the last.
+so it runs ``--epochs`` (default ``settings.ENCOUNTER_TRAINING_EPOCHS``) and keeps the last;
+its loss is supervised contrastive over pairs of photos of one encounter (``--loss``, default
+``settings.ENCOUNTER_TRAINING_LOSS``; identities default to ``settings.TRAIN_LOSS``, ArcFace).
 On nyala-dev this label-free recipe matched training on identities (docs/evaluation.md).
 """
 
@@ -63,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{d.frozen_blocks}-15, the head and the projection learn)")
     p.add_argument("--probe-epochs", type=int, default=d.probe_epochs,
                    help=f"epochs of linear probe before the blocks learn (default {d.probe_epochs})")
+    p.add_argument("--loss", choices=settings.TRAIN_LOSSES,
+                   help=f"arcface: sub-center ArcFace, a learnt centre per class; supcon: supervised "
+                        f"contrastive over pairs of photos of one class in each batch (temperature "
+                        f"{d.temperature}); default {settings.TRAIN_LOSS}, --classes encounter: "
+                        f"{settings.ENCOUNTER_TRAINING_LOSS}")
     p.add_argument("--split-by-identity", type=int, metavar="SEED",
                    help="train on the calibration half of the labels split by identity with SEED "
                         "(the half evaluate --split-by-identity SEED does not score)")
@@ -81,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
 
     data = None
     by_encounter = args.classes == "encounter"
-    epochs = args.epochs or training.default_epochs(args.classes)
     try:
         if by_encounter and (args.from_reviews or args.split_by_identity is not None):
             raise trained_model.TrainingError(
@@ -98,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.split_by_identity is not None:
             photos, _ = split_by_identity(photos, args.split_by_identity)
             source += f" (calibration half, split by identity with seed {args.split_by_identity})"
-        options = training.TrainOptions(epochs=epochs, seed=args.seed, device=args.device,
-                                        views=args.views, threads=args.threads,
-                                        frozen_blocks=args.frozen_blocks, probe_epochs=args.probe_epochs)
+        options = training.options_for(args.classes, epochs=args.epochs, loss=args.loss, seed=args.seed,
+                                       device=args.device, views=args.views, threads=args.threads,
+                                       frozen_blocks=args.frozen_blocks, probe_epochs=args.probe_epochs)
         result = training.train(photos, args.out, options, source=source,
                                 log_fn=lambda s: print(s, file=sys.stderr), data=data,
                                 classes=args.classes)

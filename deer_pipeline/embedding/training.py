@@ -74,6 +74,8 @@ class TrainOptions:
     subcenters: int = settings.TRAIN_SUBCENTERS
     margin: float = settings.TRAIN_MARGIN
     scale: float = settings.TRAIN_SCALE
+    loss: str = settings.TRAIN_LOSS                   # "arcface" or "supcon" (settings.TRAIN_LOSSES)
+    temperature: float = settings.TRAIN_TEMPERATURE   # supcon only
     lr_head: float = settings.TRAIN_LR_HEAD
     lr_blocks: float = settings.TRAIN_LR_BLOCKS
     weight_decay: float = settings.TRAIN_WEIGHT_DECAY
@@ -91,6 +93,10 @@ class TrainOptions:
             raise TrainingError(f"frozen_blocks must be in 1..{N_BLOCKS}, got {self.frozen_blocks}")
         if not 0 < self.val_fraction < 1:
             raise TrainingError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.loss not in settings.TRAIN_LOSSES:
+            raise TrainingError(f"loss must be one of {', '.join(settings.TRAIN_LOSSES)}, got {self.loss!r}")
+        if not self.temperature > 0:
+            raise TrainingError(f"temperature must be positive, got {self.temperature}")
 
 
 @dataclass
@@ -129,6 +135,20 @@ def default_epochs(classes: str) -> int:
     ``TrainOptions.epochs``); encounters have nothing to hold out and run
     ``settings.ENCOUNTER_TRAINING_EPOCHS``."""
     return settings.ENCOUNTER_TRAINING_EPOCHS if classes == "encounter" else TrainOptions().epochs
+
+
+def default_loss(classes: str) -> str:
+    """The loss when none is given: ``settings.ENCOUNTER_TRAINING_LOSS`` (supcon) for encounters,
+    whose classes are pairs of photos; ``settings.TRAIN_LOSS`` (arcface) for identities."""
+    return settings.ENCOUNTER_TRAINING_LOSS if classes == "encounter" else settings.TRAIN_LOSS
+
+
+def options_for(classes: str, **overrides) -> TrainOptions:
+    """TrainOptions with these classes' defaults (epochs, loss); overrides given as None are
+    left to the defaults."""
+    chosen = {"epochs": default_epochs(classes), "loss": default_loss(classes)}
+    chosen.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainOptions(**chosen)
 
 
 def encounter_classes(photos: Sequence) -> list:
@@ -237,6 +257,41 @@ class SubCenterArcFace:
                 return F.cross_entropy(torch.where(onehot, target, cos) * s, labels)
 
         return _ArcFace()
+
+
+class SupervisedContrastive:
+    """Supervised contrastive loss (Khosla et al. 2020) over a batch: for each photo, the
+    softmax over the other photos of the batch (cosine / ``temperature``) should put its mass on
+    the photos of the same class (individual or encounter). No class proxies: it learns from
+    pairs inside the batch, so the batches must hold them (``epoch_order`` with ``pairs``).
+    Photos without a partner in the batch only serve as negatives."""
+
+    def __new__(cls, temperature: float = 0.1):
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        class _SupCon(nn.Module):
+            def forward(self, emb, labels):
+                z = F.normalize(emb.float(), dim=1)
+                eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+                sim = (z @ z.T / temperature).masked_fill(eye, float("-inf"))
+                pos = (labels[:, None] == labels[None, :]) & ~eye
+                has = pos.any(dim=1)
+                if not has.any():
+                    return emb.sum() * 0.0          # no pair in this batch: no gradient, no NaN
+                logp = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+                return -(logp.masked_fill(~pos, 0.0).sum(dim=1)[has] / pos.sum(dim=1)[has]).mean()
+
+        return _SupCon()
+
+
+def make_loss(options: TrainOptions, n_classes: int, generator=None):
+    """The training loss of ``options.loss`` (a module called with (embeddings, class labels))."""
+    if options.loss == "supcon":
+        return SupervisedContrastive(options.temperature)
+    return SubCenterArcFace(options.dim, n_classes, options.subcenters, options.scale, options.margin,
+                            generator=generator)
 
 
 def to_tensor_u8(image, size: int = INPUT_SIZE):
@@ -400,8 +455,7 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
     cache_s = time.perf_counter() - t0
 
     gen = torch.Generator().manual_seed(options.seed)
-    arcface = SubCenterArcFace(options.dim, len(train_ids), options.subcenters, options.scale,
-                               options.margin, generator=gen).to(device)
+    criterion = make_loss(options, len(train_ids), generator=gen).to(device)
     block_params, proj_params = net.trainable_parameters()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
@@ -410,7 +464,7 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
         p.requires_grad_(False)
     for p in block_params + proj_params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW([{"params": proj_params + list(arcface.parameters()), "lr": options.lr_head},
+    opt = torch.optim.AdamW([{"params": proj_params + list(criterion.parameters()), "lr": options.lr_head},
                              {"params": block_params, "lr": 0.0}], weight_decay=options.weight_decay)
     sched_total = max(1, options.epochs - options.probe_epochs)
     labels = torch.tensor([cls.get(p.identity, -1) for p in ts.photos])
@@ -442,7 +496,7 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
             opt.param_groups[0]["lr"] = options.lr_head * 0.5 * (1 + math.cos(math.pi * k / sched_total))
         net.train()
         _freeze_bn(net)
-        perm = torch.tensor(tr_rows)[torch.randperm(len(tr_rows), generator=gen)]
+        perm = epoch_order(tr_rows, labels, gen, pairs=options.loss == "supcon")
         views = torch.randint(0, n_views, (len(perm),), generator=gen)
         total, seen = 0.0, 0
         for s in range(0, len(perm), options.batch_size):
@@ -452,7 +506,7 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
             if amp:
                 with torch.autocast(device_type="cuda", dtype=torch.float16):
                     emb = net.trainable(x)   # probe epochs: the blocks have learning rate 0
-                loss = arcface(emb.float(), y)
+                loss = criterion(emb.float(), y)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -464,7 +518,7 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
                     with torch.no_grad():
                         feats = _head_features(net, x)
                     emb = net.proj(feats)
-                loss = arcface(emb, y)
+                loss = criterion(emb, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -498,11 +552,13 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
                          "frozen_blocks": options.frozen_blocks, "trained": f"blocks {options.frozen_blocks}-15, head conv, projection",
                          "projection": f"1280 -> {options.dim}, no bias", "pooling": "average",
                          "input": f"{INPUT_SIZE}x{INPUT_SIZE} squashed, scaled to [-1, 1]"},
-        "method": {"loss": "sub-center ArcFace",
-                   "classes": ("encounters: each encounter a class, no identity labels" if by_encounter
+        "method": {"classes": ("encounters: each encounter a class, no identity labels" if by_encounter
                                else "identities"),
-                   "subcenters": options.subcenters, "margin": options.margin,
-                   "scale": options.scale, "augmentation": "random crop 60-100% area, colour jitter, rotation <= 8 deg, no flips",
+                   **({"loss": "supervised contrastive (SupCon), batches of class pairs",
+                       "temperature": options.temperature} if options.loss == "supcon" else
+                      {"loss": "sub-center ArcFace", "subcenters": options.subcenters, "margin": options.margin,
+                       "scale": options.scale}),
+                   "augmentation": "random crop 60-100% area, colour jitter, rotation <= 8 deg, no flips",
                    "views_cached": options.views, "probe_epochs": options.probe_epochs,
                    "lr_head": options.lr_head, "lr_blocks": options.lr_blocks, "batch_size": options.batch_size,
                    "weight_decay": options.weight_decay, "batch_norm": "statistics frozen"},
@@ -533,6 +589,23 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
     card["training"]["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
     version = save_model(net, card, out_dir)
     return TrainResult(json.loads((out_dir / CARD_FILE).read_text()), out_dir, version)
+
+
+def epoch_order(rows: Sequence[int], labels, gen, pairs: bool = False):
+    """The order of the training rows in one epoch: a seeded random permutation. ``pairs``: the
+    rows of each class cut into pairs (in that random order) and the pairs shuffled, so that a
+    batch holds two photos of most of its classes (what a pair loss learns from; in a random
+    batch of 32 out of ~600 two-photo encounters there is rarely one pair)."""
+    import torch
+
+    perm = torch.tensor(list(rows))[torch.randperm(len(rows), generator=gen)]
+    if not pairs:
+        return perm
+    by_class: dict[int, list[int]] = {}
+    for r, c in zip(perm.tolist(), labels[perm].tolist()):
+        by_class.setdefault(c, []).append(r)
+    chunks = [rs[i:i + 2] for rs in by_class.values() for i in range(0, len(rs), 2)]
+    return torch.tensor([r for j in torch.randperm(len(chunks), generator=gen).tolist() for r in chunks[j]])
 
 
 def _head_features(net, x):

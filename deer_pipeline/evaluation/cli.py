@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-epochs", type=int,
                    help="epochs for --train-split / --train-encounters (default: train's default for the classes)")
     p.add_argument("--train-views", type=int, help="augmented views per photo for --train-split / --train-encounters")
+    p.add_argument("--train-loss", choices=("arcface", "supcon"),
+                   help="training loss for --train-split / --train-encounters (default: train's for the classes)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--order-seed", type=int, default=0,
                    help="seed of the encounter order when the labels have no timestamps (default 0)")
@@ -88,11 +90,10 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         if args.train_split or args.train_encounters:
-            from deer_pipeline.embedding.training import TrainOptions, default_epochs
+            from deer_pipeline.embedding.training import options_for
 
-            extra = {k: v for k, v in (("views", args.train_views),) if v is not None}
-            epochs = args.train_epochs or default_epochs("encounter" if args.train_encounters else "identity")
-            train_options = TrainOptions(device=args.device, epochs=epochs, **extra)
+            train_options = options_for("encounter" if args.train_encounters else "identity", device=args.device,
+                                        epochs=args.train_epochs, views=args.train_views, loss=args.train_loss)
         options = ev.EvaluationOptions(methods=[m.name for m in methods], embedding=embedding,
                                        order_seed=args.order_seed, legacy_redraws=args.legacy_redraws,
                                        model_file=args.model_file, train_split=args.train_split,

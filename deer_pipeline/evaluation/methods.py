@@ -132,9 +132,10 @@ def method_registry() -> dict[str, Method]:
             "fixed random projection; decided by the pipeline's matching",
             {"centre_weighted": 1.0}, feature="centre_weighted"),
         "trained": Method("trained", "pipeline",
-                          "re-identification model trained on labelled individuals by `deer-pipeline train` "
-                          "(EfficientNet-Lite0, last blocks + projection, sub-center ArcFace); from "
-                          "--model-file, or trained in the run on the calibration half (--train-split)",
+                          "re-identification model trained by `deer-pipeline train` (EfficientNet-Lite0, last "
+                          "blocks + projection; labelled individuals with sub-center ArcFace, or encounters "
+                          "without labels with the supervised contrastive loss); from --model-file, or trained "
+                          "in the run (--train-split: the calibration half's individuals; --train-encounters)",
                           {"trained": 1.0}),
         "miewid": Method("miewid", "pipeline", "MiewID-msv3 (downloaded weights; skipped when absent)",
                          {"miewid": 1.0}),

@@ -164,8 +164,7 @@ def _reid_models(methods, options: EvaluationOptions, photos, cal_photos, workdi
         t0 = time.perf_counter()
         result = training.train(            # encounter classes read no identity (training.encounter_classes)
             list(cal_photos or []) + list(photos), workdir / "trained-model",
-            options.train_options or training.TrainOptions(device=options.embedding.device,
-                                                           epochs=training.default_epochs("encounter")),
+            options.train_options or training.options_for("encounter", device=options.embedding.device),
             source="encounters of every photo of this evaluation (no identities read)", classes="encounter")
         timings["training_s"] = round(time.perf_counter() - t0, 2)
         model_file = str(result.out_dir)
@@ -175,7 +174,8 @@ def _reid_models(methods, options: EvaluationOptions, photos, cal_photos, workdi
                                   "or --calibration-labels")
         t0 = time.perf_counter()
         result = training.train(cal_photos, workdir / "trained-model",
-                                options.train_options or training.TrainOptions(device=options.embedding.device),
+                                options.train_options or training.options_for("identity",
+                                                                              device=options.embedding.device),
                                 source="calibration photos of this evaluation")
         timings["training_s"] = round(time.perf_counter() - t0, 2)
         model_file = str(result.out_dir)

@@ -300,3 +300,54 @@ def test_reid_model_asset_records_the_model_card(small_sample, tmp_path, monkeyp
         dg.materialize([reid_model], resources=resources, run_config={"ops": {"reid_model": {"config": {
             **cfg, "split_by_identity_seed": 0, "out_dir": str(tmp_path / "never")}}}})
     assert not (tmp_path / "never").exists()
+
+
+def test_supervised_contrastive_loss_rewards_same_class_pairs_and_survives_batches_without_one():
+    """SupCon: embeddings where each photo lies next to its class partner score a lower loss than
+    the same embeddings with the partners swapped to other classes; a batch with no pair gives a
+    zero loss (no NaN) that still backpropagates."""
+    import torch
+
+    loss = training.SupervisedContrastive(0.1)
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((4, 16))
+    emb = torch.tensor(np.repeat(centres, 2, axis=0) + 0.05 * rng.standard_normal((8, 16)), dtype=torch.float32)
+    same = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    wrong = torch.tensor([0, 1, 1, 2, 2, 3, 3, 0])
+    assert float(loss(emb, same)) < 0.1 < float(loss(emb, wrong))
+    x = emb.clone().requires_grad_(True)
+    none = loss(x, torch.arange(8))
+    none.backward()
+    assert float(none) == 0.0 and torch.isfinite(x.grad).all()
+
+
+def test_pair_batches_hold_every_row_once_with_class_partners_side_by_side():
+    """``epoch_order(..., pairs=True)``: a permutation of the training rows in which the rows of a
+    class come two by two; without ``pairs`` the shipped random order, unchanged."""
+    import torch
+
+    labels = torch.tensor([c for c in range(30) for _ in range(2)] + [30, 31, 31, 31])
+    rows = list(range(len(labels)))
+    order = training.epoch_order(rows, labels, torch.Generator().manual_seed(0), pairs=True).tolist()
+    assert sorted(order) == rows
+    lab = labels[order].tolist()
+    adjacent = sum(lab[i] == lab[i + 1] for i in range(len(lab) - 1))
+    assert adjacent >= 31                    # 30 two-photo classes + one pair of class 31
+    plain = training.epoch_order(rows, labels, torch.Generator().manual_seed(0)).tolist()
+    assert plain == torch.tensor(rows)[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))].tolist()
+
+
+def test_training_with_the_contrastive_loss_lowers_it_and_says_so_in_the_card(small_sample, tmp_path, capsys):
+    labels, _ = _encounter_labels(small_sample, tmp_path / "encounters.csv")
+    out = tmp_path / "m"
+    rc = train_cli.main(["--labels", str(labels), "--images-root", str(small_sample), "--out", str(out),
+                         "--classes", "encounter", "--loss", "supcon", "--epochs", "3", "--views", "1",
+                         "--probe-epochs", "1", "--frozen-blocks", "15", "--threads", "2"])
+    assert rc == 0, capsys.readouterr().err
+    card = json.loads((out / trained_model.CARD_FILE).read_text())
+    losses = [r["loss"] for r in card["training"]["loss_curve"]]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert card["method"]["loss"].startswith("supervised contrastive") and card["method"]["temperature"] == 0.1
+    assert card["options"]["loss"] == "supcon"
+    with pytest.raises(trained_model.TrainingError, match="loss must be one of"):
+        training.TrainOptions(loss="triplet")
