@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-epochs", type=int,
                    help="epochs for --train-split / --train-encounters (default: train's default for the classes)")
     p.add_argument("--train-views", type=int, help="augmented views per photo for --train-split / --train-encounters")
-    p.add_argument("--train-loss", choices=("arcface", "supcon"),
+    p.add_argument("--train-loss", choices=settings.TRAIN_LOSSES,
                    help="training loss for --train-split / --train-encounters (default: train's for the classes)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--order-seed", type=int, default=0,
