@@ -79,7 +79,10 @@ def card_metadata(card: dict, model_dir: Path) -> dict:
         "data_source": dg.MetadataValue.text(d.get("source_kind", "labels")),
         "seconds": dg.MetadataValue.float(float(t["seconds"]["total"])),
         "loss_curve": dg.MetadataValue.md(curve),
-        "model_card": dg.MetadataValue.json({k: v for k, v in card.items() if not k.startswith("_")}),
+        # the card as written, less the per-photo file hashes (one per photo: they stay in the file)
+        "model_card": dg.MetadataValue.json({k: ({**v, "photo_sha256": f"{len(v['photo_sha256'])} hashes, in the card file"}
+                                                 if k == "data" and "photo_sha256" in v else v)
+                                             for k, v in card.items() if not k.startswith("_")}),
     }
 
 

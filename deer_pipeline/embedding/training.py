@@ -204,11 +204,12 @@ def prepare_training_set(photos: Sequence, source: str = "labels", unit: str = "
     return TrainingSet(usable, images, skipped, source)
 
 
-def data_hash(photos: Sequence) -> str:
-    """sha256 over (identity, encounter, side, box, file sha256) of every photo, sorted."""
-    rows = []
-    for p in photos:
-        rows.append(json.dumps([p.identity, p.encounter, p.side, p.box, read_sha256(p.image_path)]))
+def data_hash(photos: Sequence, file_hashes: Sequence[str] | None = None) -> str:
+    """sha256 over (identity, encounter, side, box, file sha256) of every photo, sorted
+    (``file_hashes``: the photos' file sha256 when already read)."""
+    if file_hashes is None:
+        file_hashes = [read_sha256(p.image_path) for p in photos]
+    rows = [json.dumps([p.identity, p.encounter, p.side, p.box, h]) for p, h in zip(photos, file_hashes)]
     return hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()
 
 
@@ -545,6 +546,7 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
     if best["state"] is not None:
         net.load_state_dict(best["state"])
     net.eval()
+    photo_hashes = [read_sha256(p.image_path) for p in ts.photos]   # which photos trained (evaluate checks)
     card = {
         "format": CARD_FORMAT,
         "kind": "deer_pipeline trained re-identification embedder",
@@ -563,7 +565,8 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
                    "lr_head": options.lr_head, "lr_blocks": options.lr_blocks, "batch_size": options.batch_size,
                    "weight_decay": options.weight_decay, "batch_norm": "statistics frozen"},
         "data": {"source": source, "source_kind": "labels",
-                 "sha256": (data or {}).get("sha256") or data_hash(ts.photos), "photos_used": len(ts.photos),
+                 "sha256": (data or {}).get("sha256") or data_hash(ts.photos, photo_hashes),
+                 "photo_sha256": sorted(set(photo_hashes)), "photos_used": len(ts.photos),
                  "individuals_used": 0 if by_encounter else len({p.identity for p in ts.photos}),
                  "identities": [] if by_encounter else sorted({p.identity for p in ts.photos}),
                  "classes": classes, "encounters_used": len({p.encounter for p in ts.photos}),

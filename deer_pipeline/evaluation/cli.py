@@ -114,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {name}: {reason}")
     tm = report.get("trained_model")
     if tm:
+        seen = tm.get("evaluated_photos_trained_on")
         trained_on = (f"{tm['data']['photos_used']} photos of {tm['data']['encounters_used']} encounters "
-                      "without identity labels (each encounter a class; the evaluated photos may be among them)"
+                      "without identity labels (each encounter a class; "
+                      + ("the evaluated photos may be among them)" if seen is None
+                         else f"{seen} of the evaluated photos among them)")
                       if tm["data"].get("classes") == "encounter" else
                       f"{tm['data']['photos_used']} photos of {tm['data']['individuals_used']} individuals, none evaluated")
         print(f"\ntrained model: {tm['model_dir']} ({tm['embedding_version']}); trained on {trained_on}; "

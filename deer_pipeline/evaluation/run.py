@@ -199,7 +199,8 @@ def _reid_models(methods, options: EvaluationOptions, photos, cal_photos, workdi
                      "encounters_used": card["data"].get("encounters_used")},
             "training": {k: card["training"][k] for k in ("epochs_run", "best_epoch", "validation_top1", "seconds",
                                                           "device", "seed")},
-            "validation_identities": card["data"].get("validation_identities") or []}
+            "validation_identities": card["data"].get("validation_identities") or [],
+            "evaluated_photos_trained_on": _photos_trained_on(card, photos)}
         files = dict(options.embedding.weights_files)
         files["trained"] = card["_model_dir"]
         options = dataclasses.replace(options, embedding=dataclasses.replace(
@@ -379,3 +380,15 @@ def _environment() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "machine": platform.machine(), "cpus": os.cpu_count(), "deer_pipeline": pkg_version,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _photos_trained_on(card: dict, photos) -> int | None:
+    """How many of the evaluated photos the model trained on (by file sha256; an encounter model
+    reads no identity, so it may have); None for a model card that does not list its photos."""
+    from deer_pipeline.embedding.models import read_sha256
+
+    seen = card["data"].get("photo_sha256")
+    if seen is None:
+        return None
+    seen = set(seen)
+    return sum(read_sha256(p.image_path) in seen for p in photos)

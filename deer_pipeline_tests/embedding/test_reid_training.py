@@ -227,6 +227,11 @@ def test_evaluate_trains_on_the_calibration_half_and_never_on_evaluated_individu
     assert "deer-pipeline weights fetch miewid" in report["skipped_methods"]["miewid"]
     tm = report["trained_model"]
     assert tm["trained_in_this_run"] and tm["data"]["individuals_used"] == 2
+    # the card lists the photos it trained on (file sha256): none of the evaluated ones, except a
+    # frame shared with a calibration animal (two deer in one photo)
+    files = {name: {r[0] for r in list(csv.reader(open(tmp_path / f"{name}.csv")))[1:]} for name in ("cal", "ev")}
+    ev_rows = [r[0] for r in list(csv.reader(open(ev)))[1:]]
+    assert tm["evaluated_photos_trained_on"] == sum(f in files["cal"] for f in ev_rows)
     assert tm["embedding_version"] == report["methods"]["trained"]["embedding_versions"]["trained"]
     assert 0.0 <= report["methods"]["trained"]["closed_set"]["top1"] <= 1.0
     assert "skipped miewid" in out and "trained model:" in out
@@ -265,6 +270,10 @@ def test_evaluate_trains_on_encounters_of_every_photo_without_identities(small_s
     pairs = [e for e in {r[2] for r in body} if sum(1 for r in body if r[2] == e) >= 2]
     assert tm["data"]["individuals_used"] == 0 and tm["data"]["encounters_used"] == len(pairs)
     assert tm["training"]["epochs_run"] == 2 and "without identity labels" in out
+    trained_files = {r[0] for r in body if r[2] in pairs}
+    ev_rows = [r for r in body if r[1] in set(ids[2:])]
+    assert tm["evaluated_photos_trained_on"] == sum(r[0] in trained_files for r in ev_rows) > 0
+    assert f"{tm['evaluated_photos_trained_on']} of the evaluated photos among them" in out
 
 
 def test_reid_model_asset_records_the_model_card(small_sample, tmp_path, monkeypatch):
