@@ -16,6 +16,7 @@ model) and scored on all of that half's photos, identities used only to measure:
                                                      # contrastive loss (temperature 0.1) instead of
                                                      # ArcFace, on batches of encounter pairs
     .venv/bin/python bench/encounter_variants.py arcsupcon /tmp/ev/arcsup  # ArcFace + SupCon, same batches
+    .venv/bin/python bench/encounter_variants.py supcon@0.05 /tmp/ev/t005  # SupCon at another temperature
     .venv/bin/python bench/encounter_variants.py score /tmp/encm           # score a model folder only
     .venv/bin/python bench/encounter_variants.py base /tmp/ev/base_s1 1       # a third argument: the seed
     .venv/bin/python bench/encounter_variants.py base /tmp/ev/more 0 0.5      # a fourth: add that fraction
@@ -129,6 +130,9 @@ def main() -> None:
     extra = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
     seconds = None
     if variant != "score":
+        temperature = float(variant[len("supcon@"):]) if variant.startswith("supcon@") else None
+        if temperature is not None:
+            variant = "supcon"
         if variant not in ("base", "lite2", "unfreeze8", "flips", "masked", "views8", "grouped", "supcon",
                            "arcsupcon"):
             sys.exit(f"unknown variant {variant!r}")
@@ -145,7 +149,8 @@ def main() -> None:
         t0 = time.time()
         opts = training.TrainOptions(epochs=14, views=8 if variant == "views8" else 3, threads=2, probe_epochs=5,
                                      frozen_blocks=frozen, seed=seed,
-                                     loss="supcon" if variant in ("supcon", "arcsupcon") else "arcface")
+                                     loss="supcon" if variant in ("supcon", "arcsupcon") else "arcface",
+                                     **({"temperature": temperature} if temperature is not None else {}))
         training.train(list(photos) + other_half_encounters(extra), out, opts, classes="encounter",
                        log_fn=lambda s: None)
         seconds = round(time.time() - t0)
