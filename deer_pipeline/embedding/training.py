@@ -417,7 +417,7 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
     its own ``sha256`` there, computed over what identifies its photos)."""
     import torch
 
-    options = options or TrainOptions()
+    options = options or options_for(classes)   # the classes' defaults (epochs, loss), as the commands use
     say = log_fn or (lambda s: log.info("%s", s))
     t_start = time.perf_counter()
     if options.threads:
