@@ -39,7 +39,9 @@ class ReidModelConfig(dg.Config):
     split_by_identity_seed: Optional[int] = Field(
         default=None, description="train only on the calibration half of this identity split (keep the other half to evaluate)")
     classes: str = Field(default="identity", description="identity: learn the labelled individuals; encounter: learn each "
-                                                         "encounter of labels_csv as one animal, no identity read")
+                                                         "encounter of labels_csv as one animal, no identity read; "
+                                                         "mixed: named individuals by identity, rows with an empty or "
+                                                         "'unknown' identity by encounter")
     epochs: Optional[int] = Field(default=None, description="most epochs (default: train's default for the classes)")
     views: Optional[int] = Field(default=None, description="augmented views per photo")
     loss: Optional[str] = Field(default=None, description="arcface | supcon (default: train's for the classes)")
@@ -111,7 +113,7 @@ def reid_model(context: dg.AssetExecutionContext, config: ReidModelConfig, datab
                 "(`DEER_TRAIN_FROM_REVIEWS=1`) to train on the confirmed review decisions.")})
     from deer_pipeline import db
     from deer_pipeline.embedding import registry, training
-    from deer_pipeline.evaluation.labels import read_labels, split_by_identity
+    from deer_pipeline.evaluation.labels import named_half, read_labels, split_by_identity
 
     data = None
     if config.classes not in training.CLASSES:
@@ -120,6 +122,10 @@ def reid_model(context: dg.AssetExecutionContext, config: ReidModelConfig, datab
     if by_encounter and (cfg["from_reviews"] or cfg["split_by_identity_seed"] is not None):
         raise dg.Failure("reid_model: classes 'encounter' reads no identity: it cannot be combined with "
                          "from_reviews or split_by_identity_seed")
+    mixed = config.classes == "mixed"
+    if mixed and cfg["from_reviews"]:
+        raise dg.Failure("reid_model: classes 'mixed' reads labels_csv; from_reviews trains the confirmed deer "
+                         "by identity (classes 'identity')")
     if cfg["from_reviews"]:
         from deer_pipeline.embedding import reviewed_data
 
@@ -127,9 +133,12 @@ def reid_model(context: dg.AssetExecutionContext, config: ReidModelConfig, datab
                                                  min_deer=config.min_deer)
         photos, source, data = rs.photos, reviewed_data.SOURCE, rs.card_data()
     else:
-        photos = read_labels(cfg["labels_csv"], cfg["images_root"], identities=not by_encounter)
+        photos = read_labels(cfg["labels_csv"], cfg["images_root"], identities=not by_encounter, unnamed=mixed)
         source = str(cfg["labels_csv"])
-    if cfg["split_by_identity_seed"] is not None and not cfg["from_reviews"]:
+    if cfg["split_by_identity_seed"] is not None and mixed:
+        photos = named_half(photos, cfg["split_by_identity_seed"])
+        source += f" (calibration half named, the other half without identities; seed {cfg['split_by_identity_seed']})"
+    elif cfg["split_by_identity_seed"] is not None and not cfg["from_reviews"]:
         photos, _ = split_by_identity(photos, cfg["split_by_identity_seed"])
         source += f" (calibration half, split by identity with seed {cfg['split_by_identity_seed']})"
     options = training.options_for(config.classes, device=config.device, seed=config.seed, epochs=config.epochs,

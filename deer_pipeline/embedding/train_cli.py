@@ -4,6 +4,7 @@
         [--device auto|cpu|cuda:N] [--seed N] [--split-by-identity SEED]
     deer-pipeline train --from-reviews --out MODEL_DIR [--min-deer N] [...]
     deer-pipeline train --labels CSV --classes encounter --out MODEL_DIR [...]
+    deer-pipeline train --labels CSV --classes mixed --out MODEL_DIR [...]
 
 The labels CSV is the one ``deer-pipeline evaluate`` reads (``image_path, identity`` and
 optionally ``encounter_id, side`` and a box ``x, y, w, h``). ``--split-by-identity SEED`` trains
@@ -25,6 +26,15 @@ so it runs ``--epochs`` (default ``settings.ENCOUNTER_TRAINING_EPOCHS``) and kee
 its loss is supervised contrastive over pairs of photos of one encounter (``--loss``, default
 ``settings.ENCOUNTER_TRAINING_LOSS``; identities default to ``settings.TRAIN_LOSS``, ArcFace).
 On nyala-dev this label-free recipe matched training on identities (docs/evaluation.md).
+
+``--classes mixed`` is for labels that name some animals and not others: a row with an identity
+trains by it (all encounters of a named animal are one class), a row whose identity is empty or
+``unknown`` trains by its encounter; as for encounters, all epochs run, the last model is kept
+and the loss is supervised contrastive. A fifth of the named individuals are trained as if unnamed
+and measured (their held-out top-1 is in the card; ``evaluate`` chooses the trained model's
+threshold on them). With ``--split-by-identity SEED`` the calibration half is named and the other
+half is read without its identities: the honest protocol for ``evaluate --split-by-identity SEED
+--model-file MODEL_DIR``, which scores the half whose identities the training never read.
 """
 
 from __future__ import annotations
@@ -51,12 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-store", help="--from-reviews: crop store folder (default: DEER_CROP_STORE or <data dir>/crops)")
     p.add_argument("--images-root", help="folder relative image paths are under (default: the CSV's folder)")
     p.add_argument("--out", required=True, help="new folder for weights.pt and model_card.json")
-    p.add_argument("--classes", choices=("identity", "encounter"), default="identity",
+    p.add_argument("--classes", choices=("identity", "encounter", "mixed"), default="identity",
                    help="identity: learn the labelled individuals (default); encounter: learn each "
-                        "encounter as its own animal, no identity labels needed or read")
+                        "encounter as its own animal, no identity labels needed or read; mixed: named "
+                        "individuals by identity, rows with an empty or 'unknown' identity by encounter")
     p.add_argument("--epochs", type=int,
                    help=f"most epochs (default {d.epochs}, stopping early on held-out individuals; "
-                        f"--classes encounter: {settings.ENCOUNTER_TRAINING_EPOCHS}, all run)")
+                        f"--classes encounter / mixed: {settings.ENCOUNTER_TRAINING_EPOCHS}, all run)")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (AMP on a GPU)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--views", type=int, default=d.views, help=f"augmented views per photo (default {d.views})")
@@ -68,11 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=settings.TRAIN_LOSSES,
                    help=f"arcface: sub-center ArcFace, a learnt centre per class; supcon: supervised "
                         f"contrastive over pairs of photos of one class in each batch (temperature "
-                        f"{d.temperature}); default {settings.TRAIN_LOSS}, --classes encounter: "
+                        f"{d.temperature}); default {settings.TRAIN_LOSS}, --classes encounter / mixed: "
                         f"{settings.ENCOUNTER_TRAINING_LOSS}")
     p.add_argument("--split-by-identity", type=int, metavar="SEED",
                    help="train on the calibration half of the labels split by identity with SEED "
-                        "(the half evaluate --split-by-identity SEED does not score)")
+                        "(the half evaluate --split-by-identity SEED does not score); --classes mixed: "
+                        "the other half too, without its identities")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     return p
 
@@ -82,26 +94,36 @@ def main(argv: list[str] | None = None) -> int:
     from deer_pipeline.embedding import trained_model, training
     from deer_pipeline.evaluation.labels import (
         EvaluationError,
+        named_half,
         read_labels,
         split_by_identity,
     )
 
     data = None
     by_encounter = args.classes == "encounter"
+    mixed = args.classes == "mixed"
     try:
         if by_encounter and (args.from_reviews or args.split_by_identity is not None):
             raise trained_model.TrainingError(
                 "--classes encounter reads no identity: it cannot be combined with "
                 + ("--from-reviews" if args.from_reviews else "--split-by-identity"))
+        if mixed and args.from_reviews:
+            raise trained_model.TrainingError("--classes mixed reads a labels CSV; --from-reviews trains on "
+                                              "the confirmed deer by identity (--classes identity)")
         if args.from_reviews:
             if args.split_by_identity is not None:
                 raise trained_model.TrainingError("--split-by-identity splits a labels CSV; it does not apply "
                                                   "to --from-reviews")
             photos, source, data = _from_reviews(args)
         else:
-            photos = read_labels(args.labels, args.images_root, identities=not by_encounter)
-            source = str(args.labels) + (" (encounters as classes, no identities)" if by_encounter else "")
-        if args.split_by_identity is not None:
+            photos = read_labels(args.labels, args.images_root, identities=not by_encounter, unnamed=mixed)
+            source = str(args.labels) + (" (encounters as classes, no identities)" if by_encounter else
+                                         " (named individuals and unnamed encounters as classes)" if mixed else "")
+        if args.split_by_identity is not None and mixed:
+            photos = named_half(photos, args.split_by_identity)
+            source += (f" (calibration half named, the other half without identities; split by identity "
+                       f"with seed {args.split_by_identity})")
+        elif args.split_by_identity is not None:
             photos, _ = split_by_identity(photos, args.split_by_identity)
             source += f" (calibration half, split by identity with seed {args.split_by_identity})"
         options = training.options_for(args.classes, epochs=args.epochs, loss=args.loss, seed=args.seed,

@@ -126,21 +126,25 @@ def _crop(image, box):
     return image.crop((x0, y0, x1, y1))
 
 
-CLASSES = ("identity", "encounter")
+CLASSES = ("identity", "encounter", "mixed")
 ENCOUNTER_CLASS = "encounter:"   # identity given to a photo when encounters are the classes
+# Classes trained like encounters: every epoch runs and the last model is kept (no early stopping),
+# the pair loss by default. ``mixed``: labelled individuals by identity, every other photo by encounter.
+ENCOUNTER_LIKE = ("encounter", "mixed")
 
 
 def default_epochs(classes: str) -> int:
     """Epochs when none are given: identities stop early on held-out individuals (up to
-    ``TrainOptions.epochs``); encounters have nothing to hold out and run
-    ``settings.ENCOUNTER_TRAINING_EPOCHS``."""
-    return settings.ENCOUNTER_TRAINING_EPOCHS if classes == "encounter" else TrainOptions().epochs
+    ``TrainOptions.epochs``); encounters (and mixed classes) run
+    ``settings.ENCOUNTER_TRAINING_EPOCHS`` and keep the last model."""
+    return settings.ENCOUNTER_TRAINING_EPOCHS if classes in ENCOUNTER_LIKE else TrainOptions().epochs
 
 
 def default_loss(classes: str) -> str:
-    """The loss when none is given: ``settings.ENCOUNTER_TRAINING_LOSS`` (supcon) for encounters,
-    whose classes are pairs of photos; ``settings.TRAIN_LOSS`` (arcface) for identities."""
-    return settings.ENCOUNTER_TRAINING_LOSS if classes == "encounter" else settings.TRAIN_LOSS
+    """The loss when none is given: ``settings.ENCOUNTER_TRAINING_LOSS`` (supcon) for encounters
+    and mixed classes, whose classes are mostly pairs of photos; ``settings.TRAIN_LOSS`` (arcface)
+    for identities."""
+    return settings.ENCOUNTER_TRAINING_LOSS if classes in ENCOUNTER_LIKE else settings.TRAIN_LOSS
 
 
 def options_for(classes: str, **overrides) -> TrainOptions:
@@ -164,6 +168,32 @@ def encounter_classes(photos: Sequence) -> list:
     from deer_pipeline.evaluation.labels import without_identities
 
     return [replace(p, identity=f"{ENCOUNTER_CLASS}{p.encounter}") for p in without_identities(photos)]
+
+
+def mixed_classes(photos: Sequence, seed: int, val_fraction: float) -> tuple[list, dict]:
+    """Classes for ``classes="mixed"``: what a landowner has - a few animals named, most photos
+    not. Photos with an identity (anything but ``labels.UNLABELLED``) are classed by it, so all
+    encounters of a named animal are one class (what encounters alone cannot teach: the same
+    animal on another day); every other photo is classed by its encounter (``encounter_classes``,
+    no identity read). A seeded ``val_fraction`` of the named individuals seen in at least two
+    encounters (``split_individuals``) is trained as if unnamed (by encounter) and held out to
+    measure: the model sees them exactly as it sees the unnamed photos, so their closed-set top-1
+    and a threshold chosen on them are not optimistic. Returns (photos relabelled, {index in the
+    returned list: true identity} of those held-out individuals' photos)."""
+    from deer_pipeline.evaluation.labels import UNLABELLED
+
+    named = [p for p in photos if p.identity != UNLABELLED]
+    if len({p.identity for p in named}) < 2:
+        raise TrainingError("classes 'mixed' needs at least two named individuals in the labels "
+                            f"(found {len({p.identity for p in named})}); with none, use classes 'encounter'")
+    _, va = split_individuals(named, seed, val_fraction)
+    held_out = {named[i].identity for i in va}
+    keep = [p for p in named if p.identity not in held_out]
+    others = [p for p in photos if p.identity == UNLABELLED or p.identity in held_out]
+    truth = [p.identity for p in others]
+    by_encounter = encounter_classes(others)      # identities dropped, encounters derived without them
+    out = list(keep) + list(by_encounter)
+    return out, {len(keep) + k: t for k, t in enumerate(truth) if t in held_out}
 
 
 def prepare_training_set(photos: Sequence, source: str = "labels", unit: str = "individual") -> TrainingSet:
@@ -195,11 +225,12 @@ def prepare_training_set(photos: Sequence, source: str = "labels", unit: str = "
         keep = [i for i, p in enumerate(usable) if p.identity not in single]
         usable, images = [usable[i] for i in keep], [images[i] for i in keep]
     n_ids = len({p.identity for p in usable})
+    units = unit + ("es" if unit.endswith("s") else "s")
     if n_ids < 2:
         counts = ", ".join(f"{k}: {len(v)}" for k, v in skipped.items()) or "none skipped"
         raise TrainingError(
-            f"{source}: training needs at least two {unit}s with at least two readable photos "
-            f"each; found {n_ids} ({len(photos)} photos of {len({p.identity for p in photos})} {unit}s listed; "
+            f"{source}: training needs at least two {units} with at least two readable photos "
+            f"each; found {n_ids} ({len(photos)} photos of {len({p.identity for p in photos})} {units} listed; "
             f"skipped: {counts})")
     return TrainingSet(usable, images, skipped, source)
 
@@ -412,7 +443,10 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
     ``model_card.json`` into ``out_dir``. Returns the card and the new embedding version.
     ``classes="encounter"``: every encounter is a class and no identity is read
     (``encounter_classes``); there is then nothing to hold out, so all ``options.epochs`` run
-    and the last epoch's model is kept.
+    and the last epoch's model is kept. ``classes="mixed"``: named individuals are classes,
+    every unnamed photo's encounter is one (``mixed_classes``); a fifth of the named individuals
+    is trained as unnamed and measured (held-out top-1 per epoch, reported); all epochs run and
+    the last model is kept, as for encounters.
     ``data`` is merged into the card's data block (a source such as the review decisions gives
     its own ``sha256`` there, computed over what identifies its photos)."""
     import torch
@@ -430,9 +464,17 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
     if classes not in CLASSES:
         raise TrainingError(f"classes must be one of {CLASSES}, not {classes!r}")
     by_encounter = classes == "encounter"
+    mixed = classes == "mixed"
+    truth: dict[int, str] = {}          # mixed: row -> true identity of the held-out named photos
     if by_encounter:
         ts = prepare_training_set(encounter_classes(photos), source, unit="encounter")
         tr_rows, va_rows = list(range(len(ts.photos))), []
+    elif mixed:
+        relabelled, held = mixed_classes(photos, options.seed, options.val_fraction)
+        held_by_obj = {id(relabelled[i]): t for i, t in held.items()}
+        ts = prepare_training_set(relabelled, source, unit="class")
+        truth = {i: held_by_obj[id(p)] for i, p in enumerate(ts.photos) if id(p) in held_by_obj}
+        tr_rows, va_rows = list(range(len(ts.photos))), sorted(truth)
     else:
         ts = prepare_training_set(photos, source)
         tr_rows, va_rows = split_individuals(ts.photos, options.seed, options.val_fraction)
@@ -442,6 +484,12 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
         say(f"training on {len(tr_rows)} photos of {len(train_ids)} encounters (each encounter a class; "
             f"no identity labels, no held-out set: {options.epochs} epochs); "
             f"skipped: {ts.skipped_counts() or 'none'}; device {device}")
+    elif mixed:
+        n_named = sum(not c.startswith(ENCOUNTER_CLASS) for c in train_ids)
+        say(f"training on {len(tr_rows)} photos: {n_named} named individuals and "
+            f"{len(train_ids) - n_named} encounters of unnamed photos as classes; "
+            f"{len(set(truth.values()))} named individuals held out as unnamed and measured "
+            f"({options.epochs} epochs, the last kept); skipped: {ts.skipped_counts() or 'none'}; device {device}")
     else:
         say(f"training on {len(tr_rows)} photos of {len(train_ids)} individuals, early stopping on "
             f"{len(va_rows)} photos of {len({ts.photos[i].identity for i in va_rows})} held-out individuals; "
@@ -469,7 +517,7 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
                              {"params": block_params, "lr": 0.0}], weight_decay=options.weight_decay)
     sched_total = max(1, options.epochs - options.probe_epochs)
     labels = torch.tensor([cls.get(p.identity, -1) for p in ts.photos])
-    va_ids = [ts.photos[i].identity for i in va_rows]
+    va_ids = [truth.get(i, ts.photos[i].identity) for i in va_rows]
     va_enc = [ts.photos[i].encounter for i in va_rows]
     scaler = torch.amp.GradScaler("cuda") if amp else None
 
@@ -538,13 +586,16 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
         curve.append(row)
         say(f"epoch {epoch + 1}/{options.epochs} ({row['stage']}): loss {row['loss']:.4f}"
             + (f", held-out top-1 {row['val_top1']:.3f}" if "val_top1" in row else ""))
-        if va_rows and unfrozen and epoch + 1 - best["epoch"] >= options.patience:
+        if va_rows and not mixed and unfrozen and epoch + 1 - best["epoch"] >= options.patience:
             stopped_early = True
             break
     bar.close()
     train_s = time.perf_counter() - t_train
-    if best["state"] is not None:
+    if best["state"] is not None and not mixed:
         net.load_state_dict(best["state"])
+    if mixed:                  # the last model is kept: its epoch and held-out top-1 are reported
+        best = {"top1": curve[-1].get("val_top1", -1.0), "epoch": len(curve), "state": None}
+    named = sorted({c for c in train_ids if not c.startswith(ENCOUNTER_CLASS)}) if mixed else []
     net.eval()
     photo_hashes = [read_sha256(p.image_path) for p in ts.photos]   # which photos trained (evaluate checks)
     card = {
@@ -555,6 +606,8 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
                          "projection": f"1280 -> {options.dim}, no bias", "pooling": "average",
                          "input": f"{INPUT_SIZE}x{INPUT_SIZE} squashed, scaled to [-1, 1]"},
         "method": {"classes": ("encounters: each encounter a class, no identity labels" if by_encounter
+                               else "mixed: named individuals as classes, each unnamed photo's encounter "
+                                    "a class; held-out named individuals trained as unnamed" if mixed
                                else "identities"),
                    **({"loss": "supervised contrastive (SupCon), batches of class pairs",
                        "temperature": options.temperature} if options.loss == "supcon" else
@@ -567,19 +620,30 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
         "data": {"source": source, "source_kind": "labels",
                  "sha256": (data or {}).get("sha256") or data_hash(ts.photos, photo_hashes),
                  "photo_sha256": sorted(set(photo_hashes)), "photos_used": len(ts.photos),
-                 "individuals_used": 0 if by_encounter else len({p.identity for p in ts.photos}),
-                 "identities": [] if by_encounter else sorted({p.identity for p in ts.photos}),
+                 "individuals_used": (0 if by_encounter else len(named) if mixed
+                                      else len({p.identity for p in ts.photos})),
+                 # every identity the training read (mixed: the held-out ones too, as evaluate checks)
+                 "identities": ([] if by_encounter else sorted(set(named) | set(va_ids)) if mixed
+                                else sorted({p.identity for p in ts.photos})),
                  "classes": classes, "encounters_used": len({p.encounter for p in ts.photos}),
                  "validation_identities": sorted(set(va_ids)),
-                 "train_photos": len(tr_rows), "train_individuals": 0 if by_encounter else len(train_ids),
+                 **({"unnamed_photos": sum(ts.photos[i].identity.startswith(ENCOUNTER_CLASS)
+                                           for i in range(len(ts.photos))) - len(va_rows),
+                     "encounter_classes": sum(c.startswith(ENCOUNTER_CLASS) for c in train_ids)} if mixed else {}),
+                 "train_photos": len(tr_rows),
+                 "train_individuals": 0 if by_encounter else len(named) if mixed else len(train_ids),
                  "validation_photos": len(va_rows), "validation_individuals": len(set(va_ids)),
-                 "individuals_with_one_encounter": None if by_encounter else _single_encounter_ids(ts.photos),
+                 "individuals_with_one_encounter": (
+                     None if by_encounter else
+                     _single_encounter_ids([p for p in ts.photos if not p.identity.startswith(ENCOUNTER_CLASS)])),
                  "skipped": ts.skipped_counts(),
                  "skipped_examples": {k: v[:5] for k, v in ts.skipped.items()}},
         "training": {"epochs_run": len(curve), "epochs_max": options.epochs, "best_epoch": best["epoch"],
                      "stopped_early": stopped_early, "loss_curve": curve,
                      "validation_top1": best["top1"] if best["top1"] >= 0 else None,
                      "validation": ("none: no identity labels (all epochs run, the last kept)" if by_encounter
+                                    else "closed-set top-1 across encounters on named individuals trained as "
+                                         "unnamed (reported; all epochs run, the last kept)" if mixed
                                     else "closed-set top-1 across encounters on held-out individuals"),
                      "seed": options.seed, "device": device, "amp": amp,
                      "seconds": {"frozen_features": round(cache_s, 1), "training": round(train_s, 1),

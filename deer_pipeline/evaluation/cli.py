@@ -56,11 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-encounters", action="store_true",
                    help="train the method `trained` in this run without identity labels, each encounter of "
                         "every photo (calibration and evaluated) its own class (train --classes encounter)")
+    p.add_argument("--train-mixed", action="store_true",
+                   help="train the method `trained` in this run on the calibration individuals by identity and "
+                        "the evaluated photos by encounter, their identities not read (train --classes mixed)")
     p.add_argument("--train-epochs", type=int,
-                   help="epochs for --train-split / --train-encounters (default: train's default for the classes)")
-    p.add_argument("--train-views", type=int, help="augmented views per photo for --train-split / --train-encounters")
+                   help="epochs for --train-split / --train-encounters / --train-mixed (default: train's "
+                        "default for the classes)")
+    p.add_argument("--train-views", type=int,
+                   help="augmented views per photo for --train-split / --train-encounters / --train-mixed")
     p.add_argument("--train-loss", choices=settings.TRAIN_LOSSES,
-                   help="training loss for --train-split / --train-encounters (default: train's for the classes)")
+                   help="training loss for --train-split / --train-encounters / --train-mixed (default: "
+                        "train's for the classes)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--order-seed", type=int, default=0,
                    help="seed of the encounter order when the labels have no timestamps (default 0)")
@@ -85,19 +91,20 @@ def main(argv: list[str] | None = None) -> int:
         embedding = EmbeddingSettings(weights=args.weights, device=args.device, batch_size=args.batch_size,
                                       zooms=tuple(args.zooms))
         train_options = None
-        if sum(map(bool, (args.model_file, args.train_split, args.train_encounters))) > 1:
-            print("deer-pipeline evaluate: give one of --model-file, --train-split and --train-encounters",
-                  file=sys.stderr)
+        if sum(map(bool, (args.model_file, args.train_split, args.train_encounters, args.train_mixed))) > 1:
+            print("deer-pipeline evaluate: give one of --model-file, --train-split, --train-encounters and "
+                  "--train-mixed", file=sys.stderr)
             return 2
-        if args.train_split or args.train_encounters:
+        if args.train_split or args.train_encounters or args.train_mixed:
             from deer_pipeline.embedding.training import options_for
 
-            train_options = options_for("encounter" if args.train_encounters else "identity", device=args.device,
+            classes = "encounter" if args.train_encounters else "mixed" if args.train_mixed else "identity"
+            train_options = options_for(classes, device=args.device,
                                         epochs=args.train_epochs, views=args.train_views, loss=args.train_loss)
         options = ev.EvaluationOptions(methods=[m.name for m in methods], embedding=embedding,
                                        order_seed=args.order_seed, legacy_redraws=args.legacy_redraws,
                                        model_file=args.model_file, train_split=args.train_split,
-                                       train_encounters=args.train_encounters,
+                                       train_encounters=args.train_encounters, train_mixed=args.train_mixed,
                                        train_options=train_options, assignments=args.assignments)
         report = ev.evaluate(args.labels, args.images_root, args.calibration_labels,
                              args.calibration_images_root, args.split_by_identity, options)
@@ -120,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                       + ("the evaluated photos may be among them)" if seen is None
                          else f"{seen} of the evaluated photos among them)")
                       if tm["data"].get("classes") == "encounter" else
+                      f"{tm['data']['photos_used']} photos: {tm['data']['individuals_used']} named individuals, "
+                      f"none evaluated, and {tm['data'].get('encounter_classes')} encounters of unnamed photos "
+                      f"({'the evaluated photos may be among them' if seen is None else f'{seen} of the evaluated photos among them'}, "
+                      "their identities not read)"
+                      if tm["data"].get("classes") == "mixed" else
                       f"{tm['data']['photos_used']} photos of {tm['data']['individuals_used']} individuals, none evaluated")
         print(f"\ntrained model: {tm['model_dir']} ({tm['embedding_version']}); trained on {trained_on}; "
               f"held-out top-1 {tm['training']['validation_top1']}; training {tm['training']['seconds']['total']} s"

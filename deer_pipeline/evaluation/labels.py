@@ -49,11 +49,13 @@ _TIME_COLUMNS = ("timestamp", "captured_at", "datetime", "date")   # the first o
 UNLABELLED = "unlabelled"         # identity of every row read with ``identities=False``
 
 
-def read_labels(path, images_root=None, *, identities: bool = True) -> list[LabelledPhoto]:
+def read_labels(path, images_root=None, *, identities: bool = True, unnamed: bool = False) -> list[LabelledPhoto]:
     """Read a labels CSV; relative image paths are resolved against ``images_root`` (default:
     the CSV's folder). ``identities=False`` (training from encounters): the identity column is
     optional and never read; every photo's identity is ``UNLABELLED``, so encounters derived from
     capture times join photos by camera and time alone, as the pipeline's burst grouping does.
+    ``unnamed=True`` (training with mixed classes): a row whose identity is empty or names no
+    individual (``unknown``...) is read as ``UNLABELLED`` instead of refused or skipped.
     The flank is read from ``side`` (or ``flank``, ``viewpoint``, ``orientation``) as ingest
     reads it: ``left``, ``l``, ``frontleft``... -> left, likewise right, anything else unknown. Raises :class:`EvaluationError` naming the file and line on
     bad input."""
@@ -66,7 +68,7 @@ def read_labels(path, images_root=None, *, identities: bool = True) -> list[Labe
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-        if "image_path" not in cols or ("identity" not in cols and identities):
+        if "image_path" not in cols or ("identity" not in cols and identities and not unnamed):
             raise EvaluationError(f"{path}: needs the columns image_path and identity; has {', '.join(cols) or 'none'}")
         box_cols = next((bc for bc in _BOX_COLUMNS if all(c in cols for c in bc)), None)
         photos, unidentified = [], 0
@@ -75,7 +77,8 @@ def read_labels(path, images_root=None, *, identities: bool = True) -> list[Labe
             line = reader.line_num
             if not r.get("image_path"):
                 raise EvaluationError(f"{path}, line {line}: empty image_path")
-            if not identities:
+            if not identities or (unnamed and (not r.get("identity")
+                                               or r["identity"].lower() in UNIDENTIFIED)):
                 r["identity"] = UNLABELLED
             if not r.get("identity"):
                 raise EvaluationError(f"{path}, line {line}: empty identity")
@@ -154,6 +157,17 @@ def without_identities(photos: Sequence[LabelledPhoto]) -> list[LabelledPhoto]:
                    encounter=p.encounter if p.encounter_given else f"{PHOTO_ENCOUNTER}{p.image_path}")
            for p in photos]
     return derive_encounters(out)
+
+
+def named_half(photos: Sequence[LabelledPhoto], seed: int) -> list[LabelledPhoto]:
+    """For training with mixed classes on one half of an identity split: the named photos split
+    by identity with ``seed`` (as :func:`split_by_identity`); the calibration half keeps its
+    identities, the other half (and any photo already ``UNLABELLED``) is read as unnamed
+    (:func:`without_identities`: encounters not given in the labels are derived from camera and
+    time alone), so a model trained on it never read an identity of the half evaluated."""
+    named = [p for p in photos if p.identity != UNLABELLED]
+    cal, other = split_by_identity(named, seed)
+    return list(cal) + without_identities(list(other) + [p for p in photos if p.identity == UNLABELLED])
 
 
 def split_by_identity(photos: Sequence[LabelledPhoto], seed: int,

@@ -67,6 +67,7 @@ from deer_pipeline.evaluation.labels import (
     dataset_summary,
     read_labels,
     split_by_identity,
+    without_identities,
 )
 from deer_pipeline.evaluation.openset import (
     _legacy_open_set,
@@ -101,6 +102,7 @@ class EvaluationOptions:
     train_split: bool = False            # train `trained` in the run on the calibration photos
     train_options: object | None = None  # embedding.training.TrainOptions for train_split / train_encounters
     train_encounters: bool = False       # train `trained` in the run on the encounters of every photo, no identity
+    train_mixed: bool = False            # train `trained` in the run: calibration identities + evaluated encounters
 
 
 def evaluate(labels_csv, images_root=None, calibration_labels_csv=None, calibration_images_root=None,
@@ -168,6 +170,18 @@ def _reid_models(methods, options: EvaluationOptions, photos, cal_photos, workdi
             source="encounters of every photo of this evaluation (no identities read)", classes="encounter")
         timings["training_s"] = round(time.perf_counter() - t0, 2)
         model_file = str(result.out_dir)
+    elif options.train_mixed and "trained" in wanted:
+        if not cal_photos:
+            raise EvaluationError("--train-mixed names the calibration individuals: give --split-by-identity SEED "
+                                  "or --calibration-labels")
+        t0 = time.perf_counter()
+        result = training.train(            # the evaluated photos' identities are not read (without_identities)
+            list(cal_photos) + without_identities(photos), workdir / "trained-model",
+            options.train_options or training.options_for("mixed", device=options.embedding.device),
+            source="calibration individuals by identity and the evaluated photos by encounter (their "
+                   "identities not read)", classes="mixed")
+        timings["training_s"] = round(time.perf_counter() - t0, 2)
+        model_file = str(result.out_dir)
     elif options.train_split and "trained" in wanted:
         if not cal_photos:
             raise EvaluationError("--train-split trains on the calibration half: give --split-by-identity SEED "
@@ -192,7 +206,7 @@ def _reid_models(methods, options: EvaluationOptions, photos, cal_photos, workdi
             # the version this evaluation writes: the model's own, with the configured crop zooms
             "model_dir": card["_model_dir"],
             "embedding_version": card["embedding_version"] + embedders.zoom_label(options.embedding.zooms),
-            "trained_in_this_run": bool(options.train_split or options.train_encounters),
+            "trained_in_this_run": bool(options.train_split or options.train_encounters or options.train_mixed),
             "data": {**{k: card["data"][k] for k in ("source", "sha256", "photos_used", "individuals_used",
                                                      "train_individuals", "validation_individuals", "skipped")},
                      "classes": card["data"].get("classes", "identity"),

@@ -260,7 +260,7 @@ def test_evaluate_trains_on_encounters_of_every_photo_without_identities(small_s
               "--calibration-labels", str(tmp_path / "cal.csv"), "--calibration-images-root", str(small_sample),
               "--legacy-redraws", "0", "--device", "cpu", "--methods", "default", "trained"]
     rc = evaluation_cli.main(common + ["--train-encounters", "--train-split", "--out", str(tmp_path / "x.json")])
-    assert rc == 2 and "give one of --model-file, --train-split and --train-encounters" in capsys.readouterr().err
+    assert rc == 2 and "give one of --model-file, --train-split, --train-encounters and" in capsys.readouterr().err
     rc = evaluation_cli.main(common + ["--train-encounters", "--train-epochs", "2", "--train-views", "0",
                                        "--out", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
@@ -360,3 +360,120 @@ def test_training_with_the_contrastive_loss_lowers_it_and_says_so_in_the_card(sm
     assert card["options"]["loss"] == "supcon"
     with pytest.raises(trained_model.TrainingError, match="loss must be one of"):
         training.TrainOptions(loss="triplet")
+
+
+def test_mixed_classes_learn_named_animals_by_identity_and_the_rest_by_encounter():
+    """``classes="mixed"``: named photos are classed by identity, unnamed ones by encounter; a
+    seeded fifth of the named individuals seen in two encounters is trained as unnamed (by
+    encounter) and returned with its true identities to measure; no unnamed photo gets one."""
+    from deer_pipeline.evaluation.labels import UNLABELLED, LabelledPhoto
+
+    photos = [LabelledPhoto(f"/p/{i}-{e}-{k}.jpg", f"deer{i}", f"{i}-{e}") for i in range(10)
+              for e in range(2) for k in range(2)]
+    photos += [LabelledPhoto(f"/u/{e}-{k}.jpg", UNLABELLED, f"u{e}") for e in range(3) for k in range(2)]
+    out, held = training.mixed_classes(photos, seed=0, val_fraction=0.2)
+    assert len(out) == len(photos) and sorted(p.image_path for p in out) == sorted(p.image_path for p in photos)
+    held_ids = set(held.values())
+    assert len(held_ids) == 2 and held_ids < {f"deer{i}" for i in range(10)}
+    by_path = {p.image_path: p for p in out}
+    for p in photos:
+        q = by_path[p.image_path]
+        if p.identity == UNLABELLED or p.identity in held_ids:
+            assert q.identity == f"{training.ENCOUNTER_CLASS}{p.encounter}"      # its encounter, nothing more
+        else:
+            assert q.identity == p.identity                                   # all its encounters one class
+    assert {out[i].image_path for i in held} == {p.image_path for p in photos if p.identity in held_ids}
+    assert all(held[i] == photos[[p.image_path for p in photos].index(out[i].image_path)].identity for i in held)
+    # the same seed holds out the same individuals; fewer than two named is a clear error
+    assert training.mixed_classes(photos, seed=0, val_fraction=0.2)[1] == held
+    with pytest.raises(trained_model.TrainingError, match="at least two named individuals"):
+        training.mixed_classes([p for p in photos if p.identity in (UNLABELLED, "deer0")], 0, 0.2)
+
+
+def _mixed_labels(sample_dir: Path, out: Path, named: set[str]) -> tuple[Path, list]:
+    """The sample as labels naming only ``named`` individuals (the others' identity left empty or
+    'unknown'), with encounters of two photos."""
+    from deer_pipeline.sample import read_truth
+
+    rows, seen = [], {}
+    for r in read_truth(sample_dir):
+        k = seen[r["identity"]] = seen.get(r["identity"], -1) + 1
+        ident = r["identity"] if r["identity"] in named else ("" if k % 2 else "unknown")
+        rows.append([r["file"], ident, f"{r['identity']}-{k // 2}"])
+    with open(out, "w", newline="") as fh:
+        csv.writer(fh).writerows([["image_path", "identity", "encounter_id"]] + rows)
+    return out, rows
+
+
+def test_training_with_mixed_classes_reads_named_animals_only(small_sample, tmp_path, capsys):
+    """``train --classes mixed``: empty and 'unknown' identities are read as unnamed (refused
+    without it); the named animals are the card's individuals, every other encounter a class; all
+    epochs run with the pair loss and the loss falls."""
+    from deer_pipeline.evaluation.labels import UNLABELLED, EvaluationError
+
+    ids = sorted({r["identity"] for r in __import__("deer_pipeline.sample", fromlist=["read_truth"]).read_truth(small_sample)})
+    named = set(ids[:2])
+    labels, rows = _mixed_labels(small_sample, tmp_path / "mixed.csv", named)
+    with pytest.raises(EvaluationError, match="empty identity"):
+        read_labels(labels, small_sample)
+    photos = read_labels(labels, small_sample, unnamed=True)
+    assert {p.identity for p in photos} == named | {UNLABELLED}
+    out = tmp_path / "m"
+    rc = train_cli.main(["--labels", str(labels), "--images-root", str(small_sample), "--out", str(out),
+                         "--classes", "mixed", "--epochs", "3", "--views", "1", "--probe-epochs", "1",
+                         "--frozen-blocks", "15", "--threads", "2"])
+    assert rc == 0, capsys.readouterr().err
+    card = json.loads((out / trained_model.CARD_FILE).read_text())
+    losses = [r["loss"] for r in card["training"]["loss_curve"]]
+    assert len(losses) == 3 and losses[-1] < losses[0] and card["options"]["loss"] == "supcon"
+    d = card["data"]
+    assert d["classes"] == "mixed" and set(d["identities"]) == named and d["individuals_used"] == 2
+    unnamed = [r for r in rows if r[1] not in named]
+    pairs = {e for e in {r[2] for r in unnamed} if sum(r[2] == e for r in unnamed) >= 2}   # single photos skipped
+    assert d["encounter_classes"] == len(pairs) and d["unnamed_photos"] == sum(r[2] in pairs for r in unnamed)
+    assert card["method"]["classes"].startswith("mixed") and card["training"]["best_epoch"] == 3
+    # with an identity split, only the calibration half is named: no identity of the other half is read
+    out2 = tmp_path / "m2"
+    full, _ = _mixed_labels(small_sample, tmp_path / "full.csv", set(ids))      # every animal named
+    rc = train_cli.main(["--labels", str(full), "--images-root", str(small_sample), "--out", str(out2),
+                         "--classes", "mixed", "--split-by-identity", "0", "--epochs", "2", "--views", "0",
+                         "--probe-epochs", "1", "--frozen-blocks", "15", "--threads", "2"])
+    assert rc == 0, capsys.readouterr().err
+    from deer_pipeline.evaluation.labels import split_by_identity
+
+    cal, other = split_by_identity(read_labels(full, small_sample), 0)
+    d2 = trained_model.read_card(out2)["data"]
+    assert set(d2["identities"]) == {p.identity for p in cal}
+    assert not set(d2["identities"]) & {p.identity for p in other}
+    assert d2["unnamed_photos"] > 0 and "other half without identities" in d2["source"]
+    rc = train_cli.main(["--from-reviews", "--classes", "mixed", "--out", str(tmp_path / "m3")])
+    assert rc == 2 and "--classes mixed reads a labels CSV" in capsys.readouterr().err
+
+
+def test_evaluate_trains_mixed_classes_without_reading_an_evaluated_identity(small_sample, tmp_path, capsys,
+                                                                           monkeypatch):
+    """``evaluate --train-mixed``: the calibration animals train by identity, the evaluated photos
+    by encounter; the card names the calibration animals only, so the overlap check passes, and
+    the evaluated photos are among those trained on (by encounter)."""
+    from deer_pipeline.evaluation import cli as evaluation_cli
+    from deer_pipeline.sample import read_truth
+
+    monkeypatch.setenv("DEER_WEIGHTS_DIR", str(tmp_path / "no-weights"))
+    ids = sorted({r["identity"] for r in read_truth(small_sample)})
+    full, rows = _mixed_labels(small_sample, tmp_path / "all.csv", set(ids))
+    for name, keep in (("cal", set(ids[:2])), ("ev", set(ids[2:]))):
+        with open(tmp_path / f"{name}.csv", "w", newline="") as fh:
+            csv.writer(fh).writerows([["image_path", "identity", "encounter_id"]] + [r for r in rows if r[1] in keep])
+    common = ["--labels", str(tmp_path / "ev.csv"), "--images-root", str(small_sample),
+              "--calibration-labels", str(tmp_path / "cal.csv"), "--calibration-images-root", str(small_sample),
+              "--legacy-redraws", "0", "--device", "cpu", "--methods", "default", "trained"]
+    rc = evaluation_cli.main(common + ["--train-mixed", "--train-encounters", "--out", str(tmp_path / "x.json")])
+    assert rc == 2 and "--train-encounters and --train-mixed" in capsys.readouterr().err
+    rc = evaluation_cli.main(common + ["--train-mixed", "--train-epochs", "2", "--train-views", "0",
+                                       "--out", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    tm = json.loads((tmp_path / "r.json").read_text())["trained_model"]
+    assert tm["trained_in_this_run"] and tm["data"]["classes"] == "mixed"
+    assert tm["data"]["individuals_used"] == 2 and tm["training"]["epochs_run"] == 2
+    assert tm["evaluated_photos_trained_on"] > 0 and "named individuals, none evaluated" in out
