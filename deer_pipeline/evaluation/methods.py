@@ -134,8 +134,9 @@ def method_registry() -> dict[str, Method]:
         "trained": Method("trained", "pipeline",
                           "re-identification model trained by `deer-pipeline train` (EfficientNet-Lite0, last "
                           "blocks + projection; labelled individuals with sub-center ArcFace, or encounters "
-                          "without labels with the supervised contrastive loss); from --model-file, or trained "
-                          "in the run (--train-split: the calibration half's individuals; --train-encounters)",
+                          "without labels, or named individuals plus unnamed encounters, with the supervised "
+                          "contrastive loss); from --model-file, or trained in the run (--train-split: the "
+                          "calibration half's individuals; --train-encounters; --train-mixed)",
                           {"trained": 1.0}),
         "miewid": Method("miewid", "pipeline", "MiewID-msv3 (downloaded weights; skipped when absent)",
                          {"miewid": 1.0}),

@@ -477,3 +477,4 @@ def test_evaluate_trains_mixed_classes_without_reading_an_evaluated_identity(sma
     assert tm["trained_in_this_run"] and tm["data"]["classes"] == "mixed"
     assert tm["data"]["individuals_used"] == 2 and tm["training"]["epochs_run"] == 2
     assert tm["evaluated_photos_trained_on"] > 0 and "named individuals, none evaluated" in out
+    assert tm["data"]["encounter_classes"] > 0 and f"{tm['data']['encounter_classes']} encounters of unnamed" in out
