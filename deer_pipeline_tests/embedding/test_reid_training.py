@@ -163,19 +163,25 @@ def _encounter_labels(sample_dir: Path, out: Path) -> tuple[Path, list]:
     return out, rows
 
 
-def test_training_from_encounters_reads_no_identity(small_sample, trained, tmp_path, capsys):
-    """``--classes encounter``: a CSV with no identity column, each encounter (two photos of one
-    animal here) its own class; nothing held out, every epoch run, the loss falls, the card names
-    no individual, and the version differs from the identity-trained model's."""
-    labels, rows = _encounter_labels(small_sample, tmp_path / "encounters.csv")
-    out = tmp_path / "m"
-    rc = train_cli.main(["--labels", str(labels), "--images-root", str(small_sample), "--out", str(out),
-                         "--classes", "encounter", "--epochs", "3", "--views", "1", "--probe-epochs", "1",
+def _tiny_training(sample_dir: Path, labels: Path, out: Path, capsys, *extra: str) -> dict:
+    """``train`` for 3 quick epochs with ``extra`` arguments; checks that it succeeds and that the
+    loss falls; returns the card."""
+    rc = train_cli.main(["--labels", str(labels), "--images-root", str(sample_dir), "--out", str(out),
+                         *extra, "--epochs", "3", "--views", "1", "--probe-epochs", "1",
                          "--frozen-blocks", "15", "--threads", "2"])
     assert rc == 0, capsys.readouterr().err
     card = json.loads((out / trained_model.CARD_FILE).read_text())
     losses = [r["loss"] for r in card["training"]["loss_curve"]]
     assert len(losses) == 3 and losses[-1] < losses[0]
+    return card
+
+
+def test_training_from_encounters_reads_no_identity(small_sample, trained, tmp_path, capsys):
+    """``--classes encounter``: a CSV with no identity column, each encounter (two photos of one
+    animal here) its own class; nothing held out, every epoch run, the loss falls, the card names
+    no individual, and the version differs from the identity-trained model's."""
+    labels, rows = _encounter_labels(small_sample, tmp_path / "encounters.csv")
+    card = _tiny_training(small_sample, labels, tmp_path / "m", capsys, "--classes", "encounter")
     assert card["training"]["validation_top1"] is None and card["training"]["best_epoch"] == -1
     d = card["data"]
     assert d["classes"] == "encounter" and d["identities"] == [] and d["individuals_used"] == 0
@@ -237,12 +243,33 @@ def test_evaluate_trains_on_the_calibration_half_and_never_on_evaluated_individu
     assert "skipped miewid" in out and "trained model:" in out
 
 
+def _evaluate_trained_in_run(sample_dir: Path, tmp_path: Path, capsys, header: list, rows: list,
+                             cal_ids: set, flag: str, other_flag: str) -> tuple[dict, str]:
+    """Write the rows of ``cal_ids`` as calibration labels and the others as evaluated labels,
+    check that ``flag`` with ``other_flag`` is refused, run ``evaluate flag`` (2 epochs) and
+    return (the report's trained model, the printed output)."""
+    from deer_pipeline.evaluation import cli as evaluation_cli
+
+    for name, keep in (("cal", lambda r: r[1] in cal_ids), ("ev", lambda r: r[1] not in cal_ids)):
+        with open(tmp_path / f"{name}.csv", "w", newline="") as fh:
+            csv.writer(fh).writerows([header] + [r for r in rows if keep(r)])
+    common = ["--labels", str(tmp_path / "ev.csv"), "--images-root", str(sample_dir),
+              "--calibration-labels", str(tmp_path / "cal.csv"), "--calibration-images-root", str(sample_dir),
+              "--legacy-redraws", "0", "--device", "cpu", "--methods", "default", "trained"]
+    rc = evaluation_cli.main(common + [flag, other_flag, "--out", str(tmp_path / "x.json")])
+    assert rc == 2 and "give one of --model-file, --train-split, --train-encounters and" in capsys.readouterr().err
+    rc = evaluation_cli.main(common + [flag, "--train-epochs", "2", "--train-views", "0",
+                                       "--out", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    return json.loads((tmp_path / "r.json").read_text())["trained_model"], out
+
+
 def test_evaluate_trains_on_encounters_of_every_photo_without_identities(small_sample, tmp_path, capsys,
                                                                         monkeypatch):
     """``evaluate --train-encounters``: the method ``trained`` learns in the run from the encounters
     of the calibration and the evaluated photos, no identity read; its threshold still comes from
     the calibration labels. It cannot be combined with another source of the trained model."""
-    from deer_pipeline.evaluation import cli as evaluation_cli
 
     monkeypatch.setenv("DEER_WEIGHTS_DIR", str(tmp_path / "no-weights"))
     with open(_labels_from_sample(small_sample, tmp_path / "all.csv"), newline="") as fh:
@@ -252,20 +279,8 @@ def test_evaluate_trains_on_encounters_of_every_photo_without_identities(small_s
         k = seen[r[1]] = seen.get(r[1], -1) + 1
         body.append(r[:2] + [f"{r[1]}-{k // 2}"] + r[2:])
     ids = sorted(seen)
-    for name, keep in (("cal", set(ids[:2])), ("ev", set(ids[2:]))):
-        with open(tmp_path / f"{name}.csv", "w", newline="") as fh:
-            csv.writer(fh).writerows([rows[0][:2] + ["encounter_id"] + rows[0][2:]]
-                                     + [r for r in body if r[1] in keep])
-    common = ["--labels", str(tmp_path / "ev.csv"), "--images-root", str(small_sample),
-              "--calibration-labels", str(tmp_path / "cal.csv"), "--calibration-images-root", str(small_sample),
-              "--legacy-redraws", "0", "--device", "cpu", "--methods", "default", "trained"]
-    rc = evaluation_cli.main(common + ["--train-encounters", "--train-split", "--out", str(tmp_path / "x.json")])
-    assert rc == 2 and "give one of --model-file, --train-split, --train-encounters and" in capsys.readouterr().err
-    rc = evaluation_cli.main(common + ["--train-encounters", "--train-epochs", "2", "--train-views", "0",
-                                       "--out", str(tmp_path / "r.json")])
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    tm = json.loads((tmp_path / "r.json").read_text())["trained_model"]
+    tm, out = _evaluate_trained_in_run(small_sample, tmp_path, capsys, rows[0][:2] + ["encounter_id"] + rows[0][2:],
+                                       body, set(ids[:2]), "--train-encounters", "--train-split")
     assert tm["trained_in_this_run"] and tm["data"]["classes"] == "encounter"
     pairs = [e for e in {r[2] for r in body} if sum(1 for r in body if r[2] == e) >= 2]
     assert tm["data"]["individuals_used"] == 0 and tm["data"]["encounters_used"] == len(pairs)
@@ -348,14 +363,7 @@ def test_pair_batches_hold_every_row_once_with_class_partners_side_by_side():
 
 def test_training_with_the_contrastive_loss_lowers_it_and_says_so_in_the_card(small_sample, tmp_path, capsys):
     labels, _ = _encounter_labels(small_sample, tmp_path / "encounters.csv")
-    out = tmp_path / "m"
-    rc = train_cli.main(["--labels", str(labels), "--images-root", str(small_sample), "--out", str(out),
-                         "--classes", "encounter", "--loss", "supcon", "--epochs", "3", "--views", "1",
-                         "--probe-epochs", "1", "--frozen-blocks", "15", "--threads", "2"])
-    assert rc == 0, capsys.readouterr().err
-    card = json.loads((out / trained_model.CARD_FILE).read_text())
-    losses = [r["loss"] for r in card["training"]["loss_curve"]]
-    assert len(losses) == 3 and losses[-1] < losses[0]
+    card = _tiny_training(small_sample, labels, tmp_path / "m", capsys, "--classes", "encounter", "--loss", "supcon")
     assert card["method"]["loss"].startswith("supervised contrastive") and card["method"]["temperature"] == 0.1
     assert card["options"]["loss"] == "supcon"
     with pytest.raises(trained_model.TrainingError, match="loss must be one of"):
@@ -418,14 +426,8 @@ def test_training_with_mixed_classes_reads_named_animals_only(small_sample, tmp_
         read_labels(labels, small_sample)
     photos = read_labels(labels, small_sample, unnamed=True)
     assert {p.identity for p in photos} == named | {UNLABELLED}
-    out = tmp_path / "m"
-    rc = train_cli.main(["--labels", str(labels), "--images-root", str(small_sample), "--out", str(out),
-                         "--classes", "mixed", "--epochs", "3", "--views", "1", "--probe-epochs", "1",
-                         "--frozen-blocks", "15", "--threads", "2"])
-    assert rc == 0, capsys.readouterr().err
-    card = json.loads((out / trained_model.CARD_FILE).read_text())
-    losses = [r["loss"] for r in card["training"]["loss_curve"]]
-    assert len(losses) == 3 and losses[-1] < losses[0] and card["options"]["loss"] == "supcon"
+    card = _tiny_training(small_sample, labels, tmp_path / "m", capsys, "--classes", "mixed")
+    assert card["options"]["loss"] == "supcon"
     d = card["data"]
     assert d["classes"] == "mixed" and set(d["identities"]) == named and d["individuals_used"] == 2
     unnamed = [r for r in rows if r[1] not in named]
@@ -455,25 +457,13 @@ def test_evaluate_trains_mixed_classes_without_reading_an_evaluated_identity(sma
     """``evaluate --train-mixed``: the calibration animals train by identity, the evaluated photos
     by encounter; the card names the calibration animals only, so the overlap check passes, and
     the evaluated photos are among those trained on (by encounter)."""
-    from deer_pipeline.evaluation import cli as evaluation_cli
     from deer_pipeline.sample import read_truth
 
     monkeypatch.setenv("DEER_WEIGHTS_DIR", str(tmp_path / "no-weights"))
     ids = sorted({r["identity"] for r in read_truth(small_sample)})
     full, rows = _mixed_labels(small_sample, tmp_path / "all.csv", set(ids))
-    for name, keep in (("cal", set(ids[:2])), ("ev", set(ids[2:]))):
-        with open(tmp_path / f"{name}.csv", "w", newline="") as fh:
-            csv.writer(fh).writerows([["image_path", "identity", "encounter_id"]] + [r for r in rows if r[1] in keep])
-    common = ["--labels", str(tmp_path / "ev.csv"), "--images-root", str(small_sample),
-              "--calibration-labels", str(tmp_path / "cal.csv"), "--calibration-images-root", str(small_sample),
-              "--legacy-redraws", "0", "--device", "cpu", "--methods", "default", "trained"]
-    rc = evaluation_cli.main(common + ["--train-mixed", "--train-encounters", "--out", str(tmp_path / "x.json")])
-    assert rc == 2 and "--train-encounters and --train-mixed" in capsys.readouterr().err
-    rc = evaluation_cli.main(common + ["--train-mixed", "--train-epochs", "2", "--train-views", "0",
-                                       "--out", str(tmp_path / "r.json")])
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    tm = json.loads((tmp_path / "r.json").read_text())["trained_model"]
+    tm, out = _evaluate_trained_in_run(small_sample, tmp_path, capsys, ["image_path", "identity", "encounter_id"],
+                                       rows, set(ids[:2]), "--train-mixed", "--train-encounters")
     assert tm["trained_in_this_run"] and tm["data"]["classes"] == "mixed"
     assert tm["data"]["individuals_used"] == 2 and tm["training"]["epochs_run"] == 2
     assert tm["evaluated_photos_trained_on"] > 0 and "named individuals, none evaluated" in out
