@@ -41,7 +41,8 @@ class ReidModelConfig(dg.Config):
     classes: str = Field(default="identity", description="identity: learn the labelled individuals; encounter: learn each "
                                                          "encounter of labels_csv as one animal, no identity read; "
                                                          "mixed: named individuals by identity, rows with an empty or "
-                                                         "'unknown' identity by encounter")
+                                                         "'unknown' identity by encounter (from_reviews: the confirmed "
+                                                         "deer named, every other decided sighting by burst track)")
     epochs: Optional[int] = Field(default=None, description="most epochs (default: train's default for the classes)")
     views: Optional[int] = Field(default=None, description="augmented views per photo")
     loss: Optional[str] = Field(default=None, description="arcface | supcon (default: train's for the classes)")
@@ -123,14 +124,11 @@ def reid_model(context: dg.AssetExecutionContext, config: ReidModelConfig, datab
         raise dg.Failure("reid_model: classes 'encounter' reads no identity: it cannot be combined with "
                          "from_reviews or split_by_identity_seed")
     mixed = config.classes == "mixed"
-    if mixed and cfg["from_reviews"]:
-        raise dg.Failure("reid_model: classes 'mixed' reads labels_csv; from_reviews trains the confirmed deer "
-                         "by identity (classes 'identity')")
     if cfg["from_reviews"]:
         from deer_pipeline.embedding import reviewed_data
 
         rs = reviewed_data.reviewed_training_set(database.engine(), crop_store.settings().store_dir,
-                                                 min_deer=config.min_deer)
+                                                 min_deer=config.min_deer, unnamed=mixed)
         photos, source, data = rs.photos, reviewed_data.SOURCE, rs.card_data()
     else:
         photos = read_labels(cfg["labels_csv"], cfg["images_root"], identities=not by_encounter, unnamed=mixed)

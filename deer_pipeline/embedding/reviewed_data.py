@@ -14,7 +14,11 @@ confirmed:
   counted: the decisions were recorded but not yet applied (``deer-pipeline review apply`` or
   the next materialisation replays them);
 * the photo of a sighting is its crop from the crop store, its encounter is the sighting's
-  ``encounter_key`` (burst track), its flank ``detections.side``.
+  ``encounter_key`` (burst track), its flank ``detections.side``;
+* ``unnamed=True`` (``train --from-reviews --classes mixed``): every other decided sighting with
+  a stored crop is added without a name (``labels.UNLABELLED``), so it trains by its burst track;
+  sightings a person marked unidentifiable are not decided and so never among them, and confirmed
+  sightings left out for a reason above stay out (their reason is in the card).
 
 Identities are named ``deer-<id>``. Deer ids may change when a replay renumbers deer, so the
 data hash is taken over the *groups* of detection ids (one group per deer, each detection with
@@ -52,18 +56,24 @@ class ReviewedTrainingSet:
     skipped: dict[str, list[str]] = field(default_factory=dict)    # reason -> detection ids
     decisions_used: int = 0                                        # standing same/merge/split decisions
     sha256: str = ""
+    unnamed_ids: list[str] = field(default_factory=list)           # unnamed=True: the other sightings' ids
 
     def identities(self) -> dict[str, int]:
         """identity -> confirmed photos."""
-        return dict(sorted(Counter(p.identity for p in self.photos).items()))
+        from deer_pipeline.evaluation.labels import UNLABELLED
+
+        return dict(sorted(Counter(p.identity for p in self.photos if p.identity != UNLABELLED).items()))
 
     def card_data(self) -> dict:
         """What the model card records about the data (merged into its ``data`` block)."""
+        named = [d for d in self.detection_ids if d in self.deer_of]
         return {"source_kind": "reviews", "sha256": self.sha256,
-                "sha256_over": "groups of detection ids (one group per deer) with their crops' sha256",
+                "sha256_over": "groups of detection ids (one group per deer, and one of the unnamed sightings) "
+                               "with their crops' sha256",
                 "decisions_used": self.decisions_used,
-                "deer_ids": sorted({self.deer_of[d] for d in self.detection_ids}),
-                "detection_ids": sorted(self.detection_ids),
+                "deer_ids": sorted({self.deer_of[d] for d in named}),
+                "detection_ids": sorted(named),
+                "unnamed_sightings": len(self.unnamed_ids),
                 "skipped_before_training": {k: len(v) for k, v in self.skipped.items()},
                 "skipped_before_training_examples": {k: v[:5] for k, v in self.skipped.items()}}
 
@@ -120,11 +130,12 @@ def confirmed_sightings(conn: sa.Connection) -> tuple[dict[str, int], dict[str, 
 
 
 def reviewed_training_set(engine, crop_store, min_deer: int | None = None,
-                          min_photos: int | None = None) -> ReviewedTrainingSet:
+                          min_photos: int | None = None, unnamed: bool = False) -> ReviewedTrainingSet:
     """The training set of the confirmed sightings: one identity per deer with at least
     ``min_photos`` confirmed sightings whose crop is stored. Raises :class:`TrainingError`
-    naming the problem when fewer than ``min_deer`` such deer remain."""
-    from deer_pipeline.evaluation.labels import LabelledPhoto
+    naming the problem when fewer than ``min_deer`` such deer remain. ``unnamed``: every other
+    decided sighting with a stored crop follows, unnamed, with its burst track as encounter."""
+    from deer_pipeline.evaluation.labels import UNLABELLED, LabelledPhoto
 
     min_deer = settings.REVIEW_TRAINING_MIN_DEER if min_deer is None else int(min_deer)
     min_photos = settings.REVIEW_TRAINING_MIN_PHOTOS if min_photos is None else int(min_photos)
@@ -143,6 +154,13 @@ def reviewed_training_set(engine, crop_store, min_deer: int | None = None,
             "JOIN detections d ON d.detection_id = s.detection_id "
             "LEFT JOIN crops c ON c.detection_id = s.detection_id "
             "WHERE s.detection_id = ANY(:ids) ORDER BY s.detection_id"), {"ids": sorted(confirmed)}).all()
+        others = conn.execute(sa.text(
+            "SELECT s.detection_id, s.encounter_key, d.side, d.camera_id, d.captured_at, d.classification, "
+            "c.crop_path, c.crop_sha256 FROM sightings s "
+            "JOIN detections d ON d.detection_id = s.detection_id "
+            "JOIN crops c ON c.detection_id = s.detection_id AND c.status = 'ok' "
+            "WHERE NOT (s.detection_id = ANY(:ids)) ORDER BY s.detection_id"),
+            {"ids": sorted(confirmed)}).all() if unnamed else []
     skipped = {k: list(v) for k, v in skipped.items()}
     usable = []
     for r in rows:
@@ -172,9 +190,20 @@ def reviewed_training_set(engine, crop_store, min_deer: int | None = None,
                                     encounter=r.encounter_key, camera=r.camera_id, timestamp=r.captured_at,
                                     side=r.side or None, classification=r.classification))
         ids.append(r.detection_id)
+    deer_of = {d: confirmed[d] for d in ids}
     groups: dict[int, list] = defaultdict(list)
     for r in usable:
         groups[confirmed[r.detection_id]].append([r.detection_id, r.crop_sha256 or ""])
-    canon = sorted(sorted(g) for g in groups.values())
+    canon: list = sorted(sorted(g) for g in groups.values())
+    left_out = {d for v in skipped.values() for d in v}      # confirmed but not training named: not unnamed either
+    others = [r for r in others if r.detection_id not in left_out]
+    for r in others:
+        photos.append(LabelledPhoto(image_path=str(store / r.crop_path), identity=UNLABELLED,
+                                    encounter=r.encounter_key, camera=r.camera_id, timestamp=r.captured_at,
+                                    side=r.side or None, classification=r.classification))
+        ids.append(r.detection_id)
+    if unnamed:
+        canon = [canon, sorted([r.detection_id, r.crop_sha256 or ""] for r in others)]
     sha = hashlib.sha256(json.dumps(canon).encode()).hexdigest()
-    return ReviewedTrainingSet(photos, ids, {d: confirmed[d] for d in ids}, skipped, n_decisions, sha)
+    return ReviewedTrainingSet(photos, ids, deer_of, skipped, n_decisions, sha,
+                               [r.detection_id for r in others])

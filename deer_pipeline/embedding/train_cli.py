@@ -27,7 +27,8 @@ its loss is supervised contrastive over pairs of photos of one encounter (``--lo
 ``settings.ENCOUNTER_TRAINING_LOSS``; identities default to ``settings.TRAIN_LOSS``, ArcFace).
 On nyala-dev this label-free recipe matched training on identities (docs/evaluation.md).
 
-``--classes mixed`` is for labels that name some animals and not others: a row with an identity
+``--classes mixed`` is for labels that name some animals and not others (with ``--from-reviews``:
+the confirmed deer named, every other decided sighting unnamed): a row with an identity
 trains by it (all encounters of a named animal are one class), a row whose identity is empty or
 ``unknown`` trains by its encounter; as for encounters, all epochs run, the last model is kept
 and the loss is supervised contrastive. A fifth of the named individuals are trained as if unnamed
@@ -107,14 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             raise trained_model.TrainingError(
                 "--classes encounter reads no identity: it cannot be combined with "
                 + ("--from-reviews" if args.from_reviews else "--split-by-identity"))
-        if mixed and args.from_reviews:
-            raise trained_model.TrainingError("--classes mixed reads a labels CSV; --from-reviews trains on "
-                                              "the confirmed deer by identity (--classes identity)")
         if args.from_reviews:
             if args.split_by_identity is not None:
                 raise trained_model.TrainingError("--split-by-identity splits a labels CSV; it does not apply "
                                                   "to --from-reviews")
-            photos, source, data = _from_reviews(args)
+            photos, source, data = _from_reviews(args, unnamed=mixed)
         else:
             photos = read_labels(args.labels, args.images_root, identities=not by_encounter, unnamed=mixed)
             source = str(args.labels) + (" (encounters as classes, no identities)" if by_encounter else
@@ -143,15 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _from_reviews(args):
-    """(photos, source, card data) of the confirmed review decisions in the pipeline database."""
+def _from_reviews(args, unnamed: bool = False):
+    """(photos, source, card data) of the confirmed review decisions in the pipeline database
+    (``unnamed``: and every other decided sighting, unnamed, for --classes mixed)."""
     from deer_pipeline import db
     from deer_pipeline.embedding import reviewed_data
     from deer_pipeline.settings import CropSettings
 
     store = args.crop_store or CropSettings().store_dir
-    rs = reviewed_data.reviewed_training_set(db.get_engine(), store, min_deer=args.min_deer)
-    print(f"from reviews: {len(rs.photos)} confirmed photos of {len(rs.identities())} deer "
-          f"({rs.decisions_used} standing decisions); left out: "
-          f"{ {k: len(v) for k, v in rs.skipped.items()} or 'none'}", file=sys.stderr)
-    return rs.photos, reviewed_data.SOURCE, rs.card_data()
+    rs = reviewed_data.reviewed_training_set(db.get_engine(), store, min_deer=args.min_deer, unnamed=unnamed)
+    print(f"from reviews: {len(rs.photos) - len(rs.unnamed_ids)} confirmed photos of {len(rs.identities())} deer "
+          f"({rs.decisions_used} standing decisions)"
+          + (f" and {len(rs.unnamed_ids)} other sightings unnamed" if unnamed else "")
+          + f"; left out: { {k: len(v) for k, v in rs.skipped.items()} or 'none'}", file=sys.stderr)
+    source = reviewed_data.SOURCE + (" and the other sightings by burst track" if unnamed else "")
+    return rs.photos, source, rs.card_data()

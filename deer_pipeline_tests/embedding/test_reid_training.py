@@ -448,8 +448,6 @@ def test_training_with_mixed_classes_reads_named_animals_only(small_sample, tmp_
     assert set(d2["identities"]) == {p.identity for p in cal}
     assert not set(d2["identities"]) & {p.identity for p in other}
     assert d2["unnamed_photos"] > 0 and "other half without identities" in d2["source"]
-    rc = train_cli.main(["--from-reviews", "--classes", "mixed", "--out", str(tmp_path / "m3")])
-    assert rc == 2 and "--classes mixed reads a labels CSV" in capsys.readouterr().err
 
 
 def test_evaluate_trains_mixed_classes_without_reading_an_evaluated_identity(small_sample, tmp_path, capsys,

@@ -85,6 +85,17 @@ def test_reviewed_sightings_become_the_training_rows_expected(engine, tmp_path):
     assert card["source_kind"] == "reviews" and len(card["sha256"]) == 64
     assert card["deer_ids"] == sorted({deer[a[0]], deer[b[0]], deer[d[0]]})
 
+    # --classes mixed: every other decided sighting follows unnamed, by its burst track; what was
+    # left out for a reason (unidentifiable, cannot-linked, decisions not applied) stays out
+    from deer_pipeline.evaluation.labels import UNLABELLED
+
+    ru = reviewed_data.reviewed_training_set(engine, tmp_path, min_deer=3, unnamed=True)
+    assert set(ru.unnamed_ids) == set(c) and ru.identities() == rs.identities()
+    unnamed_rows = {det: p for det, p in zip(ru.detection_ids, ru.photos) if det in ru.unnamed_ids}
+    assert all(p.identity == UNLABELLED and p.encounter == keys[det] for det, p in unnamed_rows.items())
+    assert ru.card_data()["detection_ids"] == card["detection_ids"] and ru.card_data()["unnamed_sightings"] == 2
+    assert ru.sha256 != rs.sha256
+
     # the same confirmed sightings give the same hash after a replay; one more decision changes it
     _decide(engine)
     assert reviewed_data.reviewed_training_set(engine, tmp_path, min_deer=3).sha256 == rs.sha256
@@ -156,6 +167,14 @@ def test_a_tiny_training_run_from_reviews_lowers_its_loss(engine, tmp_path, caps
     assert data["sha256"] == rs.sha256
     assert trained_model.read_card(out)["embedding_version"] == card["embedding_version"]
     assert json.loads(captured.out)["embedding_version"] == card["embedding_version"]
+    # --classes mixed reads the same confirmed deer (here every sighting is confirmed: none unnamed)
+    rc = train_cli.main(["--from-reviews", "--classes", "mixed", "--crop-store", str(store), "--out",
+                         str(tmp_path / "mixed"), "--min-deer", "4", "--epochs", "2", "--views", "0",
+                         "--probe-epochs", "1", "--frozen-blocks", "15", "--threads", "2"])
+    assert rc == 0, capsys.readouterr().err
+    mixed = trained_model.read_card(tmp_path / "mixed")["data"]
+    assert mixed["classes"] == "mixed" and mixed["unnamed_sightings"] == 0 and "burst track" in mixed["source"]
+    assert set(mixed["identities"]) == set(data["identities"])
 
     # the reid_model asset trains from the same reviews when configured to
     import dagster as dg
