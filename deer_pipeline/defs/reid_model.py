@@ -114,7 +114,6 @@ def reid_model(context: dg.AssetExecutionContext, config: ReidModelConfig, datab
                 "(`DEER_TRAIN_FROM_REVIEWS=1`) to train on the confirmed review decisions.")})
     from deer_pipeline import db
     from deer_pipeline.embedding import registry, training
-    from deer_pipeline.evaluation.labels import named_half, read_labels, split_by_identity
 
     data = None
     if config.classes not in training.CLASSES:
@@ -123,22 +122,15 @@ def reid_model(context: dg.AssetExecutionContext, config: ReidModelConfig, datab
     if by_encounter and (cfg["from_reviews"] or cfg["split_by_identity_seed"] is not None):
         raise dg.Failure("reid_model: classes 'encounter' reads no identity: it cannot be combined with "
                          "from_reviews or split_by_identity_seed")
-    mixed = config.classes == "mixed"
     if cfg["from_reviews"]:
         from deer_pipeline.embedding import reviewed_data
 
         rs = reviewed_data.reviewed_training_set(database.engine(), crop_store.settings().store_dir,
-                                                 min_deer=config.min_deer, unnamed=mixed)
+                                                 min_deer=config.min_deer, unnamed=config.classes == "mixed")
         photos, source, data = rs.photos, reviewed_data.SOURCE, rs.card_data()
     else:
-        photos = read_labels(cfg["labels_csv"], cfg["images_root"], identities=not by_encounter, unnamed=mixed)
-        source = str(cfg["labels_csv"])
-    if cfg["split_by_identity_seed"] is not None and mixed:
-        photos = named_half(photos, cfg["split_by_identity_seed"])
-        source += f" (calibration half named, the other half without identities; seed {cfg['split_by_identity_seed']})"
-    elif cfg["split_by_identity_seed"] is not None and not cfg["from_reviews"]:
-        photos, _ = split_by_identity(photos, cfg["split_by_identity_seed"])
-        source += f" (calibration half, split by identity with seed {cfg['split_by_identity_seed']})"
+        photos, source = training.photos_from_labels(cfg["labels_csv"], cfg["images_root"], config.classes,
+                                                     cfg["split_by_identity_seed"])
     options = training.options_for(config.classes, device=config.device, seed=config.seed, epochs=config.epochs,
                                    views=config.views, loss=config.loss)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -93,12 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from deer_pipeline.embedding import trained_model, training
-    from deer_pipeline.evaluation.labels import (
-        EvaluationError,
-        named_half,
-        read_labels,
-        split_by_identity,
-    )
+    from deer_pipeline.evaluation.labels import EvaluationError
 
     data = None
     by_encounter = args.classes == "encounter"
@@ -114,16 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "to --from-reviews")
             photos, source, data = _from_reviews(args, unnamed=mixed)
         else:
-            photos = read_labels(args.labels, args.images_root, identities=not by_encounter, unnamed=mixed)
-            source = str(args.labels) + (" (encounters as classes, no identities)" if by_encounter else
-                                         " (named individuals and unnamed encounters as classes)" if mixed else "")
-        if args.split_by_identity is not None and mixed:
-            photos = named_half(photos, args.split_by_identity)
-            source += (f" (calibration half named, the other half without identities; split by identity "
-                       f"with seed {args.split_by_identity})")
-        elif args.split_by_identity is not None:
-            photos, _ = split_by_identity(photos, args.split_by_identity)
-            source += f" (calibration half, split by identity with seed {args.split_by_identity})"
+            photos, source = training.photos_from_labels(args.labels, args.images_root, args.classes,
+                                                         args.split_by_identity)
         options = training.options_for(args.classes, epochs=args.epochs, loss=args.loss, seed=args.seed,
                                        device=args.device, views=args.views, threads=args.threads,
                                        frozen_blocks=args.frozen_blocks, probe_epochs=args.probe_epochs)

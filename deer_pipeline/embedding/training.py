@@ -196,6 +196,30 @@ def mixed_classes(photos: Sequence, seed: int, val_fraction: float) -> tuple[lis
     return out, {len(keep) + k: t for k, t in enumerate(truth) if t in held_out}
 
 
+def photos_from_labels(labels_csv, images_root, classes: str,
+                       split_by_identity: int | None = None) -> tuple[list, str]:
+    """(photos, source for the card) that a labels CSV trains with these ``classes``: encounters
+    read no identity; mixed reads empty or ``unknown`` identities as unnamed. ``split_by_identity``
+    keeps the calibration half of that split (``labels.split_by_identity``); with mixed classes the
+    calibration half is named and the other half read without identities (``labels.named_half``).
+    ``train`` and the ``reid_model`` asset both read their labels here."""
+    from deer_pipeline.evaluation.labels import named_half, read_labels
+    from deer_pipeline.evaluation.labels import split_by_identity as split
+
+    mixed = classes == "mixed"
+    photos = read_labels(labels_csv, images_root, identities=classes != "encounter", unnamed=mixed)
+    source = str(labels_csv) + (" (encounters as classes, no identities)" if classes == "encounter" else
+                                " (named individuals and unnamed encounters as classes)" if mixed else "")
+    if split_by_identity is not None and mixed:
+        photos = named_half(photos, split_by_identity)
+        source += (f" (calibration half named, the other half without identities; split by identity "
+                   f"with seed {split_by_identity})")
+    elif split_by_identity is not None:
+        photos, _ = split(photos, split_by_identity)
+        source += f" (calibration half, split by identity with seed {split_by_identity})"
+    return photos, source
+
+
 def prepare_training_set(photos: Sequence, source: str = "labels", unit: str = "individual") -> TrainingSet:
     """Decode every photo (crop to its box when it has one) and check that the labels can train.
 
@@ -466,6 +490,7 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
     by_encounter = classes == "encounter"
     mixed = classes == "mixed"
     truth: dict[int, str] = {}          # mixed: row -> true identity of the held-out named photos
+    choose_best = not mixed             # mixed: the held-out rows are measured, not chosen on (the last model is kept)
     if by_encounter:
         ts = prepare_training_set(encounter_classes(photos), source, unit="encounter")
         tr_rows, va_rows = list(range(len(ts.photos))), []
@@ -580,20 +605,20 @@ def train(photos: Sequence, out_dir, options: TrainOptions | None = None, *, sou
                "stage": "blocks" if unfrozen else "linear probe"}
         if va_rows:
             row["val_top1"] = round(closed_set_top1(embed_rows(va_rows), va_ids, va_enc), 5)
-            if row["val_top1"] > best["top1"]:
+            if choose_best and row["val_top1"] > best["top1"]:
                 best = {"top1": row["val_top1"], "epoch": epoch + 1,
                         "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
         curve.append(row)
         say(f"epoch {epoch + 1}/{options.epochs} ({row['stage']}): loss {row['loss']:.4f}"
             + (f", held-out top-1 {row['val_top1']:.3f}" if "val_top1" in row else ""))
-        if va_rows and not mixed and unfrozen and epoch + 1 - best["epoch"] >= options.patience:
+        if va_rows and choose_best and unfrozen and epoch + 1 - best["epoch"] >= options.patience:
             stopped_early = True
             break
     bar.close()
     train_s = time.perf_counter() - t_train
-    if best["state"] is not None and not mixed:
+    if best["state"] is not None:
         net.load_state_dict(best["state"])
-    if mixed:                  # the last model is kept: its epoch and held-out top-1 are reported
+    if not choose_best:        # the last model is kept: its epoch and held-out top-1 are reported
         best = {"top1": curve[-1].get("val_top1", -1.0), "epoch": len(curve), "state": None}
     named = sorted({c for c in train_ids if not c.startswith(ENCOUNTER_CLASS)}) if mixed else []
     net.eval()
